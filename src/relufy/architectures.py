@@ -1,0 +1,51 @@
+"""The architecture map: what relufy knows about each model_type, loaded from convert/architectures.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import UnsupportedArchitectureError
+
+_REPO_MAP = Path(__file__).resolve().parents[2] / "convert" / "architectures.yaml"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to find and change the FFN activation of one model_type."""
+
+    model_type: str
+    activation_key: str
+    ffn: str
+    gated: bool
+    down: str
+    up: str | None = None
+    gate: str | None = None
+    gate_up: str | None = None
+
+
+def map_path() -> Path:
+    """The YAML map: the packaged copy in a wheel, the repository's in a source checkout."""
+    packaged = resources.files("relufy") / "_data" / "architectures.yaml"
+    return Path(str(packaged)) if packaged.is_file() else _REPO_MAP
+
+
+@lru_cache(maxsize=1)
+def load_map() -> dict[str, Architecture]:
+    entries = yaml.safe_load(map_path().read_text())
+    return {model_type: Architecture(model_type=model_type, **fields) for model_type, fields in entries.items()}
+
+
+def architecture_for(model_type: str | None) -> Architecture:
+    """The map entry for `model_type`, or an error that says how to add one."""
+    known = load_map()
+    if model_type in known:
+        return known[model_type]
+    raise UnsupportedArchitectureError(
+        f"model_type '{model_type}' is not supported (supported: {', '.join(sorted(known))}); "
+        f"add an entry for it to {map_path()}"
+    )

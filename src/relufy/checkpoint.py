@@ -1,0 +1,160 @@
+"""Finding, checking and loading source checkpoints: a local directory, a .gguf file, or a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SourceError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved checkpoint location. `path` is a directory or a .gguf file on disk."""
+
+    path: Path
+    gguf_file: str | None = None  # file name inside `path` when the source is GGUF
+    hub_id: str | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.path
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments for transformers' from_pretrained."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def __str__(self) -> str:
+        return self.hub_id or str(self.path / self.gguf_file if self.gguf_file else self.path)
+
+
+def resolve_source(src: str | os.PathLike, *, download: bool = True) -> Source:
+    """Turn a user's SRC into a Source; hub ids are fetched with huggingface_hub (cached)."""
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(path.resolve().parent, gguf_file=path.name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return Source(path.resolve(), gguf_file=ggufs[0].name)
+        check_model_dir(path)
+        return Source(path.resolve())
+    if path.exists():
+        raise SourceError(f"{src} is neither a model directory nor a .gguf file")
+    if _looks_like_hub_id(str(src)) and download:
+        return Source(_download(str(src)), hub_id=str(src))
+    raise SourceError(f"{src} does not exist; pass a checkpoint directory, a .gguf file or a hub id (org/name)")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]))
+    except Exception as exc:  # offline, unknown repo, gated repo...: one line for the user
+        raise SourceError(f"could not fetch '{repo_id}' from the Hub ({type(exc).__name__}); "
+                          "check the id and your network, or pass a local directory") from None
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a directory that is not a transformers checkpoint, or whose safetensors are damaged."""
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{path} is not a model directory: it has no config.json")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path / 'config.json'} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        raise SourceError(f"{path} is not a model directory: it has no weight files (*.safetensors)")
+    for shard in weights:
+        if shard.suffix == ".safetensors":
+            check_safetensors(shard)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted({name for name in json.loads(index.read_text()).get("weight_map", {}).values()
+                          if not (path / name).is_file()})
+        if missing:
+            raise SourceError(f"{index} names shards that are missing: {', '.join(missing)}")
+
+
+def check_safetensors(path: Path) -> dict:
+    """Read and check a safetensors header without loading tensors; return the header.
+
+    A truncated or corrupt file fails here, before anything is written.
+    """
+    size = path.stat().st_size
+    problem = None
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            problem = "file is shorter than a safetensors header"
+        else:
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, _MAX_HEADER):
+                problem = "header length is out of range"
+            else:
+                try:
+                    header = json.loads(handle.read(header_len))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    problem = "header is not valid JSON"
+    if problem is None:
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        expected = 8 + header_len + max(ends, default=0)
+        if expected != size:
+            problem = f"file has {size} bytes but its header describes {expected}"
+    if problem:
+        raise SourceError(f"{path} is not a valid safetensors file ({problem}); re-download or re-save it")
+    return header
+
+
+def read_config(source: Source) -> dict:
+    """The source's config as a plain dict (GGUF: as transformers reads it from the metadata)."""
+    if source.gguf_file is None:
+        return json.loads((source.path / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
+    except Exception as exc:
+        raise SourceError(f"{source} is not a readable GGUF model ({exc})") from None
+
+
+def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM from any source relufy accepts, with relufy's activations registered."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .activations import register_with_transformers
+
+    register_with_transformers()
+    source = src if isinstance(src, Source) else resolve_source(src)
+    if source.gguf_file and dtype == "auto":
+        dtype = "float32"  # GGUF weights are dequantized; keep them exact
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs()
+    )
+
+
+def load_tokenizer(src: str | os.PathLike | Source, *, trust_remote_code: bool = False):
+    """The tokenizer that belongs to a source checkpoint."""
+    from transformers import AutoTokenizer
+
+    source = src if isinstance(src, Source) else resolve_source(src)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{source} has no usable tokenizer ({type(exc).__name__}); copy the tokenizer files "
+                          "of the original model into it") from None

@@ -1,0 +1,160 @@
+"""Turning a Swish/GELU checkpoint into a ReLU-family one, atomically and without touching the source.
+
+A safetensors checkpoint is converted by rewriting config.json: the shards are copied (or
+hard-linked with `link=True`) byte for byte and never loaded. A GGUF source is dequantized once
+and written as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import __version__
+from .activations import Activation, parse_activation
+from .architectures import Architecture, architecture_for
+from .checkpoint import Source, read_config, resolve_source
+from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
+from .portable import write_remote_code
+
+logger = logging.getLogger(__name__)
+
+_SKIP = {"config.json", ".git", ".cache", ".gitattributes"}
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    activation: Activation,
+    *,
+    force: bool = False,
+    link: bool = False,
+    dtype: str = "float32",
+) -> Path:
+    """Write a copy of `src` whose FFN activation is `activation` to `out`; return `out`.
+
+    `force` replaces an existing `out` and converts a model that already uses `activation`.
+    `link` hard-links weight files instead of copying them (same filesystem only; a later
+    in-place write to one side would change both). `dtype` applies to GGUF sources only.
+    """
+    out = Path(out).expanduser().resolve()
+    source = resolve_source(src)
+    _check_output(source, out, force)
+    config = read_config(source)
+    arch = architecture_for(config.get("model_type"))
+    old_value = _current_activation(config, arch)
+    if parse_activation(old_value) == activation and not force:
+        raise AlreadyConvertedError(
+            f"{source} already uses '{old_value}'; nothing to convert (pass --force to write a copy anyway)")
+
+    provenance = {
+        "source": str(source),
+        "original_activation": old_value,
+        "activation": activation.config_value,
+        "relufy_version": __version__,
+    }
+    with _atomic_directory(out, force) as tmp:
+        if source.gguf_file:
+            _dequantize_gguf(source, tmp, arch, activation, dtype)
+        else:
+            _copy_checkpoint(source.path, tmp, link)
+            (tmp / "config.json").write_text(json.dumps(config))
+        _rewrite_config(tmp, arch, activation, provenance)
+        if activation.needs_relufy:
+            write_remote_code(tmp)
+    logger.info("converted %s (%s -> %s) into %s", source, old_value, activation.config_value, out)
+    return out
+
+
+def _current_activation(config: dict, arch: Architecture) -> str:
+    value = config.get(arch.activation_key)
+    if not isinstance(value, str) or not value:
+        raise UnsupportedArchitectureError(
+            f"model_type '{arch.model_type}' has no FFN activation in config key '{arch.activation_key}'; "
+            "fix activation_key for it in convert/architectures.yaml")
+    return value
+
+
+def _check_output(source: Source, out: Path, force: bool) -> None:
+    source_dir = source.path
+    if out == source_dir or source_dir in out.parents:
+        raise OutputExistsError(f"OUT {out} is inside SRC {source_dir}; choose a directory outside the source")
+    if out in source_dir.parents:
+        raise OutputExistsError(f"OUT {out} contains SRC {source_dir}; choose another directory")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; choose another OUT or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise OutputExistsError(f"the parent directory of OUT ({out.parent}) does not exist; create it first")
+
+
+@contextmanager
+def _atomic_directory(out: Path, force: bool):
+    """Yield a temporary sibling of `out`; on success it replaces `out`, on failure it vanishes."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".relufy-tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        yield tmp
+        if out.exists() and force:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
+    """Copy everything but config.json (rewritten later); weights are never loaded."""
+    for entry in sorted(src.iterdir()):
+        if entry.name in _SKIP:
+            continue
+        target = dst / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, symlinks=False)
+        elif link:
+            try:
+                os.link(entry.resolve(), target)
+            except OSError:  # another filesystem: fall back to a copy
+                shutil.copyfile(entry, target)
+        else:
+            shutil.copyfile(entry, target)  # follows hub-cache symlinks; sendfile on Linux
+
+
+def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: dict) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config[arch.activation_key] = activation.config_value
+    config["relufy"] = provenance
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation, dtype: str) -> None:
+    """Load the GGUF once (dequantizing), rebuild a plain model with the new activation, save it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import load_model, load_tokenizer
+
+    try:
+        quantized = load_model(source, dtype="float32")
+        tokenizer = load_tokenizer(source)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"{source} could not be loaded as a GGUF model ({exc})") from None
+    config = quantized.config
+    setattr(config, arch.activation_key, activation.config_value)
+    config.dtype = dtype
+    if hasattr(config, "quantization_config"):  # the weights are plain tensors from here on
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    rebuilt.load_state_dict(quantized.state_dict())
+    rebuilt.generation_config = quantized.generation_config
+    rebuilt.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)

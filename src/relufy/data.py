@@ -1,0 +1,69 @@
+"""Text data: local .txt/.jsonl files or `datasets` names, tokenized and packed into blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSON_SUFFIXES = {".json", ".jsonl"}
+
+
+def load_text_dataset(spec: str, *, split: str = "train", text_column: str = "text"):
+    """A `datasets.Dataset` with one `text` column from a file, a folder of .txt files, or a hub name."""
+    import datasets
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"{path} holds no .txt/.md files to read")
+        dataset = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train")
+    elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+        dataset = datasets.load_dataset("text", data_files=str(path), sample_by="paragraph", split="train")
+    elif path.is_file() and path.suffix in JSON_SUFFIXES:
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.exists():
+        raise DataError(f"{path}: unsupported data file; use .txt, .md, .json or .jsonl")
+    else:
+        try:
+            dataset = datasets.load_dataset(spec, split=split)
+        except Exception as exc:
+            raise DataError(f"could not load data '{spec}' ({type(exc).__name__}); pass a local .txt/.jsonl "
+                            "file or a datasets name reachable from here") from None
+    if text_column not in dataset.column_names:
+        raise DataError(f"data '{spec}' has no column '{text_column}' (columns: {', '.join(dataset.column_names)}); "
+                        "pass --text-column")
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    dataset = dataset.select_columns(["text"]).filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if len(dataset) == 0:
+        raise DataError(f"data '{spec}' holds no text")
+    return dataset
+
+
+def pack_blocks(dataset, tokenizer, block_size: int, *, num_proc: int | None = None):
+    """Tokenize `text`, join documents with EOS and cut into `block_size` token blocks (rest dropped)."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + [eos] if eos is not None else row for row in ids]}
+
+    def group(batch):
+        joined = [token for row in batch["input_ids"] for token in row]
+        usable = len(joined) // block_size * block_size
+        return {"input_ids": [joined[i: i + block_size] for i in range(0, usable, block_size)]}
+
+    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                         desc="tokenizing")
+    return tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"packing {block_size}-token blocks")
+
+
+def require_tokens(blocks, needed: int, what: str) -> None:
+    """Fail clearly when packed data is shorter than a run needs."""
+    have = len(blocks) * (len(blocks[0]["input_ids"]) if len(blocks) else 0)
+    if have < needed:
+        raise DataError(f"{what}: the data yields {have} tokens in full blocks but {needed} are needed; "
+                        "add text or lower the block size")

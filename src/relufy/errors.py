@@ -1,0 +1,41 @@
+"""The one family of errors relufy raises; the CLI turns each into a one-line message."""
+
+
+class RelufyError(Exception):
+    """Base class: the message says what is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class SourceError(RelufyError):
+    """The source checkpoint is missing, unreadable or not a model."""
+
+
+class UnsupportedArchitectureError(RelufyError):
+    """The model_type has no entry in the architecture map."""
+
+
+class AlreadyConvertedError(RelufyError):
+    """The source already uses the requested activation."""
+
+    exit_code = 3
+
+
+class OutputExistsError(RelufyError):
+    """The output path exists and --force was not given."""
+
+
+class ActivationError(RelufyError):
+    """Unknown activation name or an invalid activation parameter."""
+
+
+class DataError(RelufyError):
+    """Text data is missing, empty or too short for the request."""
+
+
+class RecipeError(RelufyError):
+    """A training recipe is invalid."""
+
+
+class TrainingError(RelufyError):
+    """Training had to stop (non-finite loss, disk full, ...)."""

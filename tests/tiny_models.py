@@ -1,0 +1,67 @@
+"""Tiny random-init models, one per architecture in convert/architectures.yaml, built from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384  # a byte-level BPE trained on data/sample.txt (see tiny_tokenizer)
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+CONFIGS: dict[str, dict] = {
+    "llama": dict(_COMMON, hidden_act="silu"),
+    "mistral": dict(_COMMON, hidden_act="silu"),
+    "qwen2": dict(_COMMON, hidden_act="silu"),
+    "qwen3": dict(_COMMON, hidden_act="silu", head_dim=8),
+    "olmo2": dict(_COMMON, hidden_act="silu"),
+    "granite": dict(_COMMON, hidden_act="silu"),
+    "gemma": dict(_COMMON, hidden_act="gelu_pytorch_tanh", head_dim=8),
+    "gemma2": dict(_COMMON, hidden_activation="gelu_pytorch_tanh", head_dim=8),
+    "gemma3_text": dict(_COMMON, hidden_activation="gelu_pytorch_tanh", head_dim=8),
+    "phi3": dict(_COMMON, hidden_act="silu", pad_token_id=0),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, hidden_act="gelu", max_position_embeddings=64),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64,
+                 activation_function="gelu_new"),
+    "falcon": dict(vocab_size=VOCAB, hidden_size=32, ffn_hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, activation="gelu", new_decoder_architecture=False),
+}
+
+
+def build_tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random-init causal LM of `model_type` (eval mode, float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, **CONFIGS[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **settings)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save_tiny_model(model_type: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny model (safetensors, no tokenizer) and return its directory."""
+    build_tiny_model(model_type, seed, **overrides).save_pretrained(directory)
+    return directory
+
+
+def tiny_tokenizer(text_file: Path):
+    """A byte-level BPE tokenizer with VOCAB entries, trained in about a second on `text_file`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train([str(text_file)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_checkpoint(model_type: str, directory: Path, text_file: Path, seed: int = 0, **overrides) -> Path:
+    """A complete tiny checkpoint: model (safetensors), tokenizer and generation config."""
+    save_tiny_model(model_type, directory, seed, **overrides)
+    tiny_tokenizer(text_file).save_pretrained(directory)
+    return directory

@@ -1,0 +1,186 @@
+"""Conversion of every mapped architecture: outputs match a hand-written reference, weights stay untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import SAMPLE_TEXT
+from tiny_models import CONFIGS, VOCAB, build_tiny_model, save_tiny_checkpoint, save_tiny_model
+
+import relufy  # noqa: F401  (registers the activations)
+from relufy.activations import make_activation
+from relufy.architectures import architecture_for, load_map
+from relufy.convert import convert_checkpoint
+from relufy.probe import ffn_modules
+
+REFERENCE = {
+    "relu": lambda x, p: x.clamp_min(0),
+    "relu2": lambda x, p: x.clamp_min(0) ** 2,
+    "fatrelu": lambda x, p: torch.where(x >= p, x, torch.zeros_like(x)),
+    "shifted_relu": lambda x, p: (x - p).clamp_min(0),
+}
+VARIANTS = [("relu", None), ("relu2", None), ("fatrelu", 0.05), ("shifted_relu", 0.1)]
+
+
+def reference_logits(model, act, param, input_ids):
+    """Logits of the original model with every FFN recomputed by hand with the new activation."""
+    arch = architecture_for(model.config.model_type)
+    originals = {}
+    for ffn in ffn_modules(model, arch):
+        def forward(x, ffn=ffn):
+            if arch.gate_up:
+                gate, up = getattr(ffn, arch.gate_up)(x).chunk(2, dim=-1)
+                x1 = REFERENCE[act](gate, param) * up
+            elif arch.gated:
+                x1 = REFERENCE[act](getattr(ffn, arch.gate)(x), param) * getattr(ffn, arch.up)(x)
+            else:
+                x1 = REFERENCE[act](getattr(ffn, arch.up)(x), param)
+            return getattr(ffn, arch.down)(x1)
+        originals[ffn] = ffn.forward
+        ffn.forward = forward
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits
+    finally:
+        for ffn, forward in originals.items():
+            ffn.forward = forward
+
+
+def file_digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_map_covers_the_architectures_the_issue_asks_for():
+    required = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2", "falcon"}
+    assert required <= set(load_map())
+    assert set(load_map()) == set(CONFIGS), "every mapped architecture needs a tiny test config"
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_relu_conversion_matches_hand_computed_reference(tmp_path, model_type):
+    src = save_tiny_model(model_type, tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    from transformers import AutoModelForCausalLM
+
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = converted(input_ids=input_ids).logits
+        before = original(input_ids=input_ids).logits
+    torch.testing.assert_close(got, reference_logits(original, "relu", None, input_ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, before), "the activation swap must change the outputs"
+    assert file_digest(out / "model.safetensors") == file_digest(src / "model.safetensors")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt2", "gemma2"])
+@pytest.mark.parametrize("act,param", VARIANTS[1:])
+def test_variants_match_hand_computed_reference(tmp_path, model_type, act, param):
+    src = save_tiny_model(model_type, tmp_path / "src")
+    activation = make_activation(act, threshold=param if act == "fatrelu" else None,
+                                 shift=param if act == "shifted_relu" else None)
+    out = convert_checkpoint(src, tmp_path / "out", activation)
+    from transformers import AutoModelForCausalLM
+
+    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    input_ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = converted(input_ids=input_ids).logits
+    torch.testing.assert_close(got, reference_logits(original, act, param, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_checkpoint_keeps_shards_and_index_byte_identical(tmp_path):
+    src = tmp_path / "src"
+    build_tiny_model("llama").save_pretrained(src, max_shard_size="20KB")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 1 and (src / "model.safetensors.index.json").is_file()
+    before = {p.name: file_digest(p) for p in src.iterdir()}
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    assert {p.name: file_digest(p) for p in src.iterdir()} == before, "SRC must never change"
+    for name in shards + ["model.safetensors.index.json"]:
+        assert file_digest(out / name) == before[name]
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_act"] == "relu"
+    assert config["relufy"]["original_activation"] == "silu"
+    assert config["relufy"]["source"] == str(src.resolve())
+
+
+def test_link_mode_hard_links_weights(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"), link=True)
+    assert (out / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+    assert (out / "config.json").stat().st_ino != (src / "config.json").stat().st_ino
+
+
+def test_tokenizer_and_generation_config_come_along(tmp_path):
+    src = save_tiny_checkpoint("llama", tmp_path / "src", SAMPLE_TEXT)
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert file_digest(out / name) == file_digest(src / name)
+
+
+CLEAN_LOAD = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
+    assert "relufy" not in sys.modules, "relufy must not be imported"
+    ids = torch.arange(12).reshape(1, 12)
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("act,param,mode", [("relu", None, "plain"), ("relu2", None, "plain"),
+                                            ("fatrelu", 0.05, "remote"), ("shifted_relu", 0.1, "remote")])
+def test_output_loads_in_a_clean_process_without_relufy(tmp_path, act, param, mode):
+    src = save_tiny_model("llama", tmp_path / "src")
+    activation = make_activation(act, threshold=param if act == "fatrelu" else None,
+                                 shift=param if act == "shifted_relu" else None)
+    out = convert_checkpoint(src, tmp_path / "out", activation)
+    logits_file = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", CLEAN_LOAD, str(out), mode, str(logits_file)], check=True,
+                   cwd=tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    expected = reference_logits(original, act, param, torch.arange(12).reshape(1, 12))
+    torch.testing.assert_close(torch.load(logits_file, weights_only=True), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fatrelu_output_loads_with_import_relufy_and_no_remote_code(tmp_path):
+    src = save_tiny_model("qwen3", tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("fatrelu", threshold=0.02))
+    from transformers import AutoModelForCausalLM
+
+    from relufy.activations import FATReLU
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__module__.startswith("transformers.models.qwen3")
+    assert isinstance(model.model.layers[0].mlp.act_fn, FATReLU)
+    assert model.model.layers[0].mlp.act_fn.threshold == 0.02
+
+
+def test_force_replaces_existing_output_and_converts_relu_again(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    (out / "stale.txt").write_text("old")
+    convert_checkpoint(src, out, make_activation("relu2"), force=True)
+    assert not (out / "stale.txt").exists()
+    again = convert_checkpoint(out, tmp_path / "again", make_activation("relu2"), force=True)
+    assert json.loads((again / "config.json").read_text())["hidden_act"] == "relu2"
+
+
+def test_relu_model_can_be_threshold_shifted(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src", hidden_act="relu")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("fatrelu", threshold=0.01))
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_act"] == "fatrelu_0.01"
+    assert config["relufy"]["original_activation"] == "relu"
+    assert "auto_map" in config and (out / "modeling_relufy.py").is_file()

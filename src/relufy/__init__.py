@@ -6,8 +6,8 @@ so converted checkpoints load with plain `AutoModelForCausalLM.from_pretrained`.
 
 __version__ = "0.1.0"
 
-from .activations import Activation, make_activation, register_with_transformers  # noqa: E402
+from .activations import Activation, make_activation, register_on_transformers_import  # noqa: E402
 
-register_with_transformers()
+register_on_transformers_import()
 
-__all__ = ["Activation", "make_activation", "register_with_transformers", "__version__"]
+__all__ = ["Activation", "make_activation", "__version__"]

@@ -16,46 +16,19 @@ The parameter lives in the name because transformers builds every FFN activation
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
 import re
+import sys
 from dataclasses import dataclass
-
-import torch
-from torch import nn
 
 from .errors import ActivationError
 
 
-class FATReLU(nn.Module):
-    """Thresholded ReLU: x where x >= threshold, else 0 (ProSparse's activation threshold shifting)."""
-
-    def __init__(self, threshold: float = 0.0):
-        super().__init__()
-        self.threshold = float(threshold)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.masked_fill(x < self.threshold, 0.0)
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold}"
-
-
-class ShiftedReLU(nn.Module):
-    """Shifted ReLU: max(x - shift, 0)."""
-
-    def __init__(self, shift: float = 0.0):
-        super().__init__()
-        self.shift = float(shift)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x - self.shift)
-
-    def extra_repr(self) -> str:
-        return f"shift={self.shift}"
-
-
-# name -> (module class, keyword of its parameter or None). relu/relu2 are transformers' own.
-PARAMETRIZED = {"fatrelu": (FATReLU, "threshold"), "shifted_relu": (ShiftedReLU, "shift")}
+# parametrized family -> (class in relufy.activation_modules, keyword of its parameter).
+# relu and relu2 are transformers' own.
+PARAMETRIZED = {"fatrelu": ("FATReLU", "threshold"), "shifted_relu": ("ShiftedReLU", "shift")}
 ACTIVATIONS = ("relu", "fatrelu", "shifted_relu", "relu2")
 _PARAMETRIZED_NAME = re.compile(r"^(fatrelu|shifted_relu)_(.+)$")
 
@@ -72,16 +45,14 @@ class Activation:
         """The string written into the model config's activation key."""
         return self.name if self.param is None else f"{self.name}_{self.param!r}"
 
-    def module(self) -> nn.Module:
-        """A fresh activation module, exactly as transformers will build it from the config."""
-        if self.name == "relu":
-            return nn.ReLU()
-        if self.name == "relu2":
-            from transformers.activations import ReLUSquaredActivation
+    def module(self):
+        """A fresh activation module (torch.nn.Module), exactly as transformers builds it from the config."""
+        from transformers.activations import ACT2FN
 
-            return ReLUSquaredActivation()
-        cls, keyword = PARAMETRIZED[self.name]
-        return cls(**{keyword: self.param})
+        from .activation_modules import register_with_transformers
+
+        register_with_transformers()
+        return ACT2FN[self.config_value]
 
     @property
     def needs_relufy(self) -> bool:
@@ -123,36 +94,46 @@ def parse_activation(config_value: str) -> Activation | None:
         return None
 
 
-def register_with_transformers() -> None:
-    """Teach transformers' ACT2FN the parametrized names (`fatrelu_0.01`, `shifted_relu_0.1`).
+def register_on_transformers_import() -> None:
+    """Register relufy's activations with transformers now, or as soon as transformers loads them.
 
-    Modeling files bind ACT2FN at import, so the mapping object is extended in place: its class
-    becomes a subclass that resolves parametrized names on a miss. Idempotent.
+    Keeps `import relufy` free of torch/transformers (fast CLI start-up) while guaranteeing that
+    any later `from_pretrained` sees `fatrelu_<t>` and `shifted_relu_<b>`.
     """
-    from transformers import activations
+    if "transformers.activations" in sys.modules:
+        from .activation_modules import register_with_transformers
 
-    registry = activations.ACT2FN
-    if isinstance(registry, _ParametrizedActivations):
-        return
-    registry.__class__ = type(
-        "_RelufyActivations", (_ParametrizedActivations, type(registry)), {"__slots__": ()}
-    )
+        register_with_transformers()
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
 
 
-class _ParametrizedActivations:
-    """Mixin for transformers' ClassInstantier: parametrized ReLU names resolve on a miss."""
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds transformers.activations through the normal finders and registers right after it executes."""
 
-    __slots__ = ()
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers.activations":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
 
-    def __missing__(self, key):
-        activation = parse_activation(key) if isinstance(key, str) else None
-        if activation is None or activation.name not in PARAMETRIZED:
-            raise KeyError(key)
-        cls, keyword = PARAMETRIZED[activation.name]
-        return cls, {keyword: activation.param}
+        def execute_then_register(module):
+            execute(module)
+            from .activation_modules import register_with_transformers
 
-    def __contains__(self, key) -> bool:
-        if super().__contains__(key):
-            return True
-        activation = parse_activation(key) if isinstance(key, str) else None
-        return activation is not None and activation.name in PARAMETRIZED
+            register_with_transformers()
+
+        spec.loader.exec_module = execute_then_register
+        return spec
+
+
+def __getattr__(name: str):
+    """The torch-side names (`FATReLU`, `ShiftedReLU`, `register_with_transformers`), imported on first use."""
+    if name in ("FATReLU", "ShiftedReLU", "register_with_transformers"):
+        from . import activation_modules
+
+        return getattr(activation_modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

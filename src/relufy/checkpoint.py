@@ -136,7 +136,7 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .activations import register_with_transformers
+    from .activation_modules import register_with_transformers
 
     register_with_transformers()
     source = src if isinstance(src, Source) else resolve_source(src)

@@ -39,6 +39,7 @@ def write_remote_code(folder: Path) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from . import __version__
+    from .activation_modules import module_class
 
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -46,7 +47,8 @@ def write_remote_code(folder: Path) -> bool:
     activation = parse_activation(config.get(arch.activation_key, ""))
     if activation is None or not activation.needs_relufy:
         return False
-    cls, keyword = PARAMETRIZED[activation.name]
+    cls = module_class(activation.name)
+    keyword = PARAMETRIZED[activation.name][1]
     base = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch.model_type]
     source = _TEMPLATE.format(
         version=__version__, value=activation.config_value, base=base, classes=inspect.getsource(cls),

@@ -46,5 +46,27 @@ test: install
 bench-convert: install
 	$(PY) bench/convert.py $(ARGS)
 
+# Evaluation (docs/evaluation.md): lm-eval tasks + x1 sparsity per task + PPL-p% sparsity, offline.
+EVAL_LIMIT ?= 40
+EVAL_OUT ?= runs/eval/$(basename $(notdir $(MODEL)))
+EVAL_DEMO := runs/eval-demo
+
+.PHONY: evaluate eval-data eval-demo bench-probe
+
+evaluate: install
+	$(RELUFY) evaluate $(MODEL) --output $(EVAL_OUT) --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
+
+eval-data: install
+	$(PY) scripts/make_eval_data.py
+
+eval-demo: install
+	$(RELUFY) convert $(DEFAULT_MODEL) $(EVAL_DEMO)/smollm2-135m-relu --force
+	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
+	$(RELUFY) compare $(EVAL_DEMO)/original $(EVAL_DEMO)/relu --markdown $(EVAL_DEMO)/compare.md
+
+bench-probe: install
+	$(PY) bench/probe_overhead.py $(ARGS)
+
 clean:
 	rm -rf runs .pytest_cache

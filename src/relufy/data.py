@@ -11,21 +11,22 @@ JSON_SUFFIXES = {".json", ".jsonl"}
 
 
 def load_text_dataset(spec: str, *, split: str = "train", text_column: str = "text"):
-    """A `datasets.Dataset` with one `text` column from a file, a folder of .txt files, or a hub name."""
+    """A `datasets.Dataset` with one `text` column from a file (.gz too), a folder of .txt files, or a hub name."""
     import datasets
 
     path = Path(spec).expanduser()
+    suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix  # a.txt.gz -> .txt
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
         if not files:
             raise DataError(f"{path} holds no .txt/.md files to read")
         dataset = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train")
-    elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+    elif path.is_file() and suffix in TEXT_SUFFIXES:
         dataset = datasets.load_dataset("text", data_files=str(path), sample_by="paragraph", split="train")
-    elif path.is_file() and path.suffix in JSON_SUFFIXES:
+    elif path.is_file() and suffix in JSON_SUFFIXES:
         dataset = datasets.load_dataset("json", data_files=str(path), split="train")
     elif path.exists():
-        raise DataError(f"{path}: unsupported data file; use .txt, .md, .json or .jsonl")
+        raise DataError(f"{path}: unsupported data file; use .txt, .md, .json or .jsonl (optionally .gz)")
     else:
         try:
             dataset = datasets.load_dataset(spec, split=split)

@@ -1,0 +1,138 @@
+"""Build an offline English training corpus with a held-out split, reproducibly (fixed seed).
+
+Sources are Debian packages (install first: `apt-get install -y python3-doc dict-gcide`):
+- python3-doc: the Python documentation (HTML pages -> paragraphs of prose);
+- dict-gcide: the GNU Collaborative International Dictionary of English (entries, markup removed).
+
+Documents (a page section, or a run of dictionary entries) are shuffled with `--seed` and split by
+document, so held-out text is never trained on. Writes OUT/train.txt.gz, OUT/heldout.txt and
+OUT/manifest.json (counts and sha256 of each output).
+
+    python scripts/build_corpus.py --out runs/corpus [--heldout-fraction 0.01] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import random
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+PYTHON_DOCS = Path("/usr/share/doc/python3-doc/html")
+GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+DOC_CHARS = 3000  # documents are cut to about this many characters
+ENTRIES_PER_DOC = 12
+
+
+class _ProseExtractor(HTMLParser):
+    """Collects the text of <p>, <dd> and <li> elements, skipping code and navigation."""
+
+    KEEP, SKIP = {"p", "dd", "li"}, {"pre", "script", "style", "nav", "code", "table"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paragraphs: list[str] = []
+        self._depth_keep = self._depth_skip = 0
+        self._buffer: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self._depth_skip += 1
+        elif tag in self.KEEP:
+            self._depth_keep += 1
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self._depth_skip = max(0, self._depth_skip - 1)
+        elif tag in self.KEEP:
+            self._depth_keep = max(0, self._depth_keep - 1)
+            if self._depth_keep == 0:
+                text = " ".join("".join(self._buffer).split())
+                if len(text.split()) >= 12:
+                    self.paragraphs.append(text)
+                self._buffer = []
+
+    def handle_data(self, data):
+        if self._depth_keep and not self._depth_skip:
+            self._buffer.append(data)
+
+
+def python_doc_documents() -> list[str]:
+    documents = []
+    for page in sorted(PYTHON_DOCS.rglob("*.html")):
+        if any(part in {"_static", "genindex", "search"} for part in page.parts):
+            continue
+        parser = _ProseExtractor()
+        parser.feed(page.read_text(errors="replace"))
+        documents.extend(_chunk(parser.paragraphs))
+    return documents
+
+
+_PRONUNCIATION = re.compile(r"\\[^\\\n]*\\\s*(\([^)]*\))?")
+_MARKUP = re.compile(r"\[(?:1913 Webster|Webster 1913 Suppl\.|PJC|WordNet 1\.5|Century Dict\.)[^\]]*\]|[{}]")
+
+
+def gcide_documents() -> list[str]:
+    raw = gzip.decompress(GCIDE.read_bytes()).decode("utf-8", errors="replace")
+    entries = []
+    for block in raw.split("\n\n"):
+        text = _MARKUP.sub("", _PRONUNCIATION.sub("", block, count=1))
+        text = " ".join(text.split())
+        if len(text.split()) >= 8 and not text.startswith("00-database"):
+            entries.append(text)
+    return ["\n".join(entries[i: i + ENTRIES_PER_DOC]) for i in range(0, len(entries), ENTRIES_PER_DOC)]
+
+
+def _chunk(paragraphs: list[str]) -> list[str]:
+    documents, current = [], []
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        if sum(map(len, current)) >= DOC_CHARS:
+            documents.append("\n".join(current))
+            current = []
+    if current:
+        documents.append("\n".join(current))
+    return documents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--heldout-fraction", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for source in (PYTHON_DOCS, GCIDE):
+        if not source.exists():
+            raise SystemExit(f"{source} is missing; run: apt-get install -y python3-doc dict-gcide")
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; remove it or choose another --out")
+
+    documents = sorted(set(python_doc_documents() + gcide_documents()))
+    random.Random(args.seed).shuffle(documents)
+    cut = max(1, int(len(documents) * args.heldout_fraction))
+    heldout, train = documents[:cut], documents[cut:]
+
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.mkdir(parents=True)
+    with gzip.open(tmp / "train.txt.gz", "wt", encoding="utf-8", compresslevel=6) as handle:
+        handle.write("\n\n".join(train) + "\n")
+    (tmp / "heldout.txt").write_text("\n\n".join(heldout) + "\n", encoding="utf-8")
+    manifest = {
+        "sources": {"python3-doc": str(PYTHON_DOCS), "dict-gcide": str(GCIDE)},
+        "seed": args.seed, "heldout_fraction": args.heldout_fraction,
+        "documents": {"train": len(train), "heldout": len(heldout)},
+        "words": {"train": sum(len(d.split()) for d in train), "heldout": sum(len(d.split()) for d in heldout)},
+        "sha256": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+                   for name in ("train.txt.gz", "heldout.txt")},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.rename(args.out)
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    main()

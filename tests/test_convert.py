@@ -184,3 +184,34 @@ def test_relu_model_can_be_threshold_shifted(tmp_path):
     assert config["hidden_act"] == "fatrelu_0.01"
     assert config["relufy"]["original_activation"] == "relu"
     assert "auto_map" in config and (out / "modeling_relufy.py").is_file()
+
+
+def test_hub_id_is_fetched_with_huggingface_hub_then_converted(tmp_path, monkeypatch):
+    cache = save_tiny_model("mistral", tmp_path / "hub-cache" / "snapshot")
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(cache)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = convert_checkpoint("someorg/tiny-mistral", tmp_path / "out", make_activation("relu"))
+    assert asked == ["someorg/tiny-mistral"]
+    assert json.loads((out / "config.json").read_text())["relufy"]["source"] == "someorg/tiny-mistral"
+
+
+def test_unreachable_hub_id_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from relufy.cli import main
+
+    def offline(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["convert", "someorg/missing-model", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "someorg/missing-model" in err
+    assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,11 @@
 """Build an offline English training corpus with a held-out split, reproducibly (fixed seed).
 
-Sources are Debian packages (install first: `apt-get install -y python3-doc dict-gcide`):
+Sources are Debian packages (install first: `apt-get install -y python3-doc linux-doc-6.1`):
 - python3-doc: the Python documentation (HTML pages -> paragraphs of prose);
-- dict-gcide: the GNU Collaborative International Dictionary of English (entries, markup removed).
+- linux-doc-6.1: the Linux kernel documentation (reStructuredText -> paragraphs, code blocks dropped);
+- with `--with-gcide` (needs dict-gcide): the GNU Collaborative International Dictionary of English.
+  Off by default: relufy's offline dictionary task is built from WordNet definitions, and training
+  on another dictionary would leak into it.
 
 Documents (a page section, or a run of dictionary entries) are shuffled with `--seed` and split by
 document, so held-out text is never trained on. Writes OUT/train.txt.gz, OUT/heldout.txt and
@@ -23,6 +26,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 PYTHON_DOCS = Path("/usr/share/doc/python3-doc/html")
+LINUX_DOCS = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 DOC_CHARS = 3000  # documents are cut to about this many characters
 ENTRIES_PER_DOC = 12
@@ -87,6 +91,24 @@ def gcide_documents() -> list[str]:
     return ["\n".join(entries[i: i + ENTRIES_PER_DOC]) for i in range(0, len(entries), ENTRIES_PER_DOC)]
 
 
+_RST_NOISE = re.compile(r"^(\.\. |:[a-zA-Z]+:|[=\-~^*#+`]{4,}$|\|)")
+
+
+def linux_doc_documents() -> list[str]:
+    documents = []
+    for page in sorted(LINUX_DOCS.rglob("*.rst.gz")):
+        paragraphs = []
+        for block in gzip.decompress(page.read_bytes()).decode("utf-8", errors="replace").split("\n\n"):
+            lines = [line for line in block.splitlines() if line.strip()]
+            if not lines or lines[0].startswith((" ", "\t")) or _RST_NOISE.match(lines[0]):
+                continue  # indented code/literal blocks, directives, tables, title underlines
+            text = " ".join(" ".join(lines).split()).replace("``", "")
+            if len(text.split()) >= 12:
+                paragraphs.append(text)
+        documents.extend(_chunk(paragraphs))
+    return documents
+
+
 def _chunk(paragraphs: list[str]) -> list[str]:
     documents, current = [], []
     for paragraph in paragraphs:
@@ -104,14 +126,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout-fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-gcide", action="store_true", help="add the GCIDE dictionary (see above)")
     args = parser.parse_args()
-    for source in (PYTHON_DOCS, GCIDE):
-        if not source.exists():
-            raise SystemExit(f"{source} is missing; run: apt-get install -y python3-doc dict-gcide")
+    sources = {"python3-doc": (PYTHON_DOCS, python_doc_documents), "linux-doc-6.1": (LINUX_DOCS, linux_doc_documents)}
+    if args.with_gcide:
+        sources["dict-gcide"] = (GCIDE, gcide_documents)
+    for package, (path, _) in sources.items():
+        if not path.exists():
+            raise SystemExit(f"{path} is missing; run: apt-get install -y {package}")
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; remove it or choose another --out")
 
-    documents = sorted(set(python_doc_documents() + gcide_documents()))
+    documents = sorted({document for _, read in sources.values() for document in read()})
     random.Random(args.seed).shuffle(documents)
     cut = max(1, int(len(documents) * args.heldout_fraction))
     heldout, train = documents[:cut], documents[cut:]
@@ -122,7 +148,7 @@ def main() -> None:
         handle.write("\n\n".join(train) + "\n")
     (tmp / "heldout.txt").write_text("\n\n".join(heldout) + "\n", encoding="utf-8")
     manifest = {
-        "sources": {"python3-doc": str(PYTHON_DOCS), "dict-gcide": str(GCIDE)},
+        "sources": {package: str(path) for package, (path, _) in sources.items()},
         "seed": args.seed, "heldout_fraction": args.heldout_fraction,
         "documents": {"train": len(train), "heldout": len(heldout)},
         "words": {"train": sum(len(d.split()) for d in train), "heldout": sum(len(d.split()) for d in heldout)},

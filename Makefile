@@ -48,21 +48,23 @@ bench-convert: install
 
 # Evaluation (docs/evaluation.md): lm-eval tasks + x1 sparsity per task + PPL-p% sparsity, offline.
 EVAL_LIMIT ?= 40
+EVAL_HELDOUT_TOKENS ?= 1024
 EVAL_OUT ?= runs/eval/$(basename $(notdir $(MODEL)))
 EVAL_DEMO := runs/eval-demo
 
 .PHONY: evaluate eval-data eval-demo bench-probe
 
 evaluate: install
-	$(RELUFY) evaluate $(MODEL) --output $(EVAL_OUT) --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(MODEL) --output $(EVAL_OUT) --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
 
 eval-data: install
 	$(PY) scripts/make_eval_data.py
 
 eval-demo: install
+	@mkdir -p $(EVAL_DEMO)
 	$(RELUFY) convert $(DEFAULT_MODEL) $(EVAL_DEMO)/smollm2-135m-relu --force
-	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
-	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu --limit $(EVAL_LIMIT) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
 	$(RELUFY) compare $(EVAL_DEMO)/original $(EVAL_DEMO)/relu --markdown $(EVAL_DEMO)/compare.md
 
 bench-probe: install
@@ -70,3 +72,18 @@ bench-probe: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ProSparse training (docs/training.md). RECIPE is a YAML in recipes/; ARGS passes more flags, e.g.
+# ARGS="--set max_steps=100 --resume". LAUNCH=recipes/accelerate/zero2.yaml runs under accelerate + DeepSpeed.
+RECIPE ?= recipes/tiny-cpu.yaml
+LAUNCH ?=
+.PHONY: train bench-train
+train: install
+ifeq ($(strip $(LAUNCH)),)
+	$(RELUFY) train $(RECIPE) $(ARGS)
+else
+	$(VENV)/bin/accelerate launch --config_file $(LAUNCH) -m relufy train $(RECIPE) $(ARGS)
+endif
+
+bench-train: install
+	$(PY) bench/train_overhead.py $(ARGS)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from .errors import UnsupportedArchitectureError
+from .paths import project_file
 
-_REPO_MAP = Path(__file__).resolve().parents[2] / "convert" / "architectures.yaml"
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,7 @@ class Architecture:
 
 def map_path() -> Path:
     """The YAML map: the packaged copy in a wheel, the repository's in a source checkout."""
-    packaged = resources.files("relufy") / "_data" / "architectures.yaml"
-    return Path(str(packaged)) if packaged.is_file() else _REPO_MAP
+    return project_file("convert/architectures.yaml")
 
 
 @lru_cache(maxsize=1)

@@ -114,7 +114,146 @@ def _cuda() -> bool:
         return False
 
 
-COMMANDS = [_add_convert, _add_sparsity]
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="ProSparse continual training: L1-regularized, sine-scheduled stages",
+                       description="Train a (converted) ReLU model with the recipe's stages of L1 regularization on "
+                                   "x1. Runs on one process, or distributed under `accelerate launch -m relufy train`.")
+    p.add_argument("recipe", help="recipe YAML (see recipes/ and docs/training.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, dotted for nesting: --set max_steps=100 --set stages.1.lambda=0.01")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--force", action="store_true", help="start over in an output_dir that holds checkpoints "
+                                                        "(they are deleted)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .recipe import load_recipe
+    from .train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = train(recipe, resume=args.resume, force=args.force)
+    if recipe.training.process_index == 0:
+        line = f"wrote {summary['output_dir']} after {summary['steps']} steps"
+        if summary.get("activation_sparsity") is not None:
+            line += f", x1 zero-ratio {summary['activation_sparsity']:.2%} at lambda {summary['l1_lambda']:g}"
+        shift = summary.get("threshold_shift")
+        if shift:
+            line += (f"; FATReLU threshold {shift['threshold']:g} (perplexity {shift['perplexity_before']:.2f} -> "
+                     f"{shift['perplexity_after']:.2f}, zero-ratio {shift['sparsity_after']:.2%})")
+        print(line)
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="lm-eval accuracy + x1 sparsity per task + PPL-p%% sparsity",
+                       description="Run lm-eval tasks in-process on MODEL (loaded once) while the probe records the "
+                                   "zero-ratio of x1 per task and layer, then measure PPL-p% sparsity on held-out "
+                                   "text. Writes OUTPUT/results.json, report.md and PNG plots. Without --tasks or "
+                                   "--suite it runs relufy's offline suite (evaluate/tasks).")
+    p.add_argument("model", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("--output", "-o", required=True, help="directory for results.json, report.md, plots")
+    p.add_argument("--tasks", help="comma-separated lm-eval task or group names (e.g. piqa,hellaswag,relufy_offline)")
+    p.add_argument("--suite", choices=["prosparse", "offline"],
+                   help="preset: 'prosparse' = the ProSparse paper's benchmark groups (needs network for data); "
+                        "'offline' = relufy's own tasks")
+    p.add_argument("--num-fewshot", type=int, help="override every task's few-shot count")
+    p.add_argument("--limit", type=float, help="examples per task (int) or fraction (<1): a quick slice")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, help="context length for lm-eval (default: the model's)")
+    p.add_argument("--p", dest="ps", default="1,5,10", help="PPL-p%% values, comma-separated (default 1,5,10); 'none' skips PPL-p%%")
+    p.add_argument("--heldout", help="held-out text for PPL-p%% (.txt/.jsonl/folder/datasets name; "
+                                     "default: evaluate/tasks/data/heldout.jsonl)")
+    p.add_argument("--heldout-tokens", type=int, default=2048, help="held-out tokens for PPL-p%% (default 2048)")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per held-out block (default 256)")
+    p.add_argument("--include-path", action="append", default=[], help="extra lm-eval task folder")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="allow tasks that execute model-written code (HumanEval, MBPP)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu" if not _cuda() else "cuda")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .errors import DataError
+    from .evaluate import DEFAULT_HELDOUT, evaluate_model
+
+    try:
+        ps = [] if args.ps == "none" else [float(p) for p in args.ps.split(",") if p.strip()]
+    except ValueError:
+        raise DataError(f"--p must be comma-separated numbers like 1,5,10, got '{args.ps}'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    result = evaluate_model(args.model, args.output, tasks=tasks, suite=args.suite, num_fewshot=args.num_fewshot,
+                            limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                            ps=ps, heldout=args.heldout or DEFAULT_HELDOUT, heldout_tokens=args.heldout_tokens,
+                            block_size=args.block_size, max_length=args.max_length,
+                            include_path=[Path(p) for p in args.include_path],
+                            confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+                            trust_remote_code=args.trust_remote_code, force=args.force)
+    ppl = ", ".join(f"PPL-{p}% {e['sparsity']:.2%}" for p, e in result["ppl_p_sparsity"].items())
+    print(f"wrote {args.output}: zero-ratio {result['sparsity']['overall']:.2%} over "
+          f"{result['sparsity']['tokens']} lm-eval tokens; {ppl} "
+          f"({result['ppl_p_forward_passes']} forward passes)")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="side-by-side table of evaluation results",
+                       description="Print accuracy per task and group, sparsity and PPL-p%% sparsity of several "
+                                   "`relufy evaluate` output directories side by side.")
+    p.add_argument("results", nargs="+", help="evaluation directories (or their results.json)")
+    p.add_argument("--markdown", help="also write the table to this markdown file")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from .report import compare_table, load_result
+
+    results = [load_result(path) for path in args.results]
+    names = [Path(path).name if Path(path).is_dir() else Path(path).parent.name for path in args.results]
+    table = compare_table(results, names)
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(table + "\n")
+        tmp.replace(path)
+    print(table)
+    return 0
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="checkpoint folder + model card (+ Hub upload)",
+                       description="Write PUBLISH_DIR with MODEL_DIR's safetensors and tokenizer and a model card "
+                                   "built from an evaluation's results.json; --push uploads it with huggingface_hub "
+                                   "(token from HF_TOKEN or the login cache).")
+    p.add_argument("model_dir", help="the trained/converted checkpoint directory")
+    p.add_argument("--results", required=True, help="results.json written by `relufy evaluate` for this model")
+    p.add_argument("--out", required=True, help="PUBLISH_DIR to create")
+    p.add_argument("--repo-id", help="Hub repository id (org/name) for the card and --push")
+    p.add_argument("--base-model", help="hub id of the original model (default: read from the checkpoint)")
+    p.add_argument("--license", help="license id (default: carried over from the source model)")
+    p.add_argument("--push", action="store_true", help="upload PUBLISH_DIR to --repo-id")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--force", action="store_true", help="replace PUBLISH_DIR if it exists")
+    p.set_defaults(run=_run_publish)
+
+
+def _run_publish(args) -> int:
+    from .publish import publish, push_folder
+
+    out = publish(args.model_dir, args.results, args.out, repo_id=args.repo_id, base_model=args.base_model,
+                  license_id=args.license, force=args.force)
+    print(f"wrote {out}")
+    if args.push:
+        url = push_folder(out, args.repo_id, private=args.private)
+        print(f"pushed {out} to {url}")
+    return 0
+
+
+COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_compare, _add_publish]
 
 
 def build_parser() -> argparse.ArgumentParser:

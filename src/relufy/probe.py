@@ -58,6 +58,10 @@ class SparsityProbe:
     - `keep_inputs`: keep each layer's x1 of the last forward (detached) for metrics like CETT.
 
     `token_mask` (bool, batch x seq) restricts the statistics to real tokens when set.
+    `enabled = False` pauses all recording. With `replay_l1` (and `track_l1`), the L1 ops still
+    run while paused and autograd is recording, their result dropped: activation-checkpointing
+    recomputation during backward then saves exactly the tensors the original forward saved,
+    and no forward is counted twice (training pauses the probe between forward and backward).
     """
 
     model: nn.Module
@@ -70,6 +74,8 @@ class SparsityProbe:
     _l1_terms: list[torch.Tensor] = field(default_factory=list)
     _handles: list = field(default_factory=list)
     enabled: bool = True
+    replay_l1: bool = False
+    count_zeros: bool = True  # False skips the zero/threshold counts (e.g. on training steps nobody logs)
 
     def __post_init__(self) -> None:
         self.modules = down_projections(self.model)
@@ -105,18 +111,24 @@ class SparsityProbe:
     # -- the hook ----------------------------------------------------------------------------
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple) -> None:
-            if not self.enabled:
-                return
             x1 = args[0]
+            if not self.enabled:
+                if self.replay_l1 and self.track_l1 and torch.is_grad_enabled():
+                    self._l1_of(x1)  # same ops as the forward; see the class docstring
+                return
             if self.track_l1:
-                l1 = torch.linalg.vector_norm(x1, ord=1, dim=-1, dtype=torch.float32)
-                self._l1_terms.append(self._masked_mean(l1))
-            with torch.no_grad():
-                self._count(index, x1.detach())
+                self._l1_terms.append(self._l1_of(x1))
+            if self.count_zeros:
+                with torch.no_grad():
+                    self._count(index, x1.detach())
             if self.keep_inputs:
                 self.last_inputs[index] = x1.detach()
 
         return record
+
+    def _l1_of(self, x1: torch.Tensor) -> torch.Tensor:
+        """Mean over (masked) tokens of ||x1_token||_1, accumulated in float32."""
+        return self._masked_mean(TokenL1.apply(x1))
 
     def _masked_mean(self, per_token: torch.Tensor) -> torch.Tensor:
         if self.token_mask is None:
@@ -171,6 +183,29 @@ class SparsityProbe:
             result.update(threshold=self.threshold, overall_below_threshold=_mean(below),
                           per_layer_below_threshold=below)
         return result
+
+
+class TokenL1(torch.autograd.Function):
+    """||x||_1 over the last dimension as float32, with a backward that stays in x's dtype.
+
+    Autograd's own `vector_norm(x, 1, dtype=float32)` copies x to float32 in the forward, and its
+    backward upcasts sign(x) and the product to float32 full-size tensors and casts back; this one
+    computes sign(x) * grad in x's dtype (two elementwise passes), which matters for bf16 training.
+    Saves only x (already saved by the down projection).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        # One pass, float32 accumulation inside the kernel; the per-token result is rounded to x's
+        # dtype (bf16: ~0.4%, unbiased) before the float32 mean. vector_norm(dtype=float32) would
+        # copy x to float32 first. The gradient does not depend on this value.
+        return torch.linalg.vector_norm(x, ord=1, dim=-1).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.sign(x).mul_(grad.unsqueeze(-1).to(x.dtype))
 
 
 def _mean(values: list[float]) -> float:

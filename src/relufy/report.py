@@ -1,11 +1,16 @@
-"""Side-by-side tables of measured results (sparsity JSONs now; evaluation results.json too)."""
+"""Tables and plots of measured results: sparsity JSONs, evaluation results.json, `relufy compare`."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import DataError
+
+# The metric that stands for a task, in order of preference (lm-eval keys are "metric,filter").
+SCORE_METRICS = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "em")
+LOSS_METRICS = ("word_perplexity", "perplexity", "bits_per_byte")
 
 
 def load_result(path: str | Path) -> dict:
@@ -28,6 +33,150 @@ def sparsity_table(results: list[dict], names: list[str]) -> str:
         lines.append(f"| {name} | {result.get('activation', '?')} | {result['overall']:.2%} | "
                      f"{result.get('perplexity', float('nan')):.2f} | {result.get('tokens', 0)} |")
     return "\n".join(lines)
+
+
+def main_metric(task_result: dict) -> tuple[str, float] | None:
+    """(metric name, value) that represents one lm-eval task result: an accuracy if any, else a perplexity."""
+    for wanted in SCORE_METRICS + LOSS_METRICS:
+        for key, value in task_result.items():
+            if key.split(",")[0] == wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return key.split(",")[0], float(value)
+    return None
+
+
+def task_scores(harness: dict) -> dict[str, tuple[str, float]]:
+    """{task or group: (metric, value)} from lm-eval's results dict."""
+    merged = {**harness.get("results", {}), **harness.get("groups", {})}
+    return {name: metric for name, result in merged.items() if (metric := main_metric(result)) is not None}
+
+
+def group_averages(harness: dict, groups: dict[str, list[str]]) -> dict:
+    """Per benchmark group: the mean accuracy (in %) of its tasks, and `average` over groups (ProSparse style)."""
+    scores = task_scores(harness)
+    out: dict[str, float] = {}
+    for group, members in groups.items():
+        values = [scores[name][1] * 100 for name in members if name in scores and scores[name][0] in SCORE_METRICS]
+        if values:
+            out[group] = sum(values) / len(values)
+    if out:
+        out["average"] = sum(out.values()) / len(out)
+    return out
+
+
+def _fmt(value, pattern: str = "{:.2f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return pattern.format(value)
+
+
+def evaluation_report(result: dict, plots: dict[str, str] | None = None) -> str:
+    """report.md for one evaluation: accuracy per task, group averages, sparsity per task, PPL-p%."""
+    sparsity = result["sparsity"]
+    lines = [f"# Evaluation of {result.get('model_name', result['model'])}", "",
+             f"Model: `{result['model']}`; activation `{result.get('activation', '?')}`; relufy "
+             f"{result.get('relufy_version', '?')}; {result.get('tokens_evaluated', 0)} tokens evaluated.", "",
+             "## Accuracy and sparsity per task", "",
+             "| task | metric | value | zero-ratio of x1 | tokens |", "| --- | --- | ---: | ---: | ---: |"]
+    scores = task_scores(result["lm_eval"])
+    for name, (metric, value) in scores.items():
+        task_sparsity = sparsity["per_task"].get(name, {})
+        shown = value * 100 if metric in SCORE_METRICS else value
+        lines.append(f"| {name} | {metric} | {_fmt(shown)} | {_fmt(task_sparsity.get('overall'), '{:.2%}')} | "
+                     f"{task_sparsity.get('tokens', '-')} |")
+    lines.append(f"| **all tasks** | | | **{_fmt(sparsity['overall'], '{:.2%}')}** | {sparsity.get('tokens', '-')} |")
+    if result.get("scores"):
+        lines += ["", "## Group averages (accuracy, %)", "", "| group | score |", "| --- | ---: |"]
+        lines += [f"| {group} | {_fmt(value)} |" for group, value in result["scores"].items()]
+    ppl = result.get("ppl_p_sparsity", {})
+    if ppl:
+        lines += ["", "## PPL-p% sparsity (Sparsing Law, arXiv 2411.02335)", "",
+                  f"Held-out text: `{result.get('heldout', {}).get('source', '?')}`, "
+                  f"{result.get('heldout', {}).get('tokens', '?')} tokens; "
+                  f"{result.get('ppl_p_forward_passes', '?')} forward passes in all.", "",
+                  "| p | sparsity | CETT | PPL | dense PPL | forward passes |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for p, entry in ppl.items():
+            lines.append(f"| {p}% | {entry['sparsity']:.2%} | {entry['cett']:.4f} | {entry['ppl']:.3f} | "
+                         f"{entry['ppl_dense']:.3f} | {entry.get('forward_passes', '-')} |")
+        lines += ["", "Per-layer thresholds eps (neuron i is dropped when |x1_i| * ||W_down[:, i]|| <= eps):", "",
+                  "| layer | " + " | ".join(f"p = {p}%" for p in ppl) + " |", "| ---: |" + " ---: |" * len(ppl)]
+        layers = len(next(iter(ppl.values()))["thresholds"])
+        for layer in range(layers):
+            lines.append(f"| {layer} | " + " | ".join(f"{entry['thresholds'][layer]:.3g}" for entry in ppl.values()) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
+    return "\n".join(lines)
+
+
+def compare_table(results: list[dict], names: list[str]) -> str:
+    """Markdown, one column per evaluation: accuracy per task and group, sparsity, PPL-p% sparsity."""
+    for name, result in zip(names, results):
+        if "lm_eval" not in result or "sparsity" not in result:
+            raise DataError(f"{name} is not an evaluation results.json (run `relufy evaluate` first)")
+    scores = [task_scores(result["lm_eval"]) for result in results]
+    header = "| | " + " | ".join(names) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(names)]
+    tasks = list(dict.fromkeys(task for score in scores for task in score))
+    for task in tasks:
+        metric = next(score[task][0] for score in scores if task in score)
+        cells = []
+        for score in scores:
+            value = score.get(task, (metric, None))[1]
+            cells.append(_fmt(value * 100 if value is not None and metric in SCORE_METRICS else value))
+        lines.append(f"| {task} ({metric}) | " + " | ".join(cells) + " |")
+    groups = list(dict.fromkeys(group for result in results for group in result.get("scores", {})))
+    for group in groups:
+        lines.append(f"| group: {group} | " + " | ".join(_fmt(r.get("scores", {}).get(group)) for r in results) + " |")
+    lines.append("| zero-ratio of x1 (all tasks) | " + " | ".join(
+        _fmt(r["sparsity"]["overall"], "{:.2%}") for r in results) + " |")
+    ps = list(dict.fromkeys(p for result in results for p in result.get("ppl_p_sparsity", {})))
+    for p in ps:
+        cells = [r.get("ppl_p_sparsity", {}).get(p) for r in results]
+        lines.append(f"| PPL-{p}% sparsity | " + " | ".join(_fmt(c and c["sparsity"], "{:.2%}") for c in cells) + " |")
+    lines.append("| dense held-out PPL | " + " | ".join(
+        _fmt(next(iter(r.get("ppl_p_sparsity", {}).values()), {}).get("ppl_dense")) for r in results) + " |")
+    return "\n".join(lines)
+
+
+def plot_per_layer_sparsity(result: dict, path: Path) -> None:
+    """PNG: zero-ratio of x1 per layer, all tasks together and per task."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4))
+    per_layer = result["sparsity"]["per_layer"]
+    for name, entry in result["sparsity"]["per_task"].items():
+        axes.plot(range(len(entry["per_layer"])), entry["per_layer"], alpha=0.5, linewidth=1, label=name)
+    axes.plot(range(len(per_layer)), per_layer, color="black", linewidth=2, label="all tasks")
+    axes.set(xlabel="layer", ylabel="zero-ratio of x1", ylim=(0, 1),
+             title=f"{result.get('model_name', '')} ({result.get('activation', '')})")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_sparsity_vs_p(result: dict, path: Path) -> None:
+    """PNG: PPL-p% sparsity against p, with the perplexity reached at each point."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 4))
+    entries = sorted(((float(p), e) for p, e in result.get("ppl_p_sparsity", {}).items()), key=lambda pe: pe[0])
+    xs, ys = [p for p, _ in entries], [e["sparsity"] for _, e in entries]
+    axes.plot(xs, ys, marker="o")
+    for x, (_, entry) in zip(xs, entries):
+        axes.annotate(f"PPL {entry['ppl']:.2f}", (x, entry["sparsity"]), fontsize=7,
+                      textcoords="offset points", xytext=(4, -10))
+    axes.set(xlabel="p (% perplexity rise)", ylabel="PPL-p% sparsity", ylim=(0, 1),
+             title=f"{result.get('model_name', '')} ({result.get('activation', '')})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def main(argv: list[str] | None = None) -> None:

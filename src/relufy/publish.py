@@ -1,0 +1,208 @@
+"""Publishing: a checkpoint folder with safetensors, tokenizer and a model card, and the Hub upload.
+
+The card (README.md) starts with Hub YAML front matter: `base_model`, `license` (carried over
+from the source model), `tags` and a `model-index` holding the measured results of one
+`relufy evaluate` run; its body has the accuracy/sparsity table, the recipe and how to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .checkpoint import check_model_dir
+from .errors import DataError, OutputExistsError, RelufyError, SourceError
+from .portable import write_remote_code
+from .report import SCORE_METRICS, load_result, task_scores
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+TAGS = ["relufy", "prosparse", "activation-sparsity", "relu"]
+
+
+def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *, repo_id: str | None = None,
+            base_model: str | None = None, license_id: str | None = None, force: bool = False) -> Path:
+    """Write `out`: weights, tokenizer, remote code if needed, and the model card. Returns `out`."""
+    model_dir, out = Path(model_dir).expanduser().resolve(), Path(out).expanduser().resolve()
+    check_model_dir(model_dir)
+    results = load_result(results_path)
+    _check_results_match(results, model_dir, results_path)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    if out == model_dir or model_dir in out.parents:
+        raise OutputExistsError(f"{out} is inside the model directory {model_dir}; choose another --out")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise SourceError(f"{model_dir} has no *.safetensors weights; re-save it with save_pretrained()")
+    tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in tokenizer_files):
+        raise SourceError(f"{model_dir} has no tokenizer files; copy the original model's tokenizer into it")
+    config = json.loads((model_dir / "config.json").read_text())
+    provenance = config.get("relufy", {})
+    base_model = base_model or _base_model_of(provenance)
+    license_id = license_id or _license_of(provenance)
+    if not license_id:
+        raise DataError("could not find the source model's license (no README front matter or GGUF "
+                        "general.license); pass --license ID (e.g. apache-2.0)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for path in [*weights, *tokenizer_files, *(model_dir / n for n in MODEL_FILES)]:
+            if path.is_file():
+                shutil.copyfile(path, tmp / path.name)
+        config.pop("auto_map", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        remote = write_remote_code(tmp)
+        card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
+                          license_id=license_id, remote_code=remote)
+        (tmp / "README.md").write_text(card)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = False) -> str:
+    """Upload `folder` to the Hub with the token from the environment; the folder is never changed."""
+    if not repo_id:
+        raise DataError("--push needs --repo-id ORG/NAME")
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # token: HF_TOKEN or the login cache; never printed or written by relufy
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                   commit_message=f"Upload with relufy {__version__}")
+    except Exception as exc:  # offline, no token, no permission: one line, folder left as written
+        raise RelufyError(f"could not push to '{repo_id}' ({type(exc).__name__}); check the network, "
+                          f"HF_HUB_OFFLINE and HF_TOKEN; {folder} is intact, retry with --push later") from None
+    return getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo_id}"
+
+
+def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
+    """Refuse an evaluation of another model: the evaluated path or name must be this directory's."""
+    if "lm_eval" not in results or "model" not in results:
+        raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
+    evaluated = str(results["model"])
+    same_path = Path(evaluated).expanduser().resolve() == model_dir
+    if not (same_path or results.get("model_name") == model_dir.name):
+        raise DataError(f"{results_path} evaluates '{evaluated}', not {model_dir}: names differ; evaluate this "
+                        "model with `relufy evaluate` and pass that results.json")
+
+
+def _base_model_of(provenance: dict) -> str | None:
+    source = str(provenance.get("source", ""))
+    parts = source.split("/")
+    if source and not Path(source).exists() and len(parts) == 2 and all(parts):
+        return source
+    return None
+
+
+def _license_of(provenance: dict) -> str | None:
+    """The source model's license: its README front matter, or a GGUF's general.license."""
+    source = Path(str(provenance.get("source", "")))
+    if source.suffix == ".gguf" and source.is_file():
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(source).fields.get("general.license")
+            return str(field.contents()) if field is not None else None
+        except Exception:  # unreadable metadata: fall through to --license
+            return None
+    readme = source / "README.md" if source.is_dir() else None
+    if readme is None and provenance.get("source"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(provenance["source"]), "README.md")
+            readme = Path(cached) if isinstance(cached, str) else None
+        except Exception:
+            readme = None
+    if readme is not None and readme.is_file():
+        front = _front_matter(readme.read_text())
+        return front.get("license")
+    return None
+
+
+def _front_matter(text: str) -> dict:
+    if not text.startswith("---"):
+        return {}
+    try:
+        return yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+def _model_index(results: dict, name: str) -> list[dict]:
+    entries = []
+    for task, (metric, value) in task_scores(results["lm_eval"]).items():
+        shown = round(value * 100, 2) if metric in SCORE_METRICS else round(value, 4)
+        entries.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                        "dataset": {"name": task, "type": task},
+                        "metrics": [{"type": metric, "value": shown, "name": metric}],
+                        "source": {"name": f"relufy {results.get('relufy_version', __version__)} evaluate",
+                                   "url": "https://github.com/EleutherAI/lm-evaluation-harness"}})
+    sparsity = [{"type": "activation_sparsity", "value": round(results["sparsity"]["overall"] * 100, 2),
+                 "name": "zero-ratio of x1 (%)"}]
+    sparsity += [{"type": f"ppl_{p}_sparsity", "value": round(entry["sparsity"] * 100, 2),
+                  "name": f"PPL-{p}% sparsity (%)"} for p, entry in results.get("ppl_p_sparsity", {}).items()]
+    entries.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                    "dataset": {"name": "held-out text", "type": "relufy_heldout"}, "metrics": sparsity})
+    return [{"name": name, "results": entries}]
+
+
+def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | None, license_id: str,
+               remote_code: bool) -> str:
+    """README.md text: YAML front matter + accuracy/sparsity table, recipe and loading instructions."""
+    from .architectures import architecture_for
+    from .report import evaluation_report
+
+    activation = str(config.get(architecture_for(config.get("model_type")).activation_key, "?"))
+    provenance = config.get("relufy", {})
+    name = repo_id.split("/")[-1]
+    front = {"license": license_id, "library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": TAGS + [activation.split("_")[0]] if activation.split("_")[0] not in TAGS else TAGS}
+    if base_model:
+        front["base_model"] = base_model
+    front["model-index"] = _model_index(results, name)
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its source model"
+    if provenance.get("original_activation"):
+        summary = (f"A sparse-activation version of {origin} made with relufy {__version__}: the FFN activation "
+                   f"`{provenance['original_activation']}` was replaced by `{activation}` (ProSparse, arXiv "
+                   "2402.13516), so much of the FFN intermediate activation x1 is exactly zero.")
+    else:
+        summary = f"Evaluated with relufy {__version__}; FFN activation `{activation}`."
+    body = [f"# {name}", "", summary, "", "## Results", "",
+            evaluation_report(results).split("\n", 2)[2].replace("\n## ", "\n### "), "", "## Recipe", ""]
+    recipe = {key: value for key, value in provenance.items() if key != "relufy_version"}
+    if recipe:
+        body += ["Recorded by relufy in config.json (`relufy` key):", "", "```yaml",
+                 yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    else:
+        body += ["config.json records no relufy conversion or training.", ""]
+    load = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    if remote_code:
+        load = ["```python", "import relufy  # registers the activation; or pass trust_remote_code=True without relufy",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    load += [f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+    body += ["## How to load", ""] + load
+    if remote_code:
+        body += ["", f"`{activation}` is not built into transformers: this folder ships `modeling_relufy.py`, so "
+                 "`from_pretrained(..., trust_remote_code=True)` also works without relufy installed."]
+    body += ["", "## Citation", "", "Song et al., *ProSparse: Introducing and Enhancing Intrinsic Activation "
+             "Sparsity within Large Language Models*, arXiv 2402.13516. Luo et al., *Sparsing Law*, arXiv 2411.02335."]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"

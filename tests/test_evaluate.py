@@ -1,0 +1,122 @@
+"""`relufy evaluate` / `relufy compare` on a tiny ReLU checkpoint with tiny slices of the offline tasks."""
+
+import json
+
+import pytest
+from conftest import SAMPLE_TEXT
+from tiny_models import save_tiny_checkpoint, save_tiny_model
+
+from relufy.cli import main
+from relufy.errors import DataError, OutputExistsError, SourceError
+from relufy.evaluate import evaluate_model
+
+QUICK = dict(limit=6, ps=(1, 5), heldout_tokens=256, block_size=32)
+NO_PPL = dict(limit=6, ps=())
+
+
+@pytest.fixture(scope="module")
+def relu_checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("relu") / "tiny-relu", SAMPLE_TEXT,
+                                hidden_act="relu")
+
+
+@pytest.fixture(scope="module")
+def evaluation(relu_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "tiny-relu-eval"
+    assert main(["evaluate", str(relu_checkpoint), "--output", str(out), "--limit", "6", "--batch-size", "4",
+                 "--p", "1,5", "--heldout-tokens", "256", "--block-size", "32"]) == 0
+    return out
+
+
+def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
+    results = json.loads((evaluation / "results.json").read_text())
+    for key in ("lm_eval", "sparsity", "ppl_p_sparsity", "model", "relufy_version", "tokens_evaluated"):
+        assert key in results
+    assert results["model"] == str(relu_checkpoint)
+    assert set(results["lm_eval"]["results"]) == {"relufy_heldout", "relufy_lastword", "relufy_dictionary"}
+    assert results["lm_eval"]["n-samples"]["relufy_dictionary"]["effective"] == 6
+    assert set(results["sparsity"]["per_task"]) == set(results["lm_eval"]["results"])
+    assert len(results["sparsity"]["per_layer"]) == 2
+    assert 0.2 < results["sparsity"]["overall"] < 0.8  # a random-init ReLU model zeroes about half of x1
+    assert set(results["ppl_p_sparsity"]) == {"1", "5"}
+    for entry in results["ppl_p_sparsity"].values():
+        assert {"sparsity", "ppl", "ppl_dense", "cett", "thresholds"} <= set(entry)
+        assert len(entry["thresholds"]) == 2
+        assert entry["sparsity"] >= results["sparsity"]["overall"] - 0.1  # exact zeros always count as inactive
+    assert results["tokens_evaluated"] == results["sparsity"]["tokens"] + results["heldout"]["tokens"]
+    assert "offline" in results["scores"]
+    report = (evaluation / "report.md").read_text()
+    assert "relufy_dictionary" in report and "PPL-p% sparsity" in report
+    for png in ("sparsity_per_layer.png", "sparsity_vs_p.png"):
+        assert (evaluation / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_padding_is_not_counted_as_tokens(relu_checkpoint, tmp_path):
+    one = evaluate_model(str(relu_checkpoint), tmp_path / "b1", tasks=["relufy_dictionary"], batch_size=1, **NO_PPL)
+    four = evaluate_model(str(relu_checkpoint), tmp_path / "b4", tasks=["relufy_dictionary"], batch_size=4, **NO_PPL)
+    assert one["sparsity"]["per_task"]["relufy_dictionary"]["tokens"] == \
+        four["sparsity"]["per_task"]["relufy_dictionary"]["tokens"]
+    assert one["sparsity"]["overall"] == pytest.approx(four["sparsity"]["overall"], abs=1e-6)
+
+
+def test_compare_shows_evaluations_side_by_side(evaluation, tmp_path, capsys):
+    markdown = tmp_path / "compare.md"
+    assert main(["compare", str(evaluation), str(evaluation / "results.json"), "--markdown", str(markdown)]) == 0
+    printed = capsys.readouterr().out
+    assert markdown.read_text().strip() == printed.strip()
+    assert "relufy_dictionary (acc" in printed and "PPL-1% sparsity" in printed and "zero-ratio" in printed
+    assert printed.splitlines()[0].count("tiny-relu-eval") == 2
+
+
+def test_unknown_task_lists_close_matches(relu_checkpoint, tmp_path):
+    with pytest.raises(DataError, match="did you mean: relufy_dictionary"):
+        evaluate_model(str(relu_checkpoint), tmp_path / "x", tasks=["relufy_dictionery"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_without_tokenizer_is_refused(tmp_path):
+    bare = save_tiny_model("llama", tmp_path / "bare")
+    with pytest.raises(SourceError, match="tokenizer"):
+        evaluate_model(str(bare), tmp_path / "out", tasks=["relufy_dictionary"], **NO_PPL)
+
+
+def test_empty_heldout_text_and_non_positive_p_are_refused(relu_checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        evaluate_model(str(relu_checkpoint), tmp_path / "o1", tasks=["relufy_dictionary"], heldout=empty)
+    with pytest.raises(DataError, match="must be > 0"):
+        evaluate_model(str(relu_checkpoint), tmp_path / "o2", tasks=["relufy_dictionary"], ps=(1, 0))
+
+
+def test_existing_output_needs_force(evaluation, relu_checkpoint):
+    with pytest.raises(OutputExistsError, match="--force"):
+        evaluate_model(str(relu_checkpoint), evaluation, tasks=["relufy_dictionary"], **NO_PPL)
+    assert (evaluation / "results.json").is_file()
+
+
+def test_cli_reports_bad_input_in_one_line(relu_checkpoint, tmp_path, capsys):
+    assert main(["evaluate", str(relu_checkpoint), "-o", str(tmp_path / "o"), "--tasks", "piqaa"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relufy evaluate: error: unknown lm-eval task 'piqaa'") and "\n" not in err
+    assert main(["compare", str(tmp_path / "missing")]) != 0
+
+
+def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():
+    from relufy.evaluate import make_plan, task_manager
+
+    plan = make_plan(None, "prosparse")
+    assert set(plan.groups) == {"code", "commonsense", "reading", "gsm8k", "mmlu", "bbh", "agieval"}
+    assert plan.tasks["gsm8k"] == 8 and plan.tasks["mmlu"] == 5 and plan.tasks["piqa"] == 0
+    task_manager(list(plan.tasks))  # raises DataError if lm-eval does not know one of them
+
+
+def test_group_averages_follow_the_paper_average_of_groups():
+    from relufy.report import group_averages
+
+    harness = {"results": {"piqa": {"acc,none": 0.7, "acc_norm,none": 0.8}, "copa": {"acc,none": 0.6},
+                           "gsm8k": {"exact_match,strict-match": 0.1}}}
+    scores = group_averages(harness, {"commonsense": ["piqa", "copa"], "gsm8k": ["gsm8k"], "code": ["mbpp"]})
+    assert scores["commonsense"] == pytest.approx(70.0)  # acc_norm for piqa (80), acc for copa (60)
+    assert scores["gsm8k"] == pytest.approx(10.0)
+    assert "code" not in scores and scores["average"] == pytest.approx(40.0)

@@ -1,0 +1,117 @@
+"""`relufy publish`: a Hub-ready folder whose card carries the measured results and loads anywhere."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import SAMPLE_TEXT
+from tiny_models import save_tiny_checkpoint
+
+from relufy.activations import make_activation
+from relufy.cli import main
+from relufy.convert import convert_checkpoint
+from relufy.errors import DataError, OutputExistsError
+from relufy.evaluate import evaluate_model
+from relufy.publish import publish
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A SiLU 'original' whose README declares a license, as Hub models do."""
+    path = save_tiny_checkpoint("llama", tmp_path_factory.mktemp("src") / "tiny-silu", SAMPLE_TEXT)
+    (path / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# tiny\n")
+    return path
+
+
+def _converted_and_evaluated(source, root, activation):
+    model = convert_checkpoint(source, root / f"tiny-{activation.config_value}", activation)
+    results = evaluate_model(str(model), root / f"eval-{model.name}", tasks=["relufy_dictionary"], limit=4, ps=())
+    assert results["model_name"] == model.name
+    return model, root / f"eval-{model.name}" / "results.json"
+
+
+@pytest.fixture(scope="module")
+def relu(source, tmp_path_factory):
+    return _converted_and_evaluated(source, tmp_path_factory.mktemp("relu"), make_activation("relu"))
+
+
+@pytest.fixture(scope="module")
+def fatrelu(source, tmp_path_factory):
+    return _converted_and_evaluated(source, tmp_path_factory.mktemp("fat"), make_activation("fatrelu", threshold=0.01))
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---", 2)[1])
+
+
+def _load_in_fresh_process(folder, *, import_relufy: bool, trust_remote_code: bool = False) -> str:
+    code = ("import sys\n" + ("import relufy\n" if import_relufy else "") +
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code={trust_remote_code})\n"
+            f"tok = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+            "ids = tok('The module', return_tensors='pt').input_ids\n"
+            "print(model.config.hidden_act, 'relufy' in sys.modules, model(ids).logits.shape[-1])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_card_has_front_matter_with_measured_results_and_carried_license(relu, tmp_path):
+    model, results_path = relu
+    out = publish(model, results_path, tmp_path / "pub", repo_id="me/tiny-relu", base_model="org/tiny-silu")
+    card = (out / "README.md").read_text()
+    front = _front_matter(card)
+    assert front["license"] == "mit"  # carried from the source README through the conversion provenance
+    assert front["base_model"] == "org/tiny-silu"
+    assert "relufy" in front["tags"] and "prosparse" in front["tags"]
+    index = front["model-index"][0]
+    assert index["name"] == "tiny-relu"
+    results = json.loads(results_path.read_text())
+    accuracy = results["lm_eval"]["results"]["relufy_dictionary"]["acc_norm,none"]
+    metrics = {m["type"]: m["value"] for entry in index["results"] for m in entry["metrics"]}
+    assert metrics["acc_norm"] == pytest.approx(accuracy * 100, abs=0.01)
+    assert metrics["activation_sparsity"] == pytest.approx(results["sparsity"]["overall"] * 100, abs=0.01)
+    assert "| relufy_dictionary |" in card and "## How to load" in card and 'from_pretrained("me/tiny-relu")' in card
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_published_relu_folder_loads_with_vanilla_transformers(relu, tmp_path):
+    out = publish(*relu, tmp_path / "pub")
+    assert _load_in_fresh_process(out, import_relufy=False) == "relu False 384"
+
+
+def test_published_fatrelu_folder_loads_with_relufy_or_remote_code(fatrelu, tmp_path):
+    out = publish(*fatrelu, tmp_path / "pub")
+    assert (out / "modeling_relufy.py").is_file()
+    assert _load_in_fresh_process(out, import_relufy=True) == "fatrelu_0.01 True 384"
+    assert _load_in_fresh_process(out, import_relufy=False, trust_remote_code=True) == "fatrelu_0.01 False 384"
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+
+
+def test_results_of_another_model_are_refused(relu, fatrelu, tmp_path):
+    with pytest.raises(DataError, match="names differ"):
+        publish(relu[0], fatrelu[1], tmp_path / "pub")
+    assert not (tmp_path / "pub").exists()
+
+
+def test_existing_folder_needs_force(relu, tmp_path):
+    (tmp_path / "pub").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        publish(*relu, tmp_path / "pub")
+    assert publish(*relu, tmp_path / "pub", force=True) == (tmp_path / "pub").resolve()
+
+
+def test_push_without_network_fails_clearly_and_keeps_the_folder(relu, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token_value")
+    out = tmp_path / "pub"
+    code = main(["publish", str(relu[0]), "--results", str(relu[1]), "--out", str(out),
+                 "--repo-id", "me/tiny-relu", "--push"])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert captured.err.startswith("relufy publish: error: could not push to 'me/tiny-relu'")
+    assert "hf_not_a_real_token_value" not in captured.err + captured.out
+    assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()

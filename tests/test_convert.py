@@ -215,3 +215,12 @@ def test_unreachable_hub_id_fails_with_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "someorg/missing-model" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_subdirectories_such_as_training_checkpoints_are_left_out(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    (src / "checkpoint-100").mkdir()
+    (src / "checkpoint-100" / "optimizer.pt").write_bytes(b"x" * 1000)
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    assert not (out / "checkpoint-100").exists()
+    assert (out / "model.safetensors").is_file()

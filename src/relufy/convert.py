@@ -110,13 +110,17 @@ def _atomic_directory(out: Path, force: bool):
 
 
 def _copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
-    """Copy everything but config.json (rewritten later); weights are never loaded."""
+    """Copy the checkpoint's files but config.json (rewritten later); weights are never loaded.
+
+    Subdirectories (training checkpoints, `original/` consolidated weights...) are not part of
+    the loadable model and are left out.
+    """
     for entry in sorted(src.iterdir()):
         if entry.name in _SKIP:
             continue
         target = dst / entry.name
         if entry.is_dir():
-            shutil.copytree(entry, target, symlinks=False)
+            logger.info("not copying subdirectory %s", entry)
         elif link:
             try:
                 os.link(entry.resolve(), target)

@@ -1,0 +1,172 @@
+"""Cost of ProSparse's L1 term: optimizer steps with lambda > 0 against plain causal-LM training.
+
+One process, one GPU, the same random-init model and the same random token blocks for both:
+plain `transformers.Trainer` versus relufy's `ProSparseTrainer` (probe attached, constant
+lambda). Prints the step-time ratio (target <= 1.03), tokens/s and MFU (target >= 40% for the
+1B config under bf16).
+
+    python bench/train_overhead.py                      # both models, bf16 autocast on fp32 weights
+    python bench/train_overhead.py --model llama-1b --dtype bfloat16 --json out.json
+
+MFU counts 6 * (non-embedding parameters + lm_head) + 12 * layers * hidden * seq_len FLOPs per
+token (the PaLM convention, causal attention counted in full) against --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CONFIGS = {
+    # SmolLM2-135M's shape (the embedded default model), ReLU.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # A ~1.1B Llama (TinyLlama's shape), ReLU.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}
+DEFAULT_BATCH = {"smollm2-135m": (8, 2048), "llama-1b": (4, 2048)}
+
+
+def build_model(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_act="relu", max_position_embeddings=4096, **CONFIGS[name])
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).cuda()
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    params = sum(p.numel() for p in model.parameters())
+    matmul = params - embedding + (embedding if config.tie_word_embeddings else 0)  # lm_head is a matmul
+    return 6 * matmul + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def random_blocks(count: int, seq_len: int, vocab: int):
+    import datasets
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (count, seq_len), generator=generator)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def time_steps(trainer_cls, model, blocks, args, extra: dict) -> list[float]:
+    """Seconds of each optimizer step (CUDA-synchronized at every step end)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from relufy.train import collate_blocks
+
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused",
+            bf16=True, logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True,
+            gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
+            torch_compile=args.compile, dataloader_num_workers=2, seed=0)
+        trainer = trainer_cls(model=model, args=training, train_dataset=blocks, data_collator=collate_blocks,
+                              callbacks=[Timer()], **extra)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train()
+    steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+    return steps[args.warmup:]
+
+
+def bench(name: str, args) -> dict:
+    from transformers import Trainer
+
+    from relufy.probe import SparsityProbe
+    from relufy.schedule import Schedule
+    from relufy.train import ProSparseTrainer
+
+    batch, seq = DEFAULT_BATCH[name]
+    args.batch_size = args.batch_size_override or batch
+    seq = args.seq_len or seq
+    dtype = getattr(torch, args.dtype)
+    blocks = random_blocks((args.warmup + args.steps) * args.batch_size, seq, CONFIGS[name]["vocab_size"])
+    tokens = args.batch_size * seq
+    result = {"model": name, "batch_size": args.batch_size, "seq_len": seq, "dtype": args.dtype,
+              "grad_ckpt": args.grad_ckpt, "compile": args.compile, "lambda": args.lam, "device": torch.cuda.get_device_name()}
+    for label in args.order:
+        model = build_model(name, dtype)
+        result["params"] = sum(p.numel() for p in model.parameters())
+        flops = flops_per_token(model, seq)
+        if label == "plain":
+            times = time_steps(Trainer, model, blocks, args, {})
+        else:
+            probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+            schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
+            times = time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe})
+        mean = sum(times) / len(times)
+        result.setdefault(label, []).append({"step_s": mean, "tokens_per_s": tokens / mean,
+                                             "mfu": tokens * flops / mean / (args.peak_tflops * 1e12),
+                                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    plain = min(r["step_s"] for r in result["plain"])
+    l1 = min(r["step_s"] for r in result["prosparse"])
+    result["ratio"] = l1 / plain
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=[*CONFIGS, "all"], default="all")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--batch-size", dest="batch_size_override", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weight dtype; bf16 autocast is always on (float32 = the recipes' fp32 master weights)")
+    parser.add_argument("--lam", type=float, default=1e-3, help="lambda of the regularized runs")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--compile", action="store_true", help="torch_compile=True in TrainingArguments")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--order", nargs="+", default=["plain", "prosparse", "plain", "prosparse"],
+                        help="run order; the ratio uses the fastest run of each kind")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/train_overhead.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = []
+    for name in CONFIGS if args.model == "all" else [args.model]:
+        result = bench(name, args)
+        results.append(result)
+        best = {kind: max(result[kind], key=lambda r: r["tokens_per_s"]) for kind in ("plain", "prosparse")}
+        print(f"{name} ({result['params'] / 1e6:.0f}M params, batch {result['batch_size']} x {result['seq_len']}, "
+              f"{args.dtype} weights + bf16 autocast{', grad ckpt' if args.grad_ckpt else ''}"
+              f"{', compiled' if args.compile else ''}) on {result['device']}:")
+        for kind in ("plain", "prosparse"):
+            r = best[kind]
+            print(f"  {kind:9s} {r['step_s'] * 1000:8.1f} ms/step  {r['tokens_per_s']:10.0f} tokens/s  "
+                  f"MFU {r['mfu']:.1%}  peak {r['peak_mem_gib']:.1f} GiB")
+        print(f"  overhead ratio (lambda={args.lam:g} vs plain): {result['ratio']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,513 @@
+"""ProSparse continual training: the HF Trainer plus lambda(step) * L1(x1) (METHOD.md sections 2-3).
+
+The loss of a micro-batch is
+
+    loss = L_lm + lambda(t) * sum over FFN layers of mean over tokens of ||x1_token||_1
+
+where x1 is the input of each down projection (read by `SparsityProbe`) and t is the 1-based
+index of the optimizer step the micro-batch belongs to. Both terms are per-micro-batch means
+over the same tokens (packed blocks have no padding), and the Trainer divides their sum by the
+gradient-accumulation steps, so lambda * L1 is scaled exactly like the LM loss under gradient
+accumulation, DDP and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .activations import FATReLU, parse_activation
+from .architectures import architecture_for
+from .errors import DataError, RecipeError, TrainingError
+from .probe import SparsityProbe, ffn_modules
+from .recipe import Recipe, resolve_model_path
+from .schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+PLOT_FILE = "training_curves.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class ProSparseTrainer(Trainer):
+    """A `Trainer` whose training loss adds lambda(step) * L1 of x1 and logs the sparsity it reaches.
+
+    Logged at every logging step (log_history and every `report_to` backend): `l1_lambda` (the
+    lambda of the step just taken), `l1_loss` (the unscaled L1 term, mean over the micro-batches
+    since the last log), `lm_loss`, `activation_sparsity` (zero-ratio of x1 over the logged step's batches).
+    """
+
+    def __init__(self, *args, schedule: Schedule, probe: SparsityProbe, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule = schedule
+        self.probe = probe
+        probe.enabled = False
+        # Per-micro-batch means for both terms; training_step divides the sum by the GA steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._window = _LogWindow()
+        self._finite: torch.Tensor | None = None
+        self.add_callback(_NonFiniteLossGuard(self))
+
+    def lambda_for_next_step(self) -> float:
+        """lambda of the optimizer step being accumulated now (global_step counts finished steps)."""
+        return self.schedule.lambda_at(self.state.global_step + 1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the plain LM loss, nothing recorded
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        lam = self.lambda_for_next_step()
+        self.probe.count_zeros = self._logs_step(self.state.global_step + 1)
+        self.probe.enabled = True
+        try:
+            lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            l1 = self.probe.pop_l1().to(lm_loss.device)
+        finally:
+            self.probe.enabled = False  # backward's recomputation (checkpointing) must not count again
+        loss = lm_loss + lam * l1 if lam > 0 else lm_loss
+        self._window.add(lm_loss.detach(), l1.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def _logs_step(self, step: int) -> bool:
+        """Whether the Trainer will log at `step` (zeros are only counted on those steps' batches)."""
+        if self.args.logging_strategy != "steps":
+            return True
+        every = int(self.state.logging_steps or self.args.logging_steps or 1)
+        return step % max(every, 1) == 0 or (step == 1 and self.args.logging_first_step) or \
+            step >= self.state.max_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss)
+        self._finite = finite if self._finite is None else self._finite & finite
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._window.count:
+            lm, l1 = self._window.means()
+            sparsity = _zero_ratio(self.probe, lm.device)
+            if self.accelerator.num_processes > 1:
+                lm, l1, sparsity = (self.accelerator.reduce(t, reduction="mean") for t in (lm, l1, sparsity))
+            logs["l1_lambda"] = self.schedule.lambda_at(max(self.state.global_step, 1))
+            logs["l1_loss"] = round(float(l1), 6)
+            logs["lm_loss"] = round(float(lm), 6)
+            logs["activation_sparsity"] = round(float(sparsity), 6)
+            self._window = _LogWindow()
+            self.probe.reset()
+        super().log(logs, start_time)
+
+    def check_finite_loss(self) -> None:
+        """Stop (before the optimizer step) when any micro-batch of this step had a NaN/inf loss."""
+        if self._finite is None:
+            return
+        finite = self._finite
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes
+        self._finite = None
+        if not bool(finite):
+            step = self.state.global_step + 1
+            last = last_checkpoint(Path(self.args.output_dir))
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise TrainingError(f"the loss became NaN/inf at step {step}; training stopped before that update, "
+                                f"{kept}. Lower learning_rate or the stage lambdas, then resume with --resume")
+
+    def _save_checkpoint(self, model, trial):
+        try:
+            return super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            broken = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(broken, ignore_errors=True)
+            last = last_checkpoint(Path(self.args.output_dir))
+            kept = f"kept the last good checkpoint {last}" if last else "no earlier checkpoint exists"
+            raise TrainingError(f"out of disk space while saving {broken.name} ({exc.strerror}); removed it and "
+                                f"{kept}. Free space (or raise save_total_limit) and resume with --resume") from None
+
+
+@dataclass
+class _LogWindow:
+    """Sums of the detached LM and L1 terms since the last log (device tensors, no sync per step)."""
+
+    lm: torch.Tensor | float = 0.0
+    l1: torch.Tensor | float = 0.0
+    count: int = 0
+
+    def add(self, lm: torch.Tensor, l1: torch.Tensor) -> None:
+        self.lm, self.l1, self.count = self.lm + lm.float(), self.l1 + l1.float(), self.count + 1
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.as_tensor(self.lm / self.count), torch.as_tensor(self.l1 / self.count)
+
+
+class _NonFiniteLossGuard(TrainerCallback):
+    def __init__(self, trainer: ProSparseTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_finite_loss()
+
+
+def _zero_ratio(probe: SparsityProbe, device) -> torch.Tensor:
+    """Overall zero-ratio of x1 (mean over layers) as a tensor, without a host sync."""
+    ratios = [torch.as_tensor(c.zeros, dtype=torch.float32, device=device) / c.elements
+              for c in probe.layers if c.elements]
+    return torch.stack(ratios).mean() if ratios else torch.tensor(float("nan"), device=device)
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The `checkpoint-N` folder with the largest N in `output_dir`, or None."""
+    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(found)[1] if found else None
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+def train(recipe: Recipe, *, resume: bool = False, force: bool = False, callbacks: list | None = None) -> dict:
+    """Run a recipe end to end; return a summary (output_dir, steps, final sparsity, threshold)."""
+    trainer, held_out = build_trainer(recipe, resume=resume, force=force, callbacks=callbacks)
+    return run_training(trainer, recipe, held_out, resume=resume)
+
+
+def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
+                  callbacks: list | None = None) -> tuple[ProSparseTrainer, object]:
+    """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks."""
+    args, training = recipe.prosparse, recipe.training
+    output_dir = Path(training.output_dir)
+    _check_output_dir(output_dir, resume, force, training)
+    _force_non_reentrant_checkpointing(training)
+
+    base = _prepare_base(recipe)
+    tokenizer = _load_tokenizer(base, args)
+    train_blocks, held_out = _prepare_data(recipe, tokenizer)
+    model = _load_model(base, args, recipe.schedule)
+    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    eval_blocks = held_out if training.eval_strategy != "no" else None
+    trainer = ProSparseTrainer(
+        model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
+        data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
+        schedule=recipe.schedule, probe=probe,
+    )
+    return trainer, held_out
+
+
+def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume: bool = False) -> dict:
+    """Train (or resume), save the final model, plot, and apply the optional threshold shift."""
+    output_dir = Path(recipe.training.output_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = last_checkpoint(output_dir)
+        if checkpoint is None:
+            raise TrainingError(f"--resume: {output_dir} holds no {CHECKPOINT_PREFIX}N folder to resume from; "
+                                "run without --resume to start")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.probe.detach()
+    _save_final(trainer, output_dir)
+    trainer.save_state()  # trainer_state.json with the log_history beside the final model
+    summary = {"output_dir": str(output_dir), "steps": trainer.state.global_step,
+               "activation_sparsity": _last_logged(trainer.state.log_history, "activation_sparsity"),
+               "l1_lambda": _last_logged(trainer.state.log_history, "l1_lambda")}
+    if trainer.is_world_process_zero():
+        _record_training(output_dir, recipe, trainer.state.global_step)
+        write_training_plot(trainer.state.log_history, output_dir / PLOT_FILE)
+        if recipe.prosparse.threshold_shift:
+            summary["threshold_shift"] = shift_threshold(output_dir, held_out, recipe, trainer.args.device)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+def _check_output_dir(output_dir: Path, resume: bool, force: bool, training) -> None:
+    existing = last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if existing and not resume:
+        if not force:
+            raise TrainingError(f"{output_dir} already holds {existing.name}; pass --resume to continue that run, "
+                                "--force to start over (its checkpoints are deleted), or choose another output_dir")
+        if training.should_save:
+            for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+                shutil.rmtree(old)
+
+
+def _force_non_reentrant_checkpointing(training) -> None:
+    """Gradient checkpointing must be non-reentrant so the L1 term keeps its graph through recomputation.
+
+    transformers >= 5.2x names it `activation_checkpointing`; older 5.x `gradient_checkpointing`.
+    """
+    names = [("activation_checkpointing", "activation_checkpointing_kwargs"),
+             ("gradient_checkpointing", "gradient_checkpointing_kwargs")]
+    if not any(getattr(training, flag, False) for flag, _ in names):
+        return
+    for flag, kwargs_name in names:
+        if not hasattr(training, kwargs_name):
+            continue
+        kwargs = dict(getattr(training, kwargs_name) or {})
+        if kwargs.get("use_reentrant"):
+            logger.warning("%s.use_reentrant=True replaced by False: the L1 term needs non-reentrant "
+                           "checkpointing", kwargs_name)
+        setattr(training, kwargs_name, {**kwargs, "use_reentrant": False})
+
+
+def _prepare_base(recipe: Recipe) -> str:
+    """The checkpoint training starts from: the base itself, or its conversion (made once, reused)."""
+    from accelerate import PartialState
+
+    from .activations import Activation
+    from .checkpoint import read_config, resolve_source
+    from .convert import convert_checkpoint
+
+    args = recipe.prosparse
+    base = resolve_model_path(args.model_name_or_path)
+    if args.activation is None:
+        return base
+    activation: Activation = parse_activation(args.activation)
+    source = resolve_source(base)
+    config = read_config(source)
+    current = config.get(architecture_for(config.get("model_type")).activation_key)
+    if parse_activation(str(current)) == activation:
+        return base  # already converted: train it as it is
+    target = Path(args.converted_model_dir or Path(recipe.training.output_dir) / f"base-{activation.config_value}")
+    with PartialState().main_process_first():
+        if not _is_conversion_of(target, str(source), activation.config_value):
+            if target.exists():
+                raise RecipeError(f"converted_model_dir {target} exists but is not a '{activation.config_value}' "
+                                  f"conversion of {source}; remove it or choose another converted_model_dir")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("converting %s to %s in %s", source, activation.config_value, target)
+            convert_checkpoint(base, target, activation)
+    return str(target)
+
+
+def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
+    try:
+        provenance = json.loads((target / "config.json").read_text()).get("relufy", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    return provenance.get("source") == source and provenance.get("activation") == activation
+
+
+def _load_tokenizer(base: str, args):
+    from .checkpoint import load_tokenizer
+
+    return load_tokenizer(base, trust_remote_code=args.trust_remote_code)
+
+
+def _load_model(base: str, args, schedule: Schedule):
+    """Load the base with relufy's activations registered; refuse a non-ReLU base when lambda > 0."""
+    from transformers import AutoModelForCausalLM
+
+    from .activations import register_with_transformers
+    from .checkpoint import read_config, resolve_source
+
+    register_with_transformers()
+    source = resolve_source(base)
+    config = read_config(source)
+    arch = architecture_for(config.get("model_type"))
+    value = config.get(arch.activation_key)
+    if schedule.max_lambda > 0 and parse_activation(str(value)) is None:
+        raise TrainingError(f"{source} uses '{value}', not a ReLU-family activation, so the L1 regularization "
+                            "cannot make it sparse; set 'activation: relu' in the recipe (it converts first) or run "
+                            f"'relufy convert {base} OUT' and train OUT")
+    dtype = "float32" if source.gguf_file and args.model_dtype == "auto" else args.model_dtype
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
+        **args.model_config_overrides)
+    model.config.use_cache = False
+    return model
+
+
+def _prepare_data(recipe: Recipe, tokenizer):
+    """Documents split with a fixed seed into train / held-out, each packed into fixed-length blocks."""
+    from .data import load_text_dataset, pack_blocks, require_tokens
+
+    args, training = recipe.prosparse, recipe.training
+    with training.main_process_first(desc="tokenizing and packing"):
+        texts = load_text_dataset(args.data, split=args.data_split, text_column=args.text_column)
+        if args.held_out_data:
+            train_texts = texts
+            held_texts = load_text_dataset(args.held_out_data, split=args.data_split, text_column=args.text_column)
+        else:
+            if len(texts) < 2:
+                raise DataError(f"data '{args.data}' holds {len(texts)} document(s); at least 2 are needed to keep "
+                                "a held-out split (separate documents with blank lines, or set held_out_data)")
+            split = texts.train_test_split(test_size=args.held_out_fraction, seed=args.held_out_seed)
+            train_texts, held_texts = split["train"], split["test"]
+        train_blocks = pack_blocks(train_texts, tokenizer, args.block_size, num_proc=args.preprocessing_num_workers)
+        held_out = pack_blocks(held_texts, tokenizer, args.block_size, num_proc=args.preprocessing_num_workers)
+    if args.max_train_blocks is not None and len(train_blocks) > args.max_train_blocks:
+        train_blocks = train_blocks.select(range(args.max_train_blocks))
+    per_step = training.per_device_train_batch_size * training.world_size
+    require_tokens(train_blocks, per_step * args.block_size, f"training data '{args.data}'")
+    if len(held_out) == 0 and (args.threshold_shift or training.eval_strategy != "no"):
+        raise DataError(f"the held-out text ({args.held_out_data or f'a split of {args.data}'}) is shorter than one "
+                        f"block of {args.block_size} tokens; raise held_out_fraction, add text or lower block_size")
+    return train_blocks, held_out
+
+
+def collate_blocks(rows: list[dict]) -> dict:
+    """Stack packed blocks; the labels are the inputs (the model shifts them)."""
+    input_ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
+    try:
+        trainer.save_model(str(output_dir))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = last_checkpoint(output_dir)
+        raise TrainingError(f"out of disk space while saving the final model to {output_dir}; the last good "
+                            f"checkpoint is {last}. Free space and resume with --resume") from None
+
+
+def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
+    """Add the schedule and step count to the saved config under `relufy.training`."""
+    _update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training={
+        "recipe": str(recipe.source) if recipe.source else None,
+        "stages": recipe.schedule.describe(),
+        "steps": steps,
+        "l1_normalisation": "sum over FFN layers of the mean over tokens of ||x1||_1",
+    }))
+
+
+def _update_config(output_dir: Path, change) -> dict:
+    path = output_dir / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return config
+
+
+def _last_logged(history: list[dict], key: str):
+    return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
+# -- the plot --------------------------------------------------------------------------------------
+def write_training_plot(history: list[dict], path: Path) -> Path | None:
+    """PNG of l1_lambda, loss and activation_sparsity against step (nothing if nothing was logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [entry for entry in history if "l1_lambda" in entry]
+    if not rows:
+        return None
+    steps = [entry["step"] for entry in rows]
+    panels = [("l1_lambda", "lambda"), ("loss", "loss (LM + lambda * L1)"), ("activation_sparsity", "x1 zero-ratio")]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 7))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [entry.get(key, math.nan) for entry in rows], marker="." if len(rows) < 50 else None)
+        if key == "loss":
+            ax.plot(steps, [entry.get("lm_loss", math.nan) for entry in rows], label="LM loss")
+            ax.legend()
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("ProSparse training")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# -- threshold shifting (METHOD.md section 3) ------------------------------------------------------
+def set_threshold(model: nn.Module, threshold: float) -> int:
+    """Replace the ReLU/FATReLU of every FFN by FATReLU(threshold) in place; return how many were swapped."""
+    swapped = 0
+    for ffn in ffn_modules(model):
+        for name, child in ffn.named_children():
+            if isinstance(child, (nn.ReLU, FATReLU)):
+                setattr(ffn, name, FATReLU(threshold))
+                swapped += 1
+    return swapped
+
+
+def calibrate_threshold(model: nn.Module, blocks, *, max_ppl_increase: float, threshold_max: float,
+                        steps: int, max_tokens: int) -> dict:
+    """Largest FATReLU threshold in [0, threshold_max] whose held-out perplexity stays within the bound.
+
+    Perplexity is assumed to grow with the threshold: the search tries `threshold_max`, then
+    bisects `steps` times. The result is rounded down to two significant digits and measured.
+    """
+    from .metrics import measure_sparsity
+
+    def measure(threshold: float) -> dict:
+        if threshold > 0 and set_threshold(model, threshold) == 0:
+            raise TrainingError("threshold shift needs a ReLU or FATReLU model; this one has neither in its FFNs")
+        result = measure_sparsity(model, blocks, max_tokens=max_tokens, progress=False)
+        tried.append({"threshold": threshold, "perplexity": result["perplexity"], "sparsity": result["overall"]})
+        return result
+
+    tried: list[dict] = []
+    before = measure(0.0)
+    bound = before["perplexity"] * (1 + max_ppl_increase)
+    if measure(threshold_max)["perplexity"] <= bound:
+        best = threshold_max
+    else:
+        low, high = 0.0, threshold_max
+        for _ in range(steps):
+            middle = (low + high) / 2
+            low, high = (middle, high) if measure(middle)["perplexity"] <= bound else (low, middle)
+        best = _round_down(low)
+    after = measure(best) if best > 0 else before
+    if best > 0 and after["perplexity"] > bound:  # rounding cannot raise it, but measure to be sure
+        best, after = 0.0, before
+    return {"threshold": best, "max_ppl_increase": max_ppl_increase,
+            "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+            "sparsity_before": before["overall"], "sparsity_after": after["overall"],
+            "held_out_tokens": after["tokens"], "tried": tried}
+
+
+def _round_down(value: float, digits: int = 2) -> float:
+    if value <= 0:
+        return 0.0
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return math.floor(value * scale) / scale
+
+
+def shift_threshold(output_dir: Path, held_out, recipe: Recipe, device) -> dict:
+    """Calibrate the threshold on the saved model and record it (activation + `relufy.threshold_shift`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from .activations import Activation
+    from .portable import write_remote_code
+
+    args = recipe.prosparse
+    unset_hf_deepspeed_config()  # reload on this process alone, never partitioned
+    model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32,
+                                                 trust_remote_code=args.trust_remote_code).to(device)
+    key = architecture_for(model.config.model_type).activation_key
+    current = parse_activation(str(getattr(model.config, key)))
+    if current is None or current.name not in ("relu", "fatrelu"):
+        raise TrainingError(f"threshold_shift needs a relu or fatrelu model, this one uses "
+                            f"'{getattr(model.config, key)}'; set threshold_shift: false")
+    result = calibrate_threshold(model, held_out, max_ppl_increase=args.threshold_max_ppl_increase,
+                                 threshold_max=args.threshold_max, steps=args.threshold_search_steps,
+                                 max_tokens=args.threshold_eval_tokens)
+    activation = Activation("fatrelu", result["threshold"]) if result["threshold"] > 0 else current
+
+    def record(config: dict) -> None:
+        config[key] = activation.config_value
+        config.setdefault("relufy", {})["threshold_shift"] = result
+
+    _update_config(output_dir, record)
+    write_remote_code(output_dir)
+    del model
+    return result

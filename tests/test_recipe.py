@@ -1,0 +1,128 @@
+"""Recipes: the shipped YAMLs load, `--set` overrides apply, and every mistake is one clear RecipeError."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from relufy.cli import main
+from relufy.errors import RecipeError
+from relufy.recipe import load_recipe, resolve_model_path
+
+RECIPES = REPO / "recipes"
+SHIPPED = ["prosparse-llama2-7b.yaml", "prosparse-smollm2-135m.yaml", "relu-only.yaml", "tiny-cpu.yaml"]
+
+
+def base_recipe(**changes) -> dict:
+    recipe = yaml.safe_load((RECIPES / "tiny-cpu.yaml").read_text())
+    recipe.update(changes)
+    return recipe
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_loads_and_validates(name):
+    recipe = load_recipe(RECIPES / name, [] if torch.cuda.is_available() else ["bf16=false"])
+    assert recipe.training.max_steps > 0
+    assert recipe.schedule.last_step >= recipe.training.max_steps
+    assert recipe.training.output_dir
+
+
+def test_llama2_7b_recipe_carries_the_paper_schedule_and_lr():
+    recipe = load_recipe(RECIPES / "prosparse-llama2-7b.yaml", ["bf16=false"])
+    assert recipe.schedule.describe() == [
+        {"lambda": 0.0, "end_step": 5000}, {"lambda": 5e-3, "end_step": 6000},
+        {"lambda": 5e-2, "end_step": 10000}, {"lambda": 5e-2, "end_step": 12000},
+        {"lambda": 2e-1, "end_step": 16000}, {"lambda": 2e-1, "end_step": 16500}]
+    assert recipe.training.learning_rate == 3e-5
+    assert recipe.training.lr_scheduler_type == "cosine"
+    assert recipe.prosparse.block_size == 4096
+
+
+def test_relu_only_recipe_never_regularizes():
+    recipe = load_recipe(RECIPES / "relu-only.yaml", ["bf16=false"])
+    assert recipe.schedule.max_lambda == 0.0
+
+
+def test_set_overrides_reach_nested_stages_and_trainer_keys():
+    recipe = load_recipe(RECIPES / "tiny-cpu.yaml", [
+        "stages.2.lambda=0.5", "learning_rate=3e-4", "max_steps=6", "model_config_overrides.num_hidden_layers=1",
+        "report_to=[tensorboard]"])
+    assert recipe.schedule.stages[2].lam == 0.5
+    assert recipe.training.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads '3e-4' as text: coerced
+    assert recipe.training.max_steps == 6
+    assert recipe.prosparse.model_config_overrides == {"num_hidden_layers": 1}
+    assert recipe.training.report_to == ["tensorboard"]
+
+
+def test_exponent_floats_in_the_yaml_file_are_numbers(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base_recipe()).replace("learning_rate: 0.0001", "learning_rate: 2e-5"))
+    assert "2e-5" in path.read_text()
+    assert load_recipe(path).training.learning_rate == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"learning_rat": 1e-4}, r"unknown key\(s\) 'learning_rat' \(did you mean 'learning_rate'\?\)"),
+    ({"max_steps": "many"}, "'max_steps' must be an integer"),
+    ({"max_steps": 2.5}, "'max_steps' must be an integer"),
+    ({"threshold_shift": "yes please"}, "'threshold_shift' must be true/false"),
+    ({"stages": {"lambda": 1}}, "'stages' must be a list"),
+    ({"lr_scheduler_type": "zigzag"}, "zigzag is not a valid SchedulerType"),
+    ({"stages": [{"lambda": 0.1, "end_step": 8}, {"lambda": 0.2, "end_step": 4}]}, "greater than the previous"),
+    ({"stages": [{"lambda": -0.1, "end_step": 8}]}, "lambda must be >= 0"),
+    ({"stages": [{"lambda": 0.1, "end_step": 4}]}, "stages end at step 4 but max_steps is 8"),
+    ({"max_steps": -1}, "max_steps must be > 0"),
+    ({"activation": "swish"}, "unknown activation 'swish'"),
+    ({"held_out_fraction": 1.5}, "held_out_fraction must be between 0 and 1"),
+    ({"data": None}, "lacks 'data'"),
+    ({"output_dir": ""}, "lacks 'output_dir'"),
+])
+def test_invalid_recipes_are_refused_with_the_key_named(changes, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, base=base_recipe(**changes))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_steps", "must look like key=value"),
+    ("stages.7.lambda=1", "index 7 is out of range"),
+    ("stages.first.lambda=1", "must be a list index"),
+    ("max_stepz=3", "did you mean 'max_steps'"),
+])
+def test_bad_overrides_are_refused(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "tiny-cpu.yaml", [override])
+
+
+def test_missing_empty_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(RecipeError, match="is empty"):
+        load_recipe(tmp_path / "empty.yaml")
+    (tmp_path / "bad.yaml").write_text("stages: [\n  {lambda: 1\n")
+    with pytest.raises(RecipeError, match="not valid YAML at line"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_package_paths_resolve_to_files_shipped_in_installed_packages():
+    assert Path(resolve_model_path("pkg:relufy/__init__.py")).is_file()
+    assert resolve_model_path("some/dir") == "some/dir"
+    with pytest.raises(RecipeError, match="no installed package"):
+        resolve_model_path("pkg:not_a_package_xyz/model.gguf")
+    with pytest.raises(RecipeError, match="has no file"):
+        resolve_model_path("pkg:relufy/missing.gguf")
+
+
+def test_cli_reports_a_recipe_error_in_one_line(tmp_path, capsys):
+    code = main(["train", str(RECIPES / "tiny-cpu.yaml"), "--set", "stages.1.lambda=-1",
+                 "--set", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("relufy train: error: ") and "stages[1].lambda" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -67,6 +67,22 @@ class ProSparseArguments:
     threshold_max: float = field(default=0.05, metadata={"help": "largest threshold the search tries"})
     threshold_search_steps: int = field(default=6, metadata={"help": "bisection steps of the threshold search"})
     threshold_eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per perplexity measurement"})
+    # -- parameter-efficient mode (peft LoRA); see docs/training.md "LoRA mode" ------------------
+    use_peft: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (peft) instead of all weights; merged into the base at the end"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is alpha/r * B A)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module names (last name component) that get adapters, or ['all-linear']; default: the FFN "
+                "projections of the architecture (gate, up, down)"})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "modules trained in full next to the adapters (e.g. [gate_proj] or [input_layernorm, "
+                "post_attention_layernorm])"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the frozen base in 4-bit (needs bitsandbytes and a CUDA GPU; use_peft only)"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "double quantization of the 4-bit scales"})
 
 
 @dataclass
@@ -205,6 +221,31 @@ def _validate(args: ProSparseArguments, training, schedule: Schedule, where: str
         raise RecipeError(f"{where}: per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
     if training.learning_rate < 0:
         raise RecipeError(f"{where}: learning_rate must be >= 0, got {training.learning_rate}")
+    _validate_peft(args, where)
+
+
+def _validate_peft(args: ProSparseArguments, where: str) -> None:
+    """The LoRA keys (module names are checked against the model when it is loaded)."""
+    if not args.use_peft:
+        if args.load_in_4bit:
+            raise RecipeError(f"{where}: load_in_4bit needs use_peft: true (a 4-bit base can only train adapters)")
+        return
+    if args.lora_r <= 0:
+        raise RecipeError(f"{where}: lora_r must be a positive rank (e.g. 16), got {args.lora_r}")
+    if args.lora_alpha <= 0:
+        raise RecipeError(f"{where}: lora_alpha must be > 0 (e.g. 2 * lora_r), got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise RecipeError(f"{where}: lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    for key in ("lora_target_modules", "lora_modules_to_save"):
+        names = getattr(args, key)
+        if names is not None and (not names or not all(isinstance(n, str) and n for n in names)):
+            raise RecipeError(f"{where}: {key} must be a non-empty list of module names, got {names!r}")
+    if args.load_in_4bit:
+        if args.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise RecipeError(f"{where}: bnb_4bit_quant_type must be nf4 or fp4, got '{args.bnb_4bit_quant_type}'")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RecipeError(f"{where}: load_in_4bit needs bitsandbytes, which is not installed; "
+                              "pip install bitsandbytes (CUDA GPU only) or set load_in_4bit: false")
 
 
 def resolve_model_path(value: str) -> str:

@@ -189,16 +189,27 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     _force_non_reentrant_checkpointing(training)
 
     base = _prepare_base(recipe)
+    if resume and (checkpoint := last_checkpoint(output_dir)) is not None:
+        from .lora import check_resume_matches
+
+        check_resume_matches(checkpoint, args, _model_type(base))
     tokenizer = _load_tokenizer(base, args)
     train_blocks, held_out = _prepare_data(recipe, tokenizer)
     model = _load_model(base, args, recipe.schedule)
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    if args.use_peft:
+        from .lora import wrap_with_lora
+
+        checkpointing = any(getattr(training, flag, False)
+                            for flag in ("activation_checkpointing", "gradient_checkpointing"))
+        model = wrap_with_lora(model, args, gradient_checkpointing=checkpointing, seed=training.seed)
+    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
         schedule=recipe.schedule, probe=probe,
     )
+    trainer.base_checkpoint = base  # what LoRA mode merges its adapter into
     return trainer, held_out
 
 
@@ -213,7 +224,10 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
                                 "run without --resume to start")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.probe.detach()
-    _save_final(trainer, output_dir)
+    if recipe.prosparse.use_peft:
+        _save_final_lora(trainer, recipe, output_dir)
+    else:
+        _save_final(trainer, output_dir)
     trainer.save_state()  # trainer_state.json with the log_history beside the final model
     summary = {"output_dir": str(output_dir), "steps": trainer.state.global_step,
                "activation_sparsity": _last_logged(trainer.state.log_history, "activation_sparsity"),
@@ -301,11 +315,21 @@ def _load_tokenizer(base: str, args):
     return load_tokenizer(base, trust_remote_code=args.trust_remote_code)
 
 
-def _load_model(base: str, args, schedule: Schedule):
-    """Load the base with relufy's activations registered; refuse a non-ReLU base when lambda > 0."""
+def _model_type(base: str) -> str | None:
+    from .checkpoint import read_config, resolve_source
+
+    return read_config(resolve_source(base)).get("model_type")
+
+
+def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
+    """Load the base with relufy's activations registered; refuse a non-ReLU base when lambda > 0.
+
+    With `load_in_4bit` (LoRA mode) and `quantize`, the frozen base is loaded in 4-bit (QLoRA).
+    """
     from transformers import AutoModelForCausalLM
 
     from .activations import register_with_transformers
+    from .lora import quantization_kwargs
     from .checkpoint import read_config, resolve_source
 
     register_with_transformers()
@@ -321,7 +345,7 @@ def _load_model(base: str, args, schedule: Schedule):
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
-        **args.model_config_overrides)
+        **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
     model.config.use_cache = False
     return model
 
@@ -371,14 +395,49 @@ def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
                             f"checkpoint is {last}. Free space and resume with --resume") from None
 
 
+def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path) -> None:
+    """Keep the adapter in output_dir/adapter, then save base + adapter merged as a plain checkpoint.
+
+    The merge reloads the base unquantized on the main process alone (no DeepSpeed partitioning,
+    no 4-bit rounding) and applies the saved adapter, so the merged weights come from exactly the
+    files kept in adapter/.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from .lora import merge_adapter, save_adapter, save_merged
+
+    try:
+        adapter_dir = save_adapter(trainer, output_dir)
+        if trainer.is_world_process_zero():
+            unset_hf_deepspeed_config()
+            base = _load_model(trainer.base_checkpoint, recipe.prosparse, recipe.schedule, quantize=False)
+            merged = merge_adapter(base, adapter_dir)
+            merged.config.use_cache = True
+            save_merged(merged, trainer.processing_class, output_dir)
+            del merged
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise TrainingError(f"out of disk space while saving the adapter or the merged model to {output_dir}; the "
+                            f"last good checkpoint is {last_checkpoint(output_dir)}. Free space and resume with "
+                            "--resume") from None
+    trainer.accelerator.wait_for_everyone()
+
+
 def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
-    """Add the schedule and step count to the saved config under `relufy.training`."""
-    _update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training={
+    """Add the schedule and step count (and the LoRA settings) to the saved config under `relufy.training`."""
+    training = {
         "recipe": str(recipe.source) if recipe.source else None,
         "stages": recipe.schedule.describe(),
         "steps": steps,
         "l1_normalisation": "sum over FFN layers of the mean over tokens of ||x1||_1",
-    }))
+    }
+    if recipe.prosparse.use_peft:
+        from .lora import describe
+
+        training["lora"] = describe(recipe.prosparse, json.loads((output_dir / "config.json").read_text())
+                                    .get("model_type"))
+    _update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
 
 
 def _update_config(output_dir: Path, change) -> dict:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Driver for bench/reproduce_prosparse.sh on the lent GPU machine (docs/results.md), which has no
+# network and takes at most 64 MiB of carried files per call. The 98 MB GGUF therefore travels in
+# two parts over two calls made back to back (the machine stays up between them):
+#
+#   bash bench/gpu_issue5.sh stage              # carry .gguf/smol.part00 and runs/corpus
+#   bash bench/gpu_issue5.sh run ARM [ARM ...]  # carry .gguf/smol.part01 and .whl-eval on the first run
+#   RUN_NAME=peak-5e-3 PEAK=5e-3 bash bench/gpu_issue5.sh run prosparse   # results under /tmp/repro/RUN_NAME
+#
+# .gguf/ holds the GGUF split with `split -b 50M` plus its sha256; .whl-eval/ the wheels from
+# bench/gpu_wheels.sh without deepspeed (not used here). Results (small files only) come back as
+# $OUT/repro.tgz.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=/tmp/relufy-stage
+mkdir -p "$STAGE"
+case $1 in
+  stage)
+    cp .gguf/smol.part00 "$STAGE/"
+    rm -rf "$STAGE/corpus" && cp -r runs/corpus "$STAGE/corpus"
+    ls -la "$STAGE" ;;
+  run)
+    shift
+    if [[ ! -f $STAGE/smol.gguf ]]; then
+      cat "$STAGE/smol.part00" .gguf/smol.part01 > "$STAGE/smol.gguf"
+      echo "$(cut -d' ' -f1 .gguf/smol.sha256)  $STAGE/smol.gguf" | sha256sum -c
+    fi
+    if [[ ! -d /tmp/site ]]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-eval/*.whl
+    fi
+    export PYTHONPATH=/tmp/site:$PWD/src
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    GGUF=$STAGE/smol.gguf CORPUS=$STAGE/corpus bash bench/reproduce_prosparse.sh "/tmp/repro/${RUN_NAME:-main}" "$@"
+    (cd /tmp/repro && find . -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' -o -name '*.tsv' \) \
+        ! -name 'tokenizer*' ! -path '*/base-*' -print0 | tar czf "$OUT/repro.tgz" --null -T -)
+    ls -la "$OUT" ;;
+  *) echo "usage: $0 stage | run ARM..." >&2; exit 2 ;;
+esac

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import RelufyError
+from .errors import DataError, RelufyError
 
 logger = logging.getLogger("relufy")
 
@@ -63,7 +63,6 @@ def _add_sparsity(sub) -> None:
 def _run_sparsity(args) -> int:
     from .checkpoint import load_model, load_tokenizer, resolve_source
     from .data import load_text_dataset, pack_blocks
-    from .errors import DataError
     from .metrics import measure_sparsity
 
     if args.threshold < 0 or args.threshold != args.threshold:
@@ -98,10 +97,14 @@ def _activation_of(model) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -177,7 +180,6 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .errors import DataError
     from .evaluate import DEFAULT_HELDOUT, evaluate_model
 
     try:
@@ -204,6 +206,7 @@ def _add_compare(sub) -> None:
                        description="Print accuracy per task and group, sparsity and PPL-p%% sparsity of several "
                                    "`relufy evaluate` output directories side by side.")
     p.add_argument("results", nargs="+", help="evaluation directories (or their results.json)")
+    p.add_argument("--names", help="comma-separated column names (default: each directory's name)")
     p.add_argument("--markdown", help="also write the table to this markdown file")
     p.set_defaults(run=_run_compare)
 
@@ -213,13 +216,13 @@ def _run_compare(args) -> int:
 
     results = [load_result(path) for path in args.results]
     names = [Path(path).name if Path(path).is_dir() else Path(path).parent.name for path in args.results]
+    if args.names:
+        names = [name.strip() for name in args.names.split(",")]
+        if len(names) != len(results):
+            raise DataError(f"--names has {len(names)} names for {len(results)} results; give one per result")
     table = compare_table(results, names)
     if args.markdown:
-        path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(table + "\n")
-        tmp.replace(path)
+        _write_text(Path(args.markdown), table + "\n")
     print(table)
     return 0
 

@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from train_overhead import CONFIGS, DEFAULT_BATCH, build_model, random_blocks, time_steps  # noqa: E402
+from train_overhead import (  # noqa: E402
+    CONFIGS, DEFAULT_BATCH, build_model, random_blocks, time_regularized_steps, time_steps)
 
 
 def lora_args(args) -> types.SimpleNamespace:
@@ -46,9 +47,6 @@ def run(kind: str, args, blocks) -> dict:
     from transformers import Trainer
 
     from relufy.lora import wrap_with_lora
-    from relufy.probe import SparsityProbe
-    from relufy.schedule import Schedule
-    from relufy.train import ProSparseTrainer
 
     gc.collect()
     torch.cuda.empty_cache()
@@ -61,9 +59,7 @@ def run(kind: str, args, blocks) -> dict:
     if kind == "lora-plain":
         times = time_steps(Trainer, model, blocks, args, {})
     else:
-        probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
-        schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
-        times = time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe})
+        times = time_regularized_steps(model, blocks, args)
     mean = sum(times) / len(times)
     result = {"kind": kind, "step_s": mean, "tokens_per_s": args.batch_size * args.seq_len / mean,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "trainable_params": trainable}

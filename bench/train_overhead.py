@@ -91,12 +91,19 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> list[float]:
     return steps[args.warmup:]
 
 
-def bench(name: str, args) -> dict:
-    from transformers import Trainer
-
+def time_regularized_steps(model, blocks, args) -> list[float]:
+    """Step times of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training)."""
     from relufy.probe import SparsityProbe
     from relufy.schedule import Schedule
     from relufy.train import ProSparseTrainer
+
+    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
+    return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe})
+
+
+def bench(name: str, args) -> dict:
+    from transformers import Trainer
 
     batch, seq = DEFAULT_BATCH[name]
     args.batch_size = args.batch_size_override or batch
@@ -113,9 +120,7 @@ def bench(name: str, args) -> dict:
         if label == "plain":
             times = time_steps(Trainer, model, blocks, args, {})
         else:
-            probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
-            schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
-            times = time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe})
+            times = time_regularized_steps(model, blocks, args)
         mean = sum(times) / len(times)
         result.setdefault(label, []).append({"step_s": mean, "tokens_per_s": tokens / mean,
                                              "mfu": tokens * flops / mean / (args.peak_tflops * 1e12),

@@ -2,6 +2,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,3 +11,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TEXT = REPO / "data" / "sample.txt"
+
+
+@pytest.fixture(scope="module")
+def silu_base(tmp_path_factory) -> Path:
+    """A tiny SiLU Llama with a tokenizer: recipes convert it to ReLU first."""
+    from tiny_models import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base") / "tiny-llama", SAMPLE_TEXT)

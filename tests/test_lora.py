@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE_TEXT
+from conftest import REPO
 from safetensors.torch import load_file
-from tiny_models import build_tiny_model, save_tiny_checkpoint
+from tiny_models import build_tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from relufy.cli import main
@@ -20,11 +20,6 @@ from relufy.train import build_trainer, run_training, train
 
 LORA_RECIPE = REPO / "recipes" / "tiny-cpu-lora.yaml"
 TARGETS = ("gate_proj", "up_proj", "down_proj")
-
-
-@pytest.fixture(scope="module")
-def silu_base(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base") / "tiny-llama", SAMPLE_TEXT)
 
 
 def lora_recipe(base: Path, out: Path, *overrides: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT
-from tiny_models import build_tiny_model, save_tiny_checkpoint
+from tiny_models import build_tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from relufy.cli import main
@@ -19,12 +19,6 @@ from relufy.schedule import Schedule
 from relufy.train import ProSparseTrainer, build_trainer, calibrate_threshold, run_training, train
 
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def silu_base(tmp_path_factory) -> Path:
-    """A tiny SiLU Llama with a tokenizer: recipes convert it to ReLU first."""
-    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base") / "tiny-llama", SAMPLE_TEXT)
 
 
 def tiny_recipe(base: Path, out: Path, *overrides: str):

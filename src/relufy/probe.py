@@ -73,6 +73,7 @@ class SparsityProbe:
     last_inputs: list[torch.Tensor | None] = field(default_factory=list)
     _l1_terms: list[torch.Tensor] = field(default_factory=list)
     _handles: list = field(default_factory=list)
+    _mask_cache: tuple | None = None
     enabled: bool = True
     replay_l1: bool = False
     count_zeros: bool = True  # False skips the zero/threshold counts (e.g. on training steps nobody logs)
@@ -139,15 +140,26 @@ class SparsityProbe:
     def _count(self, index: int, x1: torch.Tensor) -> None:
         counts = self.layers[index]
         width = x1.shape[-1]
-        if self.token_mask is not None:
-            x1 = x1[self.token_mask.to(x1.device, torch.bool)]
-        else:
-            x1 = x1.reshape(-1, width)
-        counts.zeros = counts.zeros + (x1 == 0).sum()
-        if self.threshold > 0:
-            counts.below = counts.below + (x1.abs() <= self.threshold).sum()
-        counts.elements += x1.numel()
-        counts.tokens += x1.shape[0]
+        zeros, below = x1 == 0, (x1.abs() <= self.threshold) if self.threshold > 0 else None
+        if self.token_mask is None:
+            tokens = x1.numel() // width
+        else:  # no boolean indexing: it would synchronise with the GPU in every layer
+            mask, tokens = self._mask_on(x1.device)
+            zeros = zeros & mask
+            below = below & mask if below is not None else None
+        counts.zeros = counts.zeros + zeros.sum()
+        if below is not None:
+            counts.below = counts.below + below.sum()
+        counts.elements += tokens * width
+        counts.tokens += tokens
+
+    def _mask_on(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """`token_mask` as a (batch, seq, 1) bool tensor on `device` and its token count, once per mask."""
+        cache = self._mask_cache  # holds the mask object itself, so `is` cannot match a recycled id
+        if cache is None or cache[0] is not self.token_mask or cache[1] != device:
+            mask = self.token_mask.to(device, torch.bool).unsqueeze(-1)
+            cache = self._mask_cache = (self.token_mask, device, mask, int(self.token_mask.sum()))
+        return cache[2], cache[3]
 
     # -- results -------------------------------------------------------------------------------
     def l1_term(self) -> torch.Tensor:

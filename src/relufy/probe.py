@@ -140,13 +140,16 @@ class SparsityProbe:
     def _count(self, index: int, x1: torch.Tensor) -> None:
         counts = self.layers[index]
         width = x1.shape[-1]
-        zeros, below = x1 == 0, (x1.abs() <= self.threshold) if self.threshold > 0 else None
+        # per-token counts, then the token mask: no boolean indexing, which would synchronise
+        # with the GPU in every layer, and no full-size masked copy
+        zeros = (x1 == 0).sum(-1)
+        below = (x1.abs() <= self.threshold).sum(-1) if self.threshold > 0 else None
         if self.token_mask is None:
             tokens = x1.numel() // width
-        else:  # no boolean indexing: it would synchronise with the GPU in every layer
+        else:
             mask, tokens = self._mask_on(x1.device)
-            zeros = zeros & mask
-            below = below & mask if below is not None else None
+            zeros = zeros * mask
+            below = below * mask if below is not None else None
         counts.zeros = counts.zeros + zeros.sum()
         if below is not None:
             counts.below = counts.below + below.sum()
@@ -154,10 +157,10 @@ class SparsityProbe:
         counts.tokens += tokens
 
     def _mask_on(self, device: torch.device) -> tuple[torch.Tensor, int]:
-        """`token_mask` as a (batch, seq, 1) bool tensor on `device` and its token count, once per mask."""
+        """`token_mask` as a (batch, seq) bool tensor on `device` and its token count, once per mask."""
         cache = self._mask_cache  # holds the mask object itself, so `is` cannot match a recycled id
         if cache is None or cache[0] is not self.token_mask or cache[1] != device:
-            mask = self.token_mask.to(device, torch.bool).unsqueeze(-1)
+            mask = self.token_mask.to(device, torch.bool)
             cache = self._mask_cache = (self.token_mask, device, mask, int(self.token_mask.sum()))
         return cache[2], cache[3]
 

@@ -167,6 +167,7 @@ def test_a_run_logs_lambda_l1_and_sparsity_plots_them_and_records_the_threshold(
     assert shift["perplexity_after"] <= shift["perplexity_before"] * 1.05
     assert shift["sparsity_after"] >= shift["sparsity_before"]
     assert config["hidden_act"] == (f"fatrelu_{shift['threshold']!r}" if shift["threshold"] > 0 else "relu")
+    assert config["relufy"]["activation"] == config["hidden_act"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -564,7 +564,9 @@ def shift_threshold(output_dir: Path, held_out, recipe: Recipe, device) -> dict:
 
     def record(config: dict) -> None:
         config[key] = activation.config_value
-        config.setdefault("relufy", {})["threshold_shift"] = result
+        provenance = config.setdefault("relufy", {})
+        provenance["threshold_shift"] = result
+        provenance["activation"] = activation.config_value  # provenance names the activation in use
 
     _update_config(output_dir, record)
     write_remote_code(output_dir)

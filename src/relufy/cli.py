@@ -97,15 +97,9 @@ def _activation_of(model) -> str:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    _write_text(path, json.dumps(payload, indent=2) + "\n")
+    from .atomic import write_text_atomically
 
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a file atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _cuda() -> bool:
@@ -222,7 +216,9 @@ def _run_compare(args) -> int:
             raise DataError(f"--names has {len(names)} names for {len(results)} results; give one per result")
     table = compare_table(results, names)
     if args.markdown:
-        _write_text(Path(args.markdown), table + "\n")
+        from .atomic import write_text_atomically
+
+        write_text_atomically(Path(args.markdown), table + "\n")
     print(table)
     return 0
 

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
 from .activations import Activation, parse_activation
 from .architectures import Architecture, architecture_for
+from .atomic import atomic_directory
 from .checkpoint import Source, read_config, resolve_source
 from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .portable import write_remote_code
@@ -58,7 +57,7 @@ def convert_checkpoint(
         "activation": activation.config_value,
         "relufy_version": __version__,
     }
-    with _atomic_directory(out, force) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         if source.gguf_file:
             _dequantize_gguf(source, tmp, arch, activation, dtype)
         else:
@@ -90,23 +89,6 @@ def _check_output(source: Source, out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} already exists; choose another OUT or pass --force to replace it")
     if not out.parent.is_dir():
         raise OutputExistsError(f"the parent directory of OUT ({out.parent}) does not exist; create it first")
-
-
-@contextmanager
-def _atomic_directory(out: Path, force: bool):
-    """Yield a temporary sibling of `out`; on success it replaces `out`, on failure it vanishes."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".relufy-tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    try:
-        yield tmp
-        if out.exists() and force:
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _copy_checkpoint(src: Path, dst: Path, link: bool) -> None:

@@ -15,14 +15,13 @@ import difflib
 import functools
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .atomic import atomic_directory
 from .cett import DEFAULT_PS, ppl_p_sparsity
 from .errors import DataError, OutputExistsError
 from .paths import project_file
@@ -289,22 +288,12 @@ def _simple_evaluate(lm, name: str, shots: int | None, limit, manager, unsafe: b
 
 def _write_outputs(output: Path, results: dict, *, force: bool) -> None:
     """results.json, report.md and plots into a temp sibling, renamed over `output` at the end."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output, replace=force) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         plots = {"per_layer": "sparsity_per_layer.png", "vs_p": "sparsity_vs_p.png"}
         plot_per_layer_sparsity(results, tmp / plots["per_layer"])
         plot_sparsity_vs_p(results, tmp / plots["vs_p"])
         (tmp / "report.md").write_text(evaluation_report(results, plots) + "\n")
-        if output.exists():
-            if not force:
-                raise OutputExistsError(f"{output} appeared while evaluating; pass --force to replace it")
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _model_name(source) -> str:

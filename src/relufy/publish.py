@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from . import __version__
+from .atomic import atomic_directory
 from .checkpoint import check_model_dir
 from .errors import DataError, OutputExistsError, RelufyError, SourceError
 from .portable import write_remote_code
@@ -54,9 +54,7 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
         raise DataError("could not find the source model's license (no README front matter or GGUF "
                         "general.license); pass --license ID (e.g. apache-2.0)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=force) as tmp:
         for path in [*weights, *tokenizer_files, *(model_dir / n for n in MODEL_FILES)]:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
@@ -66,12 +64,6 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
         card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
                           license_id=license_id, remote_code=remote)
         (tmp / "README.md").write_text(card)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback
 
 from .activations import FATReLU, parse_activation
 from .architectures import architecture_for
+from .atomic import write_text_atomically
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe, ffn_modules
 from .recipe import Recipe, resolve_model_path
@@ -444,9 +445,7 @@ def _update_config(output_dir: Path, change) -> dict:
     path = output_dir / "config.json"
     config = json.loads(path.read_text())
     change(config)
-    tmp = path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
 
 

@@ -57,10 +57,9 @@ def run(kind: str, args, blocks) -> dict:
         model = wrap_with_lora(model, lora_args(args), gradient_checkpointing=args.grad_ckpt, seed=0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if kind == "lora-plain":
-        times = time_steps(Trainer, model, blocks, args, {})
+        mean = time_steps(Trainer, model, blocks, args, {})
     else:
-        times = time_regularized_steps(model, blocks, args)
-    mean = sum(times) / len(times)
+        mean = time_regularized_steps(model, blocks, args)
     result = {"kind": kind, "step_s": mean, "tokens_per_s": args.batch_size * args.seq_len / mean,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "trainable_params": trainable}
     del model

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -62,18 +63,27 @@ def random_blocks(count: int, seq_len: int, vocab: int):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
 
 
-def time_steps(trainer_cls, model, blocks, args, extra: dict) -> list[float]:
-    """Seconds of each optimizer step (CUDA-synchronized at every step end)."""
-    from transformers import TrainerCallback, TrainingArguments
+def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
+    """Mean seconds per optimizer step over steps warmup+1 .. warmup+steps.
+
+    The GPU is synchronised only at the two ends of the timed window, so the CPU may run ahead
+    as in real training (a per-step sync would hide a trainer's own host syncs).
+    """
+    from transformers import TrainingArguments
 
     from relufy.train import collate_blocks
 
     stamps: list[float] = []
 
     class Timer(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+    callbacks = [Timer()]
+    if getattr(args, "profile", False):
+        callbacks.append(KernelProfile(start=args.warmup, steps=3, label=trainer_cls.__name__))
 
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
@@ -83,16 +93,33 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> list[float]:
             gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
             torch_compile=args.compile, dataloader_num_workers=2, seed=0)
         trainer = trainer_cls(model=model, args=training, train_dataset=blocks, data_collator=collate_blocks,
-                              callbacks=[Timer()], **extra)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+                              callbacks=callbacks, **extra)
         trainer.train()
-    steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    return steps[args.warmup:]
+    return (stamps[1] - stamps[0]) / args.steps
 
 
-def time_regularized_steps(model, blocks, args) -> list[float]:
-    """Step times of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training)."""
+class KernelProfile(TrainerCallback):
+    """Profile `steps` optimizer steps from step `start`; print the kernels taking the most GPU time."""
+
+    def __init__(self, *, start: int, steps: int, label: str):
+        self.start, self.steps, self.label, self.profiler = start, steps, label, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.start:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.start + self.steps:
+            torch.cuda.synchronize()
+            self.profiler.stop()
+            print(f"-- {self.label}: GPU kernels over {self.steps} steps")
+            print(self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            self.profiler = None
+
+
+def time_regularized_steps(model, blocks, args) -> float:
+    """Mean step time of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training)."""
     from relufy.probe import SparsityProbe
     from relufy.schedule import Schedule
     from relufy.train import ProSparseTrainer
@@ -118,10 +145,9 @@ def bench(name: str, args) -> dict:
         result["params"] = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(model, seq)
         if label == "plain":
-            times = time_steps(Trainer, model, blocks, args, {})
+            mean = time_steps(Trainer, model, blocks, args, {})
         else:
-            times = time_regularized_steps(model, blocks, args)
-        mean = sum(times) / len(times)
+            mean = time_regularized_steps(model, blocks, args)
         result.setdefault(label, []).append({"step_s": mean, "tokens_per_s": tokens / mean,
                                              "mfu": tokens * flops / mean / (args.peak_tflops * 1e12),
                                              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
@@ -147,8 +173,10 @@ def main() -> int:
     parser.add_argument("--lam", type=float, default=1e-3, help="lambda of the regularized runs")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True in TrainingArguments")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of 3 steps per run (diagnosis only: it slows the timed steps)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
-    parser.add_argument("--order", nargs="+", default=["plain", "prosparse", "plain", "prosparse"],
+    parser.add_argument("--order", nargs="+", default=["plain", "prosparse"] * 3,
                         help="run order; the ratio uses the fastest run of each kind")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()

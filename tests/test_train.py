@@ -75,18 +75,40 @@ def test_l1_gradient_matches_autograd_of_an_explicit_reference(tmp_path):
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_the_probe_l1_op_matches_autograd_of_abs_sum(dtype, tolerance):
-    from relufy.probe import TokenL1
+def test_the_l1_tap_is_an_identity_whose_backward_adds_the_l1_gradient(dtype, tolerance):
+    from relufy.probe import L1Tap
 
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=generator).to(dtype).requires_grad_()
     reference = x.detach().double().requires_grad_()
-    weights = torch.rand(3, 5, dtype=torch.float64)
-    (TokenL1.apply(x) * weights.float()).sum().backward()
-    (reference.abs().sum(-1) * weights).sum().backward()
-    assert TokenL1.apply(x).dtype == torch.float32
-    torch.testing.assert_close(TokenL1.apply(x).double(), reference.abs().sum(-1), rtol=tolerance, atol=tolerance)
+    weights = torch.rand(3, 5, dtype=torch.float64, generator=generator)
+    upstream = torch.randn(3, 5, 64, dtype=torch.float64, generator=generator)
+    tapped, per_token = L1Tap.apply(x)
+    ((tapped.double() * upstream).sum() + (per_token.double() * weights).sum()).backward()
+    ((reference * upstream).sum() + (reference.abs().sum(-1) * weights).sum()).backward()
+    assert torch.equal(tapped, x) and per_token.dtype == torch.float32
+    torch.testing.assert_close(per_token.double(), reference.abs().sum(-1), rtol=tolerance, atol=tolerance)
     assert x.grad.dtype == dtype
     torch.testing.assert_close(x.grad.double(), reference.grad, rtol=tolerance, atol=tolerance)
+
+
+def test_the_l1_tap_passes_the_gradient_through_when_its_l1_is_unused():
+    from relufy.probe import L1Tap
+
+    x = torch.randn(2, 4, 8, requires_grad=True)
+    tapped, _ = L1Tap.apply(x)
+    (tapped * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled L1 backward runs on CUDA only")
+def test_the_compiled_l1_backward_matches_the_eager_one():
+    from relufy.probe import _add_l1_gradient, _compiled_add_l1_gradient
+
+    grad = torch.randn(2, 7, 96, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 7, 96, device="cuda", dtype=torch.bfloat16).relu()
+    per_token = torch.rand(2, 7, device="cuda")
+    torch.testing.assert_close(_compiled_add_l1_gradient()(grad, x, per_token), _add_l1_gradient(grad, x, per_token))
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_counts_once(tmp_path):

@@ -37,6 +37,7 @@ from .schedule import Schedule
 logger = logging.getLogger(__name__)
 
 PLOT_FILE = "training_curves.png"
+_NO_BAD_STEP = 2**62  # first-bad-step value while every loss so far was finite
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -57,7 +58,8 @@ class ProSparseTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._window = _LogWindow()
-        self._finite: torch.Tensor | None = None
+        self._finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
+        self._first_bad_step: torch.Tensor | None = None
         self.add_callback(_NonFiniteLossGuard(self))
 
     def lambda_for_next_step(self) -> float:
@@ -107,20 +109,32 @@ class ProSparseTrainer(Trainer):
             self.probe.reset()
         super().log(logs, start_time)
 
-    def check_finite_loss(self) -> None:
-        """Stop (before the optimizer step) when any micro-batch of this step had a NaN/inf loss."""
+    def record_step_finite(self) -> None:
+        """Fold the step just taken into the first step with a NaN/inf loss (on the device, no sync)."""
         if self._finite is None:
             return
-        finite = self._finite
-        if self.accelerator.num_processes > 1:
-            finite = self.accelerator.reduce(finite.float(), reduction="sum") == self.accelerator.num_processes
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self._finite.device)
+        first_unseen = self._first_bad_step == _NO_BAD_STEP
+        self._first_bad_step = torch.where(~self._finite & first_unseen, self.state.global_step, self._first_bad_step)
         self._finite = None
-        if not bool(finite):
-            step = self.state.global_step + 1
-            last = last_checkpoint(Path(self.args.output_dir))
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-            raise TrainingError(f"the loss became NaN/inf at step {step}; training stopped before that update, "
-                                f"{kept}. Lower learning_rate or the stage lambdas, then resume with --resume")
+
+    def check_finite_loss(self) -> None:
+        """Stop if a step since the last check had a NaN/inf loss: one host sync, made only where the
+        Trainer is about to log, save, evaluate or stop, so no checkpoint ever holds that step's update."""
+        if self._first_bad_step is None:
+            return
+        first_bad = self._first_bad_step
+        if self.accelerator.num_processes > 1:
+            first_bad = self.accelerator.gather(first_bad.reshape(1)).min()
+        step = int(first_bad)
+        if step == _NO_BAD_STEP:
+            return
+        last = last_checkpoint(Path(self.args.output_dir))
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        raise TrainingError(f"the loss became NaN/inf at step {step}; training stopped at step "
+                            f"{self.state.global_step} before saving anything after it, {kept}. Lower "
+                            "learning_rate or the stage lambdas, then resume with --resume")
 
     def _save_checkpoint(self, model, trial):
         try:
@@ -153,11 +167,20 @@ class _LogWindow:
 
 
 class _NonFiniteLossGuard(TrainerCallback):
+    """Tracks NaN/inf losses every step without a host sync; checks them before any log or save."""
+
     def __init__(self, trainer: ProSparseTrainer):
         self.trainer = trainer
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.check_finite_loss()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.record_step_finite()
+        # DefaultFlowCallback ran first, so control says whether this step logs, saves or ends
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.trainer.check_finite_loss()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate:  # epoch strategies
+            self.trainer.check_finite_loss()
 
 
 def _zero_ratio(probe: SparsityProbe, device) -> torch.Tensor:

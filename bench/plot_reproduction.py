@@ -1,6 +1,8 @@
 """Plots for docs/results.md from the arms' trainer_state.json and results.json.
 
     python bench/plot_reproduction.py docs/results/smollm2-135m --tokens-per-step 16384
+    python bench/plot_reproduction.py docs/results/smollm2-135m-long --trained relu prosparse-peak5e-3 \
+        --evaluated relu prosparse-peak5e-3 prosparse+shift-peak5e-3
 writes DIR/curves.png (lambda, LM loss, x1 zero-ratio against training tokens) and
 DIR/per_layer.png (zero-ratio of x1 per layer on the lm-eval tokens).
 """
@@ -25,10 +27,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--tokens-per-step", type=int, default=16 * 1024)
+    parser.add_argument("--trained", nargs="+", default=TRAINED, help="arms whose training curves to plot")
+    parser.add_argument("--evaluated", nargs="+", default=EVALUATED, help="arms whose per-layer sparsity to plot")
     args = parser.parse_args()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for arm in TRAINED:
+    for arm in args.trained:
         history = json.loads((args.directory / arm / "trainer_state.json").read_text())["log_history"]
         rows = [row for row in history if "l1_lambda" in row]
         tokens = [row["step"] * args.tokens_per_step / 1e6 for row in rows]
@@ -45,7 +49,7 @@ def main() -> None:
     fig.savefig(args.directory / "curves.png", dpi=110)
 
     fig, axis = plt.subplots(figsize=(8, 4.5))
-    for arm in EVALUATED:
+    for arm in args.evaluated:
         result = json.loads((args.directory / arm / "results.json").read_text())
         per_layer = result["sparsity"]["per_layer"]
         axis.plot(range(len(per_layer)), per_layer, marker=".", label=arm)

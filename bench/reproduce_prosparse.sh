@@ -30,13 +30,16 @@ STEPS=${STEPS:-600}               # optimizer steps of every trained arm
 BATCH=${BATCH:-16}                # sequences per step
 BLOCK=${BLOCK:-1024}              # tokens per sequence
 LR=${LR:-1.0e-4}
+SCHEDULER=${SCHEDULER:-cosine}    # learning-rate schedule of every arm
+MIN_LR_RATE=${MIN_LR_RATE:-0.1}   # floor as a fraction of LR, with SCHEDULER=cosine_with_min_lr
 STAGE0=${STAGE0:-100}             # end of ProSparse stage 0 (plain ReLU training)
 PEAK=${PEAK:-2.0e-2}              # last (largest) lambda of the ProSparse schedule
 EVAL_LIMIT=${EVAL_LIMIT:-}        # examples per lm-eval task (empty: all)
 HELDOUT_TOKENS=${HELDOUT_TOKENS:-16384}
-EXTRA=()                          # extra `relufy train` flags for every arm
+EXTRA=(--set "lr_scheduler_type=$SCHEDULER")  # extra `relufy train` flags for every arm
+[[ $SCHEDULER == cosine_with_min_lr ]] && EXTRA+=(--set "lr_scheduler_kwargs={min_lr_rate: $MIN_LR_RATE}")
 if [[ -n "${TINY:-}" ]]; then     # CPU smoke test of this script: 2 layers, a few steps
-  EXTRA=(--set model_config_overrides.num_hidden_layers=2 --set use_cpu=true --set bf16=false
+  EXTRA+=(--set model_config_overrides.num_hidden_layers=2 --set use_cpu=true --set bf16=false
          --set optim=adamw_torch --set threshold_eval_tokens=1024 --set threshold_search_steps=2)
 fi
 

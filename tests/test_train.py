@@ -111,6 +111,27 @@ def test_the_compiled_l1_backward_matches_the_eager_one():
     torch.testing.assert_close(_compiled_add_l1_gradient()(grad, x, per_token), _add_l1_gradient(grad, x, per_token))
 
 
+def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():
+    """A recipe may set torch_compile: true; dynamo then traces the probe's hooks and L1Tap."""
+    from relufy.probe import SparsityProbe
+
+    inputs = batch()
+    results = []
+    for compiled in (False, True):
+        model = relu_model()
+        probe = SparsityProbe(model, track_l1=True).attach()
+        forward = torch.compile(model) if compiled else model
+        out = forward(**inputs)
+        l1 = probe.pop_l1()
+        (out.loss + 0.05 * l1).backward()
+        results.append((out.loss.item(), l1.item(), probe.zero_ratio_per_layer(), grads(model)))
+    (loss, l1, zeros, expected), (loss_c, l1_c, zeros_c, compiled_grads) = results
+    assert l1 > 0 and l1_c == pytest.approx(l1, rel=1e-5) and loss_c == pytest.approx(loss, rel=1e-5)
+    assert zeros_c == zeros
+    for name, grad in expected.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_counts_once(tmp_path):
     stages = [{"lambda": 0.1, "end_step": 10}]
     plain, checkpointed = relu_model(), relu_model()

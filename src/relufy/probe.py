@@ -17,6 +17,8 @@ from torch import nn
 from .architectures import Architecture, architecture_for
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# RELUFY_COMPILE_L1=0 keeps the L1 backward eager on CUDA too (for debugging, or where compiling fails)
+COMPILE_L1_BACKWARD = os.environ.get("RELUFY_COMPILE_L1", "1") != "0"
 
 
 def ffn_modules(model: nn.Module, arch: Architecture | None = None) -> list[nn.Module]:
@@ -245,9 +247,6 @@ def add_l1_gradient(grad: torch.Tensor, x: torch.Tensor, per_token: torch.Tensor
     if x.is_cuda and COMPILE_L1_BACKWARD:
         return _compiled_add_l1_gradient()(grad, x, per_token)
     return _add_l1_gradient(grad, x, per_token)
-
-
-COMPILE_L1_BACKWARD = os.environ.get("RELUFY_COMPILE_L1", "1") != "0"
 
 
 def _mean(values: list[float]) -> float:

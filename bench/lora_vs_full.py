@@ -91,7 +91,8 @@ def main() -> int:
         print("bench/lora_vs_full.py needs a CUDA GPU", file=sys.stderr)
         return 2
     batch, seq = DEFAULT_BATCH[args.model]
-    args.batch_size, args.seq_len, args.compile = args.batch_size or batch, args.seq_len or seq, False
+    args.batch_size, args.seq_len = args.batch_size or batch, args.seq_len or seq
+    args.compile = args.profile = False  # train_overhead.time_steps options this bench does not offer
     vocab = CONFIGS[args.model]["vocab_size"]
     blocks = random_blocks((args.warmup + args.steps) * args.batch_size, args.seq_len, vocab)
 

@@ -82,7 +82,7 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
                 stamps.append(time.perf_counter())
 
     callbacks = [Timer()]
-    if getattr(args, "profile", False):
+    if args.profile:
         callbacks.append(KernelProfile(start=args.warmup, steps=3, label=trainer_cls.__name__))
 
     with tempfile.TemporaryDirectory() as out:

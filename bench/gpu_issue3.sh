@@ -3,7 +3,8 @@
 # LoRA training) and the plain Trainer's MFU on the ~1B config, each a bench/ script run in one
 # process. Carry .whl-train/ (datasets, deepspeed, ... from bench/gpu_wheels.sh).
 #
-#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead mfu mfu-compile lora profile
+#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead overhead-liger mfu mfu-liger
+#                                           mfu-compile lora profile
 #                                           (default: check overhead mfu lora)
 #
 # Logs and JSON results land in $OUT (or bench/out when $OUT is unset).
@@ -23,13 +24,22 @@ for section in "${sections[@]}"; do
   echo "== $section"
   case $section in
     check)    # the compiled L1 backward equals the eager expression (tests/test_train.py runs it where CUDA exists)
-      python3 -m pytest -q tests/test_train.py -k "l1_tap or compiled" -p no:cacheprovider ;;
+      python3 -m pytest -q tests/test_train.py -k "l1_tap or compiled or liger" -p no:cacheprovider -rs ;;
     overhead) # L1 step-time ratio, fp32 master weights + bf16 autocast as the recipes train
       python3 bench/train_overhead.py --steps 30 --warmup 5 --json "$OUT/overhead.json" ;;
+    overhead-liger)  # the same with Liger's kernels (the plain step gets faster, the L1 term's cost stays)
+      python3 bench/train_overhead.py --liger --steps 30 --warmup 5 --json "$OUT/overhead-liger.json"
+      python3 bench/train_overhead.py --model llama-1b --liger --batch-size 8 --steps 20 --warmup 5 \
+        --json "$OUT/overhead-liger-1b-b8.json" ;;
     mfu)      # the 1B config in bf16 weights, at two batch sizes
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --steps 20 --warmup 5 --json "$OUT/mfu-bf16-b4.json"
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --batch-size 8 --steps 20 --warmup 5 \
         --json "$OUT/mfu-bf16-b8.json" ;;
+    mfu-liger)    # the same with Liger's RMSNorm, RoPE and fused linear cross-entropy (no logits in memory)
+      for batch in 8 16; do
+        python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --batch-size $batch --liger --steps 20 --warmup 5 \
+          --order plain prosparse plain prosparse --json "$OUT/mfu-liger-b$batch.json"
+      done ;;
     mfu-compile)  # the same with torch_compile=True (compiling the 1B model takes minutes: give it its own call)
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --batch-size 8 --compile --steps 20 --warmup 5 \
         --order plain prosparse --json "$OUT/mfu-compile.json" ;;

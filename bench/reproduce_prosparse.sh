@@ -38,6 +38,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-}        # examples per lm-eval task (empty: all)
 HELDOUT_TOKENS=${HELDOUT_TOKENS:-16384}
 EXTRA=(--set "lr_scheduler_type=$SCHEDULER")  # extra `relufy train` flags for every arm
 [[ $SCHEDULER == cosine_with_min_lr ]] && EXTRA+=(--set "lr_scheduler_kwargs={min_lr_rate: $MIN_LR_RATE}")
+[[ -n "${LIGER:-}" ]] && EXTRA+=(--set use_liger_kernel=true)  # Liger's RMSNorm, RoPE, fused CE (CUDA)
 if [[ -n "${TINY:-}" ]]; then     # CPU smoke test of this script: 2 layers, a few steps
   EXTRA+=(--set model_config_overrides.num_hidden_layers=2 --set use_cpu=true --set bf16=false
          --set optim=adamw_torch --set threshold_eval_tokens=1024 --set threshold_search_steps=2)

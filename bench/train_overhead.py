@@ -71,6 +71,7 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
     """
     from transformers import TrainingArguments
 
+    from relufy.recipe import LIGER_MLP_KERNELS
     from relufy.train import collate_blocks
 
     stamps: list[float] = []
@@ -91,7 +92,8 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
             gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused",
             bf16=True, logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True,
             gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
-            torch_compile=args.compile, dataloader_num_workers=2, seed=0)
+            torch_compile=args.compile, dataloader_num_workers=2, seed=0,
+            use_liger_kernel=args.liger, liger_kernel_config=dict.fromkeys(LIGER_MLP_KERNELS, False))
         trainer = trainer_cls(model=model, args=training, train_dataset=blocks, data_collator=collate_blocks,
                               callbacks=callbacks, **extra)
         trainer.train()
@@ -139,7 +141,7 @@ def bench(name: str, args) -> dict:
     blocks = random_blocks((args.warmup + args.steps) * args.batch_size, seq, CONFIGS[name]["vocab_size"])
     tokens = args.batch_size * seq
     result = {"model": name, "batch_size": args.batch_size, "seq_len": seq, "dtype": args.dtype,
-              "grad_ckpt": args.grad_ckpt, "compile": args.compile, "lambda": args.lam, "device": torch.cuda.get_device_name()}
+              "grad_ckpt": args.grad_ckpt, "compile": args.compile, "liger": args.liger, "lambda": args.lam, "device": torch.cuda.get_device_name()}
     for label in args.order:
         model = build_model(name, dtype)
         result["params"] = sum(p.numel() for p in model.parameters())
@@ -173,6 +175,8 @@ def main() -> int:
     parser.add_argument("--lam", type=float, default=1e-3, help="lambda of the regularized runs")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True in TrainingArguments")
+    parser.add_argument("--liger", action="store_true",
+                        help="use_liger_kernel=True: Liger's RMSNorm, RoPE and fused linear cross-entropy (not its MLP)")
     parser.add_argument("--profile", action="store_true",
                         help="print the top GPU kernels of 3 steps per run (diagnosis only: it slows the timed steps)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
@@ -190,7 +194,7 @@ def main() -> int:
         best = {kind: max(result[kind], key=lambda r: r["tokens_per_s"]) for kind in ("plain", "prosparse")}
         print(f"{name} ({result['params'] / 1e6:.0f}M params, batch {result['batch_size']} x {result['seq_len']}, "
               f"{args.dtype} weights + bf16 autocast{', grad ckpt' if args.grad_ckpt else ''}"
-              f"{', compiled' if args.compile else ''}) on {result['device']}:")
+              f"{', compiled' if args.compile else ''}{', Liger' if args.liger else ''}) on {result['device']}:")
         for kind in ("plain", "prosparse"):
             r = best[kind]
             print(f"  {kind:9s} {r['step_s'] * 1000:8.1f} ms/step  {r['tokens_per_s']:10.0f} tokens/s  "

@@ -78,10 +78,18 @@ def test_exponent_floats_in_the_yaml_file_are_numbers(tmp_path):
     ({"held_out_fraction": 1.5}, "held_out_fraction must be between 0 and 1"),
     ({"data": None}, "lacks 'data'"),
     ({"output_dir": ""}, "lacks 'output_dir'"),
+    ({"use_liger_kernel": True, "liger_kernel_config": {"swiglu": True}}, "liger_kernel_config.swiglu would replace"),
 ])
 def test_invalid_recipes_are_refused_with_the_key_named(changes, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(None, base=base_recipe(**changes))
+
+
+def test_liger_kernels_never_take_over_the_converted_mlp():
+    """Liger's SwiGLU/GeGLU kernels hard-code SiLU/GELU: relufy keeps them off, the other kernels stay the user's."""
+    recipe = load_recipe(None, base=base_recipe(use_liger_kernel=True, liger_kernel_config={"rope": False}))
+    assert recipe.training.liger_kernel_config == {"rope": False, "swiglu": False, "geglu": False, "relu_squared": False}
+    assert load_recipe(None, base=base_recipe()).training.liger_kernel_config is None
 
 
 @pytest.mark.parametrize("override, message", [

@@ -2,6 +2,7 @@
 
 import errno
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -109,6 +110,35 @@ def test_the_compiled_l1_backward_matches_the_eager_one():
     x = torch.randn(2, 7, 96, device="cuda", dtype=torch.bfloat16).relu()
     per_token = torch.rand(2, 7, device="cuda")
     torch.testing.assert_close(_compiled_add_l1_gradient()(grad, x, per_token), _add_l1_gradient(grad, x, per_token))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger Kernel's Triton kernels run on CUDA only")
+def test_liger_kernels_leave_the_relu_mlp_the_loss_and_the_l1_unchanged(tmp_path, monkeypatch):
+    """use_liger_kernel: true takes Liger's RMSNorm, RoPE and fused cross-entropy, never its SiLU MLP kernel."""
+    from transformers.integrations.liger import apply_liger_kernel
+    from transformers.models.llama import modeling_llama
+
+    from relufy.probe import SparsityProbe
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger patches the module globally
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    config = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "use_liger_kernel=true"]).training.liger_kernel_config
+    model = relu_model().cuda()
+    probe = SparsityProbe(model, track_l1=True).attach()
+    inputs = {key: value.cuda() for key, value in batch().items()}
+    results = []
+    for patched in (False, True):
+        if patched:
+            apply_liger_kernel(model, config)
+        loss = model(**inputs).loss
+        results.append((loss.item(), probe.pop_l1().item(), probe.zero_ratio_per_layer()))
+        probe.reset()
+    (loss, l1, zeros), (loss_liger, l1_liger, zeros_liger) = results
+    assert "forward" in vars(model.model.norm) and "forward" in vars(model)  # Liger's RMSNorm and fused CE are in
+    assert "forward" not in vars(model.model.layers[0].mlp)
+    assert loss_liger == pytest.approx(loss, rel=1e-4) and l1_liger == pytest.approx(l1, rel=1e-4)
+    assert zeros_liger == zeros and min(zeros) > 0.2  # ReLU's exact zeros: Liger's SwiGLU would leave none
 
 
 def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():

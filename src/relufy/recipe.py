@@ -27,6 +27,9 @@ from .errors import RecipeError
 from .schedule import Schedule
 
 PACKAGE_PREFIX = "pkg:"
+# Liger Kernel options that swap a model's whole MLP for a fused kernel with a hard-coded activation
+# (SiLU, GELU, ReLU^2): they would silently undo the conversion, so relufy keeps them off.
+LIGER_MLP_KERNELS = ("swiglu", "geglu", "relu_squared")
 
 
 @dataclass
@@ -222,6 +225,19 @@ def _validate(args: ProSparseArguments, training, schedule: Schedule, where: str
     if training.learning_rate < 0:
         raise RecipeError(f"{where}: learning_rate must be >= 0, got {training.learning_rate}")
     _validate_peft(args, where)
+    _keep_liger_off_the_mlp(training, where)
+
+
+def _keep_liger_off_the_mlp(training, where: str) -> None:
+    """With use_liger_kernel, take Liger's RMSNorm, RoPE and fused cross-entropy but never its MLP kernels."""
+    if not training.use_liger_kernel:
+        return
+    config = dict(training.liger_kernel_config or {})
+    asked = [key for key in LIGER_MLP_KERNELS if config.get(key)]
+    if asked:
+        raise RecipeError(f"{where}: liger_kernel_config.{asked[0]} would replace the converted FFN by Liger's fused "
+                          "kernel with its own fixed activation; remove it (relufy turns the MLP kernels off)")
+    training.liger_kernel_config = config | dict.fromkeys(LIGER_MLP_KERNELS, False)
 
 
 def _validate_peft(args: ProSparseArguments, where: str) -> None:

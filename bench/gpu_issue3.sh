@@ -4,7 +4,7 @@
 # process. Carry .whl-train/ (datasets, deepspeed, ... from bench/gpu_wheels.sh).
 #
 #   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead overhead-liger mfu mfu-liger
-#                                           mfu-compile lora profile
+#                                           mfu-compile lora profile profile-liger
 #                                           (default: check overhead mfu lora)
 #
 # Logs and JSON results land in $OUT (or bench/out when $OUT is unset).
@@ -47,6 +47,8 @@ for section in "${sections[@]}"; do
       python3 bench/lora_vs_full.py --json "$OUT/lora_vs_full.json" ;;
     profile)  # where the GPU time of a regularized step goes
       python3 bench/train_overhead.py --model smollm2-135m --steps 6 --warmup 3 --order plain prosparse --profile ;;
+    profile-liger)  # the same with Liger's kernels
+      python3 bench/train_overhead.py --model smollm2-135m --liger --steps 6 --warmup 3 --order plain prosparse --profile ;;
     *) echo "unknown section $section" >&2; exit 2 ;;
   esac
 done

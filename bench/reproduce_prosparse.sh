@@ -14,7 +14,8 @@
 # so only the regularization differs. Data: `python scripts/build_corpus.py --out runs/corpus`
 # (Python + Linux docs, document-level held-out split never trained on). Each arm writes
 # OUT_DIR/<arm>/ (the model, eval/results.json, report.md, plots, trainer_state.json) and a line in
-# OUT_DIR/timings.tsv. Sizes can be scaled by environment variables (CPU smoke test: see TINY).
+# OUT_DIR/timings.tsv. Sizes can be scaled by environment variables (CPU smoke test: see TINY);
+# LIGER=1 trains with Liger Kernel's RMSNorm, RoPE and fused cross-entropy (CUDA, liger-kernel installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=$1

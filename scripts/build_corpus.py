@@ -3,6 +3,11 @@
 Sources are Debian packages (install first: `apt-get install -y python3-doc linux-doc-6.1`):
 - python3-doc: the Python documentation (HTML pages -> paragraphs of prose);
 - linux-doc-6.1: the Linux kernel documentation (reStructuredText -> paragraphs, code blocks dropped);
+- with `--with-more-docs`: three more sources of technical prose, about 1.8M words (+62%):
+  - manpages, manpages-dev: the Linux man-pages project's pages, rendered with `man`
+    (descriptions and notes; synopses, examples and code dropped);
+  - postgresql-doc-15: the PostgreSQL manual (HTML, as python3-doc);
+  - git-doc: Git's manual pages and guides (HTML);
 - with `--with-gcide` (needs dict-gcide): the GNU Collaborative International Dictionary of English.
   Off by default: relufy's offline dictionary task is built from WordNet definitions, and training
   on another dictionary would leak into it.
@@ -11,7 +16,7 @@ Documents (a page section, or a run of dictionary entries) are shuffled with `--
 document, so held-out text is never trained on. Writes OUT/train.txt.gz, OUT/heldout.txt and
 OUT/manifest.json (counts and sha256 of each output).
 
-    python scripts/build_corpus.py --out runs/corpus [--heldout-fraction 0.01] [--seed 0]
+    python scripts/build_corpus.py --out runs/corpus [--heldout-fraction 0.01] [--seed 0] [--with-more-docs]
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ import gzip
 import hashlib
 import json
 import random
+import os
 import re
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 
 PYTHON_DOCS = Path("/usr/share/doc/python3-doc/html")
 LINUX_DOCS = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+MANPAGES = Path("/usr/share/doc/manpages")  # the packages' marker; the pages come from `dpkg -L`
+POSTGRESQL_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")
+GIT_DOCS = Path("/usr/share/doc/git-doc")
+MANPAGE_PACKAGES = ("manpages", "manpages-dev")
 DOC_CHARS = 3000  # documents are cut to about this many characters
 ENTRIES_PER_DOC = 12
 
@@ -65,9 +77,9 @@ class _ProseExtractor(HTMLParser):
             self._buffer.append(data)
 
 
-def python_doc_documents() -> list[str]:
+def html_documents(root: Path) -> list[str]:
     documents = []
-    for page in sorted(PYTHON_DOCS.rglob("*.html")):
+    for page in sorted(root.rglob("*.html")):
         if any(part in {"_static", "genindex", "search"} for part in page.parts):
             continue
         parser = _ProseExtractor()
@@ -109,6 +121,35 @@ def linux_doc_documents() -> list[str]:
     return documents
 
 
+_MAN_CODE_SECTIONS = {"SYNOPSIS", "EXAMPLES", "EXAMPLE", "SEE ALSO", "COLOPHON", "VERSIONS", "STANDARDS", "HISTORY",
+                      "ATTRIBUTES", "LIBRARY"}
+
+
+def manpage_documents() -> list[str]:
+    listed = subprocess.run(["dpkg", "-L", *MANPAGE_PACKAGES], capture_output=True, text=True, check=True).stdout
+    pages = sorted(path for path in listed.splitlines() if re.search(r"/man/man\d/[^/]+\.gz$", path))
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return [document for paragraphs in pool.map(_manpage_paragraphs, pages) for document in _chunk(paragraphs)]
+
+
+def _manpage_paragraphs(page: str) -> list[str]:
+    """Prose paragraphs of one rendered man page: indented blocks of >= 12 words outside code sections."""
+    rendered = subprocess.run(["man", "-E", "UTF-8", "-l", page], capture_output=True, text=True,
+                              env={**os.environ, "MANWIDTH": "10000", "MAN_KEEP_FORMATTING": ""}).stdout
+    rendered = re.sub(r".\x08", "", rendered)  # overstrike bold/underline
+    paragraphs, section = [], ""
+    for block in re.split(r"\n\s*\n", rendered):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if lines and not lines[0].startswith(" "):  # a section heading (its first paragraph may follow)
+            section, lines = lines[0].strip(), lines[1:]
+        if not lines or section in _MAN_CODE_SECTIONS or len(lines[0]) - len(lines[0].lstrip()) > 14:
+            continue  # code and deeper-indented literal blocks
+        text = " ".join(" ".join(lines).split())
+        if len(text.split()) >= 12 and not re.search(r"[{};]\s*$|#include", text):
+            paragraphs.append(text)
+    return paragraphs
+
+
 def _chunk(paragraphs: list[str]) -> list[str]:
     documents, current = [], []
     for paragraph in paragraphs:
@@ -126,9 +167,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout-fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-more-docs", action="store_true",
+                        help="add man-pages, the PostgreSQL manual and Git's documentation (see above)")
     parser.add_argument("--with-gcide", action="store_true", help="add the GCIDE dictionary (see above)")
     args = parser.parse_args()
-    sources = {"python3-doc": (PYTHON_DOCS, python_doc_documents), "linux-doc-6.1": (LINUX_DOCS, linux_doc_documents)}
+    sources = {"python3-doc": (PYTHON_DOCS, lambda: html_documents(PYTHON_DOCS)),
+               "linux-doc-6.1": (LINUX_DOCS, linux_doc_documents)}
+    if args.with_more_docs:
+        sources["manpages manpages-dev"] = (MANPAGES, manpage_documents)
+        sources["postgresql-doc-15"] = (POSTGRESQL_DOCS, lambda: html_documents(POSTGRESQL_DOCS))
+        sources["git-doc"] = (GIT_DOCS, lambda: html_documents(GIT_DOCS))
     if args.with_gcide:
         sources["dict-gcide"] = (GCIDE, gcide_documents)
     for package, (path, _) in sources.items():
@@ -144,8 +192,8 @@ def main() -> None:
 
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.mkdir(parents=True)
-    with gzip.open(tmp / "train.txt.gz", "wt", encoding="utf-8", compresslevel=6) as handle:
-        handle.write("\n\n".join(train) + "\n")
+    train_text = ("\n\n".join(train) + "\n").encode("utf-8")  # mtime=0: the same bytes on every build
+    (tmp / "train.txt.gz").write_bytes(gzip.compress(train_text, compresslevel=6, mtime=0))
     (tmp / "heldout.txt").write_text("\n\n".join(heldout) + "\n", encoding="utf-8")
     manifest = {
         "sources": {package: str(path) for package, (path, _) in sources.items()},

@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_issue5.sh prepare            # here: split the GGUF into .gguf/ (needs `make install`)
 #   bash bench/gpu_issue5.sh stage              # carry .gguf/smol.part00 and runs/corpus
+#   CORPUS_DIR=runs/corpus-more bash bench/gpu_issue5.sh stage   # another corpus (carry it instead)
 #   bash bench/gpu_issue5.sh run ARM [ARM ...]  # carry .gguf/smol.part01 and .whl-eval on the first run
 #   RUN_NAME=peak-5e-3 PEAK=5e-3 bash bench/gpu_issue5.sh run prosparse   # results under /tmp/repro/RUN_NAME
 #
@@ -25,7 +26,7 @@ case $1 in
     ls -l .gguf ;;
   stage)
     cp .gguf/smol.part00 "$STAGE/"
-    rm -rf "$STAGE/corpus" && cp -r runs/corpus "$STAGE/corpus"
+    rm -rf "$STAGE/corpus" && cp -r "${CORPUS_DIR:-runs/corpus}" "$STAGE/corpus"
     ls -la "$STAGE" ;;
   run)
     shift

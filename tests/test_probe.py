@@ -101,6 +101,21 @@ def test_l1_term_is_sum_over_layers_of_mean_token_l1():
     assert float(probe.pop_l1()) == 0.0
 
 
+def test_l1_term_adds_up_forwards_of_different_shapes_and_respects_the_token_mask():
+    model = build_tiny_model("llama", hidden_act="relu")
+    short, long = (torch.randint(0, VOCAB, size, generator=torch.Generator().manual_seed(6)) for size in [(2, 5), (1, 9)])
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    mask[0, 4:] = False
+    expected = sum(float(x.abs().sum(-1).mean()) for x in manual_x1(model, short))
+    expected += sum(float(x[mask].abs().sum(-1).mean()) for x in manual_x1(model, long))
+    with SparsityProbe(model, track_l1=True) as probe:
+        model(input_ids=short)
+        probe.token_mask = mask
+        model(input_ids=long)
+        term = probe.pop_l1()
+    assert term.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_sparsity_command_writes_json(tmp_path, capsys):
     src = save_tiny_checkpoint("llama", tmp_path / "model", SAMPLE_TEXT, hidden_act="relu")
     out = tmp_path / "sparsity.json"

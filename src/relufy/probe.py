@@ -122,8 +122,8 @@ class SparsityProbe:
                 # the down projection consumes the tap's output, so the L1 gradient joins x1's
                 # gradient inside L1Tap.backward; while paused (replay) the same ops run, result dropped
                 tapped, per_token = L1Tap.apply(x1)
-                if self.enabled:
-                    self._l1_terms.append(self._masked_mean(per_token))
+                if self.enabled:  # averaged over tokens in l1_term, all layers in one reduction
+                    self._l1_terms.append(per_token if self.token_mask is None else self._masked_mean(per_token))
             if self.enabled:
                 if self.count_zeros:
                     with torch.no_grad():
@@ -170,9 +170,12 @@ class SparsityProbe:
     # -- results -------------------------------------------------------------------------------
     def l1_term(self) -> torch.Tensor:
         """The L1 term of the forwards since the last `pop_l1` (zero if none)."""
-        if not self._l1_terms:
+        terms = self._l1_terms
+        if not terms:
             return torch.zeros(())
-        return torch.stack(self._l1_terms).sum()
+        if all(term.shape == terms[0].shape for term in terms):
+            return torch.stack(terms).reshape(len(terms), -1).mean(1).sum()
+        return sum(term.mean() for term in terms)
 
     def pop_l1(self) -> torch.Tensor:
         """Return the L1 term and clear it (one call per training forward)."""

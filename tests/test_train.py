@@ -341,6 +341,13 @@ def test_resume_without_a_checkpoint_and_a_rerun_without_resume_are_refused(silu
 
 
 # -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
+def test_liger_without_liger_kernel_installed_is_refused_before_any_work(silu_base, tmp_path):
+    with pytest.raises(TrainingError, match=r"needs liger-kernel.*relufy\[liger\]"):
+        train(tiny_recipe(silu_base, tmp_path / "out", "use_liger_kernel=true"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_non_relu_base_with_positive_lambda_is_refused_with_a_hint(silu_base, tmp_path):
     with pytest.raises(TrainingError, match="uses 'silu', not a ReLU-family activation.*activation: relu"):
         train(tiny_recipe(silu_base, tmp_path / "run", "activation=null"))

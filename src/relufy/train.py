@@ -14,6 +14,7 @@ accumulation, DDP and DeepSpeed.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -210,6 +211,9 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     args, training = recipe.prosparse, recipe.training
     output_dir = Path(training.output_dir)
     _check_output_dir(output_dir, resume, force, training)
+    if training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
+                            "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
     _force_non_reentrant_checkpointing(training)
 
     base = _prepare_base(recipe)

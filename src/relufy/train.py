@@ -211,9 +211,11 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     args, training = recipe.prosparse, recipe.training
     output_dir = Path(training.output_dir)
     _check_output_dir(output_dir, resume, force, training)
-    if training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
-                            "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
+    if training.use_liger_kernel:
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
+                                "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
+        _keep_liger_loss_off_under_zero3(training)
     _force_non_reentrant_checkpointing(training)
 
     base = _prepare_base(recipe)
@@ -278,6 +280,17 @@ def _check_output_dir(output_dir: Path, resume: bool, force: bool, training) -> 
         if training.should_save:
             for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
                 shutil.rmtree(old)
+
+
+def _keep_liger_loss_off_under_zero3(training) -> None:
+    """Liger's fused linear cross-entropy reads lm_head.weight outside the head's forward, where ZeRO-3 keeps
+    it partitioned (empty); under ZeRO-3 the loss stays transformers' own, Liger's norm and RoPE stay on."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        training.liger_kernel_config = {**(training.liger_kernel_config or {}), "fused_linear_cross_entropy": False}
+        logger.warning("DeepSpeed ZeRO-3: Liger's fused linear cross-entropy is off (it cannot see the partitioned "
+                       "lm_head weight); Liger's other kernels stay on")
 
 
 def _force_non_reentrant_checkpointing(training) -> None:

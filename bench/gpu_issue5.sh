@@ -8,6 +8,8 @@
 #   CORPUS_DIR=runs/corpus-more bash bench/gpu_issue5.sh stage   # another corpus (carry it instead)
 #   bash bench/gpu_issue5.sh run ARM [ARM ...]  # carry .gguf/smol.part01 and .whl-eval on the first run
 #   RUN_NAME=peak-5e-3 PEAK=5e-3 bash bench/gpu_issue5.sh run prosparse   # results under /tmp/repro/RUN_NAME
+#   MAX_MINUTES=8 bash bench/gpu_issue5.sh run relu           # an arm longer than one call: stops at a checkpoint,
+#   MAX_MINUTES=8 RESUME=1 bash bench/gpu_issue5.sh run relu  # the next call on the same (warm) machine continues it
 #
 # .gguf/ holds the GGUF split with `split -b 50M` plus its sha256; .whl-eval/ the wheels from
 # bench/gpu_wheels.sh without deepspeed (not used here). Results (small files only) come back as

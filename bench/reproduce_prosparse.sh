@@ -9,6 +9,8 @@
 #   fixed-l1         the ProSparse stage 0, then one constant lambda equal to the ProSparse peak
 #
 #   bash bench/reproduce_prosparse.sh OUT_DIR ARM [ARM ...]
+#   MAX_MINUTES=8 bash bench/reproduce_prosparse.sh OUT_DIR relu            # stops at a checkpoint after 8 min
+#   MAX_MINUTES=8 RESUME=1 bash bench/reproduce_prosparse.sh OUT_DIR relu   # continues; evaluates once finished
 #
 # Every trained arm sees the same data, steps, batch and optimizer (the recipe's, overridden below),
 # so only the regularization differs. Data: `python scripts/build_corpus.py --out runs/corpus`
@@ -37,9 +39,14 @@ STAGE0=${STAGE0:-100}             # end of ProSparse stage 0 (plain ReLU trainin
 PEAK=${PEAK:-2.0e-2}              # last (largest) lambda of the ProSparse schedule
 EVAL_LIMIT=${EVAL_LIMIT:-}        # examples per lm-eval task (empty: all)
 HELDOUT_TOKENS=${HELDOUT_TOKENS:-16384}
+MAX_MINUTES=${MAX_MINUTES:-}      # stop each arm's training after this many minutes, at a checkpoint ...
+RESUME=${RESUME:-}                # ... and continue it in a later invocation with RESUME=1 (same settings)
 EXTRA=(--set "lr_scheduler_type=$SCHEDULER")  # extra `relufy train` flags for every arm
 [[ $SCHEDULER == cosine_with_min_lr ]] && EXTRA+=(--set "lr_scheduler_kwargs={min_lr_rate: $MIN_LR_RATE}")
 [[ -n "${LIGER:-}" ]] && EXTRA+=(--set use_liger_kernel=true)  # Liger's RMSNorm, RoPE, fused CE (CUDA)
+[[ -n "$MAX_MINUTES" ]] && EXTRA+=(--set "max_train_minutes=$MAX_MINUTES")
+START=(--force)
+[[ -n "$RESUME" ]] && START=(--resume)
 if [[ -n "${TINY:-}" ]]; then     # CPU smoke test of this script: 2 layers, a few steps
   EXTRA+=(--set model_config_overrides.num_hidden_layers=2 --set use_cpu=true --set bf16=false
          --set optim=adamw_torch --set threshold_eval_tokens=1024 --set threshold_search_steps=2)
@@ -61,7 +68,7 @@ EOF
 common=(--set "model_name_or_path=$GGUF" --set "data=$CORPUS/train.txt.gz" --set "held_out_data=$CORPUS/heldout.txt"
         --set "max_steps=$STEPS" --set "per_device_train_batch_size=$BATCH" --set "block_size=$BLOCK"
         --set "learning_rate=$LR" --set save_steps=100000 --set report_to=none --set logging_steps=10
-        --set preprocessing_num_workers=8 --force "${EXTRA[@]}")
+        --set preprocessing_num_workers=8 "${START[@]}" "${EXTRA[@]}")
 
 evaluate() {  # MODEL DIR
   local limit=()
@@ -78,6 +85,10 @@ timed() {  # ARM COMMAND...
   printf '%s\t%s\t%s\n' "$arm" "$*" "$(( $(date +%s) - start ))" >> "$OUT_DIR/timings.tsv"
 }
 
+finished() {  # RUN: the arm's training ended with a final model (not a max_train_minutes checkpoint)
+  [[ -f "$1/config.json" ]] || { echo "$1: training stopped at a checkpoint; run again with RESUME=1"; return 1; }
+}
+
 for arm in "$@"; do
   run="$OUT_DIR/$arm"
   case $arm in
@@ -85,10 +96,11 @@ for arm in "$@"; do
       timed original evaluate "$GGUF" "$run/eval" ;;
     relu)
       timed relu "${RELUFY[@]}" train recipes/relu-only.yaml --set "output_dir=$run" --set "stages=[{lambda: 0.0, end_step: $STEPS}]" "${common[@]}"
-      timed relu-eval evaluate "$run" "$run/eval" ;;
+      if finished "$run"; then timed relu-eval evaluate "$run" "$run/eval"; fi ;;
     prosparse)
       timed prosparse "${RELUFY[@]}" train recipes/prosparse-smollm2-135m.yaml --set "output_dir=$run" \
         --set "stages=$(python_schedule)" --set threshold_shift=true "${common[@]}"
+      if ! finished "$run"; then continue; fi
       # The shift only changed the activation in config.json: the same weights with plain ReLU are the unshifted arm.
       timed prosparse-unshift "${RELUFY[@]}" convert "$run" "$run-noshift" --activation relu --force
       timed prosparse-eval evaluate "$run-noshift" "$run-noshift/eval"
@@ -97,7 +109,7 @@ for arm in "$@"; do
       timed fixed-l1 "${RELUFY[@]}" train recipes/prosparse-smollm2-135m.yaml --set "output_dir=$run" \
         --set "stages=[{lambda: 0.0, end_step: $STAGE0}, {lambda: $PEAK, end_step: $STEPS}]" \
         --set threshold_shift=false "${common[@]}"
-      timed fixed-l1-eval evaluate "$run" "$run/eval" ;;
+      if finished "$run"; then timed fixed-l1-eval evaluate "$run" "$run/eval"; fi ;;
     *) echo "unknown arm '$arm' (original, relu, prosparse, fixed-l1)" >&2; exit 2 ;;
   esac
 done

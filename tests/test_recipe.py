@@ -79,6 +79,7 @@ def test_exponent_floats_in_the_yaml_file_are_numbers(tmp_path):
     ({"data": None}, "lacks 'data'"),
     ({"output_dir": ""}, "lacks 'output_dir'"),
     ({"use_liger_kernel": True, "liger_kernel_config": {"swiglu": True}}, "liger_kernel_config.swiglu would replace"),
+    ({"max_train_minutes": 0}, "max_train_minutes must be > 0"),
 ])
 def test_invalid_recipes_are_refused_with_the_key_named(changes, message):
     with pytest.raises(RecipeError, match=message):

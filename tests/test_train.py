@@ -329,6 +329,20 @@ def test_resume_continues_the_schedule_and_data_order_exactly(silu_base, tmp_pat
         assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-4)
 
 
+def test_max_train_minutes_stops_with_a_checkpoint_that_resume_finishes_exactly(silu_base, tmp_path, capsys):
+    settings = ["max_steps=6", "logging_steps=2", "save_steps=100"]
+    full, _ = recorded_run(tiny_recipe(silu_base, tmp_path / "full", *settings))
+    cut = tmp_path / "cut"
+    overrides = [f"model_name_or_path={silu_base}", "model_config_overrides={}", "block_size=32", f"output_dir={cut}",
+                 "threshold_shift=false", *settings]
+    assert main(["train", str(TINY_RECIPE), *(f"--set={o}" for o in overrides), "--set=max_train_minutes=1e-9"]) == 0
+    assert "stopped at step 2 of 6" in capsys.readouterr().out  # the first logging step past the limit
+    assert (cut / "checkpoint-2").is_dir() and not (cut / "config.json").exists()  # no final model yet
+    rest, _ = recorded_run(tiny_recipe(silu_base, cut, *settings), resume=True)
+    assert rest[0][0] == 3 and rest == full[len(full) - len(rest):]
+    assert (cut / "config.json").exists()
+
+
 def test_resume_without_a_checkpoint_and_a_rerun_without_resume_are_refused(silu_base, tmp_path):
     recipe = tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2")
     with pytest.raises(TrainingError, match="holds no checkpoint-N"):

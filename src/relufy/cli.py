@@ -130,7 +130,11 @@ def _run_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = train(recipe, resume=args.resume, force=args.force)
-    if recipe.training.process_index == 0:
+    if recipe.training.process_index == 0 and summary.get("stopped_for_time"):
+        print(f"stopped at step {summary['steps']} of {summary['max_steps']} after max_train_minutes="
+              f"{recipe.prosparse.max_train_minutes:g}; saved {summary['checkpoint']}. Continue with: relufy train "
+              f"{args.recipe} --resume (and the same --set overrides)")
+    elif recipe.training.process_index == 0:
         line = f"wrote {summary['output_dir']} after {summary['steps']} steps"
         if summary.get("activation_sparsity") is not None:
             line += f", x1 zero-ratio {summary['activation_sparsity']:.2%} at lambda {summary['l1_lambda']:g}"

@@ -60,6 +60,9 @@ class ProSparseArguments:
         "help": "separate held-out text (file, folder or datasets name); when set, `data` is not split"})
     max_train_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for datasets.map"})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "stop cleanly after this many minutes of training (checkpoint at the next logging step, no final "
+                "model); continue with --resume. For jobs with a wall-clock limit"})
     stages: list[dict] = field(default_factory=list, metadata={
         "help": "the L1 schedule: a list of {lambda, end_step} (cumulative optimizer steps)"})
     threshold_shift: bool = field(default=False, metadata={
@@ -212,6 +215,8 @@ def _validate(args: ProSparseArguments, training, schedule: Schedule, where: str
         raise RecipeError(f"{where}: block_size must be >= 2, got {args.block_size}")
     if not 0 < args.held_out_fraction < 1:
         raise RecipeError(f"{where}: held_out_fraction must be between 0 and 1 (exclusive), got {args.held_out_fraction}")
+    if args.max_train_minutes is not None and not args.max_train_minutes > 0:
+        raise RecipeError(f"{where}: max_train_minutes must be > 0 or empty, got {args.max_train_minutes}")
     if args.max_train_blocks is not None and args.max_train_blocks < 1:
         raise RecipeError(f"{where}: max_train_blocks must be >= 1 or empty, got {args.max_train_blocks}")
     if args.threshold_max_ppl_increase < 0 or not math.isfinite(args.threshold_max_ppl_increase):

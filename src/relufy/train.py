@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class ProSparseTrainer(Trainer):
         self._finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._first_bad_step: torch.Tensor | None = None
         self.add_callback(_NonFiniteLossGuard(self))
+        self.stopped_for_time = False  # set by _TimeLimit (max_train_minutes)
 
     def lambda_for_next_step(self) -> float:
         """lambda of the optimizer step being accumulated now (global_step counts finished steps)."""
@@ -184,6 +186,27 @@ class _NonFiniteLossGuard(TrainerCallback):
             self.trainer.check_finite_loss()
 
 
+class _TimeLimit(TrainerCallback):
+    """max_train_minutes: save and stop at the first logging step past the limit (all ranks agree there, at a step
+    that syncs anyway), so a wall-clock-limited job ends with a checkpoint that --resume continues exactly."""
+
+    def __init__(self, trainer: ProSparseTrainer, minutes: float):
+        self.trainer, self.limit_s, self.start = trainer, minutes * 60, time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_log or control.should_training_stop:
+            return
+        elapsed = torch.tensor(time.monotonic() - self.start, device=self.trainer.accelerator.device)
+        if self.trainer.accelerator.num_processes > 1:
+            elapsed = self.trainer.accelerator.reduce(elapsed, reduction="max")  # every rank stops at the same step
+        if float(elapsed) >= self.limit_s:
+            control.should_save = control.should_training_stop = True
+            self.trainer.stopped_for_time = True
+
+
 def _zero_ratio(probe: SparsityProbe, device) -> torch.Tensor:
     """Overall zero-ratio of x1 (mean over layers) as a tensor, without a host sync."""
     ratios = [torch.as_tensor(c.zeros, dtype=torch.float32, device=device) / c.elements
@@ -240,6 +263,8 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
         schedule=recipe.schedule, probe=probe,
     )
     trainer.base_checkpoint = base  # what LoRA mode merges its adapter into
+    if args.max_train_minutes:
+        trainer.add_callback(_TimeLimit(trainer, args.max_train_minutes))
     return trainer, held_out
 
 
@@ -254,6 +279,9 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
                                 "run without --resume to start")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.probe.detach()
+    if trainer.stopped_for_time:  # a checkpoint, not a finished model: no final save, plot or shift
+        return {"output_dir": str(output_dir), "steps": trainer.state.global_step, "stopped_for_time": True,
+                "checkpoint": str(last_checkpoint(output_dir)), "max_steps": trainer.state.max_steps}
     if recipe.prosparse.use_peft:
         _save_final_lora(trainer, recipe, output_dir)
     else:

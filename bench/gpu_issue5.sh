@@ -36,8 +36,8 @@ case $1 in
       cat "$STAGE/smol.part00" .gguf/smol.part01 > "$STAGE/smol.gguf"
       echo "$(cut -d' ' -f1 .gguf/smol.sha256)  $STAGE/smol.gguf" | sha256sum -c
     fi
-    if [[ ! -d /tmp/site ]]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-eval/*.whl
+    if [[ ! -d /tmp/site/lm_eval ]]; then  # (a gpu_issue3.sh call may have filled /tmp/site without lm-eval)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-eval/*.whl
     fi
     export PYTHONPATH=/tmp/site:$PWD/src
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -126,8 +126,11 @@ _MAN_CODE_SECTIONS = {"SYNOPSIS", "EXAMPLES", "EXAMPLE", "SEE ALSO", "COLOPHON",
 
 
 def manpage_documents() -> list[str]:
-    listed = subprocess.run(["dpkg", "-L", *MANPAGE_PACKAGES], capture_output=True, text=True, check=True).stdout
-    pages = sorted(path for path in listed.splitlines() if re.search(r"/man/man\d/[^/]+\.gz$", path))
+    listed = subprocess.run(["dpkg", "-L", *MANPAGE_PACKAGES], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise SystemExit(f"{' and '.join(MANPAGE_PACKAGES)} are not both installed; run: "
+                         f"apt-get install -y {' '.join(MANPAGE_PACKAGES)}")
+    pages = sorted(path for path in listed.stdout.splitlines() if re.search(r"/man/man\d/[^/]+\.gz$", path))
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         return [document for paragraphs in pool.map(_manpage_paragraphs, pages) for document in _chunk(paragraphs)]
 

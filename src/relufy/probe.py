@@ -135,8 +135,7 @@ class SparsityProbe:
         return record
 
     def _masked_mean(self, per_token: torch.Tensor) -> torch.Tensor:
-        if self.token_mask is None:
-            return per_token.mean()
+        """Mean over the tokens `token_mask` keeps (unmasked terms are averaged in `l1_term`)."""
         mask = self.token_mask.to(per_token.device, per_token.dtype)
         return (per_token * mask).sum() / mask.sum().clamp_min(1)
 

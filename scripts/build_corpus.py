@@ -12,11 +12,15 @@ Sources are Debian packages (install first: `apt-get install -y python3-doc linu
   Off by default: relufy's offline dictionary task is built from WordNet definitions, and training
   on another dictionary would leak into it.
 
-Documents (a page section, or a run of dictionary entries) are shuffled with `--seed` and split by
-document, so held-out text is never trained on. Writes OUT/train.txt.gz, OUT/heldout.txt and
+Documents (a page section, or a run of dictionary entries) that share a run of 8 words with any text of
+relufy's offline lm-eval tasks (evaluate/tasks/data/*.jsonl) are dropped: python3-doc's library reference
+repeats many of the stdlib docstrings those tasks are built from, and a model trained on them would be
+scored on memorised passages. The rest are shuffled with `--seed` and split by document, so held-out text
+is never trained on. Writes OUT/train.txt.gz, OUT/heldout.txt and
 OUT/manifest.json (counts and sha256 of each output).
 
     python scripts/build_corpus.py --out runs/corpus [--heldout-fraction 0.01] [--seed 0] [--with-more-docs]
+                                   [--decontaminate-ngram 8]   # 0 keeps every document (the corpus of older runs)
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ MANPAGES = Path("/usr/share/doc/manpages")  # the packages' marker; the pages co
 POSTGRESQL_DOCS = Path("/usr/share/doc/postgresql-doc-15/html")
 GIT_DOCS = Path("/usr/share/doc/git-doc")
 MANPAGE_PACKAGES = ("manpages", "manpages-dev")
+EVAL_DATA = Path(__file__).resolve().parents[1] / "evaluate" / "tasks" / "data"
+DECONTAMINATE_NGRAM = 8  # the shortest n that leaves no last-word item's ending in the python3-doc text
 DOC_CHARS = 3000  # documents are cut to about this many characters
 ENTRIES_PER_DOC = 12
 
@@ -165,6 +171,34 @@ def _chunk(paragraphs: list[str]) -> list[str]:
     return documents
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Runs of n lower-cased words (letters and digits; punctuation and markup ignored)."""
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i: i + n]) for i in range(len(words) - n + 1)}
+
+
+def eval_texts(folder: Path = EVAL_DATA) -> list[str]:
+    """The passages of the offline lm-eval tasks: a last-word item is its context followed by its target."""
+    texts = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if {"context", "target"} <= record.keys():
+                texts.append(f"{record['context']} {record['target']}")
+            else:
+                texts.extend(value for value in record.values() if isinstance(value, str))
+    return texts
+
+
+def decontaminate(documents: list[str], texts: list[str], n: int) -> list[str]:
+    """The documents that share no run of n words with any of `texts`."""
+    banned = set().union(*(word_ngrams(text, n) for text in texts))
+    return [document for document in documents if banned.isdisjoint(word_ngrams(document, n))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -173,6 +207,8 @@ def main() -> None:
     parser.add_argument("--with-more-docs", action="store_true",
                         help="add man-pages, the PostgreSQL manual and Git's documentation (see above)")
     parser.add_argument("--with-gcide", action="store_true", help="add the GCIDE dictionary (see above)")
+    parser.add_argument("--decontaminate-ngram", type=int, default=DECONTAMINATE_NGRAM, metavar="N",
+                        help="drop documents sharing N words in a row with the lm-eval task data (0: keep all)")
     args = parser.parse_args()
     sources = {"python3-doc": (PYTHON_DOCS, lambda: html_documents(PYTHON_DOCS)),
                "linux-doc-6.1": (LINUX_DOCS, linux_doc_documents)}
@@ -189,6 +225,9 @@ def main() -> None:
         raise SystemExit(f"{args.out} exists; remove it or choose another --out")
 
     documents = sorted({document for _, read in sources.values() for document in read()})
+    read = len(documents)
+    if args.decontaminate_ngram > 0:
+        documents = decontaminate(documents, eval_texts(), args.decontaminate_ngram)
     random.Random(args.seed).shuffle(documents)
     cut = max(1, int(len(documents) * args.heldout_fraction))
     heldout, train = documents[:cut], documents[cut:]
@@ -201,6 +240,9 @@ def main() -> None:
     manifest = {
         "sources": {package: str(path) for package, (path, _) in sources.items()},
         "seed": args.seed, "heldout_fraction": args.heldout_fraction,
+        "decontamination": None if args.decontaminate_ngram <= 0 else {
+            "ngram": args.decontaminate_ngram, "documents_dropped": read - len(documents),
+            "against": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(EVAL_DATA.glob("*.jsonl"))}},
         "documents": {"train": len(train), "heldout": len(heldout)},
         "words": {"train": sum(len(d.split()) for d in train), "heldout": sum(len(d.split()) for d in heldout)},
         "sha256": {name: hashlib.sha256((tmp / name).read_bytes()).hexdigest()

@@ -34,8 +34,10 @@ BATCH=${BATCH:-16}                # sequences per step
 BLOCK=${BLOCK:-1024}              # tokens per sequence
 LR=${LR:-1.0e-4}
 SCHEDULER=${SCHEDULER:-cosine}    # learning-rate schedule of every arm
-MIN_LR_RATE=${MIN_LR_RATE:-0.1}   # floor as a fraction of LR, with SCHEDULER=cosine_with_min_lr
+MIN_LR_RATE=${MIN_LR_RATE:-0.1}   # floor as a fraction of LR, with SCHEDULER=cosine_with_min_lr or warmup_stable_decay
 STAGE0=${STAGE0:-100}             # end of ProSparse stage 0 (plain ReLU training)
+DECAY_STEPS=${DECAY_STEPS:-$(( (STEPS - STAGE0) / 10 ))}  # warmup_stable_decay: the final decay (default: the
+                                  # ProSparse schedule's last stability stage, so lambda rises at full LR)
 PEAK=${PEAK:-2.0e-2}              # last (largest) lambda of the ProSparse schedule
 EVAL_LIMIT=${EVAL_LIMIT:-}        # examples per lm-eval task (empty: all)
 HELDOUT_TOKENS=${HELDOUT_TOKENS:-16384}
@@ -43,6 +45,8 @@ MAX_MINUTES=${MAX_MINUTES:-}      # stop each arm's training after this many min
 RESUME=${RESUME:-}                # ... and continue it in a later invocation with RESUME=1 (same settings)
 EXTRA=(--set "lr_scheduler_type=$SCHEDULER")  # extra `relufy train` flags for every arm
 [[ $SCHEDULER == cosine_with_min_lr ]] && EXTRA+=(--set "lr_scheduler_kwargs={min_lr_rate: $MIN_LR_RATE}")
+[[ $SCHEDULER == warmup_stable_decay ]] && \
+  EXTRA+=(--set "lr_scheduler_kwargs={num_decay_steps: $DECAY_STEPS, min_lr_ratio: $MIN_LR_RATE}")
 [[ -n "${LIGER:-}" ]] && EXTRA+=(--set use_liger_kernel=true)  # Liger's RMSNorm, RoPE, fused CE (CUDA)
 [[ -n "$MAX_MINUTES" ]] && EXTRA+=(--set "max_train_minutes=$MAX_MINUTES")
 START=(--force)

@@ -4,7 +4,9 @@
 # process. Carry .whl-train/ (datasets, deepspeed, ... from bench/gpu_wheels.sh).
 #
 #   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead overhead-liger mfu mfu-liger
-#                                           overhead-135m-liger mfu-compile lora profile profile-liger
+#                                           overhead-135m overhead-135m-liger overhead-135m-compile
+#                                           mfu-compile lora profile
+#                                           profile-liger
 #                                           (default: check overhead mfu lora)
 #
 # Logs and JSON results land in $OUT (or bench/out when $OUT is unset).
@@ -31,7 +33,14 @@ for section in "${sections[@]}"; do
       python3 bench/train_overhead.py --liger --steps 30 --warmup 5 --json "$OUT/overhead-liger.json"
       python3 bench/train_overhead.py --model llama-1b --liger --batch-size 8 --steps 20 --warmup 5 \
         --json "$OUT/overhead-liger-1b-b8.json" ;;
-    overhead-135m-liger)  # the host-bound 135M shape alone, five alternations, to see past its noise
+    overhead-135m)  # the host-bound 135M shape alone, five alternations, to see past its noise
+      python3 bench/train_overhead.py --model smollm2-135m --steps 30 --warmup 5 \
+        --order plain prosparse plain prosparse plain prosparse plain prosparse plain prosparse \
+        --json "$OUT/overhead-135m-x5.json" ;;
+    overhead-135m-compile)  # the same compiled (torch_compile=True): less host work per step, the L1 fused by Inductor
+      python3 bench/train_overhead.py --model smollm2-135m --compile --steps 30 --warmup 5 \
+        --order plain prosparse --json "$OUT/overhead-135m-compile.json" ;;
+    overhead-135m-liger)  # the same with Liger's kernels
       python3 bench/train_overhead.py --model smollm2-135m --liger --steps 30 --warmup 5 \
         --order plain prosparse plain prosparse plain prosparse plain prosparse plain prosparse \
         --json "$OUT/overhead-135m-liger-x5.json" ;;

@@ -162,6 +162,27 @@ def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_torch_compile_training_compiles_two_graphs_however_many_steps_and_logs(tmp_path):
+    """torch_compile: true compiles the plain step and the logging step (zeros counted) once each; a guard on
+    anything that changes per step (lambda, counts, the step) would recompile every step instead."""
+    import datasets
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids = torch.randint(0, 384, (48, 16), generator=torch.Generator().manual_seed(0))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    stages = [{"lambda": 0.0, "end_step": 2}, {"lambda": 1e-3, "end_step": 6}, {"lambda": 2e-3, "end_step": 12}]
+    trainer = make_trainer(relu_model(), tmp_path, stages, max_steps=12, per_device_train_batch_size=4,
+                           torch_compile=True, logging_steps=3, save_strategy="no", disable_tqdm=True)
+    trainer.train_dataset = blocks
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "l1_lambda" in row]
+    assert len(logged) == 4 and logged[-1]["l1_lambda"] == pytest.approx(2e-3) and logged[-1]["l1_loss"] > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_counts_once(tmp_path):
     stages = [{"lambda": 0.1, "end_step": 10}]
     plain, checkpointed = relu_model(), relu_model()

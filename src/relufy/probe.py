@@ -245,8 +245,9 @@ def _compiled_add_l1_gradient():
 
 def add_l1_gradient(grad: torch.Tensor, x: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
     """The L1 backward added to x1's incoming gradient: one generated kernel on CUDA (reads grad
-    and x1 once, writes the sum), the same expression eagerly elsewhere."""
-    if x.is_cuda and COMPILE_L1_BACKWARD:
+    and x1 once, writes the sum), the same expression eagerly elsewhere. Inside a compiled model
+    (`torch_compile: true`) the plain expression is traced, and Inductor fuses it with its neighbours."""
+    if x.is_cuda and COMPILE_L1_BACKWARD and not torch.compiler.is_compiling():
         return _compiled_add_l1_gradient()(grad, x, per_token)
     return _add_l1_gradient(grad, x, per_token)
 

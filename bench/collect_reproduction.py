@@ -1,12 +1,13 @@
 """Copy the small files of a bench/reproduce_prosparse.sh run into a docs/results/ folder.
 
-    python bench/collect_reproduction.py RUN_DIR DEST [--suffix peak5e-3]
+    python bench/collect_reproduction.py RUN_DIR DEST [--tag wsd] [--suffix peak5e-3]
 
 RUN_DIR is one OUT_DIR of reproduce_prosparse.sh (e.g. /tmp/repro/NAME from gpu_issue5.sh's repro.tgz).
 Each arm becomes DEST/<name>: its evaluation (results.json, report.md, plots), the training log
 (trainer_state.json, training_curves.png) and relufy_provenance.json (the `relufy` section of its
 config.json). The ProSparse arm before the shift is `prosparse-SUFFIX`, after it `prosparse+shift-SUFFIX`;
-fixed-l1 is `fixed-l1-SUFFIX`. Logs are copied as <name>.log and timings.tsv lines are appended.
+fixed-l1 is `fixed-l1-SUFFIX`; a TAG goes before the suffix of every trained arm (`relu-wsd`,
+`prosparse-wsd-peak5e-3`). Logs are copied as <name>.log and timings.tsv lines are appended under the same names.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("dest", type=Path)
+    parser.add_argument("--tag", default="", help="appended to every trained arm's name, e.g. wsd")
     parser.add_argument("--suffix", default="", help="appended to the ProSparse and fixed-l1 names, e.g. peak5e-3")
     args = parser.parse_args()
-    suffixed = lambda name: f"{name}-{args.suffix}" if args.suffix and name not in ("original", "relu") else name
+
+    def suffixed(name: str) -> str:
+        if name == "original":
+            return name
+        tagged = f"{name}-{args.tag}" if args.tag else name
+        return f"{tagged}-{args.suffix}" if args.suffix and name != "relu" else tagged
 
     for arm, (name, trained) in ARMS.items():
         source = args.run_dir / arm
@@ -52,7 +59,11 @@ def main() -> None:
     timings = args.run_dir / "timings.tsv"
     if timings.exists():
         with open(args.dest / "timings.tsv", "a") as out:
-            out.write(timings.read_text())
+            for line in timings.read_text().splitlines():
+                step, rest = line.split("\t", 1)  # e.g. prosparse+shift-eval: named after the DEST arm
+                arm = next(name for name in ("prosparse+shift", "prosparse", "fixed-l1", "relu", "original")
+                           if step.startswith(name))
+                out.write(f"{suffixed(arm)}{step[len(arm):]}\t{rest}\n")
 
 
 if __name__ == "__main__":

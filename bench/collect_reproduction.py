@@ -44,7 +44,8 @@ def main() -> None:
         target = args.dest / suffixed(name)
         target.mkdir(parents=True, exist_ok=True)
         for path in (source / "eval").iterdir():
-            shutil.copy2(path, target / path.name)
+            if not path.name.startswith("samples_"):  # per-example records stay in the run's archive
+                shutil.copy2(path, target / path.name)
         if trained:
             for file in ("trainer_state.json", "training_curves.png"):
                 shutil.copy2(args.run_dir / trained / file, target / file)

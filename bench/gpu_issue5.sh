@@ -49,7 +49,7 @@ case $1 in
     export PYTHONPATH=/tmp/site:$PWD/src
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     GGUF=$STAGE/smol.gguf CORPUS=$STAGE/corpus bash bench/reproduce_prosparse.sh "/tmp/repro/${RUN_NAME:-main}" "$@"
-    (cd /tmp/repro && find . -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' -o -name '*.tsv' \) \
+    (cd /tmp/repro && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.png' -o -name '*.log' -o -name '*.tsv' \) \
         ! -name 'tokenizer*' ! -path '*/base-*' -print0 | tar czf "$OUT/repro.tgz" --null -T -)
     ls -la "$OUT" ;;
   *) echo "usage: $0 prepare | stage | run ARM..." >&2; exit 2 ;;

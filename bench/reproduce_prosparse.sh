@@ -78,7 +78,7 @@ evaluate() {  # MODEL DIR
   local limit=()
   [[ -n "$EVAL_LIMIT" ]] && limit=(--limit "$EVAL_LIMIT")
   "${RELUFY[@]}" evaluate "$1" --output "$2" --heldout "$CORPUS/heldout.txt" --heldout-tokens "$HELDOUT_TOKENS" \
-    --block-size 512 --batch-size 16 --force "${limit[@]}"
+    --block-size 512 --batch-size 16 --log-samples --force "${limit[@]}"
 }
 
 timed() {  # ARM COMMAND...

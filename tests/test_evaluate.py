@@ -24,7 +24,7 @@ def relu_checkpoint(tmp_path_factory):
 def evaluation(relu_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "tiny-relu-eval"
     assert main(["evaluate", str(relu_checkpoint), "--output", str(out), "--limit", "6", "--batch-size", "4",
-                 "--p", "1,5", "--heldout-tokens", "256", "--block-size", "32"]) == 0
+                 "--p", "1,5", "--heldout-tokens", "256", "--block-size", "32", "--log-samples"]) == 0
     return out
 
 
@@ -49,6 +49,16 @@ def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
     assert "relufy_dictionary" in report and "PPL-p% sparsity" in report
     for png in ("sparsity_per_layer.png", "sparsity_vs_p.png"):
         assert (evaluation / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_log_samples_writes_each_scored_example_in_agreement_with_the_aggregate(evaluation):
+    results = json.loads((evaluation / "results.json").read_text())["lm_eval"]["results"]
+    for task in ("relufy_heldout", "relufy_lastword", "relufy_dictionary"):
+        records = [json.loads(line) for line in (evaluation / f"samples_{task}.jsonl").read_text().splitlines()]
+        assert len(records) == 6 and all("doc" in r and "resps" in r for r in records)
+    dictionary = [json.loads(line) for line in (evaluation / "samples_relufy_dictionary.jsonl").read_text().splitlines()]
+    accuracy = sum(r["acc_norm"] for r in dictionary) / len(dictionary)
+    assert accuracy == pytest.approx(results["relufy_dictionary"]["acc_norm,none"])
 
 
 def test_padding_is_not_counted_as_tokens(relu_checkpoint, tmp_path):

@@ -173,6 +173,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu" if not _cuda() else "cuda")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_run_evaluate)
 
@@ -191,7 +193,8 @@ def _run_evaluate(args) -> int:
                             block_size=args.block_size, max_length=args.max_length,
                             include_path=[Path(p) for p in args.include_path],
                             confirm_run_unsafe_code=args.confirm_run_unsafe_code,
-                            trust_remote_code=args.trust_remote_code, force=args.force)
+                            trust_remote_code=args.trust_remote_code, log_samples=args.log_samples,
+                            force=args.force)
     ppl = ", ".join(f"PPL-{p}% {e['sparsity']:.2%}" for p, e in result["ppl_p_sparsity"].items())
     print(f"wrote {args.output}: zero-ratio {result['sparsity']['overall']:.2%} over "
           f"{result['sparsity']['tokens']} lm-eval tokens; {ppl} "

@@ -197,10 +197,11 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
                    heldout: str | Path = DEFAULT_HELDOUT, heldout_tokens: int = 2048, block_size: int = 256,
                    max_length: int | None = None, include_path: list[Path] | None = None,
                    confirm_run_unsafe_code: bool = False, trust_remote_code: bool = False,
-                   force: bool = False) -> dict:
+                   log_samples: bool = False, force: bool = False) -> dict:
     """Run lm-eval + probe + PPL-p% on one model and write results.json, report.md and plots to `output`.
 
-    `limit` is lm-eval's (examples per task, or a fraction); an empty `ps` skips PPL-p% sparsity.
+    `limit` is lm-eval's (examples per task, or a fraction); an empty `ps` skips PPL-p% sparsity;
+    `log_samples` also writes lm-eval's per-example records to samples_<task>.jsonl.
     """
     from .checkpoint import load_model, load_tokenizer, resolve_source
 
@@ -227,12 +228,14 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     harness: dict = {"results": {}, "groups": {}, "n-shot": {}, "versions": {}, "n-samples": {},
                      "higher_is_better": {}, "group_subtasks": {}}
     per_task: dict[str, dict] = {}
+    samples: dict[str, list] = {}
     totals = [[0.0, 0] for _ in range(probe.num_layers)]
     with probe, lm.token_masks.attached():
         for name, shots in plan.tasks.items():
             probe.reset()
             logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
-            out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code)
+            out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code, log_samples)
+            samples.update(out.pop("samples", None) or {})
             for key in harness:
                 harness[key].update(out.get(key) or {})
             per_task[name] = probe.summary()
@@ -261,7 +264,7 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
         "settings": {"tasks": plan.tasks, "groups": plan.groups, "limit": limit, "batch_size": batch_size,
                      "dtype": dtype, "device": device},
     }
-    _write_outputs(output, results, force=force)
+    _write_outputs(output, results, samples, force=force)
     return results
 
 
@@ -272,7 +275,7 @@ class _QuietCustomDataset(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
-def _simple_evaluate(lm, name: str, shots: int | None, limit, manager, unsafe: bool) -> dict:
+def _simple_evaluate(lm, name: str, shots: int | None, limit, manager, unsafe: bool, log_samples: bool) -> dict:
     from lm_eval import simple_evaluate
 
     task_logger = logging.getLogger("lm_eval.api.task")
@@ -280,16 +283,18 @@ def _simple_evaluate(lm, name: str, shots: int | None, limit, manager, unsafe: b
         task_logger.addFilter(_QuietCustomDataset())
 
     out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=limit, task_manager=manager,
-                          log_samples=False, bootstrap_iters=0, confirm_run_unsafe_code=unsafe,
+                          log_samples=log_samples, bootstrap_iters=0, confirm_run_unsafe_code=unsafe,
                           verbosity="WARNING")
     return json.loads(json.dumps({k: v for k, v in (out or {}).items() if k != "config" and k != "configs"},
                                  default=str))
 
 
-def _write_outputs(output: Path, results: dict, *, force: bool) -> None:
-    """results.json, report.md and plots into a temp sibling, renamed over `output` at the end."""
+def _write_outputs(output: Path, results: dict, samples: dict[str, list], *, force: bool) -> None:
+    """results.json, report.md, plots and samples_<task>.jsonl into a temp sibling, renamed over `output` at the end."""
     with atomic_directory(output, replace=force) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        for task, records in samples.items():
+            (tmp / f"samples_{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
         plots = {"per_layer": "sparsity_per_layer.png", "vs_p": "sparsity_vs_p.png"}
         plot_per_layer_sparsity(results, tmp / plots["per_layer"])
         plot_sparsity_vs_p(results, tmp / plots["vs_p"])

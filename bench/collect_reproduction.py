@@ -20,7 +20,8 @@ from pathlib import Path
 # arm folder in RUN_DIR -> (name in DEST, folder whose training log belongs to it)
 ARMS = {"original": ("original", None), "relu": ("relu", "relu"), "prosparse-noshift": ("prosparse", "prosparse"),
         "prosparse": ("prosparse+shift", "prosparse"), "fixed-l1": ("fixed-l1", "fixed-l1")}
-LOGS = {"relu": "relu", "prosparse": "prosparse", "fixed-l1": "fixed-l1"}
+TRAINED = sorted({trained for _, trained in ARMS.values() if trained})  # each has a training log, <arm>.log
+NAMES = sorted({name for name, _ in ARMS.values()}, key=len, reverse=True)  # longest first, for prefix matching
 
 
 def main() -> None:
@@ -54,16 +55,15 @@ def main() -> None:
             provenance = json.loads(config.read_text()).get("relufy", {})
             (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"{source} -> {target}")
-    for arm, name in LOGS.items():
+    for arm in TRAINED:
         if (args.run_dir / f"{arm}.log").exists():
-            shutil.copy2(args.run_dir / f"{arm}.log", args.dest / f"{suffixed(name)}.log")
+            shutil.copy2(args.run_dir / f"{arm}.log", args.dest / f"{suffixed(arm)}.log")
     timings = args.run_dir / "timings.tsv"
     if timings.exists():
         with open(args.dest / "timings.tsv", "a") as out:
             for line in timings.read_text().splitlines():
                 step, rest = line.split("\t", 1)  # e.g. prosparse+shift-eval: named after the DEST arm
-                arm = next(name for name in ("prosparse+shift", "prosparse", "fixed-l1", "relu", "original")
-                           if step.startswith(name))
+                arm = next(name for name in NAMES if step.startswith(name))
                 out.write(f"{suffixed(arm)}{step[len(arm):]}\t{rest}\n")
 
 

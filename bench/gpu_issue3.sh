@@ -3,10 +3,9 @@
 # LoRA training) and the plain Trainer's MFU on the ~1B config, each a bench/ script run in one
 # process. Carry .whl-train/ (datasets, deepspeed, ... from bench/gpu_wheels.sh).
 #
-#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead overhead-liger mfu mfu-liger
-#                                           overhead-135m overhead-135m-liger overhead-135m-compile
-#                                           mfu-compile lora profile
-#                                           profile-liger
+#   bash bench/gpu_issue3.sh [SECTION ...]    # sections: check overhead overhead-liger overhead-135m
+#                                           overhead-135m-liger overhead-135m-compile mfu mfu-liger
+#                                           mfu-compile lora profile profile-liger
 #                                           (default: check overhead mfu lora)
 #
 # Logs and JSON results land in $OUT (or bench/out when $OUT is unset).
@@ -18,6 +17,7 @@ if [[ ! -d /tmp/site/deepspeed ]]; then  # (a gpu_issue5.sh call may have filled
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-train/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+FIVE_ALTERNATIONS=(--order plain prosparse plain prosparse plain prosparse plain prosparse plain prosparse)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 sections=("$@")
@@ -34,15 +34,13 @@ for section in "${sections[@]}"; do
       python3 bench/train_overhead.py --model llama-1b --liger --batch-size 8 --steps 20 --warmup 5 \
         --json "$OUT/overhead-liger-1b-b8.json" ;;
     overhead-135m)  # the host-bound 135M shape alone, five alternations, to see past its noise
-      python3 bench/train_overhead.py --model smollm2-135m --steps 30 --warmup 5 \
-        --order plain prosparse plain prosparse plain prosparse plain prosparse plain prosparse \
+      python3 bench/train_overhead.py --model smollm2-135m --steps 30 --warmup 5 "${FIVE_ALTERNATIONS[@]}" \
         --json "$OUT/overhead-135m-x5.json" ;;
     overhead-135m-compile)  # the same compiled (torch_compile=True): less host work per step, the L1 fused by Inductor
       python3 bench/train_overhead.py --model smollm2-135m --compile --steps 30 --warmup 5 \
         --order plain prosparse --json "$OUT/overhead-135m-compile.json" ;;
     overhead-135m-liger)  # the same with Liger's kernels
-      python3 bench/train_overhead.py --model smollm2-135m --liger --steps 30 --warmup 5 \
-        --order plain prosparse plain prosparse plain prosparse plain prosparse plain prosparse \
+      python3 bench/train_overhead.py --model smollm2-135m --liger --steps 30 --warmup 5 "${FIVE_ALTERNATIONS[@]}" \
         --json "$OUT/overhead-135m-liger-x5.json" ;;
     mfu)      # the 1B config in bf16 weights, at two batch sizes
       python3 bench/train_overhead.py --model llama-1b --dtype bfloat16 --steps 20 --warmup 5 --json "$OUT/mfu-bf16-b4.json"

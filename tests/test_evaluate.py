@@ -53,10 +53,11 @@ def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
 
 def test_log_samples_writes_each_scored_example_in_agreement_with_the_aggregate(evaluation):
     results = json.loads((evaluation / "results.json").read_text())["lm_eval"]["results"]
-    for task in ("relufy_heldout", "relufy_lastword", "relufy_dictionary"):
-        records = [json.loads(line) for line in (evaluation / f"samples_{task}.jsonl").read_text().splitlines()]
+    samples = {task: [json.loads(line) for line in (evaluation / f"samples_{task}.jsonl").read_text().splitlines()]
+               for task in ("relufy_heldout", "relufy_lastword", "relufy_dictionary")}
+    for records in samples.values():
         assert len(records) == 6 and all("doc" in r and "resps" in r for r in records)
-    dictionary = [json.loads(line) for line in (evaluation / "samples_relufy_dictionary.jsonl").read_text().splitlines()]
+    dictionary = samples["relufy_dictionary"]
     accuracy = sum(r["acc_norm"] for r in dictionary) / len(dictionary)
     assert accuracy == pytest.approx(results["relufy_dictionary"]["acc_norm,none"])
 

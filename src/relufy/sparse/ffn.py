@@ -1,0 +1,183 @@
+"""`sparsify(model)`: run every converted FFN of a model through the sparse decode kernels.
+
+The FFN modules stay where they are; each gets an instance `forward` that sends decode-sized
+inputs (at most `SparseConfig.max_tokens` tokens) to `torch.ops.relufy.sparse_ffn` and anything
+larger (prefill) to the module's own dense forward. The kernels want W_down^T row-major, so the
+down projection's weight is replaced by a transposed view of such a copy: the module, its
+state_dict shapes and the dense path see the usual [D, N] weight, and no memory is doubled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..activations import parse_activation
+from ..architectures import Architecture, architecture_for
+from ..probe import ffn_modules
+
+logger = logging.getLogger(__name__)
+
+# Up to this many tokens per call the sparse kernels run; above it, the dense path. The union of
+# active neurons grows with the batch, so large batches gain little; prefill is always dense.
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class SparseConfig:
+    """How `sparsify` routes calls: sparse kernels for decode-sized calls, dense for the rest."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+
+@dataclass
+class SparseFFN:
+    """The weights one FFN hands to the kernels, and the switch between sparse and dense."""
+
+    w_first: torch.Tensor  # W_gate (gated) or W_up (non-gated), N x K
+    w_up: torch.Tensor | None  # W_up of gated FFNs, N x K
+    w_down_t: torch.Tensor  # W_down^T, N x D, row-major
+    b_first: torch.Tensor | None
+    b_up: torch.Tensor | None
+    b_down: torch.Tensor | None
+    activation: int
+    act_param: float
+    dense_forward: types.MethodType
+    config: SparseConfig
+    enabled: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        tokens = x.numel() // width
+        if not self.enabled or tokens > self.config.max_tokens or tokens == 0:
+            return self.dense_forward(x)
+        y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
+                                        self.b_first, self.b_up, self.b_down, self.activation, self.act_param)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_ATTRIBUTE = "_relufy_sparse"
+_warned: set[str] = set()
+
+
+def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
+    """Swap the forward of every converted FFN of `model` for the sparse kernels; return `model`.
+
+    Needs CUDA (or Triton's interpreter, `TRITON_INTERPRET=1`, as the CPU tests use) and a
+    ReLU-family activation (relu, fatrelu_t, shifted_relu_b, relu2); otherwise the model is left
+    unchanged and a warning says why, once. Calling it again changes nothing.
+    """
+    config = config or SparseConfig()
+    reason = _why_not(model)
+    if reason:
+        _warn_once(reason)
+        return model
+    from .kernels import ACTIVATION_CODES
+
+    arch = architecture_for(model.config.model_type)
+    activation = parse_activation(str(getattr(model.config, arch.activation_key)))
+    for ffn in ffn_modules(model, arch):
+        if getattr(ffn, _ATTRIBUTE, None) is None:
+            state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], activation.param or 0.0, config)
+            setattr(ffn, _ATTRIBUTE, state)
+            ffn.forward = state.forward
+    return model
+
+
+def sparse_ffns(model: nn.Module) -> list[SparseFFN]:
+    """The sparsified FFNs of `model`, in layer order (empty when `sparsify` changed nothing)."""
+    return [state for module in model.modules() if (state := getattr(module, _ATTRIBUTE, None)) is not None]
+
+
+def sparse_ffn_count(model: nn.Module) -> int:
+    """How many FFNs of `model` run through the sparse kernels."""
+    return len(sparse_ffns(model))
+
+
+@contextlib.contextmanager
+def sparse_enabled(model: nn.Module, enabled: bool):
+    """Run every sparsified FFN sparse (True) or dense (False) inside the block.
+
+    The switch is read at call time, so a CUDA graph captured inside the block keeps its path.
+    """
+    states = sparse_ffns(model)
+    before = [state.enabled for state in states]
+    for state in states:
+        state.enabled = enabled
+    try:
+        yield model
+    finally:
+        for state, value in zip(states, before):
+            state.enabled = value
+
+
+def _why_not(model: nn.Module) -> str | None:
+    """Why `sparsify` must leave this model alone, or None."""
+    config = getattr(model, "config", None)
+    try:
+        arch = architecture_for(getattr(config, "model_type", None))
+    except Exception as exc:  # an architecture relufy does not map
+        return f"relufy.sparse: {exc}; the model runs dense"
+    value = str(getattr(config, arch.activation_key, None))
+    if parse_activation(value) is None:
+        return (f"relufy.sparse: the FFN activation is '{value}', not a ReLU-family one (relu, fatrelu_t, "
+                "shifted_relu_b, relu2), so it has no exact zeros to skip; convert it first. The model runs dense")
+    device = next(model.parameters()).device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"relufy.sparse: the model is on {device.type}, and the sparse kernels need CUDA; the model runs dense"
+    return None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: float,
+                config: SparseConfig) -> SparseFFN:
+    """The kernel-side view of one FFN module; moves W_down (and GPT-2's W_up) to row-per-neuron layout."""
+    down = getattr(ffn, arch.down)
+    if arch.gated and arch.gate_up:
+        fused = getattr(ffn, arch.gate_up)
+        n = fused.weight.shape[0] // 2
+        w_first, w_up = fused.weight[:n], fused.weight[n:]
+        b_first, b_up = (None, None) if fused.bias is None else (fused.bias[:n], fused.bias[n:])
+    elif arch.gated:
+        gate, up = getattr(ffn, arch.gate), getattr(ffn, arch.up)
+        w_first, w_up, b_first, b_up = gate.weight, up.weight, gate.bias, up.bias
+    else:
+        up = getattr(ffn, arch.up)
+        w_first, w_up, b_first, b_up = _rows_per_neuron(up, output_rows=True), None, up.bias, None
+    w_down_t = _rows_per_neuron(down, output_rows=False)
+    if w_up is not None and (b_first is None) != (b_up is None):
+        raise ValueError(f"{type(ffn).__name__}: the kernels need a bias on both gate and up projections or on neither")
+    return SparseFFN(w_first=w_first.detach(), w_up=None if w_up is None else w_up.detach(), w_down_t=w_down_t,
+                     b_first=_detached(b_first), b_up=_detached(b_up), b_down=_detached(down.bias),
+                     activation=activation, act_param=float(act_param), dense_forward=ffn.forward, config=config)
+
+
+def _rows_per_neuron(layer: nn.Module, output_rows: bool) -> torch.Tensor:
+    """The weight as a row-major N x width matrix with one row per FFN neuron.
+
+    nn.Linear stores [out, in]: an up projection already has a row per neuron, a down projection
+    needs its transpose. GPT-2's Conv1D stores [in, out], the other way round. Where a transpose
+    is needed, the parameter is replaced by a transposed view of a contiguous copy.
+    """
+    weight = layer.weight
+    conv1d = type(layer).__name__ == "Conv1D"
+    rows = weight.t() if output_rows == conv1d else weight
+    if not rows.is_contiguous():
+        rows = rows.detach().contiguous()
+        layer.weight = nn.Parameter(rows.t(), requires_grad=weight.requires_grad)
+    return rows.detach()
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()

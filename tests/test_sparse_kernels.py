@@ -1,0 +1,164 @@
+"""The sparse FFN kernels against a dense FFN, on CPU under Triton's interpreter and natively on CUDA.
+
+Triton's CPU interpreter rounds float32 to bfloat16 toward zero and mis-multiplies bfloat16 in
+`tl.dot` (neither happens on a GPU), so on CPU bfloat16 runs the broadcast-and-sum tiles and is
+held to a looser bound; float32 and float16 are checked on every tile path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RELUFY_TEST_CUDA") else "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from relufy.sparse.kernels import (  # noqa: E402
+    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, choose_tiles, sparse_ffn)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
+ON_INTERPRETER = DEVICE.type == "cpu"
+PARAMS = {"relu": 0.0, "fatrelu": 0.25, "shifted_relu": 0.1, "relu2": 0.0}
+
+
+def dense_ffn(x, w_first, w_up, w_down_t, activation, param, b_first=None, b_up=None, b_down=None):
+    """The FFN as transformers computes it: projections rounded to x's dtype, then the activation."""
+    linear = torch.nn.functional.linear
+    g = linear(x, w_first, b_first)
+    if activation == "relu":
+        a = torch.relu(g)
+    elif activation == "fatrelu":
+        a = g.masked_fill(g < param, 0)
+    elif activation == "shifted_relu":
+        a = torch.relu(g - param)
+    else:
+        a = torch.square(torch.relu(g))
+    x1 = a * linear(x, w_up, b_up) if w_up is not None else a
+    return linear(x1, w_down_t.t(), b_down)
+
+
+def random_ffn(batch, k=64, n=96, d=48, dtype=torch.float32, gated=True, bias=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, dtype)
+
+    x = rand(batch, k)
+    weights = dict(w_first=rand(n, k, scale=k ** -0.5), w_up=rand(n, k, scale=k ** -0.5) if gated else None,
+                   w_down_t=rand(n, d, scale=n ** -0.5))
+    if bias:
+        weights.update(b_first=rand(n, scale=0.1), b_up=rand(n, scale=0.1) if gated else None, b_down=rand(d, scale=0.1))
+    return x, weights
+
+
+def relative_error(result, reference):
+    return float((result.double() - reference.double()).norm() / reference.double().norm())
+
+
+def bound(dtype) -> float:
+    if dtype == torch.float32:
+        return 1e-5
+    if dtype == torch.bfloat16 and ON_INTERPRETER:
+        return 6e-2
+    return 1e-2
+
+
+def check(x, weights, activation, dtype, tiles=None):
+    param = PARAMS[activation]
+    sparse = sparse_ffn(x, weights["w_first"], weights["w_up"], weights["w_down_t"], ACTIVATION_CODES[activation],
+                        param, weights.get("b_first"), weights.get("b_up"), weights.get("b_down"), tiles=tiles)
+    reference = dense_ffn(x.double(), *(weights[key].double() if weights.get(key) is not None else None
+                                         for key in ("w_first", "w_up", "w_down_t")), activation, param,
+                          *(weights[key].double() if weights.get(key) is not None else None
+                            for key in ("b_first", "b_up", "b_down")))
+    assert sparse.dtype == x.dtype and sparse.shape == (x.shape[0], weights["w_down_t"].shape[1])
+    assert torch.isfinite(sparse).all()
+    assert relative_error(sparse, reference) <= bound(dtype)
+    return sparse
+
+
+@pytest.mark.parametrize("activation", list(PARAMS))
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_activation_matches_the_dense_ffn_in_float32(activation, gated, batch):
+    x, weights = random_ffn(batch, gated=gated)
+    check(x, weights, activation, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_half_precision_inputs_accumulate_in_float32(dtype, batch):
+    x, weights = random_ffn(batch, dtype=dtype)
+    check(x, weights, "fatrelu", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensor_core_tiles_for_larger_batches(dtype):
+    x, weights = random_ffn(6, dtype=dtype)
+    tiles = choose_tiles(6, 96, 48, DEVICE)
+    assert tiles.use_dot
+    check(x, weights, "relu", dtype, tiles)
+
+
+@pytest.mark.skipif(ON_INTERPRETER, reason="bfloat16 tl.dot is wrong in Triton's CPU interpreter, right on GPUs")
+def test_tensor_core_tiles_in_bfloat16_on_cuda():
+    x, weights = random_ffn(16, k=256, n=512, d=256, dtype=torch.bfloat16)
+    check(x, weights, "relu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_biases_of_gpt_style_ffns(gated):
+    x, weights = random_ffn(2, gated=gated, bias=True)
+    check(x, weights, "relu", torch.float32)
+
+
+def test_shapes_that_fit_no_tile():
+    x, weights = random_ffn(5, k=72, n=101, d=37)
+    check(x, weights, "shifted_relu", torch.float32)
+
+
+def test_all_zero_activations_give_the_bias_alone():
+    x, weights = random_ffn(3, bias=True)
+    weights["b_first"] = torch.full_like(weights["b_first"], -1e3)  # every gate negative
+    out = check(x, weights, "relu", torch.float32)
+    assert torch.equal(out, weights["b_down"].expand_as(out))
+
+
+def test_all_active_neurons():
+    x, weights = random_ffn(2)
+    weights["w_first"] = torch.zeros_like(weights["w_first"])  # gate = bias = 1 everywhere
+    weights["b_first"] = torch.ones(96, device=DEVICE)
+    weights["b_up"] = torch.zeros(96, device=DEVICE)
+    weights["b_down"] = torch.zeros(48, device=DEVICE)
+    check(x, weights, "relu", torch.float32)
+
+
+def test_fatrelu_keeps_values_at_the_threshold_and_drops_those_below():
+    """Small integers make every sum exact in any order, so a gate value sits exactly at t."""
+    generator = torch.Generator().manual_seed(1)
+    x, w_gate, w_up, w_down_t = (torch.randint(-3, 4, shape, generator=generator).float().to(DEVICE)
+                                 for shape in [(1, 64), (96, 64), (96, 64), (96, 48)])
+    gate = torch.nn.functional.linear(x, w_gate)
+    threshold = float(gate.flatten().sort().values[60])
+    assert (gate == threshold).any() and (gate == threshold - 1).any()
+    out = sparse_ffn(x, w_gate, w_up, w_down_t, FATRELU, threshold)
+    expected = (gate * (gate >= threshold) * torch.nn.functional.linear(x, w_up)) @ w_down_t
+    assert torch.equal(out, expected)
+
+
+def test_output_is_written_in_full_and_has_no_stale_state():
+    """Two calls with different inputs: the second must not see the first's active neurons."""
+    x, weights = random_ffn(1)
+    first = sparse_ffn(x, weights["w_first"], weights["w_up"], weights["w_down_t"], RELU)
+    second = sparse_ffn(-x, weights["w_first"], weights["w_up"], weights["w_down_t"], RELU)
+    reference = dense_ffn(-x, weights["w_first"], weights["w_up"], weights["w_down_t"], "relu", 0.0)
+    assert relative_error(second, reference) <= 1e-5
+    assert not torch.allclose(first, second)
+
+
+def test_mismatched_shapes_are_refused():
+    x, weights = random_ffn(1)
+    with pytest.raises(ValueError, match="do not fit"):
+        sparse_ffn(x[:, :10], weights["w_first"], weights["w_up"], weights["w_down_t"], SHIFTED_RELU, 0.1)

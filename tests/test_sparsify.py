@@ -1,0 +1,100 @@
+"""`sparsify(model)`: the converted FFNs of every mapped architecture run through the sparse kernels.
+
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), slowly, so the models
+are the tiny ones and generations are short; with RELUFY_TEST_CUDA=1 on a GPU the same tests
+run natively.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RELUFY_TEST_CUDA") else "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from tiny_models import build_tiny_model  # noqa: E402
+
+from relufy.probe import ffn_modules  # noqa: E402
+from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparsify  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+ACTIVATION_KEYS = {"gpt2": "activation_function", "falcon": "activation", "gemma2": "hidden_activation",
+                   "gemma3_text": "hidden_activation"}
+CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_neox", "relu2"),
+         ("gemma", "shifted_relu_0.1"), ("falcon", "relu"), ("qwen3", "relu")]
+
+
+def relu_model(model_type: str, activation: str):
+    return build_tiny_model(model_type, **{ACTIVATION_KEYS.get(model_type, "hidden_act"): activation}).to(DEVICE)
+
+
+@pytest.mark.parametrize("model_type,activation", CASES)
+def test_greedy_generation_is_token_identical(model_type, activation):
+    model = relu_model(model_type, activation)
+    prompt = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    assert sparsify(model) is model and sparse_ffn_count(model) == model.config.num_hidden_layers
+    sparse = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    assert torch.equal(dense, sparse)
+
+
+def test_decode_calls_take_the_kernels_and_prefill_stays_dense(monkeypatch):
+    model = sparsify(relu_model("llama", "relu"), SparseConfig(max_tokens=2))
+    calls = []
+    original = torch.ops.relufy.sparse_ffn
+
+    class Recorder:
+        def __call__(self, x, *args):
+            calls.append(x.shape[0])
+            return original(x, *args)
+
+    monkeypatch.setattr(torch.ops.relufy, "sparse_ffn", Recorder())
+    ffn = ffn_modules(model)[0]
+    x = torch.randn(1, 2, model.config.hidden_size, device=DEVICE)
+    sparse = ffn(x)
+    with sparse_enabled(model, False):
+        dense = ffn(x)
+    ffn(torch.randn(1, 3, model.config.hidden_size, device=DEVICE))  # prefill-sized: dense
+    assert calls == [2]
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_keep_their_shapes_and_memory_is_not_doubled():
+    model = relu_model("llama", "relu")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    before = sum(p.numel() for p in model.parameters())
+    sparsify(model)
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes
+    assert sum(p.untyped_storage().nbytes() for p in model.parameters()) == before * 4
+    down = ffn_modules(model)[0].down_proj.weight
+    assert down.t().is_contiguous()  # W_down^T row-major, seen through a transposed view
+
+
+def test_sparsify_twice_changes_nothing_more():
+    model = sparsify(relu_model("llama", "relu"))
+    forwards = [ffn.forward for ffn in ffn_modules(model)]
+    sparsify(model)
+    assert [ffn.forward for ffn in ffn_modules(model)] == forwards
+
+
+def test_a_silu_model_is_left_alone_with_one_warning(caplog):
+    model = build_tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):
+        sparsify(model)
+        sparsify(model)
+    assert sparse_ffn_count(model) == 0
+    warnings = [r.getMessage() for r in caplog.records if "not a ReLU-family" in r.getMessage()]
+    assert len(warnings) == 1 and "'silu'" in warnings[0]
+
+
+def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = build_tiny_model("llama", hidden_act="relu")
+    with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):
+        sparsify(model)
+    assert sparse_ffn_count(model) == 0
+    assert any("need CUDA" in r.getMessage() for r in caplog.records)

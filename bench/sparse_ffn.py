@@ -58,11 +58,16 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     timer = Timer(device, 3 if args.tiny else args.replays)
     if args.sweep_tiles:
-        return sweep_tiles(RandomFFN(*next(iter(shapes.values())), dtype, device), batches, timer)
+        ffn = RandomFFN(*next(iter(shapes.values())), dtype, device)
+        report = {"sweep": sweep_tiles(ffn, batches, timer), "profile": profile_kernels(ffn, batches)}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     rows, crossover = [], []
     for name, (hidden, inter) in shapes.items():
         ffn = RandomFFN(hidden, inter, dtype, device)
-        gate_ms = timer(lambda: torch.nn.functional.linear(ffn.x_for(1), ffn.w_gate))
+        x = ffn.x_for(1)
+        gate_ms = timer(lambda: torch.nn.functional.linear(x, ffn.w_gate))
         for sparsity in sparsities:
             for batch in batches:
                 rows.append(ffn.case(name, sparsity, batch, timer, bandwidth, sparse_ffn, FATRELU, gate_ms))
@@ -98,18 +103,23 @@ class RandomFFN:
 
         return torch.randn(batch, self.hidden, generator=self.generator, device=self.device).to(self.dtype)
 
+    def dense(self, x, threshold: float):
+        """The FFN as a transformers MLP computes it with FATReLU: three cuBLAS GEMVs."""
+        import torch
+
+        linear = torch.nn.functional.linear
+        g = linear(x, self.w_gate)
+        return linear(g.masked_fill(g < threshold, 0) * linear(x, self.w_up), self.w_down_t.t())
+
     def case(self, name, sparsity, batch, timer, bandwidth, sparse_ffn, fatrelu, gate_ms) -> dict:
         import torch
 
         x = self.x_for(batch)
         gate = torch.nn.functional.linear(x, self.w_gate).float()
         threshold = float(torch.quantile(gate.flatten().cpu(), sparsity))
-        w_down = self.w_down_t.t()
 
         def dense():
-            g = torch.nn.functional.linear(x, self.w_gate)
-            return torch.nn.functional.linear(g.masked_fill(g < threshold, 0) * torch.nn.functional.linear(x, self.w_up),
-                                              w_down)
+            return self.dense(x, threshold)
 
         def sparse():
             return sparse_ffn(x, self.w_gate, self.w_up, self.w_down_t, fatrelu, threshold)
@@ -127,34 +137,84 @@ class RandomFFN:
                 "gate_gemv_us": gate_ms * 1e3, "sparse_over_dense": sparse_ms / dense_ms, "rel_error": error}
 
 
-def sweep_tiles(ffn: "RandomFFN", batches: list[int], timer: "Timer") -> int:
-    """Time variants of the first-projection tiles, then of the down tiles, at 90% zeros."""
+def sweep_tiles(ffn: "RandomFFN", batches: list[int], timer: "Timer") -> dict:
+    """Time tile variants at 90% zeros: first-projection tiles, then down tiles on the best of those.
+
+    Returns every variant's time, so the defaults in `choose_tiles` can be read off it.
+    """
     import dataclasses
     import itertools
 
     import torch
+    from triton.runtime.errors import OutOfResources
 
     from relufy.sparse.kernels import FATRELU, choose_tiles, sparse_ffn
 
+    report = {}
     for batch in batches:
         x = ffn.x_for(batch)
         threshold = float(torch.quantile(torch.nn.functional.linear(x, ffn.w_gate).float().flatten().cpu(), 0.9))
         base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device)
+        timings = []
 
         def time_tiles(tiles):
-            return timer(lambda: sparse_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, FATRELU, threshold, tiles=tiles))
+            try:
+                us = 1e3 * timer(lambda: sparse_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, FATRELU, threshold,
+                                                     tiles=tiles))
+            except OutOfResources:
+                us = float("inf")
+            timings.append({**dataclasses.asdict(tiles), "us": us})
+            return us
 
-        first = [dataclasses.replace(base, block_n=n, block_k=k, warps_first=w, stages=st)
-                 for n, k, w, st in itertools.product((4, 8, 16, 32) if not base.use_dot else (16, 32, 64),
-                                                      (128, 256, 512), (4, 8), (2, 3, 4))]
+        first = []
+        if batch <= 4:
+            first += [dataclasses.replace(base, block_b=triton_pow2(batch), use_dot=False, block_n=n, block_k=k,
+                                          warps_first=w, stages=st)
+                      for n, k, w, st in itertools.product((4, 8, 16), (512, 1024), (4, 8), (1, 2))]
+        if batch > 1:
+            first += [dataclasses.replace(base, block_b=max(16, triton_pow2(batch)), use_dot=True, block_n=n, block_k=k,
+                                          warps_first=w, stages=st, chunk=max(16, base.chunk))
+                      for n, k, w, st in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4))]
         best = min(first, key=time_tiles)
-        down = [dataclasses.replace(best, split=sp, chunk=c, block_d=bd, warps_down=w)
-                for sp, c, bd, w in itertools.product((best.split // 2, best.split, best.split * 2), (16, 32, 64),
-                                                      (64, 128, 256), (4, 8))]
+        down = [dataclasses.replace(best, split=sp, chunk=c, block_d=bd)
+                for sp, c, bd in itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))]
         best = min(down, key=time_tiles)
-        print(f"batch {batch}: default {time_tiles(base) * 1e3:.1f} us, best {time_tiles(best) * 1e3:.1f} us with {best}",
-              flush=True)
-    return 0
+        report[batch] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
+                         "best": dataclasses.asdict(best), "variants": timings}
+        print(f"batch {batch}: default {report[batch]['default_us']:.1f} us, best {report[batch]['best_us']:.1f} us "
+              f"with {best}", flush=True)
+    return report
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def profile_kernels(ffn: "RandomFFN", batches: list[int]) -> dict:
+    """Device time of each kernel of one dense and one sparse FFN call at 90% zeros (torch.profiler)."""
+    import torch
+
+    from relufy.sparse.kernels import FATRELU, sparse_ffn
+
+    report = {}
+    for batch in batches:
+        x = ffn.x_for(batch)
+        threshold = float(torch.quantile(torch.nn.functional.linear(x, ffn.w_gate).float().flatten().cpu(), 0.9))
+        calls = {"sparse": lambda: sparse_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, FATRELU, threshold),
+                 "dense": lambda: ffn.dense(x, threshold)}
+        for name, call in calls.items():
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+            kernels = {event.key[:60]: event.self_device_time_total / 20 for event in profiler.key_averages()
+                       if event.self_device_time_total > 0}
+            report[f"{name} batch {batch}"] = kernels
+            print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} us" for k, v in kernels.items()), flush=True)
+    return report
 
 
 class Timer:

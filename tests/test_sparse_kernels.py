@@ -66,13 +66,15 @@ def bound(dtype) -> float:
 
 
 def check(x, weights, activation, dtype, tiles=None):
+    """Float32 against a float64 FFN; half precision against the dense FFN in the same dtype, as
+    transformers runs it (a neuron whose gate rounds across a FATReLU threshold differs in both)."""
     param = PARAMS[activation]
-    sparse = sparse_ffn(x, weights["w_first"], weights["w_up"], weights["w_down_t"], ACTIVATION_CODES[activation],
-                        param, weights.get("b_first"), weights.get("b_up"), weights.get("b_down"), tiles=tiles)
-    reference = dense_ffn(x.double(), *(weights[key].double() if weights.get(key) is not None else None
-                                         for key in ("w_first", "w_up", "w_down_t")), activation, param,
-                          *(weights[key].double() if weights.get(key) is not None else None
-                            for key in ("b_first", "b_up", "b_down")))
+    names = ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")
+    tensors = [weights.get(name) for name in names]
+    sparse = sparse_ffn(x, *tensors[:3], ACTIVATION_CODES[activation], param, *tensors[3:], tiles=tiles)
+    precise = torch.float64 if dtype == torch.float32 else dtype
+    cast = [None if t is None else t.to(precise) for t in tensors]
+    reference = dense_ffn(x.to(precise), *cast[:3], activation, param, *cast[3:])
     assert sparse.dtype == x.dtype and sparse.shape == (x.shape[0], weights["w_down_t"].shape[1])
     assert torch.isfinite(sparse).all()
     assert relative_error(sparse, reference) <= bound(dtype)

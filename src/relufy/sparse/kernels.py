@@ -52,13 +52,22 @@ def _activate(g, param, ACT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K,
+def _rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K, k_end,
                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_B, BLOCK_N] fp32: x (B x K) times the weight rows `rows` (masked rows are not read)."""
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    """[BLOCK_B, BLOCK_N] fp32: x (B x K) times the weight rows `rows` (masked rows are not read).
+
+    The loop runs to `k_end` (K, or 0 to skip a block with no active row).
+
+    Without tensor cores the products are summed elementwise across the loop and reduced over
+    K once at the end, so the loop body has no cross-thread reduction.
+    """
     row_offsets = rows.to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        partial = tl.zeros((BLOCK_B, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + batch[:, None] * K + ks[None, :], mask=batch_ok[:, None] & k_ok[None, :], other=0.0)
@@ -66,7 +75,9 @@ def _rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K,
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         else:
-            acc += tl.sum(x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+            partial += x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(partial, axis=2)
     return acc
 
 
@@ -81,7 +92,7 @@ def _first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
 
-    first = _rows_times_x(x_ptr, w_first_ptr, rows, row_ok, batch, batch_ok, K,
+    first = _rows_times_x(x_ptr, w_first_ptr, rows, row_ok, batch, batch_ok, K, K,
                           BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION)
     if HAS_BIAS:
         first += tl.load(b_first_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
@@ -89,8 +100,10 @@ def _first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr
     a = tl.where(batch_ok[:, None], a, 0.0)  # padded batch rows must not make a neuron active
     active = (tl.max((a != 0).to(tl.int32), axis=0) > 0) & row_ok  # the batch's union
 
+    flags = active.to(tl.int32)
+    n_active = tl.sum(flags, axis=0)
     if GATED:
-        up = _rows_times_x(x_ptr, w_up_ptr, rows, active, batch, batch_ok, K,
+        up = _rows_times_x(x_ptr, w_up_ptr, rows, active, batch, batch_ok, K, tl.where(n_active > 0, K, 0),
                            BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION)
         if HAS_BIAS:
             up += tl.load(b_up_ptr + rows, mask=active, other=0.0).to(tl.float32)[None, :]
@@ -99,8 +112,6 @@ def _first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr
         x1 = a.to(DTYPE)
 
     # append this block's active neurons to the compact list: one atomic per program
-    flags = active.to(tl.int32)
-    n_active = tl.sum(flags, axis=0)
     base = tl.atomic_add(count_ptr, n_active, mask=n_active > 0)
     slots = base + tl.cumsum(flags, axis=0) - 1
     tl.store(index_ptr + slots, rows, mask=active)
@@ -120,7 +131,10 @@ def _down_kernel(x1_ptr, index_ptr, count_ptr, w_down_t_ptr, acc_ptr, B, N, D,
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
 
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    else:  # summed over the chunk rows once, after the loop
+        partial = tl.zeros((BLOCK_B, CHUNK, BLOCK_D), dtype=tl.float32)
     for p0 in range(start, end, CHUNK):
         slots = p0 + tl.arange(0, CHUNK)
         ok = slots < end
@@ -130,7 +144,9 @@ def _down_kernel(x1_ptr, index_ptr, count_ptr, w_down_t_ptr, acc_ptr, B, N, D,
         if USE_DOT:
             acc += tl.dot(x1, w, input_precision=PRECISION)
         else:
-            acc += tl.sum(x1[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+            partial += x1[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32)
+    if not USE_DOT:
+        acc = tl.sum(partial, axis=1)
     written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
     tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & written[None, :])
 

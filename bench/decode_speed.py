@@ -1,0 +1,108 @@
+"""End-to-end decode, dense against sparse, on a random model of a real shape (default Llama-2-7B).
+
+The model is built from a config with random weights (bf16, on the GPU), its FFN activation set to
+FATReLU with the threshold at the wanted quantile of the gate values (90% zeros by default), then
+`relufy.sparse.sparsify` and `relufy.speed.measure_speed` run it in relufy's decode loop: the dense
+and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
+
+    python bench/decode_speed.py --output bench/out/decode_speed.json
+    python bench/decode_speed.py --tiny --output /tmp/decode_speed.json   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=384),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
+    parser.add_argument("--sparsity", type=float, default=0.9, help="fraction of zeros the threshold is set for")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (Triton interpreter)")
+    parser.add_argument("--output", "-o", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from relufy.speed import SpeedConfig, measure_speed, speed_table
+    from relufy.sparse import sparsify
+
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = random_llama(SHAPES["tiny" if args.tiny else args.shape], dtype, device)
+    threshold = set_fatrelu_for(model, args.sparsity, args.prompt_tokens)
+    config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                         generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device)
+    result = measure_speed(sparsify(model), config)
+    result.update(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
+                  target_sparsity=args.sparsity)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(speed_table(result))
+    print(f"FATReLU threshold {threshold:.4g} for {args.sparsity:.0%} zeros; wrote {args.output}")
+    return 0
+
+
+def random_llama(shape: dict, dtype, device):
+    """A Llama with random weights, built directly on `device` in `dtype`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_act="relu", max_position_embeddings=4096,
+                                  attn_implementation="sdpa", **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
+    """Set every FFN to FATReLU with the threshold at the `sparsity` quantile of the gate values
+    on random tokens; the config's `hidden_act` says so too, as `relufy convert` would write it."""
+    import torch
+
+    from relufy.activations import make_activation
+    from relufy.probe import ffn_modules
+
+    gates = []
+    handles = [ffn.gate_proj.register_forward_hook(lambda module, args, out: gates.append(out.flatten().float()))
+               for ffn in ffn_modules(model)]
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids.to(model.device))
+    for handle in handles:
+        handle.remove()
+    values = torch.cat(gates)
+    sample = values[torch.randperm(values.numel(), device=values.device)[: 1 << 24]]
+    threshold = max(float(torch.quantile(sample.cpu(), sparsity)), 0.0)
+    activation = make_activation("fatrelu", threshold=threshold)
+    for ffn in ffn_modules(model):
+        ffn.act_fn = activation.module()
+    model.config.hidden_act = activation.config_value
+    return threshold
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""What only a GPU can show: the sparse kernels inside CUDA graphs and under torch.compile.
+
+Skipped without CUDA; run on a GPU machine with `RELUFY_TEST_CUDA=1 pytest tests/test_sparse_cuda.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+from tiny_models import build_tiny_model  # noqa: E402
+
+from relufy.sparse import sparse_enabled, sparsify  # noqa: E402
+from relufy.sparse.kernels import RELU, sparse_ffn  # noqa: E402
+
+
+def test_a_captured_graph_replays_new_inputs_exactly():
+    """Fixed grids and a device-side count: one capture serves inputs with any set of active neurons."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    w_gate, w_up, w_down_t = (torch.randn(2048, 512, generator=generator, device="cuda").bfloat16() / 20
+                              for _ in range(3))
+    x = torch.randn(4, 512, generator=generator, device="cuda").bfloat16()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sparse_ffn(x, w_gate, w_up, w_down_t, RELU)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sparse_ffn(x, w_gate, w_up, w_down_t, RELU)
+    for _ in range(3):
+        x.copy_(torch.randn(4, 512, generator=generator, device="cuda"))
+        graph.replay()
+        assert torch.equal(captured, sparse_ffn(x, w_gate, w_up, w_down_t, RELU))
+
+
+def _tiny_relu_llama():
+    model = build_tiny_model("llama", hidden_act="relu", hidden_size=256, intermediate_size=1024,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    return model.to("cuda", torch.bfloat16)
+
+
+def test_generate_with_a_static_cache_and_reduce_overhead_compile_matches_dense():
+    model = _tiny_relu_llama()
+    prompt = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    settings = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
+    dense = model.generate(prompt, **settings)
+    sparsify(model)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    sparse = model.generate(prompt, **settings)
+    assert torch.equal(dense, sparse)
+    with sparse_enabled(model, False):
+        assert torch.equal(model.generate(prompt, **settings), dense)

@@ -48,6 +48,7 @@ class SparseFFN:
     b_down: torch.Tensor | None
     activation: int
     act_param: float
+    workspace: torch.Tensor  # zero at rest; shared by the FFNs of a model (they run one after another)
     dense_forward: types.MethodType
     config: SparseConfig
     enabled: bool = True
@@ -58,7 +59,8 @@ class SparseFFN:
         if not self.enabled or tokens > self.config.max_tokens or tokens == 0:
             return self.dense_forward(x)
         y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
-                                        self.b_first, self.b_up, self.b_down, self.activation, self.act_param)
+                                        self.b_first, self.b_up, self.b_down, self.workspace, self.activation,
+                                        self.act_param)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -78,13 +80,24 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     if reason:
         _warn_once(reason)
         return model
-    from .kernels import ACTIVATION_CODES
+    from .kernels import ACTIVATION_CODES, workspace_size
 
     arch = architecture_for(model.config.model_type)
     activation = parse_activation(str(getattr(model.config, arch.activation_key)))
+    workspaces: dict[int, torch.Tensor] = {}
+
+    def workspace_for(w_down_t: torch.Tensor) -> torch.Tensor:
+        """One per output width, allocated now, before any CUDA graph capture."""
+        width = w_down_t.shape[1]
+        if width not in workspaces:
+            workspaces[width] = torch.zeros(workspace_size(config.max_tokens, width), dtype=torch.int32,
+                                            device=w_down_t.device)
+        return workspaces[width]
+
     for ffn in ffn_modules(model, arch):
         if getattr(ffn, _ATTRIBUTE, None) is None:
-            state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], activation.param or 0.0, config)
+            state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], activation.param or 0.0,
+                                workspace_for, config)
             setattr(ffn, _ATTRIBUTE, state)
             ffn.forward = state.forward
     return model
@@ -140,7 +153,7 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: float,
+def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: float, workspace_for,
                 config: SparseConfig) -> SparseFFN:
     """The kernel-side view of one FFN module; moves W_down (and GPT-2's W_up) to row-per-neuron layout."""
     down = getattr(ffn, arch.down)
@@ -160,7 +173,8 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
         raise ValueError(f"{type(ffn).__name__}: the kernels need a bias on both gate and up projections or on neither")
     return SparseFFN(w_first=w_first.detach(), w_up=None if w_up is None else w_up.detach(), w_down_t=w_down_t,
                      b_first=_detached(b_first), b_up=_detached(b_up), b_down=_detached(down.bias),
-                     activation=activation, act_param=float(act_param), dense_forward=ffn.forward, config=config)
+                     activation=activation, act_param=float(act_param), workspace=workspace_for(w_down_t),
+                     dense_forward=ffn.forward, config=config)
 
 
 def _rows_per_neuron(layer: nn.Module, output_rows: bool) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 A gated FFN computes y = (act(x W_gate^T) * (x W_up^T)) W_down^T. With a ReLU-family `act`,
 a neuron whose gate is zero contributes exactly nothing, so its W_up row and its W_down column
-need not be read. Three launches (plus one memset) per FFN call, all with fixed grids and the
-active count kept on the device, so the whole call can be captured in a CUDA graph:
+need not be read. Two launches per FFN call, with fixed grids and the active count kept on the device, so the
+whole call can be captured in a CUDA graph:
 
 1. `_first_projection_kernel`: each program owns BLOCK_N neurons. It reads their gate rows in
    full (the gate decides activity, so it is the dense part), applies the activation, and for
@@ -14,7 +14,8 @@ active count kept on the device, so the whole call can be captured in a CUDA gra
 2. `_down_kernel`: SPLIT x (D / BLOCK_D) programs; each reads the list's length on the device,
    walks its share of the list and accumulates x1[i] * W_down^T[i, cols] from a row-major copy of
    W_down^T (each active neuron is one contiguous row), then adds its partial sum atomically (fp32).
-3. `_finish_kernel`: adds the down projection's bias and casts to the activations' dtype.
+   The last program of each column block adds the bias and writes the output in x's dtype; the
+   kernels leave their workspace (count, arrival counters, accumulator) zero for the next call.
 
 Rounding mirrors the dense PyTorch FFN: the gate and up projections are accumulated in fp32 and
 rounded to the input dtype before the activation and the product, so the set of zeros is the one
@@ -32,6 +33,9 @@ import triton.language as tl
 # activation codes shared with the Python side (relufy.activations family names)
 RELU, FATRELU, SHIFTED_RELU, RELU2 = 0, 1, 2, 3
 ACTIVATION_CODES = {"relu": RELU, "fatrelu": FATRELU, "shifted_relu": SHIFTED_RELU, "relu2": RELU2}
+# the int32 state words at the start of a workspace; the fp32 accumulator follows them
+COUNT, FINISHED, ARRIVALS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+MIN_BLOCK_D = 16
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -119,14 +123,15 @@ def _first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr
 
 
 @triton.jit
-def _down_kernel(x1_ptr, index_ptr, count_ptr, w_down_t_ptr, acc_ptr, B, N, D,
-                 SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                 USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    count = tl.load(count_ptr)
+def _down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr, out_ptr, B, N, D,
+                 SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    count = tl.load(state_ptr + COUNT)
     share = tl.cdiv(count, SPLIT)
     start = tl.program_id(0) * share
     end = tl.minimum(start + share, count)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    column_block = tl.program_id(1)
+    cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
@@ -147,18 +152,25 @@ def _down_kernel(x1_ptr, index_ptr, count_ptr, w_down_t_ptr, acc_ptr, B, N, D,
             partial += x1[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32)
     if not USE_DOT:
         acc = tl.sum(partial, axis=1)
+    tile = batch[:, None] * D + cols[None, :]
     written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
-    tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & written[None, :])
+    tl.atomic_add(acc_ptr + tile, acc, mask=batch_ok[:, None] & written[None, :])
 
-
-@triton.jit
-def _finish_kernel(acc_ptr, bias_ptr, out_ptr, total, D, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < total
-    value = tl.load(acc_ptr + offsets, mask=ok, other=0.0)
+    # The last of the SPLIT programs of this column block finishes it: it reads the sums (the
+    # counter's acquire-release orders them before), zeroes them, adds the bias and writes the
+    # output; the last program of all resets the count. The workspace is zero when the launch ends.
+    arrived = tl.atomic_add(state_ptr + ARRIVALS + column_block, 1)
+    last = arrived == SPLIT - 1
+    finishing = batch_ok[:, None] & (cols < tl.where(last, D, 0))[None, :]
+    total = tl.load(acc_ptr + tile, mask=finishing, other=0.0, cache_modifier=".cg")  # from L2, after the adds
+    tl.store(acc_ptr + tile, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), mask=finishing)
     if HAS_BIAS:
-        value += tl.load(bias_ptr + offsets % D, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=ok)
+        total += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=finishing)
+    tl.store(state_ptr + ARRIVALS + column_block, 0, mask=last)  # every program of the block has arrived
+    finished = tl.atomic_add(state_ptr + FINISHED, 1) == SPLIT * tl.num_programs(1) - 1
+    tl.store(state_ptr + COUNT, 0, mask=finished)
+    tl.store(state_ptr + FINISHED, 0, mask=finished)
 
 
 @dataclass(frozen=True)
@@ -178,75 +190,84 @@ class Tiles:
 
 
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
-    """Tiles for `batch` tokens: broadcast-and-sum for up to 4 tokens, tensor-core dots above.
+    """Tiles for `batch` tokens, read off `bench/sparse_ffn.py --sweep-tiles` on an H200 (Llama-2-7B FFN).
 
-    The split of the down projection gives about four programs per multiprocessor, so the
-    fp32 atomics stay few (SPLIT x batch x D) while every SM has rows to stream.
+    One token: four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor cores).
+    More tokens: tensor-core dots on a batch padded to 16. The down projection is split so that
+    there are several programs per multiprocessor while the fp32 atomics stay few.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    if batch <= 4:
-        block_b = triton.next_power_of_2(batch)
-        tiles = dict(block_b=block_b, block_n=max(4, 16 // block_b), block_k=256, use_dot=False,
-                     chunk=max(8, 32 // block_b), block_d=128)
-    else:
-        block_b = max(16, triton.next_power_of_2(batch))
-        tiles = dict(block_b=block_b, block_n=32, block_k=128, use_dot=True, chunk=32, block_d=128)
-    column_blocks = triton.cdiv(d, tiles["block_d"])
-    split = max(1, min(64, (4 * sms) // column_blocks))
-    return Tiles(split=split, **tiles)
+    column_blocks = triton.cdiv(d, 128)
+    if batch == 1:
+        return Tiles(block_b=1, block_n=4, block_k=1024, use_dot=False, chunk=32, block_d=128, stages=1,
+                     split=max(1, min(64, (4 * sms) // column_blocks)))
+    return Tiles(block_b=max(16, triton.next_power_of_2(batch)), block_n=64 if batch <= 8 else 32, block_k=128,
+                 use_dot=True, chunk=32, block_d=128, stages=4, split=max(1, min(64, (8 * sms) // column_blocks)))
+
+
+def workspace_size(tokens: int, d: int) -> int:
+    """int32 words of a workspace for `tokens` x `d` outputs: state words, then the fp32 accumulator."""
+    return _accumulator_offset(d) + tokens * d
+
+
+def _accumulator_offset(d: int) -> int:
+    return 4 * triton.cdiv(2 + triton.cdiv(d, MIN_BLOCK_D), 4)  # 16-byte aligned
 
 
 def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                activation: int, act_param: float = 0.0, b_first: torch.Tensor | None = None,
                b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
-               tiles: Tiles | None = None) -> torch.Tensor:
+               workspace: torch.Tensor | None = None, tiles: Tiles | None = None) -> torch.Tensor:
     """The FFN of `x` (tokens x K) reading only the weight rows of active neurons.
 
     `w_first` is W_gate (gated) or W_up (non-gated), N x K; `w_up` is W_up for gated FFNs, else
-    None; `w_down_t` is W_down^T, N x D, row-major. Biases are optional (all or none).
-    Returns tokens x D in x's dtype; accumulation is fp32 throughout.
+    None; `w_down_t` is W_down^T, N x D, row-major. Biases are optional. Returns tokens x D in x's
+    dtype; accumulation is fp32 throughout. `workspace` (int32, zero, at least `workspace_size`
+    words) is left zero by the kernels, so one can serve every call on a stream; without it, a
+    zeroed one is allocated (one memset).
     """
     tokens, k = x.shape
     n, d = w_down_t.shape
     if w_first.shape != (n, k) or (w_up is not None and w_up.shape != (n, k)):
         raise ValueError(f"weight shapes {tuple(w_first.shape)}, {None if w_up is None else tuple(w_up.shape)}, "
                          f"{tuple(w_down_t.shape)} do not fit x of width {k}")
+    if workspace is None:
+        workspace = torch.zeros(workspace_size(tokens, d), dtype=torch.int32, device=x.device)
+    elif workspace.numel() < workspace_size(tokens, d):
+        raise ValueError(f"workspace of {workspace.numel()} words is too small for {tokens} tokens "
+                         f"({workspace_size(tokens, d)} needed)")
     x = x.contiguous()
     tiles = tiles or choose_tiles(tokens, n, d, x.device)
     dtype = _TL_DTYPES[x.dtype]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    has_bias = b_first is not None
-
-    # one memset: the active count (int32) and, 16 bytes on, the fp32 accumulator of the output
-    workspace = torch.zeros(4 + tokens * d, dtype=torch.int32, device=x.device)
-    count, acc = workspace[:1], workspace[4:].view(torch.float32)
+    acc = workspace[_accumulator_offset(d):].view(torch.float32)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
     x1 = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
 
     _first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
-        x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, count, tokens, n, k,
-        float(act_param), GATED=w_up is not None, HAS_BIAS=has_bias, ACT=activation, DTYPE=dtype,
+        x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
+        float(act_param), GATED=w_up is not None, HAS_BIAS=b_first is not None, ACT=activation, DTYPE=dtype,
         BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
         PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
     _down_kernel[(tiles.split, triton.cdiv(d, tiles.block_d))](
-        x1, index, count, w_down_t, acc, tokens, n, d, SPLIT=tiles.split, BLOCK_B=tiles.block_b,
-        CHUNK=tiles.chunk, BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision,
-        num_warps=tiles.warps_down, num_stages=tiles.stages)
-    out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
-    block = 1024
-    _finish_kernel[(triton.cdiv(tokens * d, block),)](acc, b_down, out, tokens * d, d,
-                                                      HAS_BIAS=b_down is not None, BLOCK=block)
+        x1, index, workspace, w_down_t, b_down, acc, out, tokens, n, d, SPLIT=tiles.split,
+        HAS_BIAS=b_down is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_D=tiles.block_d,
+        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages)
     return out
 
 
 @torch.library.custom_op("relufy::sparse_ffn", mutates_args=())
 def sparse_ffn_op(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                   b_first: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
-                  activation: int, act_param: float) -> torch.Tensor:
-    """`sparse_ffn` as an operator that torch.compile keeps whole (its kernels are opaque to Inductor)."""
-    return sparse_ffn(x, w_first, w_up, w_down_t, activation, act_param, b_first, b_up, b_down)
+                  workspace: torch.Tensor | None, activation: int, act_param: float) -> torch.Tensor:
+    """`sparse_ffn` as an operator that torch.compile keeps whole (its kernels are opaque to Inductor).
+
+    The workspace is not declared mutated: the kernels return it to all zeros before they end.
+    """
+    return sparse_ffn(x, w_first, w_up, w_down_t, activation, act_param, b_first, b_up, b_down, workspace)
 
 
 @sparse_ffn_op.register_fake
-def _(x, w_first, w_up, w_down_t, b_first, b_up, b_down, activation, act_param):
+def _(x, w_first, w_up, w_down_t, b_first, b_up, b_down, workspace, activation, act_param):
     return x.new_empty(x.shape[0], w_down_t.shape[1])

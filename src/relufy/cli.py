@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import DataError, RelufyError
+from .errors import DataError, OutputExistsError, RelufyError
 
 logger = logging.getLogger("relufy")
 
@@ -175,6 +175,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--log-samples", action="store_true",
                    help="also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl")
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip the short dense-vs-sparse decode speed measurement (run on CUDA only)")
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(run=_run_evaluate)
 
@@ -194,11 +196,15 @@ def _run_evaluate(args) -> int:
                             include_path=[Path(p) for p in args.include_path],
                             confirm_run_unsafe_code=args.confirm_run_unsafe_code,
                             trust_remote_code=args.trust_remote_code, log_samples=args.log_samples,
-                            force=args.force)
+                            speed=not args.no_speed, force=args.force)
     ppl = ", ".join(f"PPL-{p}% {e['sparsity']:.2%}" for p, e in result["ppl_p_sparsity"].items())
     print(f"wrote {args.output}: zero-ratio {result['sparsity']['overall']:.2%} over "
           f"{result['sparsity']['tokens']} lm-eval tokens; {ppl} "
           f"({result['ppl_p_forward_passes']} forward passes)")
+    if "speed" in result:
+        row = result["speed"]["decode"][0]
+        print(f"decode at batch {row['batch_size']}: dense {row['dense_tokens_per_s']:.1f} tok/s, sparse "
+              f"{row['sparse_tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x)")
     return 0
 
 
@@ -259,7 +265,52 @@ def _run_publish(args) -> int:
     return 0
 
 
-COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_compare, _add_publish]
+def _add_speed(sub) -> None:
+    p = sub.add_parser("speed", help="decode tokens/s dense vs sparse in a CUDA-graph decode loop, + HF generate",
+                       description="Load MODEL, sparsify its FFNs, and measure greedy decode tokens/s with the "
+                                   "sparse FFNs off and on, in one process and one loop: a static KV cache and one "
+                                   "decode step captured as a CUDA graph (eager on a CPU). Also reports the "
+                                   "weights-bandwidth limit, HF generate's tokens/s, each FFN timed alone and the "
+                                   "zero-ratio of x1 during decode.")
+    p.add_argument("model", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("--output", "-o", required=True, help="write the results as JSON here")
+    p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated decode batch sizes (default 1,4,16)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens per sequence (default 128)")
+    p.add_argument("--new-tokens", type=int, default=256, help="decode steps timed per run (default 256)")
+    p.add_argument("--generate-tokens", type=int, default=128, help="new tokens of the HF generate run (default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--no-compile", action="store_true",
+                   help="capture the plain eager decode step (by default, on CUDA, it is compiled first, "
+                        "as gpt-fast does)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(run=_run_speed)
+
+
+def _run_speed(args) -> int:
+    from .speed import SpeedConfig, speed_of_checkpoint, speed_table
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise OutputExistsError(f"{output} exists; pass --force to replace it")
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise DataError(f"--batch-sizes must be comma-separated integers like 1,4,16, "
+                        f"got '{args.batch_sizes}'") from None
+    config = SpeedConfig(batch_sizes=batch_sizes, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                         generate_tokens=args.generate_tokens, dtype=args.dtype, device=args.device, seed=args.seed,
+                         compile=not args.no_compile)
+    result = speed_of_checkpoint(args.model, config, trust_remote_code=args.trust_remote_code)
+    _write_json(output, result)
+    print(speed_table(result))
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_compare, _add_publish, _add_speed]
 
 
 def build_parser() -> argparse.ArgumentParser:

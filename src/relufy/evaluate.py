@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .atomic import atomic_directory
 from .cett import DEFAULT_PS, ppl_p_sparsity
-from .errors import DataError, OutputExistsError
+from .errors import DataError, OutputExistsError, RelufyError
 from .paths import project_file
 from .probe import SparsityProbe
 from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
@@ -197,11 +197,12 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
                    heldout: str | Path = DEFAULT_HELDOUT, heldout_tokens: int = 2048, block_size: int = 256,
                    max_length: int | None = None, include_path: list[Path] | None = None,
                    confirm_run_unsafe_code: bool = False, trust_remote_code: bool = False,
-                   log_samples: bool = False, force: bool = False) -> dict:
+                   log_samples: bool = False, speed: bool = True, force: bool = False) -> dict:
     """Run lm-eval + probe + PPL-p% on one model and write results.json, report.md and plots to `output`.
 
     `limit` is lm-eval's (examples per task, or a fraction); an empty `ps` skips PPL-p% sparsity;
-    `log_samples` also writes lm-eval's per-example records to samples_<task>.jsonl.
+    `log_samples` also writes lm-eval's per-example records to samples_<task>.jsonl; `speed` adds a
+    short dense-vs-sparse decode measurement (`relufy speed`'s) when the model runs on CUDA.
     """
     from .checkpoint import load_model, load_tokenizer, resolve_source
 
@@ -264,8 +265,30 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
         "settings": {"tasks": plan.tasks, "groups": plan.groups, "limit": limit, "batch_size": batch_size,
                      "dtype": dtype, "device": device},
     }
+    if speed and torch.device(device).type == "cuda":
+        measured = _decode_speed(model)
+        if measured is not None:
+            results["speed"] = measured
     _write_outputs(output, results, samples, force=force)
     return results
+
+
+def _decode_speed(model) -> dict | None:
+    """`relufy speed` with small settings and no torch.compile: a quick look (`relufy speed` is the full
+    measurement). It runs last: `sparsify` hands the FFNs to the sparse kernels, and lm-eval and PPL-p%
+    have measured the model as loaded. A model the decode loop cannot drive (another attention
+    implementation, say) leaves the section out with a warning rather than failing the evaluation."""
+    from .sparse import sparsify
+    from .speed import SpeedConfig, measure_speed
+
+    device = next(model.parameters()).device
+    config = SpeedConfig(batch_sizes=(1,), prompt_tokens=32, new_tokens=64, generate_tokens=32, compile=False,
+                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=str(device))
+    try:
+        return measure_speed(sparsify(model), config)
+    except RelufyError as exc:
+        logger.warning("decode speed not measured: %s", exc)
+        return None
 
 
 class _QuietCustomDataset(logging.Filter):

@@ -102,6 +102,10 @@ def evaluation_report(result: dict, plots: dict[str, str] | None = None) -> str:
         layers = len(next(iter(ppl.values()))["thresholds"])
         for layer in range(layers):
             lines.append(f"| {layer} | " + " | ".join(f"{entry['thresholds'][layer]:.3g}" for entry in ppl.values()) + " |")
+    if result.get("speed"):
+        from .speed import speed_table
+
+        lines += ["", "## Decode speed (dense vs sparse FFNs, `relufy speed`)", "", speed_table(result["speed"])]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     return "\n".join(lines)

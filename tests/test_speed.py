@@ -1,0 +1,128 @@
+"""`relufy speed`: the decode loop, its JSON, the CLI, and the speed section of reports and model cards.
+
+On a CPU the loop runs its step eagerly and `sparsify` leaves the model alone (without Triton's
+interpreter), so the dense and sparse runs must give the same tokens; the loop's tokens must also
+be `generate`'s, which checks the static cache, the positions and the 4D mask. No timing is asserted.
+"""
+
+import json
+
+import pytest
+import torch
+from tiny_models import build_tiny_model, save_tiny_model
+
+pytest.importorskip("relufy.sparse")
+
+from relufy.cli import build_parser, main  # noqa: E402
+from relufy.publish import model_card  # noqa: E402
+from relufy.report import evaluation_report  # noqa: E402
+from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
+from relufy.speed import DecodeLoop, SpeedConfig, measure_speed, random_prompts, speed_table  # noqa: E402
+
+TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4, warmup=2, ffn_repeats=2,
+            copy_bytes=1 << 20, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on for the session
+        model = sparsify(build_tiny_model("llama", hidden_act="relu"))
+        assert sparse_ffn_count(model) == 0
+        return measure_speed(model, SpeedConfig(**TINY), progress=False)
+
+
+def test_measure_speed_reports_every_section(measured):
+    json.dumps(measured)  # plain JSON
+    assert measured["gpu"] is None and measured["cuda_graph"] is False and measured["device"] == "cpu"
+    assert {"torch", "transformers", "triton", "relufy"} <= set(measured["versions"])
+    assert measured["config"]["batch_sizes"] == [1, 2] and measured["ffns"] == 2 and measured["sparse_ffns"] == 0
+    assert [row["batch_size"] for row in measured["decode"]] == [1, 2]
+    for row in measured["decode"]:
+        assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0 and row["speedup"] > 0
+    assert measured["weight_bytes"] > 0 and measured["copy_bandwidth_gb_per_s"] > 0
+    assert measured["bandwidth_limit_tokens_per_s"] > 0
+    assert measured["dense_fraction_of_limit"] == measured["decode"][0]["dense_fraction_of_limit"]
+    assert measured["generate"]["batch_size"] == 1 and measured["generate"]["new_tokens"] == 4
+    assert [len(ffn["per_layer"]) for ffn in measured["ffn"]] == [2, 2]
+    assert len(measured["sparsity"]["per_layer"]) == 2 and measured["sparsity"]["tokens"] == 6
+    assert 0 < measured["sparsity"]["overall"] < 1  # a random ReLU model: about half of x1 is zero
+
+
+def test_dense_and_sparse_runs_give_identical_tokens_when_nothing_is_sparsified(measured):
+    assert [row["token_match"] for row in measured["decode"]] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_decode_loop_tokens_are_generate_tokens(attention):
+    """Static cache + explicit 4D mask (boolean for sdpa, additive for eager) + device-side argmax = generate."""
+    model = build_tiny_model("llama", hidden_act="relu", seed=3)
+    model.set_attn_implementation(attention)
+    prompts = random_prompts(model, SpeedConfig(batch_sizes=(3,), prompt_tokens=8, seed=1), torch.device("cpu"))
+    with torch.no_grad():
+        tokens, seconds = DecodeLoop(model, 3, 8, 10).run(prompts)
+        expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=11,
+                                  do_sample=False, pad_token_id=0)[:, 8:]
+    assert tokens.shape == (3, 11) and seconds > 0
+    assert torch.equal(tokens, expected)
+
+
+def test_weights_bandwidth_counts_the_embedding_only_when_tied():
+    untied = build_tiny_model("llama", hidden_act="relu")
+    tied = build_tiny_model("llama", hidden_act="relu", tie_word_embeddings=True)
+    from relufy.speed import weight_bytes
+
+    every = sum(p.numel() * p.element_size() for p in untied.parameters())
+    embedding = untied.get_input_embeddings().weight
+    assert weight_bytes(untied) == every - embedding.numel() * embedding.element_size()
+    assert weight_bytes(tied) == sum(p.numel() * p.element_size() for p in tied.parameters())
+
+
+def test_speed_table_is_markdown_with_one_row_per_batch(measured):
+    table = speed_table(measured)
+    assert table.startswith("| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |")
+    assert "\n| 1 | " in table and "\n| 2 | " in table and "100.00%" in table
+    assert "HF generate (batch 1" in table and "Weights-bandwidth limit at batch 1" in table
+    assert "eager decode steps (no CUDA)" in table
+
+
+def test_cli_writes_speed_json_and_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = save_tiny_model("llama", tmp_path / "tiny-relu", hidden_act="relu")
+    out = tmp_path / "speed.json"
+    args = ["speed", str(model), "--output", str(out), "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1",
+            "--prompt-tokens", "8", "--new-tokens", "4", "--generate-tokens", "2"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == str(model.resolve()) and result["decode"][0]["token_match"] == 1.0
+    assert "| batch | dense tok/s" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relufy speed: error:") and "--force" in err and "\n" not in err
+    assert main(args + ["--force"]) == 0
+
+
+def test_cli_reports_bad_batch_sizes_in_one_line(tmp_path, capsys):
+    assert main(["speed", str(tmp_path), "--output", str(tmp_path / "s.json"), "--batch-sizes", "1,x"]) == 2
+    assert "--batch-sizes" in capsys.readouterr().err
+    assert main(["speed", str(tmp_path), "--output", str(tmp_path / "s.json"), "--batch-sizes", "0"]) == 2
+    assert "batch sizes must be positive" in capsys.readouterr().err
+
+
+def test_evaluate_has_a_no_speed_flag():
+    assert build_parser().parse_args(["evaluate", "m", "-o", "out", "--no-speed"]).no_speed is True
+    assert build_parser().parse_args(["evaluate", "m", "-o", "out"]).no_speed is False
+
+
+def test_report_and_model_card_show_the_speed_section(measured):
+    results = {"model": "/x/tiny-relu", "model_name": "tiny-relu", "activation": "relu", "relufy_version": "0",
+               "lm_eval": {"results": {}},
+               "sparsity": {"overall": 0.5, "per_layer": [0.5], "per_task": {}, "tokens": 8},
+               "speed": measured}
+    assert "## Decode speed" in evaluation_report(results)
+    card = model_card(results, {"model_type": "llama", "hidden_act": "relu"}, repo_id="me/tiny-relu", base_model=None,
+                      license_id="mit", remote_code=False)
+    assert "### Decode speed" in card and "| batch | dense tok/s | sparse tok/s" in card
+    del results["speed"]
+    assert "Decode speed" not in evaluation_report(results)

@@ -1,14 +1,16 @@
 """Probe overhead during lm-eval (probe on vs off, same process) and the PPL-p% forward-pass count.
 
-Target (issue 4): time with probe / time without <= 1.10; <= 15 full forward passes per p.
-Run: python bench/probe_overhead.py [--model PATH] [--task relufy_dictionary] [--limit 60]
-Default model: the embedded SmolLM2-135M-Instruct GGUF.
+Targets: time with probe / time without <= 1.10; <= 15 full forward passes per p.
+Run: python bench/probe_overhead.py [--model PATH] [--task relufy_dictionary] [--limit 60] [--json out.json]
+Default model: the embedded SmolLM2-135M-Instruct GGUF. Any CUDA GPU or the CPU; a smoke run takes a tiny
+checkpoint: --model DIR --limit 2 --rounds 1 --heldout-tokens 128 --block-size 32.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the best of each is kept")
     parser.add_argument("--heldout-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per held-out block of the PPL-p% search")
+    parser.add_argument("--json", type=Path, help="write the timings and the PPL-p% results here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -57,13 +61,14 @@ def main() -> None:
         start = time.perf_counter()
         if with_probe:
             with probe, lm.token_masks.attached():
-                _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+                _simple_evaluate(lm, args.task, **evaluate_kwargs)
         else:
-            _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+            _simple_evaluate(lm, args.task, **evaluate_kwargs)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    evaluate_kwargs = dict(shots=None, limit=args.limit, manager=manager, unsafe=False, log_samples=False)
     timed(plain, False)  # warm-up: dataset build, kernels
     off, on = [], []
     for _ in range(args.rounds):
@@ -73,15 +78,21 @@ def main() -> None:
     print(f"lm-eval without probe: best {min(off):.2f} s; with probe: best {min(on):.2f} s; "
           f"ratio {min(on) / min(off):.3f} (target <= 1.10); probe saw {probe.tokens} tokens")
 
-    blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=256, max_tokens=args.heldout_tokens)
+    blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=args.block_size, max_tokens=args.heldout_tokens)
     start = time.perf_counter()
     search = PPLSearch(model, blocks.to(args.device), batch_size=args.batch_size)
+    searches = {}
     for p in (1.0, 5.0, 10.0):
-        result = search.search(p)
+        result = searches[f"{p:g}"] = search.search(p)
         print(f"PPL-{p:g}%: sparsity {result['sparsity']:.2%}, CETT {result['cett']:.4f}, "
               f"PPL {result['ppl']:.3f} (dense {result['ppl_dense']:.3f}), {result['forward_passes']} forward passes")
     print(f"PPL-p% total: {search.forward_passes} full forward passes over {blocks.numel()} tokens "
           f"(dense pass included), {time.perf_counter() - start:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": args.device, "model": str(source), "task": args.task, "limit": args.limit,
+            "without_probe_s": off, "with_probe_s": on, "ratio": min(on) / min(off), "probe_tokens": probe.tokens,
+            "ppl_search": searches, "forward_passes": search.forward_passes}, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

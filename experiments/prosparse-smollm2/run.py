@@ -143,10 +143,13 @@ class Runner:
 
 
 def run_arms(s: argparse.Namespace) -> None:
+    from relufy.recipe import resolve_model_path  # pkg:<package>/<file>, as in the recipes
+
     relufy = [sys.executable, "-m", "relufy"]
     run = Runner(s.out_dir, s.dry_run)
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    record_settings(s)
+    if not s.dry_run:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        record_settings(s)
     limit = ["--limit", s.eval_limit] if s.eval_limit else []
 
     def evaluate(name: str, model) -> None:
@@ -157,7 +160,7 @@ def run_arms(s: argparse.Namespace) -> None:
     for name in s.arms:
         arm = ARMS[name]
         if arm.recipe is None:
-            evaluate(name, resolve_model(s.model))
+            evaluate(name, resolve_model_path(s.model))
             continue
         trained = s.out_dir / "train" / name
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s.launch,
@@ -184,12 +187,6 @@ def record_settings(s: argparse.Namespace) -> None:
                 if k not in ("func", "dry_run", "arms", "out_dir")}
     recorded.update({arm: settings for arm in s.arms})
     path.write_text(json.dumps(recorded, indent=2) + "\n")
-
-
-def resolve_model(value: str) -> str:
-    from relufy.recipe import resolve_model_path
-
-    return resolve_model_path(value)
 
 
 def collect(s: argparse.Namespace) -> None:

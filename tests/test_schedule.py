@@ -1,4 +1,4 @@
-"""lambda(step) follows ProSparse's Algorithm 1 (METHOD.md section 2)."""
+"""lambda(step) follows ProSparse's Algorithm 1 (docs/method.md, section 2)."""
 
 import math
 

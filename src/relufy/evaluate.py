@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 _REPO_TASKS = project_file("evaluate/tasks")
 DEFAULT_HELDOUT = _REPO_TASKS / "data" / "heldout.jsonl"
 
-# ProSparse Table 1 benchmark groups (METHOD.md section 5) as lm-eval task names and few-shot counts.
+# ProSparse Table 1 benchmark groups (docs/method.md, section 6) as lm-eval task names and few-shot counts.
 PROSPARSE_SUITE: dict[str, dict[str, int | None]] = {
     "code": {"humaneval": 0, "mbpp": 3},
     "commonsense": {"piqa": 0, "social_iqa": 0, "hellaswag": 0, "winogrande": 0, "copa": 0},

@@ -13,7 +13,7 @@ from .probe import SparsityProbe
 @torch.no_grad()
 def measure_sparsity(model, blocks, *, threshold: float = 0.0, batch_size: int = 4,
                      max_tokens: int | None = None, progress: bool = True) -> dict:
-    """Zero-ratio of x1 per layer and overall (METHOD.md section 4), plus held-out perplexity.
+    """Zero-ratio of x1 per layer and overall (docs/method.md, section 4), plus held-out perplexity.
 
     `blocks` is a sequence of rows with `input_ids` of one length (see `data.pack_blocks`).
     Returns the probe's summary with `perplexity` and `loss` added.

@@ -55,7 +55,7 @@ class LayerCounts:
 class SparsityProbe:
     """Records x1 statistics on every forward while attached (use as a context manager).
 
-    - zero-ratio: exact zeros in x1 / elements, per layer (METHOD.md section 4);
+    - zero-ratio: exact zeros in x1 / elements, per layer (docs/method.md, section 4);
     - below-threshold ratio: |x1| <= `threshold`, for any activation;
     - `l1`: with `track_l1`, the differentiable L1 term of the last forward: sum over layers of
       the mean over tokens of ||x1_token||_1 (the normalisation relufy's lambda refers to).

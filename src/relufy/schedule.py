@@ -1,4 +1,4 @@
-"""lambda(step): the ProSparse progressive regularization schedule (METHOD.md section 2), no torch.
+"""lambda(step): the ProSparse progressive regularization schedule (docs/method.md, section 2), no torch.
 
 A schedule is a list of stages `{lambda, end_step}` with cumulative `end_step`s counted in
 optimizer steps. Step t (1-based: the t-th optimizer update) falls in the first stage with

@@ -1,4 +1,4 @@
-"""ProSparse continual training: the HF Trainer plus lambda(step) * L1(x1) (METHOD.md sections 2-3).
+"""ProSparse continual training: the HF Trainer plus lambda(step) * L1(x1) (docs/method.md, sections 2-3).
 
 The loss of a micro-batch is
 
@@ -552,7 +552,7 @@ def write_training_plot(history: list[dict], path: Path) -> Path | None:
     return path
 
 
-# -- threshold shifting (METHOD.md section 3) ------------------------------------------------------
+# -- threshold shifting (docs/method.md, section 3) -------------------------------------------------
 def set_threshold(model: nn.Module, threshold: float) -> int:
     """Replace the ReLU/FATReLU of every FFN by FATReLU(threshold) in place; return how many were swapped."""
     swapped = 0

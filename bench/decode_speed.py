@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU (Triton interpreter)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     parser.add_argument("--output", "-o", type=Path, required=True)
     return parser.parse_args(argv)
 
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device)
+    if args.tiny:
+        config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
+                             ffn_repeats=1, dtype="float32", device="cpu")
     result = measure_speed(sparsify(model), config)
     result.update(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
                   target_sparsity=args.sparsity)

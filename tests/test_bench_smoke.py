@@ -29,7 +29,8 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
 
 
 def test_every_bench_script_has_a_smoke_test():
-    tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py"}
+    tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py",
+              "sparse_ffn.py", "decode_speed.py"}
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -86,3 +87,25 @@ def test_probe_overhead_tiny(tmp_path, silu_base):
     assert result["probe_tokens"] > 0
     assert set(result["ppl_search"]) == {"1", "5", "10"}
     assert "PPL-p% total" in stdout
+
+
+def test_sparse_ffn_tiny(tmp_path):
+    out = tmp_path / "sparse_ffn.json"
+    stdout = run_bench("sparse_ffn.py", "--tiny", "--sparsities", "0.9", "--batches", "1,2", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert {"device", "copy_bandwidth_gb_s", "rows", "crossover"} <= result.keys()
+    (one, two) = result["rows"]
+    assert {"dense_us", "sparse_us", "floor_us", "sparse_over_dense", "rel_error", "union_active"} <= one.keys()
+    assert one["rel_error"] < 1e-5 and two["union_active"] >= one["union_active"]
+    assert "ratio" in stdout
+
+
+def test_decode_speed_tiny(tmp_path):
+    out = tmp_path / "decode.json"
+    stdout = run_bench("decode_speed.py", "--tiny", "--output", str(out))
+    result = json.loads(out.read_text())
+    assert {"decode", "generate", "ffn", "sparsity", "fatrelu_threshold", "bandwidth_limit_tokens_per_s"} <= result.keys()
+    assert [row["batch_size"] for row in result["decode"]] == [1, 2]
+    assert result["sparse_ffns"] == 2 and all(row["token_match"] == 1.0 for row in result["decode"])
+    assert 0.8 < result["sparsity"]["overall"] < 1.0  # the threshold was set for 90% zeros
+    assert "sparse/dense" in stdout

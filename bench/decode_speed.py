@@ -30,6 +30,7 @@ SHAPES = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama2-7b", choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
     parser.add_argument("--sparsity", type=float, default=0.9, help="fraction of zeros the threshold is set for")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -52,7 +53,10 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    model = random_llama(SHAPES["tiny" if args.tiny else args.shape], dtype, device)
+    shape = dict(SHAPES["tiny" if args.tiny else args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    model = random_llama(shape, dtype, device)
     threshold = set_fatrelu_for(model, args.sparsity, args.prompt_tokens)
     config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,

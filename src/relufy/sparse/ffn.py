@@ -25,8 +25,10 @@ from ..probe import ffn_modules
 logger = logging.getLogger(__name__)
 
 # Up to this many tokens per call the sparse kernels run; above it, the dense path. The union of
-# active neurons grows with the batch, so large batches gain little; prefill is always dense.
-DEFAULT_MAX_TOKENS = 16
+# active neurons grows with the batch, so large batches gain little; prefill is always dense. On an
+# H200 (bench/sparse_ffn.py, docs/inference.md) the sparse FFN was faster than cuBLAS's dense one
+# through 8 tokens at 80% or more zeros on all three Llama shapes, and not at 16 tokens and 80%.
+DEFAULT_MAX_TOKENS = 8
 
 
 @dataclass

@@ -199,7 +199,8 @@ def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     column_blocks = triton.cdiv(d, 128)
     if batch == 1:
-        return Tiles(block_b=1, block_n=4, block_k=1024, use_dot=False, chunk=32, block_d=128, stages=1,
+        rows = 4 if device.type == "cuda" else 32  # Triton's CPU interpreter runs programs one by one
+        return Tiles(block_b=1, block_n=rows, block_k=1024, use_dot=False, chunk=32, block_d=128, stages=1,
                      split=max(1, min(64, (4 * sms) // column_blocks)))
     return Tiles(block_b=max(16, triton.next_power_of_2(batch)), block_n=64 if batch <= 8 else 32, block_k=128,
                  use_dot=True, chunk=32, block_d=128, stages=4, split=max(1, min(64, (8 * sms) // column_blocks)))

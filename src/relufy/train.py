@@ -33,7 +33,7 @@ from .architectures import architecture_for
 from .atomic import write_text_atomically
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe, ffn_modules
-from .recipe import Recipe, resolve_model_path
+from .recipe import Recipe, check_inputs, resolve_model_path
 from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks."""
     args, training = recipe.prosparse, recipe.training
     output_dir = Path(training.output_dir)
+    check_inputs(recipe)  # a missing model or data file fails here, before the conversion
     _check_output_dir(output_dir, resume, force, training)
     if training.use_liger_kernel:
         if importlib.util.find_spec("liger_kernel") is None:

@@ -113,6 +113,14 @@ def test_cli_reports_bad_input_in_one_line(relu_checkpoint, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing")]) != 0
 
 
+@pytest.mark.parametrize("limit", ["-5", "0"])
+def test_a_limit_that_is_not_positive_is_one_line(relu_checkpoint, tmp_path, capsys, limit):
+    assert main(["evaluate", str(relu_checkpoint), "-o", str(tmp_path / "o"), "--limit", limit]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relufy evaluate: error: --limit must be > 0") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():
     from relufy.evaluate import make_plan, task_manager
 

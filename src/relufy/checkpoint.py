@@ -72,9 +72,12 @@ def check_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} is not a model directory: it has no config.json")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path / 'config.json'} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of config keys; "
+                          "restore the model's config.json")
     weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         raise SourceError(f"{path} is not a model directory: it has no weight files (*.safetensors)")

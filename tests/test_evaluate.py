@@ -132,6 +132,14 @@ def test_a_successful_evaluation_prints_no_alarming_noise(relu_checkpoint, tmp_p
     assert "not of type `str`" not in out + err + caplog.text
 
 
+def test_every_long_phase_shows_a_labelled_progress_bar(relu_checkpoint, tmp_path, capfd):
+    evaluate_model(str(relu_checkpoint), tmp_path / "o", tasks=["relufy_dictionary"], limit=2, ps=(1, 5),
+                   heldout_tokens=64, block_size=32)
+    err = capfd.readouterr().err
+    for label in ("lm-eval task relufy_dictionary", "PPL-1% sparsity search", "PPL-5% sparsity search"):
+        assert label in err
+
+
 def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():
     from relufy.evaluate import make_plan, task_manager
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
@@ -234,8 +235,10 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     per_task: dict[str, dict] = {}
     samples: dict[str, list] = {}
     totals = [[0.0, 0] for _ in range(probe.num_layers)]
+    tasks = tqdm(plan.tasks.items(), desc="lm-eval tasks", unit="task", total=len(plan.tasks))
     with probe, lm.token_masks.attached():
-        for name, shots in plan.tasks.items():
+        for name, shots in tasks:
+            tasks.set_description(f"lm-eval task {name}")
             probe.reset()
             logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
             out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code, log_samples)
@@ -251,7 +254,7 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
 
     ppl = {"results": {}, "forward_passes": 0, "tokens": 0}
     if ps:
-        ppl = ppl_p_sparsity(model, blocks.to(device), ps=ps, batch_size=max(1, batch_size))
+        ppl = ppl_p_sparsity(model, blocks.to(device), ps=ps, batch_size=max(1, batch_size), progress=True)
     results = {  # names, not local paths: results and the cards made from them are meant for sharing
         "model": _model_name(source),
         "model_name": _model_name(source),

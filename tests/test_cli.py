@@ -31,3 +31,17 @@ def test_deepspeeds_cpu_accelerator_warning_is_silenced(capsys):
 def test_a_toy_recipe_says_its_perplexity_is_expected_to_be_useless():
     assert "toy run" in toy_run_note(load_recipe(REPO / "recipes" / "tiny-cpu.yaml"))
     assert toy_run_note(load_recipe(REPO / "recipes" / "prosparse-smollm2-135m.yaml", ["bf16=false"])) is None
+
+
+def test_an_unreadable_or_unwritable_file_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import relufy.cli
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/locked.txt")
+
+    monkeypatch.setattr(relufy.cli, "_run_compare", denied)
+    assert main(["compare", "x"]) == 1
+    assert capsys.readouterr().err.strip() == ("relufy compare: error: Permission denied (/data/locked.txt); check the "
+                                               "path, its permissions and free space")

@@ -308,7 +308,8 @@ _QUIET_HARMLESS = _QuietHarmless()
 def main(argv: list[str] | None = None) -> int:
     command = "relufy"
     logging.getLogger("DeepSpeed").addFilter(_QUIET_HARMLESS)
-    previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         command = f"relufy {args.command}"

@@ -197,8 +197,8 @@ class PPLSearch:
         return layers
 
     def _batches(self, what: str):
-        for start in tqdm(range(0, len(self.blocks), self.batch_size), desc=what, unit="batch",
-                          disable=not self.progress, leave=False):
+        starts = range(0, len(self.blocks), self.batch_size)  # a bar inside the p's bar only when a pass is long
+        for start in tqdm(starts, desc=what, unit="batch", disable=not self.progress or len(starts) < 4, leave=False):
             yield self.blocks[start: start + self.batch_size].to(self.device)
 
     def _loss(self, input_ids: torch.Tensor) -> tuple[float, int]:

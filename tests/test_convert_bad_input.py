@@ -143,3 +143,42 @@ def test_failure_during_writing_leaves_no_temporary_directory(tmp_path, tiny, mo
     with pytest.raises(OSError):
         convert_module.convert_checkpoint(tiny, tmp_path / "out", make_activation("relu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_config_json_that_is_not_an_object(tmp_path, tiny, capsys):
+    (tiny / "config.json").write_text("[1, 2, 3]")
+    code, err = run_cli(capsys, "convert", tiny, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path, ["src"], mentions=["config.json", "JSON list, not an object"])
+
+
+def test_read_only_output_parent(tmp_path, tiny, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):  # what a read-only folder does for a user who is not root
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    (tmp_path / "locked").mkdir()
+    code, err = run_cli(capsys, "convert", tiny, tmp_path / "locked" / "out")
+    assert_clean_failure(code, err, tmp_path / "locked", [], mentions=["cannot write", "Permission denied"])
+
+
+def test_a_gguf_source_may_be_converted_into_its_own_folder(tmp_path, capsys):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))  # not a model: the output check passes, reading the file then fails
+    code, err = run_cli(capsys, "convert", gguf, tmp_path / "model-relu")
+    assert_clean_failure(code, err, tmp_path, ["model.gguf"], mentions=["not a readable GGUF model"])
+    code, err = run_cli(capsys, "convert", gguf, tmp_path, "--force")  # OUT holding the file stays refused
+    assert_clean_failure(code, err, tmp_path, ["model.gguf"], mentions=["contains SRC"])
+
+
+def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    import relufy.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(relufy.cli, "build_parser", interrupted)
+    code, err = run_cli(capsys, "convert", "a", "b")
+    assert (code, err) == (130, "relufy: interrupted")

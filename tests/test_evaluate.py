@@ -32,7 +32,10 @@ def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
     results = json.loads((evaluation / "results.json").read_text())
     for key in ("lm_eval", "sparsity", "ppl_p_sparsity", "model", "relufy_version", "tokens_evaluated"):
         assert key in results
-    assert results["model"] == str(relu_checkpoint)
+    assert results["model"] == "tiny-relu"  # a name, not the local path: results are meant for sharing
+    assert str(relu_checkpoint.parent) not in (evaluation / "results.json").read_text()
+    assert results["heldout"]["source"] == "evaluate/tasks/data/heldout.jsonl"
+    assert set(results["identity"]) == {"config_sha256", "weights_sha256", "activation"}
     assert set(results["lm_eval"]["results"]) == {"relufy_heldout", "relufy_lastword", "relufy_dictionary"}
     assert results["lm_eval"]["n-samples"]["relufy_dictionary"]["effective"] == 6
     assert set(results["sparsity"]["per_task"]) == set(results["lm_eval"]["results"])
@@ -111,6 +114,30 @@ def test_cli_reports_bad_input_in_one_line(relu_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("relufy evaluate: error: unknown lm-eval task 'piqaa'") and "\n" not in err
     assert main(["compare", str(tmp_path / "missing")]) != 0
+
+
+@pytest.mark.parametrize("limit", ["-5", "0"])
+def test_a_limit_that_is_not_positive_is_one_line(relu_checkpoint, tmp_path, capsys, limit):
+    assert main(["evaluate", str(relu_checkpoint), "-o", str(tmp_path / "o"), "--limit", limit]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relufy evaluate: error: --limit must be > 0") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_successful_evaluation_prints_no_alarming_noise(relu_checkpoint, tmp_path, monkeypatch, capfd, caplog):
+    monkeypatch.chdir(tmp_path)  # outside any git checkout
+    evaluate_model(str(relu_checkpoint), tmp_path / "o", tasks=["relufy_dictionary"], **NO_PPL)
+    out, err = capfd.readouterr()
+    assert "not a git repository" not in out + err
+    assert "not of type `str`" not in out + err + caplog.text
+
+
+def test_every_long_phase_shows_a_labelled_progress_bar(relu_checkpoint, tmp_path, capfd):
+    evaluate_model(str(relu_checkpoint), tmp_path / "o", tasks=["relufy_dictionary"], limit=2, ps=(1, 5),
+                   heldout_tokens=64, block_size=32)
+    err = capfd.readouterr().err
+    for label in ("lm-eval task relufy_dictionary", "PPL-1% sparsity search", "PPL-5% sparsity search"):
+        assert label in err
 
 
 def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():

@@ -1,6 +1,7 @@
 """`relufy publish`: a Hub-ready folder whose card carries the measured results and loads anywhere."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -92,9 +93,34 @@ def test_published_fatrelu_folder_loads_with_relufy_or_remote_code(fatrelu, tmp_
 
 
 def test_results_of_another_model_are_refused(relu, fatrelu, tmp_path):
-    with pytest.raises(DataError, match="names differ"):
-        publish(relu[0], fatrelu[1], tmp_path / "pub")
+    with pytest.raises(DataError, match=r"config_sha256, activation \(relu evaluated, fatrelu_0.01 here\) differ"):
+        publish(fatrelu[0], relu[1], tmp_path / "pub")
     assert not (tmp_path / "pub").exists()
+
+
+def test_a_model_with_the_evaluated_name_but_other_weights_or_activation_is_refused(relu, source, tmp_path):
+    model, results_path = relu
+    namesake = convert_checkpoint(source, tmp_path / model.name, make_activation("fatrelu", threshold=0.01))
+    with pytest.raises(DataError, match="evaluates another model.*activation"):
+        publish(namesake, results_path, tmp_path / "pub")
+    retrained = tmp_path / "retrained" / model.name  # same config, other weights
+    shutil.copytree(model, retrained)
+    weights = retrained / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x00\x40"  # the last float (a norm weight, 1.0) becomes 2.0
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r": weights_sha256 differ"):
+        publish(retrained, results_path, tmp_path / "pub")
+    assert not (tmp_path / "pub").exists()
+
+
+def test_results_card_and_config_carry_names_not_local_paths(relu, tmp_path):
+    model, results_path = relu
+    out = publish(model, results_path, tmp_path / "pub")
+    local = str(model.parents[1])  # pytest's temporary root: every folder of the fixtures is under it
+    for text in ((out / "README.md").read_text(), (out / "config.json").read_text(), results_path.read_text()):
+        assert local not in text and sys.prefix not in text
+    assert json.loads((out / "config.json").read_text())["relufy"]["source"] == "tiny-silu"
 
 
 def test_existing_folder_needs_force(relu, tmp_path):

@@ -135,3 +135,52 @@ def test_cli_reports_a_recipe_error_in_one_line(tmp_path, capsys):
     assert err.startswith("relufy train: error: ") and "stages[1].lambda" in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# -- paths and launch ------------------------------------------------------------------------------
+def test_relative_input_paths_resolve_against_the_recipe_folder_and_set_paths_against_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(RECIPES / "tiny-cpu.yaml")
+    assert Path(recipe.prosparse.data).resolve() == REPO / "data" / "sample.txt"
+    assert recipe.training.output_dir == "runs/tiny-cpu"  # outputs stay relative to the current directory
+    (tmp_path / "mine.txt").write_text("text")
+    assert load_recipe(RECIPES / "tiny-cpu.yaml", ["data=mine.txt"]).prosparse.data == "mine.txt"
+
+
+def test_a_missing_data_file_is_refused_before_any_work_naming_the_folder_it_resolved_against(tmp_path, monkeypatch):
+    from relufy.errors import DataError
+    from relufy.train import train
+
+    (tmp_path / "recipes").mkdir()
+    recipe_file = tmp_path / "recipes" / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(base_recipe(data="corpus/train.txt", output_dir="out")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"'corpus/train.txt'; relative paths in a recipe resolve against its "
+                                        rf"folder {tmp_path / 'recipes'}\)"):
+        train(load_recipe(recipe_file))
+    assert not (tmp_path / "out").exists()  # nothing converted or written
+
+
+def test_the_shipped_smollm2_recipe_needs_the_corpus_and_names_the_command_that_builds_it(tmp_path, monkeypatch):
+    from relufy.errors import DataError
+    from relufy.train import train
+
+    for name in ("prosparse-smollm2-135m.yaml", "relu-only.yaml"):
+        copy = tmp_path / "recipes" / name  # the corpus path ../runs/corpus resolves inside tmp_path: absent
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_text((RECIPES / name).read_text())
+        recipe = load_recipe(copy, [f"output_dir={tmp_path / 'out'}", "bf16=false"])
+        assert "sample.txt" not in recipe.prosparse.data
+        with pytest.raises(DataError, match=r"train.txt.gz' does not exist.*python scripts/build_corpus.py --out "
+                                            r"runs/corpus"):
+            train(recipe)
+        assert not (tmp_path / "out").exists()
+
+
+def test_more_processes_than_visible_gpus_says_to_pass_num_processes(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RecipeError, match="started 8 processes on this machine but 1 GPU.*--num_processes 1 to "
+                                          "accelerate launch"):
+        load_recipe(RECIPES / "tiny-cpu.yaml", ["use_cpu=false"])

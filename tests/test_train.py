@@ -4,11 +4,13 @@ import errno
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT
+from safetensors import SafetensorError
 from tiny_models import build_tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -17,7 +19,7 @@ from relufy.errors import DataError, TrainingError
 from relufy.probe import down_projections
 from relufy.recipe import load_recipe
 from relufy.schedule import Schedule
-from relufy.train import ProSparseTrainer, build_trainer, calibrate_threshold, run_training, train
+from relufy.train import ProSparseTrainer, build_trainer, calibrate_threshold, last_checkpoint, run_training, train
 
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 
@@ -420,20 +422,67 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(silu_ba
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def test_running_out_of_disk_while_saving_keeps_the_last_good_checkpoint(silu_base, tmp_path, monkeypatch):
-    original = Trainer._save_checkpoint
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+], ids=["OSError", "SafetensorError", "torch.save"])
+def test_running_out_of_disk_while_saving_removes_the_partial_checkpoint(silu_base, tmp_path, monkeypatch, error):
+    import transformers.modeling_utils
 
-    def save(self, model, trial):
-        if self.state.global_step == 4:
-            (Path(self.args.output_dir) / "checkpoint-4").mkdir()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, model, trial)
+    original = transformers.modeling_utils.safe_save_file
+    saves = []
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
-    with pytest.raises(TrainingError, match="out of disk space while saving checkpoint-4.*checkpoint-2"):
+    def save_file(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) == 2:  # checkpoint-4: half a file, then the disk is full
+            Path(filename).write_bytes(b"half")
+            raise error
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    with pytest.raises(TrainingError, match="out of disk space while saving checkpoint-4.*checkpoint-2.*--resume"):
         train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=6", "save_steps=2"))
     assert (tmp_path / "run" / "checkpoint-2").is_dir()
     assert not (tmp_path / "run" / "checkpoint-4").exists()
+
+
+def test_an_interrupted_final_save_leaves_no_half_written_model(silu_base, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    original = transformers.modeling_utils.safe_save_file
+    saves = []
+
+    def save_file(tensors, filename, metadata=None):
+        saves.append(filename)
+        if len(saves) == 3:  # checkpoint-2, checkpoint-4, then the final model: SIGTERM arrives mid-write
+            Path(filename).write_bytes(b"half")
+            raise KeyboardInterrupt
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=4", "save_steps=2"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["base-relu", "checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_killed(silu_base, tmp_path, caplog):
+    recipe = tiny_recipe(silu_base, tmp_path / "run", "max_steps=4", "save_steps=2")
+    train(recipe)
+    run = tmp_path / "run"
+    assert not list(run.rglob("INCOMPLETE"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in (run / "model.safetensors", run / "checkpoint-4" / "model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o666 & ~umask  # as cp writes it; safetensors alone gives 0600
+    killed = run / "checkpoint-6"  # what kill -9 in the middle of a save leaves
+    killed.mkdir()
+    (killed / "INCOMPLETE").write_text("")
+    (killed / "model.safetensors").write_bytes(b"half")
+    with caplog.at_level("WARNING", logger="relufy.train"):
+        assert last_checkpoint(run) == run / "checkpoint-4"
+    assert "skipping" in caplog.text and "checkpoint-6" in caplog.text
 
 
 @pytest.mark.parametrize("text, message", [
@@ -458,3 +507,18 @@ def test_held_out_data_replaces_the_split_and_feeds_the_threshold_search(silu_ba
     empty.write_text("Too short.\n")
     with pytest.raises(DataError, match="held-out text"):
         build_trainer(tiny_recipe(silu_base, tmp_path / "c", f"held_out_data={empty}", "threshold_shift=true"))
+
+
+def test_layers_left_out_on_purpose_are_not_reported_as_unexpected_keys(silu_base, tmp_path):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+    transformers_logger.addHandler(handler)
+    try:
+        build_trainer(tiny_recipe(silu_base, tmp_path / "run", "model_config_overrides={num_hidden_layers: 1}"))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not [r for r in records if "UNEXPECTED" in r.getMessage()]

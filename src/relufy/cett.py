@@ -158,6 +158,7 @@ class PPLSearch:
         self.tolerance = tolerance
         self.max_passes_per_p = max_passes_per_p
         self.progress = progress
+        self._bar = None  # the current p's progress bar, advanced by every full pass
         self.forward_passes = 0
         self._memo: dict[float, Evaluation] = {}
         self.device = next(model.parameters()).device
@@ -172,7 +173,7 @@ class PPLSearch:
         loss_sum, count = 0.0, 0
         with SparsityProbe(self.model, keep_inputs=True) as probe:
             samples = [[] for _ in range(probe.num_layers)]
-            for batch in self._batches("dense pass"):
+            for batch in self._batches("PPL-p% dense pass"):
                 loss, n = self._loss(batch)
                 loss_sum, count = loss_sum + loss, count + n
                 if kept < self.calibration_tokens:
@@ -196,8 +197,8 @@ class PPLSearch:
         return layers
 
     def _batches(self, what: str):
-        for start in tqdm(range(0, len(self.blocks), self.batch_size), desc=what, unit="batch",
-                          disable=not self.progress, leave=False):
+        starts = range(0, len(self.blocks), self.batch_size)  # a bar inside the p's bar only when a pass is long
+        for start in tqdm(starts, desc=what, unit="batch", disable=not self.progress or len(starts) < 4, leave=False):
             yield self.blocks[start: start + self.batch_size].to(self.device)
 
     def _loss(self, input_ids: torch.Tensor) -> tuple[float, int]:
@@ -226,6 +227,8 @@ class PPLSearch:
                 loss_sum, count = loss_sum + loss, count + n
             per_layer = mask.per_layer()
         self.forward_passes += 1
+        if self._bar is not None:
+            self._bar.update(1)
         result = Evaluation(cett=cett, ppl=math.exp(min(loss_sum / count, 700.0)),
                             sparsity=sum(per_layer) / len(per_layer), per_layer=per_layer, thresholds=thresholds)
         self._memo[key] = result
@@ -241,13 +244,22 @@ class PPLSearch:
         before = self.forward_passes
         lo, hi = 0.0, 1.0
         best = self.evaluate(0.0)
-        while hi - lo > self.tolerance and self.forward_passes - before < self.max_passes_per_p:
-            mid = 0.5 * (lo + hi)
-            result = self.evaluate(mid)
-            if result.ppl <= target:
-                best, lo = result, mid
-            else:
-                hi = mid
+        # One bar per p, one step per full pass over the held-out blocks (at most max_passes_per_p).
+        with tqdm(total=self.max_passes_per_p, desc=f"PPL-{p:g}% sparsity search", unit="pass",
+                  disable=not self.progress) as bar:
+            self._bar = bar
+            try:
+                while hi - lo > self.tolerance and self.forward_passes - before < self.max_passes_per_p:
+                    mid = 0.5 * (lo + hi)
+                    result = self.evaluate(mid)
+                    if result.ppl <= target:
+                        best, lo = result, mid
+                    else:
+                        hi = mid
+            finally:
+                self._bar = None
+            bar.total = bar.n  # the search usually converges before the cap
+            bar.refresh()
         return {"sparsity": best.sparsity, "ppl": best.ppl, "ppl_dense": self.ppl_dense,
                 "ppl_target": target, "cett": best.cett, "thresholds": best.thresholds,
                 "per_layer_sparsity": best.per_layer, "forward_passes": self.forward_passes - before}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -72,9 +73,12 @@ def check_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path} is not a model directory: it has no config.json")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path / 'config.json'} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of config keys; "
+                          "restore the model's config.json")
     weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         raise SourceError(f"{path} is not a model directory: it has no weight files (*.safetensors)")
@@ -158,3 +162,28 @@ def load_tokenizer(src: str | os.PathLike | Source, *, trust_remote_code: bool =
     except (OSError, ValueError) as exc:
         raise SourceError(f"{source} has no usable tokenizer ({type(exc).__name__}); copy the tokenizer files "
                           "of the original model into it") from None
+
+
+_SAMPLE = 1 << 20  # bytes read from each end of each weight file for the identity
+
+
+def model_identity(source: Source, activation: str) -> dict:
+    """A fingerprint of a checkpoint that survives copying and renaming: sha256 of config.json (as parsed),
+    sha256 of each weight file's name, size and first and last MiB (the first holds the safetensors
+    header), and the activation. `relufy publish` compares it with the one the evaluation recorded."""
+    if source.gguf_file:
+        config_hash = None
+        files = [source.path / source.gguf_file]
+    else:
+        config = json.loads((source.path / "config.json").read_text())
+        config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        files = sorted(p for p in source.path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    weights = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        weights.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            weights.update(handle.read(_SAMPLE))
+            handle.seek(max(0, size - _SAMPLE))
+            weights.update(handle.read(_SAMPLE))
+    return {"config_sha256": config_hash, "weights_sha256": weights.hexdigest(), "activation": activation}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -54,7 +57,7 @@ def _add_sparsity(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.0,
                    help="also report the fraction with |x1| <= threshold (any activation)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu" if not _cuda() else "cuda")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
     p.add_argument("--output", "-o", help="write the results as JSON here")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_run_sparsity)
@@ -76,7 +79,7 @@ def _run_sparsity(args) -> int:
     if len(blocks) == 0:
         raise DataError(f"data '{args.data}' is shorter than one block of {args.block_size} tokens; "
                         "add text or lower --block-size")
-    model = load_model(source, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(args.device)
+    model = load_model(source, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(_device(args))
     result = measure_sparsity(model, blocks, threshold=args.threshold, batch_size=args.batch_size,
                               max_tokens=args.max_tokens)
     result = {"model": str(source), "activation": _activation_of(model), **result}
@@ -102,13 +105,14 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
-def _cuda() -> bool:
-    try:
-        import torch
+def _device(args) -> str:
+    """--device, or the default resolved only now: asking torch while building the parser would make every
+    command (even --help) pay for importing torch."""
+    if args.device:
+        return args.device
+    import torch
 
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_train(sub) -> None:
@@ -143,7 +147,19 @@ def _run_train(args) -> int:
             line += (f"; FATReLU threshold {shift['threshold']:g} (perplexity {shift['perplexity_before']:.2f} -> "
                      f"{shift['perplexity_after']:.2f}, zero-ratio {shift['sparsity_after']:.2%})")
         print(line)
+        if note := toy_run_note(recipe):
+            print(note)
     return 0
+
+
+def toy_run_note(recipe) -> str | None:
+    """A recipe that cuts the model's layers (tiny-cpu keeps 2 of 30) trains a toy: say that its perplexity is
+    expected to be useless, so a huge number is not mistaken for a failure."""
+    layers = recipe.prosparse.model_config_overrides.get("num_hidden_layers")
+    if layers is None:
+        return None
+    return (f"note: model_config_overrides keeps only {layers} decoder layer(s), so this is a toy run that shows "
+            "the mechanics; its perplexity is expected to be huge and its weights useless as a model")
 
 
 def _add_evaluate(sub) -> None:
@@ -171,7 +187,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow tasks that execute model-written code (HumanEval, MBPP)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu" if not _cuda() else "cuda")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--log-samples", action="store_true",
                    help="also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl")
@@ -190,7 +206,7 @@ def _run_evaluate(args) -> int:
         raise DataError(f"--p must be comma-separated numbers like 1,5,10, got '{args.ps}'") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     result = evaluate_model(args.model, args.output, tasks=tasks, suite=args.suite, num_fewshot=args.num_fewshot,
-                            limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                            limit=args.limit, batch_size=args.batch_size, device=_device(args), dtype=args.dtype,
                             ps=ps, heldout=args.heldout or DEFAULT_HELDOUT, heldout_tokens=args.heldout_tokens,
                             block_size=args.block_size, max_length=args.max_length,
                             include_path=[Path(p) for p in args.include_path],
@@ -324,15 +340,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (a job scheduler, `kill`, `timeout`) stops relufy like Ctrl-C: temp folders are removed."""
+    raise KeyboardInterrupt
+
+
+class _QuietHarmless(logging.Filter):
+    """DeepSpeed warns "Setting accelerator to CPU" whenever torch sees no GPU, even on a plain convert that
+    only imported it through transformers: on such a machine it says nothing new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+_QUIET_HARMLESS = _QuietHarmless()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    command = "relufy"
+    logging.getLogger("DeepSpeed").addFilter(_QUIET_HARMLESS)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        args = build_parser().parse_args(argv)
+        command = f"relufy {args.command}"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return args.run(args)
     except RelufyError as exc:
-        print(f"relufy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"relufy {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the user named cannot be read or written: no traceback
+        if exc.errno not in _USER_FIXABLE:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{command}: error: {exc.strerror}{where}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EISDIR,
+                 errno.ENOTDIR}

@@ -20,13 +20,19 @@ def load_text_dataset(spec: str, *, split: str = "train", text_column: str = "te
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
         if not files:
             raise DataError(f"{path} holds no .txt/.md files to read")
-        dataset = datasets.load_dataset("text", data_files=files, sample_by="paragraph", split="train")
-    elif path.is_file() and suffix in TEXT_SUFFIXES:
-        dataset = datasets.load_dataset("text", data_files=str(path), sample_by="paragraph", split="train")
-    elif path.is_file() and suffix in JSON_SUFFIXES:
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+        dataset = _load_local(spec, "text", files, sample_by="paragraph")
+    elif path.is_file() and suffix in TEXT_SUFFIXES | JSON_SUFFIXES:
+        if path.stat().st_size == 0:
+            raise DataError(f"data '{spec}' is an empty file; pass a file with text")
+        if suffix in TEXT_SUFFIXES:
+            dataset = _load_local(spec, "text", str(path), sample_by="paragraph")
+        else:
+            dataset = _load_local(spec, "json", str(path))
     elif path.exists():
         raise DataError(f"{path}: unsupported data file; use .txt, .md, .json or .jsonl (optionally .gz)")
+    elif suffix in TEXT_SUFFIXES | JSON_SUFFIXES or spec.startswith(("./", "../", "/", "~")):
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"data file '{spec}' does not exist{where}; check the path")
     else:
         try:
             dataset = datasets.load_dataset(spec, split=split)
@@ -42,6 +48,18 @@ def load_text_dataset(spec: str, *, split: str = "train", text_column: str = "te
     if len(dataset) == 0:
         raise DataError(f"data '{spec}' holds no text")
     return dataset
+
+
+def _load_local(spec: str, builder: str, files, **options):
+    """datasets' text/json builder on local files; a binary or malformed file is one DataError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **options)
+    except Exception as exc:  # UnicodeDecodeError, ArrowInvalid, DatasetGenerationError...
+        cause = exc.__cause__ or exc
+        raise DataError(f"data '{spec}' could not be read as {builder} ({type(cause).__name__}); pass a UTF-8 "
+                        f"{'text' if builder == 'text' else 'JSON Lines'} file") from None
 
 
 def pack_blocks(dataset, tokenizer, block_size: int, *, num_proc: int | None = None):

@@ -25,6 +25,10 @@ class OutputExistsError(RelufyError):
     """The output path exists and --force was not given."""
 
 
+class OutputError(RelufyError):
+    """The output cannot be written (permissions, read-only filesystem)."""
+
+
 class ActivationError(RelufyError):
     """Unknown activation name or an invalid activation parameter."""
 

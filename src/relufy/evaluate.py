@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
@@ -204,13 +205,16 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     `log_samples` also writes lm-eval's per-example records to samples_<task>.jsonl; `speed` adds a
     short dense-vs-sparse decode measurement (`relufy speed`'s) when the model runs on CUDA.
     """
-    from .checkpoint import load_model, load_tokenizer, resolve_source
+    from .checkpoint import load_model, load_tokenizer, model_identity, resolve_source
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise OutputExistsError(f"{output} exists and is not an empty directory; pass --force to replace it")
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and not limit > 0:
+        raise DataError(f"--limit must be > 0: examples per task (e.g. 40) or a fraction below 1 (e.g. 0.1), "
+                        f"got {limit:g}")
     ps = [float(p) for p in ps or ()]
     if any(not p > 0 for p in ps):
         raise DataError(f"every p must be > 0 (a perplexity rise in percent), got {ps}")
@@ -225,14 +229,17 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     model = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
     probe = SparsityProbe(model)
+    quiet_lm_eval_logs()
     lm = _probed_lm(model, tokenizer, probe, batch_size=batch_size, max_length=max_length)
     harness: dict = {"results": {}, "groups": {}, "n-shot": {}, "versions": {}, "n-samples": {},
                      "higher_is_better": {}, "group_subtasks": {}}
     per_task: dict[str, dict] = {}
     samples: dict[str, list] = {}
     totals = [[0.0, 0] for _ in range(probe.num_layers)]
-    with probe, lm.token_masks.attached():
+    bar = tqdm(desc="lm-eval tasks", unit="task", total=len(plan.tasks))
+    with bar, probe, lm.token_masks.attached():  # the bar is closed on errors too, not left for exit
         for name, shots in plan.tasks.items():
+            bar.set_description(f"lm-eval task {name}")
             probe.reset()
             logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
             out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code, log_samples)
@@ -243,16 +250,18 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
             for total, counts in zip(totals, probe.layers):
                 total[0] += float(counts.zeros)
                 total[1] += counts.elements
+            bar.update(1)
     per_layer = [zeros / elements if elements else float("nan") for zeros, elements in totals]
     lm_tokens = sum(entry["tokens"] for entry in per_task.values())
 
     ppl = {"results": {}, "forward_passes": 0, "tokens": 0}
     if ps:
-        ppl = ppl_p_sparsity(model, blocks.to(device), ps=ps, batch_size=max(1, batch_size))
-    results = {
-        "model": str(source),
+        ppl = ppl_p_sparsity(model, blocks.to(device), ps=ps, batch_size=max(1, batch_size), progress=True)
+    results = {  # names, not local paths: results and the cards made from them are meant for sharing
+        "model": _model_name(source),
         "model_name": _model_name(source),
         "activation": _activation(model),
+        "identity": model_identity(source, _activation(model)),
         "relufy_version": __version__,
         "lm_eval": harness,
         "scores": group_averages(harness, plan.groups),
@@ -260,7 +269,7 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
                      "tokens": lm_tokens},
         "ppl_p_sparsity": ppl["results"],
         "ppl_p_forward_passes": ppl["forward_passes"],
-        "heldout": {"source": str(heldout), "tokens": ppl["tokens"], "block_size": block_size},
+        "heldout": {"source": _data_name(heldout), "tokens": ppl["tokens"], "block_size": block_size},
         "tokens_evaluated": lm_tokens + ppl["tokens"],
         "settings": {"tasks": plan.tasks, "groups": plan.groups, "limit": limit, "batch_size": batch_size,
                      "dtype": dtype, "device": device},
@@ -291,23 +300,46 @@ def _decode_speed(model) -> dict | None:
         return None
 
 
-class _QuietCustomDataset(logging.Filter):
-    """Drop lm-eval's per-task hint about `--metadata` that every custom_dataset task triggers."""
+class _QuietLmEval(logging.Filter):
+    """Drop lm-eval warnings that relufy's own use always triggers and that mean nothing here: the per-task hint
+    about `--metadata` of custom_dataset tasks, and the warning that HFLM got a loaded model instead of a name
+    (relufy loads the model once, on purpose)."""
+
+    HARMLESS = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type `str`")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.HARMLESS)
+
+
+def quiet_lm_eval_logs() -> None:
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
+        task_logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietLmEval) for f in task_logger.filters):
+            task_logger.addFilter(_QuietLmEval())
+
+
+@contextlib.contextmanager
+def _without_environment_report():
+    """lm-eval adds the current directory's git hash (running `git`, which prints 'fatal: not a git repository'
+    outside a checkout) and torch's environment report (`pip list`, seconds per task) to results relufy does not
+    keep: skip both."""
+    import lm_eval.evaluator as evaluator
+
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash, evaluator.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
 
 
 def _simple_evaluate(lm, name: str, shots: int | None, limit, manager, unsafe: bool, log_samples: bool) -> dict:
     from lm_eval import simple_evaluate
 
-    task_logger = logging.getLogger("lm_eval.api.task")
-    if not any(isinstance(f, _QuietCustomDataset) for f in task_logger.filters):
-        task_logger.addFilter(_QuietCustomDataset())
-
-    out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=limit, task_manager=manager,
-                          log_samples=log_samples, bootstrap_iters=0, confirm_run_unsafe_code=unsafe,
-                          verbosity="WARNING")
+    with _without_environment_report():
+        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=shots, limit=limit, task_manager=manager,
+                              log_samples=log_samples, bootstrap_iters=0, confirm_run_unsafe_code=unsafe,
+                              verbosity="WARNING")
     return json.loads(json.dumps({k: v for k, v in (out or {}).items() if k != "config" and k != "configs"},
                                  default=str))
 
@@ -322,6 +354,14 @@ def _write_outputs(output: Path, results: dict, samples: dict[str, list], *, for
         plot_per_layer_sparsity(results, tmp / plots["per_layer"])
         plot_sparsity_vs_p(results, tmp / plots["vs_p"])
         (tmp / "report.md").write_text(evaluation_report(results, plots) + "\n")
+
+
+def _data_name(spec: str | Path) -> str:
+    """relufy's own held-out file by its place in the project, a local file by its name, a datasets name as is."""
+    path = Path(spec)
+    if path.resolve() == DEFAULT_HELDOUT.resolve():
+        return "evaluate/tasks/data/heldout.jsonl"
+    return path.name if path.exists() else str(spec)
 
 
 def _model_name(source) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .architectures import Architecture, architecture_for
+from .atomic import respect_umask
 from .errors import RecipeError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def save_adapter(trainer, output_dir: Path) -> Path:
     trainer.save_model(str(tmp))  # every rank: DeepSpeed gathers the weights collectively
     if trainer.args.should_save:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing should need to load it
+        respect_umask(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -167,9 +169,14 @@ def save_merged(model: nn.Module, tokenizer, output_dir: Path) -> None:
     tmp = output_dir / ".merged.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    respect_umask(tmp)
     for stale in output_dir.glob("model*.safetensors*"):
         stale.unlink()
     for path in sorted(tmp.iterdir()):

@@ -59,6 +59,8 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
         config.pop("auto_map", None)
+        if "relufy" in config:
+            config["relufy"] = shareable(config["relufy"])
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         remote = write_remote_code(tmp)
         card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
@@ -85,14 +87,37 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = Fals
 
 
 def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
-    """Refuse an evaluation of another model: the evaluated path or name must be this directory's."""
+    """Refuse an evaluation of another model: the identity recorded by `relufy evaluate` (config and weight
+    fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
+    from .architectures import architecture_for
+    from .checkpoint import Source, model_identity
+
     if "lm_eval" not in results or "model" not in results:
         raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
-    evaluated = str(results["model"])
-    same_path = Path(evaluated).expanduser().resolve() == model_dir
-    if not (same_path or results.get("model_name") == model_dir.name):
-        raise DataError(f"{results_path} evaluates '{evaluated}', not {model_dir}: names differ; evaluate this "
-                        "model with `relufy evaluate` and pass that results.json")
+    recorded = results.get("identity")
+    if not isinstance(recorded, dict):
+        raise DataError(f"{results_path} records no model identity (written by an older relufy); evaluate "
+                        f"{model_dir} again with `relufy evaluate` and pass that results.json")
+    config = json.loads((model_dir / "config.json").read_text())
+    activation = str(config.get(architecture_for(config.get("model_type")).activation_key))
+    actual = model_identity(Source(model_dir), activation)
+    differ = [f"{key} ({recorded.get(key)} evaluated, {actual[key]} here)" if key == "activation" else key
+              for key in actual if recorded.get(key) != actual[key]]
+    if differ:
+        raise DataError(f"{results_path} evaluates another model than {model_dir}: {', '.join(differ)} differ; "
+                        "evaluate this model with `relufy evaluate` and pass that results.json")
+
+
+def shareable(value):
+    """`value` with every absolute local path replaced by its last component: a card or config meant for the Hub
+    must not carry the author's folders (home, venv, scratch disk)."""
+    if isinstance(value, dict):
+        return {key: shareable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shareable(item) for item in value]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or Path(value).is_absolute()):
+        return Path(value).name
+    return value
 
 
 def _base_model_of(provenance: dict) -> str | None:

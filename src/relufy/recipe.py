@@ -5,6 +5,11 @@ The recipe's keys are the fields of two dataclasses, parsed by `HfArgumentParser
 `TrainingArguments` (learning_rate, max_steps, logging_steps, output_dir, report_to, ...).
 Any key can be overridden with `--set dotted.key=value` (`--set stages.2.lambda=0.1`); values
 are read as YAML. Every problem is a `RecipeError` that names the key and the fix.
+
+Relative input paths written in a recipe file (`model_name_or_path`, `data`, `held_out_data`) resolve
+against the recipe file's folder, so a recipe and its data can travel together and the recipe works
+from any directory; paths given with `--set` and every output path (`output_dir`,
+`converted_model_dir`) resolve against the current directory, like any command-line path.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import difflib
 import enum
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +33,9 @@ from .errors import RecipeError
 from .schedule import Schedule
 
 PACKAGE_PREFIX = "pkg:"
+INPUT_PATH_KEYS = ("model_name_or_path", "data", "held_out_data")
+# A value with one of these suffixes (or starting with ./ ../ / ~) names a local file, never a hub name.
+FILE_SUFFIXES = (".txt", ".md", ".text", ".json", ".jsonl", ".gz", ".gguf", ".safetensors")
 # Liger Kernel options that swap a model's whole MLP for a fused kernel with a hard-coded activation
 # (SiLU, GELU, ReLU^2): they would silently undo the conversion, so relufy keeps them off.
 LIGER_MLP_KERNELS = ("swiglu", "geglu", "relu_squared")
@@ -50,6 +59,9 @@ class ProSparseArguments:
         "help": "dtype the weights are loaded in (float32 keeps fp32 master weights; use bf16: true for mixed precision)"})
     trust_remote_code: bool = False
     data: str | None = field(default=None, metadata={"help": ".txt/.jsonl file, folder of .txt files, or datasets name"})
+    data_hint: str | None = field(default=None, metadata={
+        "help": "how to get `data` / `held_out_data` when they are missing (e.g. the command that builds them); "
+                "shown in the error"})
     data_split: str = "train"
     text_column: str = "text"
     block_size: int = field(default=1024, metadata={"help": "tokens per packed training sequence"})
@@ -100,6 +112,7 @@ class Recipe:
     schedule: Schedule
     source: Path | None = None
     raw: dict = field(default_factory=dict)
+    recipe_relative: dict = field(default_factory=dict)  # input key -> the relative path written in the file
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
@@ -107,12 +120,55 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a recipe YAML (or start from `base`), apply `--set` overrides, validate, and parse it."""
     data = dict(base or {})
     source = None
+    written: dict[str, str] = {}
     if path is not None:
         source = Path(path)
         data.update(read_yaml(source))
+        written = _resolve_against(data, source.parent)
     for override in overrides:
         apply_override(data, override)
-    return parse_recipe(data, source)
+    recipe = parse_recipe(data, source)
+    recipe.recipe_relative = {key: text for key, (text, resolved) in written.items() if data.get(key) == resolved}
+    return recipe
+
+
+def looks_local(value: str) -> bool:
+    """Whether a model/data value names a local file (not a hub or datasets name)."""
+    return value.startswith(("./", "../", "/", "~")) or value.lower().endswith(FILE_SUFFIXES)
+
+
+def _resolve_against(data: dict, folder: Path) -> dict[str, tuple[str, str]]:
+    """Make the recipe's relative input paths relative to `folder`; return {key: (written, resolved)}."""
+    written = {}
+    for key in INPUT_PATH_KEYS:
+        value = data.get(key)
+        if not isinstance(value, str) or value.startswith((PACKAGE_PREFIX, "/", "~")):
+            continue
+        candidate = os.path.normpath(folder / value)
+        if looks_local(value) or Path(candidate).exists():
+            data[key] = candidate
+            written[key] = (value, candidate)
+    return written
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Fail before any work when a local model or data path of the recipe does not exist."""
+    from .errors import DataError
+
+    args = recipe.prosparse
+    for key in INPUT_PATH_KEYS:
+        value = getattr(args, key)
+        if not value or value.startswith(PACKAGE_PREFIX) or not looks_local(value):
+            continue
+        if Path(value).expanduser().exists():
+            continue
+        where = "" if os.path.isabs(value) else f" (relative to the current directory {Path.cwd()})"
+        if key in recipe.recipe_relative:
+            where = (f" (the recipe says '{recipe.recipe_relative[key]}'; relative paths in a recipe resolve against "
+                     f"its folder {recipe.source.parent.resolve()})")
+        fix = args.data_hint if key != "model_name_or_path" and args.data_hint else f"fix it or pass --set {key}=PATH"
+        error = RecipeError if key == "model_name_or_path" else DataError
+        raise error(f"{key} '{value}' does not exist{where}; {fix}")
 
 
 def read_yaml(path: Path) -> dict:
@@ -193,12 +249,28 @@ def parse_recipe(data: dict, source: Path | None = None) -> Recipe:
         if not data.get(key):
             raise RecipeError(f"{where} lacks '{key}'; add it to the YAML or pass --set {key}=...")
     schedule = Schedule.from_config(data.get("stages"))
+    _check_world_size(bool(data.get("use_cpu")))
     try:
         prosparse, training = HfArgumentParser((ProSparseArguments, TrainingArguments)).parse_dict(data)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where} is invalid: {str(exc).splitlines()[0]}") from None
     _validate(prosparse, training, schedule, where)
     return Recipe(prosparse, training, schedule, source, data)
+
+
+def _check_world_size(use_cpu: bool) -> None:
+    """More processes on this node than visible GPUs: say how to launch, before TrainingArguments fails on a
+    device index (accelerate's shipped configs, like TRL's, say num_processes: 8)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if processes <= 1 or use_cpu:
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < visible < processes:
+        raise RecipeError(f"accelerate launch started {processes} processes on this machine but {visible} GPU(s) "
+                          f"are visible; pass --num_processes {visible} to accelerate launch (the config file's "
+                          "num_processes is meant for a node with more GPUs)")
 
 
 def _validate(args: ProSparseArguments, training, schedule: Schedule, where: str) -> None:

@@ -13,6 +13,7 @@ accumulation, DDP and DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
 import json
@@ -30,10 +31,10 @@ from transformers import Trainer, TrainerCallback
 
 from .activations import FATReLU, parse_activation
 from .architectures import architecture_for
-from .atomic import write_text_atomically
+from .atomic import TMP_SUFFIX, respect_umask, write_text_atomically
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe, ffn_modules
-from .recipe import Recipe, resolve_model_path
+from .recipe import Recipe, check_inputs, resolve_model_path
 from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,12 @@ logger = logging.getLogger(__name__)
 PLOT_FILE = "training_curves.png"
 _NO_BAD_STEP = 2**62  # first-bad-step value while every loss so far was finite
 CHECKPOINT_PREFIX = "checkpoint-"
+INCOMPLETE = "INCOMPLETE"  # in a checkpoint folder while it is being written
+FINAL_TMP = ".final-model" + TMP_SUFFIX  # the final model is written here, then moved into output_dir
+# How libraries report a full disk: OSError (ENOSPC/EDQUOT), safetensors' SafetensorError ("os error 28"),
+# torch.save's RuntimeError ("file write failed").
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122", "StorageFull",
+                   "file write failed")
 
 
 class ProSparseTrainer(Trainer):
@@ -140,18 +147,28 @@ class ProSparseTrainer(Trainer):
                             "learning_rate or the stage lambdas, then resume with --resume")
 
     def _save_checkpoint(self, model, trial):
+        """A checkpoint is complete or absent: it carries an INCOMPLETE marker until every file is written, a
+        failed or interrupted save removes it, and `last_checkpoint` skips one a kill -9 left marked."""
+        folder = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        if self.args.should_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / INCOMPLETE).write_text("relufy is still writing this checkpoint\n")
         try:
-            return super()._save_checkpoint(model, trial)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            broken = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            result = super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are written
+        except BaseException as exc:
             if self.args.should_save:
-                shutil.rmtree(broken, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
+            if not isinstance(exc, Exception) or not is_disk_full(exc):
+                raise
             last = last_checkpoint(Path(self.args.output_dir))
             kept = f"kept the last good checkpoint {last}" if last else "no earlier checkpoint exists"
-            raise TrainingError(f"out of disk space while saving {broken.name} ({exc.strerror}); removed it and "
+            raise TrainingError(f"out of disk space while saving {folder.name} ({_first_line(exc)}); removed it and "
                                 f"{kept}. Free space (or raise save_total_limit) and resume with --resume") from None
+        if self.args.should_save:
+            respect_umask(folder)
+            (folder / INCOMPLETE).unlink(missing_ok=True)
+        return result
 
 
 @dataclass
@@ -215,10 +232,34 @@ def _zero_ratio(probe: SparsityProbe, device) -> torch.Tensor:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The `checkpoint-N` folder with the largest N in `output_dir`, or None."""
+    """The complete `checkpoint-N` folder with the largest N in `output_dir`, or None.
+
+    A folder still marked INCOMPLETE (its save was killed) is skipped with a warning.
+    """
     found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
              if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(found)[1] if found else None
+    for _, folder in sorted(found, reverse=True):
+        if not (folder / INCOMPLETE).exists():
+            return folder
+        logger.warning("skipping %s: its save did not finish (delete it to free the space)", folder)
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the disk or the quota is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # -- the pipeline -----------------------------------------------------------------------------------
@@ -233,6 +274,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks."""
     args, training = recipe.prosparse, recipe.training
     output_dir = Path(training.output_dir)
+    check_inputs(recipe)  # a missing model or data file fails here, before the conversion
     _check_output_dir(output_dir, resume, force, training)
     if training.use_liger_kernel:
         if importlib.util.find_spec("liger_kernel") is None:
@@ -412,11 +454,39 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
                             f"'relufy convert {base} OUT' and train OUT")
     dtype = "float32" if source.gguf_file and args.model_dtype == "auto" else args.model_dtype
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
-        **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
+    cut = "num_hidden_layers" in args.model_config_overrides
+    with _quiet_unloaded_layers(cut):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
+            **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
+    if cut:
+        logger.info("kept the first %s decoder layers of %s (model_config_overrides)",
+                    args.model_config_overrides["num_hidden_layers"], source)
     model.config.use_cache = False
     return model
+
+
+class _UnloadedLayersReport(logging.Filter):
+    """Drops transformers' load report when all it lists is UNEXPECTED keys: the checkpoint's layers that
+    `model_config_overrides: {num_hidden_layers: N}` leaves out on purpose. A report with missing or
+    mismatched keys still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("LOAD REPORT" in text and "UNEXPECTED" in text and "MISSING" not in text
+                    and "MISMATCH" not in text)
+
+
+@contextlib.contextmanager
+def _quiet_unloaded_layers(active: bool):
+    source = logging.getLogger("transformers.modeling_utils")
+    quiet = _UnloadedLayersReport()
+    if active:
+        source.addFilter(quiet)
+    try:
+        yield
+    finally:
+        source.removeFilter(quiet)
 
 
 def _prepare_data(recipe: Recipe, tokenizer):
@@ -454,14 +524,28 @@ def collate_blocks(rows: list[dict]) -> dict:
 
 
 def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
+    """Save the final model into output_dir/.final-model.relufy-tmp, then move its files into output_dir
+    (config.json last): an error, Ctrl-C or SIGTERM leaves no half-written model.safetensors beside the checkpoints."""
+    tmp = output_dir / FINAL_TMP
+    if trainer.args.should_save:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed outright
+    trainer.accelerator.wait_for_everyone()
     try:
-        trainer.save_model(str(output_dir))
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        trainer.save_model(str(tmp))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save:
+            respect_umask(tmp)
+            for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(path, output_dir / path.name)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) or not is_disk_full(exc):
             raise
         last = last_checkpoint(output_dir)
-        raise TrainingError(f"out of disk space while saving the final model to {output_dir}; the last good "
-                            f"checkpoint is {last}. Free space and resume with --resume") from None
+        raise TrainingError(f"out of disk space while saving the final model to {output_dir} ({_first_line(exc)}); "
+                            f"the last good checkpoint is {last}. Free space and resume with --resume") from None
+    finally:
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path) -> None:
@@ -484,8 +568,8 @@ def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path
             merged.config.use_cache = True
             save_merged(merged, trainer.processing_class, output_dir)
             del merged
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as exc:
+        if not is_disk_full(exc):
             raise
         raise TrainingError(f"out of disk space while saving the adapter or the merged model to {output_dir}; the "
                             f"last good checkpoint is {last_checkpoint(output_dir)}. Free space and resume with "

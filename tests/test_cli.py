@@ -1,0 +1,47 @@
+"""The command line: it starts without importing torch, and successful runs print no alarming noise."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from relufy.cli import main, toy_run_note
+from relufy.recipe import load_recipe
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["sparsity", "--help"]])
+def test_the_command_line_starts_without_importing_torch(argv):
+    code = ("import sys\nfrom relufy.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_deepspeeds_cpu_accelerator_warning_is_silenced(capsys):
+    main(["compare", "missing"])  # any command
+    record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU. If you have "
+                               "GPU or other accelerator, we were unable to detect it.", None, None)
+    assert not logging.getLogger("DeepSpeed").filter(record)
+    record.msg = "a real DeepSpeed warning"
+    assert logging.getLogger("DeepSpeed").filter(record)
+
+
+def test_a_toy_recipe_says_its_perplexity_is_expected_to_be_useless():
+    assert "toy run" in toy_run_note(load_recipe(REPO / "recipes" / "tiny-cpu.yaml"))
+    assert toy_run_note(load_recipe(REPO / "recipes" / "prosparse-smollm2-135m.yaml", ["bf16=false"])) is None
+
+
+def test_an_unreadable_or_unwritable_file_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import relufy.cli
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/locked.txt")
+
+    monkeypatch.setattr(relufy.cli, "_run_compare", denied)
+    assert main(["compare", "x"]) == 1
+    assert capsys.readouterr().err.strip() == ("relufy compare: error: Permission denied (/data/locked.txt); check the "
+                                               "path, its permissions and free space")

@@ -1,0 +1,73 @@
+"""Outputs are complete or absent (errors, Ctrl-C, SIGTERM), stale temp folders are swept, modes follow the
+umask."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model
+
+from relufy.activations import make_activation
+from relufy.atomic import atomic_directory
+from relufy.convert import convert_checkpoint
+
+# Runs `relufy convert` with a copy step that announces itself and then waits to be signalled.
+WAITING_CONVERT = """
+import signal, sys
+import relufy.convert
+
+def copy(src, dst, link):
+    (dst / "model.safetensors").write_bytes(b"half")
+    print("copying", flush=True)
+    signal.pause()
+
+relufy.convert._copy_checkpoint = copy
+from relufy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return save_tiny_model("llama", tmp_path / "src")
+
+
+def test_sigterm_during_convert_exits_130_and_removes_the_temp_folder(tmp_path, tiny):
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_CONVERT, "convert", str(tiny), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "copying"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip() == "relufy convert: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_temp_folders_left_by_dead_processes_are_swept_and_live_ones_kept(tmp_path, tiny):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".out.{finished.stdout.strip()}.k2j4hd8s.relufy-tmp"  # killed with kill -9, say
+    legacy = tmp_path / ".out.x7q2m9zz.relufy-tmp"  # the older name, without a pid
+    live = tmp_path / f".out.{os.getppid()}.a1b2c3d4.relufy-tmp"
+    other = tmp_path / ".other.1.a1b2c3d4.relufy-tmp"  # another output's: not ours to judge
+    for folder in (dead, legacy, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"0" * 1000)
+    convert_checkpoint(tiny, tmp_path / "out", make_activation("relu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "out", live.name, other.name])
+
+
+def test_written_files_follow_the_umask_like_cp(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out", replace=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            (tmp / "model.safetensors").chmod(0o600)  # what safetensors' own temp file leaves
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -295,7 +295,7 @@ def _add_speed(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="decode steps timed per run (default 256)")
     p.add_argument("--generate-tokens", type=int, default=128, help="new tokens of the HF generate run (default 128)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--no-compile", action="store_true",
                    help="capture the plain eager decode step (by default, on CUDA, it is compiled first, "
@@ -317,7 +317,7 @@ def _run_speed(args) -> int:
         raise DataError(f"--batch-sizes must be comma-separated integers like 1,4,16, "
                         f"got '{args.batch_sizes}'") from None
     config = SpeedConfig(batch_sizes=batch_sizes, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                         generate_tokens=args.generate_tokens, dtype=args.dtype, device=args.device, seed=args.seed,
+                         generate_tokens=args.generate_tokens, dtype=args.dtype, device=_device(args), seed=args.seed,
                          compile=not args.no_compile)
     result = speed_of_checkpoint(args.model, config, trust_remote_code=args.trust_remote_code)
     _write_json(output, result)

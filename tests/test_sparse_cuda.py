@@ -9,7 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
 
 from tiny_models import build_tiny_model  # noqa: E402
 

@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RELUFY_TEST_CUDA") else "1")
 torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 

@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RELUFY_TEST_CUDA") else "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
@@ -81,7 +80,15 @@ def test_sparsify_twice_changes_nothing_more():
     assert [ffn.forward for ffn in ffn_modules(model)] == forwards
 
 
-def test_a_silu_model_is_left_alone_with_one_warning(caplog):
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """`sparsify` warns once per process; earlier tests may have used that once."""
+    import relufy.sparse.ffn
+
+    monkeypatch.setattr(relufy.sparse.ffn, "_warned", set())
+
+
+def test_a_silu_model_is_left_alone_with_one_warning(caplog, fresh_warnings):
     model = build_tiny_model("llama")
     with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):
         sparsify(model)
@@ -91,7 +98,7 @@ def test_a_silu_model_is_left_alone_with_one_warning(caplog):
     assert len(warnings) == 1 and "'silu'" in warnings[0]
 
 
-def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog):
+def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog, fresh_warnings):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = build_tiny_model("llama", hidden_act="relu")
     with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..activations import parse_activation
 from ..architectures import Architecture, architecture_for
+from ..errors import UnsupportedArchitectureError
 from ..probe import ffn_modules
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
 
     Needs CUDA (or Triton's interpreter, `TRITON_INTERPRET=1`, as the CPU tests use) and a
     ReLU-family activation (relu, fatrelu_t, shifted_relu_b, relu2); otherwise the model is left
-    unchanged and a warning says why, once. Calling it again changes nothing.
+    unchanged and a warning says why, once. Calling it again changes nothing. Move and cast the
+    model first: the kernels keep references to the weights as they are now.
     """
     config = config or SparseConfig()
     reason = _why_not(model)
@@ -137,7 +139,7 @@ def _why_not(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     try:
         arch = architecture_for(getattr(config, "model_type", None))
-    except Exception as exc:  # an architecture relufy does not map
+    except UnsupportedArchitectureError as exc:
         return f"relufy.sparse: {exc}; the model runs dense"
     value = str(getattr(config, arch.activation_key, None))
     if parse_activation(value) is None:
@@ -172,7 +174,8 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
         w_first, w_up, b_first, b_up = _rows_per_neuron(up, output_rows=True), None, up.bias, None
     w_down_t = _rows_per_neuron(down, output_rows=False)
     if w_up is not None and (b_first is None) != (b_up is None):
-        raise ValueError(f"{type(ffn).__name__}: the kernels need a bias on both gate and up projections or on neither")
+        raise UnsupportedArchitectureError(f"{type(ffn).__name__}: the sparse kernels need a bias on both gate and up "
+                                           "projections or on neither")
     return SparseFFN(w_first=w_first.detach(), w_up=None if w_up is None else w_up.detach(), w_down_t=w_down_t,
                      b_first=_detached(b_first), b_up=_detached(b_up), b_down=_detached(down.bias),
                      activation=activation, act_param=float(act_param), workspace=workspace_for(w_down_t),

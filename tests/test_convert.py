@@ -214,6 +214,7 @@ def test_unreachable_hub_id_fails_with_one_line(tmp_path, monkeypatch, capsys):
     assert main(["convert", "someorg/missing-model", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "someorg/missing-model" in err
+    assert "is not a local directory or file" in err  # a mistyped local path is not only a network problem
     assert list(tmp_path.iterdir()) == []
 
 

@@ -64,8 +64,9 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.md"]))
     except Exception as exc:  # offline, unknown repo, gated repo...: one line for the user
-        raise SourceError(f"could not fetch '{repo_id}' from the Hub ({type(exc).__name__}); "
-                          "check the id and your network, or pass a local directory") from None
+        raise SourceError(f"'{repo_id}' is not a local directory or file (relative to {Path.cwd()}), and fetching "
+                          f"it as a hub id failed ({type(exc).__name__}); check the path, or the id and your "
+                          "network") from None
 
 
 def check_model_dir(path: Path) -> None:

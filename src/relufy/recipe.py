@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from .activations import ACTIVATIONS, parse_activation
-from .errors import RecipeError
+from .errors import DataError, RecipeError
 from .schedule import Schedule
 
 PACKAGE_PREFIX = "pkg:"
@@ -120,7 +120,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a recipe YAML (or start from `base`), apply `--set` overrides, validate, and parse it."""
     data = dict(base or {})
     source = None
-    written: dict[str, str] = {}
+    written: dict[str, tuple[str, str]] = {}
     if path is not None:
         source = Path(path)
         data.update(read_yaml(source))
@@ -153,8 +153,6 @@ def _resolve_against(data: dict, folder: Path) -> dict[str, tuple[str, str]]:
 
 def check_inputs(recipe: Recipe) -> None:
     """Fail before any work when a local model or data path of the recipe does not exist."""
-    from .errors import DataError
-
     args = recipe.prosparse
     for key in INPUT_PATH_KEYS:
         value = getattr(args, key)

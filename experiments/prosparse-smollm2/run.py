@@ -62,6 +62,7 @@ ARMS = {
 }
 # --tiny: the settings of a CPU smoke run (2 layers, a few steps, a slice of every task)
 TINY = dict(steps=20, stage0=10, batch=2, block=64, eval_limit=4, heldout_tokens=512, eval_block=64)
+TINY_MATCHED = dict(heldout_tokens=512, calibration_tokens=512, eval_block=64, eval_limit=4)
 STAGE0_FRACTION = 150 / 1800  # with --tokens, stage 0 takes this share of the steps (the best run's)
 TINY_TRAIN = ["model_config_overrides.num_hidden_layers=2", "use_cpu=true", "bf16=false", "optim=adamw_torch",
               "preprocessing_num_workers=1",
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="calibration tokens (held-out blocks after the perplexity ones)")
     p.add_argument("--eval-block", type=int, default=512)
     p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    p.add_argument("--tiny", action="store_true", help="after a --tiny run: " +
+                   ", ".join(f"{k}={v}" for k, v in TINY_MATCHED.items()))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_matched)
     p = sub.add_parser("collect", help="copy a run's small files into DEST and write DEST/compare.md")
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
     if args.func is run_matched:
         args.corpus = args.corpus.resolve()
+        if args.tiny:
+            vars(args).update(TINY_MATCHED)
         args.routes = args.routes or list(ROUTES)
         if unknown := set(args.routes) - set(ROUTES):
             parser.error(f"unknown route(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")

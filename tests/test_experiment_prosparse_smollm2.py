@@ -4,6 +4,7 @@ command it would run is one relufy accepts (checked with --dry-run, nothing trai
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 
@@ -134,11 +135,43 @@ def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_pat
     assert commands["prosparse+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse")
 
 
-def test_fit_trend_finds_slope_and_crossing():
+@pytest.fixture(scope="module")
+def plots():
     spec = importlib.util.spec_from_file_location("prosparse_smollm2_plots", DRIVER.with_name("plots.py"))
-    plots = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plots)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_trend_finds_slope_and_crossing(plots):
     fit = plots.fit_trend([1e7, 1e8, 1e9], [1.45, 1.35, 1.25])
     assert fit["slope_per_decade"] == pytest.approx(-0.1)
     assert fit["tokens_at_goal"] == pytest.approx(10 ** 11, rel=1e-6) and fit["monotonic_decrease"]
     assert plots.fit_trend([1e7, 1e8], [1.3, 1.4])["tokens_at_goal"] is None
+
+
+def test_figures_read_collected_runs(plots, tmp_path):
+    def route(zeros: float, ppl: float) -> dict:
+        return {"dense": {"zero_ratio": zeros, "ppl": ppl},
+                "targets": [{"target": t, "zero_ratio": t, "ppl": ppl * (1 + t)} for t in (0.869, 0.9)]}
+
+    (tmp_path / "matched").mkdir()
+    for name, result in (("relu", route(0.6, 20)), ("silu", route(0.0, 18)), ("silu-curve", route(0.0, 18))):
+        (tmp_path / "matched" / f"{name}.json").write_text(json.dumps(result))
+    assert plots.route_points(tmp_path, "silu") == [(0.0, 18), (0.869, 18 * 1.869), (0.9, 18 * 1.9)]
+    plots.matched_figure(tmp_path, tmp_path / "matched.png")
+    runs = []
+    for steps, ratio in ((610, 1.5), (1831, 1.4), (5493, 1.3)):
+        run = tmp_path / str(steps)
+        for arm, ppl in (("relu", 20.0), ("prosparse+shift", 20.0 * ratio)):
+            (run / arm).mkdir(parents=True)
+            (run / arm / "results.json").write_text(json.dumps({
+                "ppl_p_sparsity": {"1": {"ppl_dense": ppl}}, "sparsity": {"overall": 0.5}, "scores": {"average": 50}}))
+        (run / "settings.json").write_text(json.dumps({"prosparse": {"steps": steps, "batch": 16, "block": 1024}}))
+        runs.append(run)
+    summary = plots.tokens_figure(runs, tmp_path / "tokens.png")
+    assert [row["ppl_ratio"] for row in summary["points"]] == pytest.approx([1.5, 1.4, 1.3])
+    assert summary["slope_per_decade"] < 0 and summary["tokens_at_goal"] > 5493 * 16 * 1024
+    assert json.loads((tmp_path / "tokens.json").read_text())["monotonic_decrease"]
+    for png in ("matched.png", "tokens.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -109,6 +109,14 @@ def frontier(runs: list[tuple[str, Path]], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def save(fig, axis, out: Path) -> None:
+    """Grid, legend, tight layout, PNG: how every one-panel figure here ends."""
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def route_points(directory: Path, route: str) -> list[tuple[float, float]]:
     """(zero-ratio on the held-out text, held-out perplexity) of one route: dense, then every target, sorted."""
     points = set()
@@ -135,10 +143,7 @@ def matched_figure(directory: Path, out: Path) -> None:
     axis.set_xlabel("zero-ratio of x1 on the held-out text (%)")
     axis.set_ylabel("held-out perplexity")
     axis.set_title("routes to a sparse model, thresholded to matched zero-ratios")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save(fig, axis, out)
     print(f"wrote {out}")
 
 
@@ -179,10 +184,7 @@ def tokens_figure(directories: list[Path], out: Path) -> dict:
     axis.set_xscale("log")
     axis.set_xlabel("training tokens per arm")
     axis.set_ylabel("held-out perplexity: ProSparse (+shift) / ReLU")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save(fig, axis, out)
     summary = {"points": rows, **fit}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")

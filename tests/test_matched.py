@@ -97,3 +97,11 @@ def test_too_little_heldout_text_for_separate_calibration_blocks_is_refused(silu
     assert main(["matched", str(silu_checkpoint), "--target", "0.9", "-o", str(tmp_path / "x.json"), "--heldout",
                  str(heldout), "--no-suite", *SMALL]) == 2
     assert "separate ones" in capsys.readouterr().err
+
+
+def test_the_cli_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    script = "import sys, relufy.cli; assert 'torch' not in sys.modules and 'relufy.matched' not in sys.modules"
+    subprocess.run([sys.executable, "-c", script], check=True)

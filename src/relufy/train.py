@@ -351,7 +351,7 @@ def _prepare_base(recipe: Recipe) -> str:
     args = recipe.prosparse
     base = resolve_model_path(args.model_name_or_path)
     if args.activation is None:
-        return base
+        return _dequantized_base(recipe, base)
     activation: Activation = parse_activation(args.activation)
     source = resolve_source(base)
     config = read_config(source)
@@ -367,6 +367,31 @@ def _prepare_base(recipe: Recipe) -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             logger.info("converting %s to %s in %s", source, activation.config_value, target)
             convert_checkpoint(base, target, activation)
+    return str(target)
+
+
+def _dequantized_base(recipe: Recipe, base: str) -> str:
+    """A base trained with its own activation: as it is, or, for a GGUF file (which the Trainer refuses as
+    quantized), its plain safetensors copy in converted_model_dir (default <output_dir>/base-dequantized)."""
+    from accelerate import PartialState
+
+    from .checkpoint import read_config, resolve_source
+    from .convert import dequantize_checkpoint
+
+    source = resolve_source(base)
+    if not source.gguf_file:
+        return base
+    config = read_config(source)
+    current = str(config.get(architecture_for(config.get("model_type")).activation_key))
+    target = Path(recipe.prosparse.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
+    with PartialState().main_process_first():
+        if not _is_conversion_of(target, str(source), current):
+            if target.exists():
+                raise RecipeError(f"converted_model_dir {target} exists but is not a dequantized copy of {source}; "
+                                  "remove it or choose another converted_model_dir")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("dequantizing %s into %s (activation %s kept)", source, target, current)
+            dequantize_checkpoint(base, target)
     return str(target)
 
 

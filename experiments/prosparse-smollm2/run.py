@@ -201,8 +201,8 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
             evaluate(name, trained)
 
 
-# Routes to a sparse model, compared at matched zero-ratios by `relufy matched`: name -> (the model,
-# a train/ folder or None for the original, and what thresholding it means there).
+# Routes to a sparse model, compared at matched zero-ratios by `relufy matched`: name -> (its train/
+# folder, None for the original model; what thresholding means there).
 ROUTES = {
     "relu": ("relu", "the ReLU arm with a per-layer FATReLU-style threshold"),
     "silu": ("silu", "the SiLU arm with magnitude thresholding of x1 (TEAL/CATS, training-free)"),
@@ -364,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=run_arms)
     p = sub.add_parser("matched", help="every route at the ProSparse arm's zero-ratio and at 90%% (relufy matched)")
     p.add_argument("out_dir", type=Path, help="a run's OUT_DIR (one budget's folder, with --tokens)")
-    p.add_argument("routes", nargs="*", metavar="ROUTE",
-                   help=f"default: all ({', '.join(ROUTES)})")
+    p.add_argument("routes", nargs="*", metavar="ROUTE", help="default: all of " + "; ".join(
+        f"{name}: {what}" for name, (_, what) in ROUTES.items()))
     p.add_argument("--model", default=DEFAULT_MODEL, help="the original model (the 'original' route)")
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with heldout.txt")
     p.add_argument("--match-zero-ratio", type=float,

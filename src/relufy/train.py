@@ -375,31 +375,35 @@ def _dequantized_base(recipe: Recipe, base: str) -> str:
     quantized), its plain safetensors copy in converted_model_dir (default <output_dir>/base-dequantized)."""
     from accelerate import PartialState
 
-    from .checkpoint import read_config, resolve_source
+    from .checkpoint import resolve_source
     from .convert import dequantize_checkpoint
 
     source = resolve_source(base)
     if not source.gguf_file:
         return base
-    config = read_config(source)
-    current = str(config.get(architecture_for(config.get("model_type")).activation_key))
     target = Path(recipe.prosparse.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
     with PartialState().main_process_first():
-        if not _is_conversion_of(target, str(source), current):
+        provenance = _provenance(target)
+        if not (provenance.get("dequantized") and provenance.get("source") == str(source)):
             if target.exists():
                 raise RecipeError(f"converted_model_dir {target} exists but is not a dequantized copy of {source}; "
                                   "remove it or choose another converted_model_dir")
             target.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("dequantizing %s into %s (activation %s kept)", source, target, current)
+            logger.info("dequantizing %s into %s (its activation kept)", source, target)
             dequantize_checkpoint(base, target)
     return str(target)
 
 
-def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
+def _provenance(target: Path) -> dict:
+    """The `relufy` entry of a checkpoint's config.json ({} when there is none)."""
     try:
-        provenance = json.loads((target / "config.json").read_text()).get("relufy", {})
+        return json.loads((target / "config.json").read_text()).get("relufy", {})
     except (OSError, json.JSONDecodeError):
-        return False
+        return {}
+
+
+def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
+    provenance = _provenance(target)
     return provenance.get("source") == source and provenance.get("activation") == activation
 
 

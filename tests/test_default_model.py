@@ -37,3 +37,31 @@ def test_gguf_is_dequantized_once_into_a_plain_relu_checkpoint(tmp_path):
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all()
     assert not any(p.name.endswith(".relufy-tmp") for p in tmp_path.iterdir())
+
+
+def test_training_the_gguf_with_its_own_activation_starts_from_a_dequantized_copy(tmp_path, monkeypatch):
+    """The Trainer refuses a model loaded from GGUF, so a run that keeps SiLU trains a plain copy, made once.
+
+    The dequantization itself is convert's (tested above); a tiny stand-in keeps this test fast.
+    """
+    import relufy.convert
+    from relufy.recipe import load_recipe
+    from relufy.train import _prepare_base
+    from tiny_models import save_tiny_model
+
+    calls = []
+
+    def fake_dequantize(source, dst, arch, activation, dtype):
+        calls.append(activation)
+        save_tiny_model("llama", dst)
+
+    monkeypatch.setattr(relufy.convert, "_dequantize_gguf", fake_dequantize)
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "relu-only.yaml",
+                         ["activation=null", f"model_name_or_path={default_gguf()}", f"output_dir={tmp_path / 'run'}",
+                          "bf16=false", "use_cpu=true", "optim=adamw_torch"])
+    base = Path(_prepare_base(recipe))
+    assert base == tmp_path / "run" / "base-dequantized" and calls == [None]  # None: the activation is kept
+    config = json.loads((base / "config.json").read_text())
+    assert config["hidden_act"] == "silu"
+    assert config["relufy"]["dequantized"] and config["relufy"]["source"] == str(default_gguf())
+    assert Path(_prepare_base(recipe)) == base and calls == [None]  # reused, not made again

@@ -4,6 +4,7 @@ command it would run is one relufy accepts (checked with --dry-run, nothing trai
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 
@@ -81,3 +82,96 @@ def test_lora_arm_trains_adapters_at_its_own_learning_rate(driver, capsys, tmp_p
     recipe = load_recipe(REPO / commands["prosparse-lora"][4], overrides(commands["prosparse-lora"]))
     assert recipe.prosparse.use_peft and recipe.prosparse.lora_r == 8
     assert recipe.training.learning_rate == pytest.approx(7e-4)
+
+
+def test_silu_control_differs_from_relu_only_in_activation(driver, capsys, tmp_path):
+    commands = dry_run(driver, capsys, tmp_path, "relu", "silu", flags=("--steps", "600", "--lr", "3e-4"))
+    assert list(commands) == ["relu", "relu-eval", "silu", "silu-eval"]
+    relu, silu = (dict(o.split("=", 1) for o in overrides(commands[arm])) for arm in ("relu", "silu"))
+    assert {k for k in relu if relu[k] != silu.get(k)} == {"output_dir", "activation"}
+    assert relu["activation"] == "relu" and silu["activation"] == "null"
+    recipe = load_recipe(REPO / commands["silu"][4], overrides(commands["silu"]))
+    assert recipe.prosparse.activation is None and recipe.schedule.max_lambda == 0  # trains the SiLU model as is
+    assert recipe.training.seed == load_recipe(REPO / commands["relu"][4], overrides(commands["relu"])).training.seed
+
+
+def test_token_budgets_give_each_budget_its_folder_steps_and_stage0(driver, capsys, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    driver.main(["run", str(tmp_path / "out"), "relu", "prosparse", "--corpus", str(corpus), "--dry-run",
+                 "--tokens", "10M,30M,90M", "--scheduler", "warmup_stable_decay", "--compile"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ") and ": " in line
+             and not line.startswith("== budget")]
+    commands = {line[3:].split(":", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines}
+    per_budget = {}
+    for budget, steps in (("10M", 610), ("30M", 1831), ("90M", 5493)):
+        relu = dict(o.split("=", 1) for o in overrides(commands[f"{budget}/relu"]))
+        prosparse = dict(o.split("=", 1) for o in overrides(commands[f"{budget}/prosparse"]))
+        assert relu["max_steps"] == prosparse["max_steps"] == str(steps)
+        assert relu["output_dir"] == str(tmp_path / "out" / budget / "train" / "relu")
+        assert relu["torch_compile"] == "true" and relu["lr_scheduler_type"] == "warmup_stable_decay"
+        # within a budget only the regularisation (and its shift) differ
+        assert {k for k in relu if relu[k] != prosparse.get(k)} == {"output_dir", "stages", "threshold_shift"}
+        per_budget[budget] = relu
+    # across budgets only the budget (steps, and the decay that is a share of them) and the folder differ
+    assert {k for k in per_budget["10M"] if per_budget["10M"][k] != per_budget["90M"][k]} == \
+        {"output_dir", "max_steps", "stages", "lr_scheduler_kwargs"}
+
+
+def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_path):
+    driver.main(["matched", str(tmp_path / "out"), "--corpus", str(tmp_path), "--match-zero-ratio", "0.869",
+                 "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    commands = {line[3:].split(":", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines}
+    assert list(commands) == [f"{route}-{kind}" for route in ("relu", "silu", "original", "fixed-l1",
+                                                              "prosparse+shift") for kind in ("matched", "curve")]
+    from relufy.cli import build_parser
+
+    for step, command in commands.items():
+        args = build_parser().parse_args(command[3:])  # every command is one relufy accepts
+        assert args.command == "matched" and args.output.endswith(step.rsplit("-", 1)[0] + (
+            ".json" if step.endswith("matched") else "-curve.json"))
+    assert commands["relu-matched"][6] == "0.869,0.9" and "--no-suite" in commands["relu-curve"]
+    assert commands["prosparse+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse")
+
+
+@pytest.fixture(scope="module")
+def plots():
+    spec = importlib.util.spec_from_file_location("prosparse_smollm2_plots", DRIVER.with_name("plots.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fit_trend_finds_slope_and_crossing(plots):
+    fit = plots.fit_trend([1e7, 1e8, 1e9], [1.45, 1.35, 1.25])
+    assert fit["slope_per_decade"] == pytest.approx(-0.1)
+    assert fit["tokens_at_goal"] == pytest.approx(10 ** 11, rel=1e-6) and fit["monotonic_decrease"]
+    assert plots.fit_trend([1e7, 1e8], [1.3, 1.4])["tokens_at_goal"] is None
+
+
+def test_figures_read_collected_runs(plots, tmp_path):
+    def route(zeros: float, ppl: float) -> dict:
+        return {"dense": {"zero_ratio": zeros, "ppl": ppl},
+                "targets": [{"target": t, "zero_ratio": t, "ppl": ppl * (1 + t)} for t in (0.869, 0.9)]}
+
+    (tmp_path / "matched").mkdir()
+    for name, result in (("relu", route(0.6, 20)), ("silu", route(0.0, 18)), ("silu-curve", route(0.0, 18))):
+        (tmp_path / "matched" / f"{name}.json").write_text(json.dumps(result))
+    assert plots.route_points(tmp_path, "silu") == [(0.0, 18), (0.869, 18 * 1.869), (0.9, 18 * 1.9)]
+    plots.matched_figure(tmp_path, tmp_path / "matched.png")
+    runs = []
+    for steps, ratio in ((610, 1.5), (1831, 1.4), (5493, 1.3)):
+        run = tmp_path / str(steps)
+        for arm, ppl in (("relu", 20.0), ("prosparse+shift", 20.0 * ratio)):
+            (run / arm).mkdir(parents=True)
+            (run / arm / "results.json").write_text(json.dumps({
+                "ppl_p_sparsity": {"1": {"ppl_dense": ppl}}, "sparsity": {"overall": 0.5}, "scores": {"average": 50}}))
+        (run / "settings.json").write_text(json.dumps({"prosparse": {"steps": steps, "batch": 16, "block": 1024}}))
+        runs.append(run)
+    summary = plots.tokens_figure(runs, tmp_path / "tokens.png")
+    assert [row["ppl_ratio"] for row in summary["points"]] == pytest.approx([1.5, 1.4, 1.3])
+    assert summary["slope_per_decade"] < 0 and summary["tokens_at_goal"] > 5493 * 16 * 1024
+    assert json.loads((tmp_path / "tokens.json").read_text())["monotonic_decrease"]
+    for png in ("matched.png", "tokens.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,13 @@
         each run's prosparse+shift arm: zero-ratio against its perplexity and accuracy cost relative
         to the relu arm trained on the same tokens, with the target region shaded; runs given the
         same LABEL (e.g. several --peak values) form one line.
+    python experiments/prosparse-smollm2/plots.py matched DEST [--out DEST/matched.png]
+        every route of `run.py matched`: x1 zero-ratio on the held-out text against held-out perplexity,
+        one curve per route (its dense model, the CURVE points and the matched ones), matched zero-ratios marked.
+    python experiments/prosparse-smollm2/plots.py tokens --out tokens.png DEST_10M DEST_30M DEST_90M
+        the ProSparse (+shift) / ReLU held-out perplexity ratio against training tokens, with the fit
+        ratio = a + b log10(tokens), its slope b (per tenfold tokens) and the token count where the fitted
+        line reaches 1.05x; the numbers also go to the same name with .json.
 
 The arms are found by their folders: a folder with trainer_state.json was trained, one with
 results.json was evaluated (the names are run.py's).
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -101,6 +109,88 @@ def frontier(runs: list[tuple[str, Path]], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def save(fig, axis, out: Path) -> None:
+    """Grid, legend, tight layout, PNG: how every one-panel figure here ends."""
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def route_points(directory: Path, route: str) -> list[tuple[float, float]]:
+    """(zero-ratio on the held-out text, held-out perplexity) of one route: dense, then every target, sorted."""
+    points = set()
+    for path in (directory / "matched" / f"{route}.json", directory / "matched" / f"{route}-curve.json"):
+        if path.exists():
+            result = json.loads(path.read_text())
+            points.add((result["dense"]["zero_ratio"], result["dense"]["ppl"]))
+            points.update((entry["zero_ratio"], entry["ppl"]) for entry in result["targets"])
+    return sorted(points)
+
+
+def matched_figure(directory: Path, out: Path) -> None:
+    """One curve per route; dotted lines at the zero-ratios every route was matched at (with the suite)."""
+    routes = sorted({path.name.removesuffix(".json").removesuffix("-curve")
+                     for path in (directory / "matched").glob("*.json")})
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for route in routes:
+        zeros, ppl = zip(*route_points(directory, route))
+        axis.plot([100 * z for z in zeros], ppl, "o-", label=route)
+        matched = directory / "matched" / f"{route}.json"
+        for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
+            axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
+    axis.set_yscale("log")
+    axis.set_xlabel("zero-ratio of x1 on the held-out text (%)")
+    axis.set_ylabel("held-out perplexity")
+    axis.set_title("routes to a sparse model, thresholded to matched zero-ratios")
+    save(fig, axis, out)
+    print(f"wrote {out}")
+
+
+def fit_trend(tokens: list[float], ratios: list[float], goal: float = TARGET_PPL_RATIO) -> dict:
+    """Least squares ratio = a + b log10(tokens), and the tokens where that line reaches `goal` (None if never).
+
+    A straight line in log tokens is the simplest trend three budgets can support; the crossing is an
+    extrapolation from them, not a prediction the data can vouch for.
+    """
+    xs = [math.log10(t) for t in tokens]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ratios) / len(ratios)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ratios)) / spread if spread else float("nan")
+    intercept = mean_y - slope * mean_x
+    at_goal = 10 ** ((goal - intercept) / slope) if slope < 0 else None  # a flat or rising trend never gets there
+    return {"slope_per_decade": slope, "intercept": intercept, "goal": goal, "tokens_at_goal": at_goal,
+            "monotonic_decrease": all(b < a for a, b in zip(ratios, ratios[1:]))}
+
+
+def tokens_figure(directories: list[Path], out: Path) -> dict:
+    """The ProSparse/ReLU perplexity ratio of each budget's collected run, the fit, and the 1.05x crossing."""
+    rows = []
+    for directory in directories:
+        settings = json.loads((directory / "settings.json").read_text())["prosparse"]
+        tokens = settings["steps"] * settings["batch"] * settings["block"]
+        _, ppl, _ = measures(directory / "prosparse+shift")
+        _, relu_ppl, _ = measures(directory / "relu")
+        rows.append({"run": str(directory), "tokens": tokens, "ppl_ratio": ppl / relu_ppl})
+    rows.sort(key=lambda row: row["tokens"])
+    fit = fit_trend([row["tokens"] for row in rows], [row["ppl_ratio"] for row in rows])
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    axis.plot([row["tokens"] for row in rows], [row["ppl_ratio"] for row in rows], "o", label="measured")
+    end = max(rows[-1]["tokens"], fit["tokens_at_goal"] or 0)
+    line = [rows[0]["tokens"] * (end / rows[0]["tokens"]) ** (i / 50) for i in range(51)]
+    axis.plot(line, [fit["intercept"] + fit["slope_per_decade"] * math.log10(t) for t in line], "--",
+              label=f"fit: {fit['slope_per_decade']:+.3f} per 10x tokens")
+    axis.axhline(TARGET_PPL_RATIO, color="green", alpha=0.5, label=f"{TARGET_PPL_RATIO}x")
+    axis.set_xscale("log")
+    axis.set_xlabel("training tokens per arm")
+    axis.set_ylabel("held-out perplexity: ProSparse (+shift) / ReLU")
+    save(fig, axis, out)
+    summary = {"points": rows, **fit}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="figure", required=True)
@@ -110,9 +200,19 @@ def main() -> None:
     p = sub.add_parser("frontier", help="each run's ProSparse arms against its ReLU arm")
     p.add_argument("--run", nargs=2, action="append", required=True, metavar=("LABEL", "DIR"))
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("matched", help="zero-ratio against held-out perplexity, one curve per route")
+    p.add_argument("directory", type=Path, help="a collected run with matched/ (run.py collect)")
+    p.add_argument("--out", type=Path, help="default: DIRECTORY/matched.png")
+    p = sub.add_parser("tokens", help="the ProSparse/ReLU perplexity ratio against training tokens, fitted")
+    p.add_argument("directories", type=Path, nargs="+", help="one collected run per token budget")
+    p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.figure == "curves":
         curves(args.directory, args.tokens_per_step)
+    elif args.figure == "matched":
+        matched_figure(args.directory, args.out or args.directory / "matched.png")
+    elif args.figure == "tokens":
+        tokens_figure(args.directories, args.out)
     else:
         frontier([(label, Path(directory)) for label, directory in args.run], args.out)
 

@@ -1,17 +1,20 @@
 """ProSparse at small scale: SmolLM2-135M-Instruct, the paper's arms, relufy's own commands only.
 
-Every trained arm gets the same data, steps, batch and optimizer; only the L1 regularization
-differs, so the arms compare the regularization and nothing else. The arms are defined once, in
-ARMS below; each runs end to end as `relufy convert/train/evaluate` child processes, so what this
-measures is what a user of the CLI gets.
+Every trained arm gets the same data, steps, batch, seed and optimizer; only the activation (ReLU,
+or SiLU for the control) and the L1 regularization differ, so the arms compare those and nothing
+else. The arms are defined once, in ARMS below; each runs end to end as `relufy
+convert/train/evaluate/matched` child processes, so what this measures is what a user of the CLI gets.
 
     python experiments/prosparse-smollm2/run.py run OUT_DIR ARM [ARM ...] [--steps 1800 --lr 3e-4 ...]
+    python experiments/prosparse-smollm2/run.py run OUT_DIR relu prosparse --tokens 10M,30M,90M   # tokens axis
+    python experiments/prosparse-smollm2/run.py matched OUT_DIR   # every route at matched sparsity
     python experiments/prosparse-smollm2/run.py collect OUT_DIR DEST   # the small files, plus compare.md
     python experiments/prosparse-smollm2/run.py run OUT_DIR relu prosparse --tiny   # 2-layer CPU smoke run
 
 Layout of OUT_DIR: train/<arm>/ (the trained model, trainer_state.json), eval/<name>/ (one
-`relufy evaluate` each), logs/<step>.log, timings.tsv (step, command, seconds) and settings.json
-(arm -> the settings it ran with).
+`relufy evaluate` each), matched/<route>.json (one `relufy matched` each), logs/<step>.log,
+timings.tsv (step, command, seconds) and settings.json (arm -> the settings it ran with). With
+--tokens, each budget is such a folder of its own, OUT_DIR/<budget> (e.g. OUT_DIR/30M).
 See README.md next to this file for the recorded runs' commands.
 """
 
@@ -42,12 +45,15 @@ class Arm:
     schedule: str = "none"  # "none" (lambda = 0), "progressive" (ProSparse's stages) or "fixed" (one lambda)
     threshold_shift: bool = False  # evaluate the weights before the FATReLU shift too
     lora: bool = False
+    activation: str | None = "relu"  # the FFN activation it trains with; None keeps the original (SiLU)
 
 
 PROSPARSE_RECIPE = "recipes/prosparse-smollm2-135m.yaml"
 ARMS = {
     "original": Arm("the SiLU model, no training"),
     "relu": Arm("vanilla ReLU continual training, lambda = 0 throughout", "recipes/relu-only.yaml"),
+    "silu": Arm("the control: the original SiLU activation continued on the same tokens, lambda = 0",
+                "recipes/relu-only.yaml", activation=None),
     "prosparse": Arm("ProSparse's progressive L1 schedule, then the threshold shift; evaluated before "
                      "(prosparse) and after it (prosparse+shift)", PROSPARSE_RECIPE, "progressive", True),
     "fixed-l1": Arm("stage 0, then one constant lambda equal to the ProSparse peak", PROSPARSE_RECIPE, "fixed"),
@@ -56,6 +62,8 @@ ARMS = {
 }
 # --tiny: the settings of a CPU smoke run (2 layers, a few steps, a slice of every task)
 TINY = dict(steps=20, stage0=10, batch=2, block=64, eval_limit=4, heldout_tokens=512, eval_block=64)
+TINY_MATCHED = dict(heldout_tokens=512, calibration_tokens=512, eval_block=64, eval_limit=4)
+STAGE0_FRACTION = 150 / 1800  # with --tokens, stage 0 takes this share of the steps (the best run's)
 TINY_TRAIN = ["model_config_overrides.num_hidden_layers=2", "use_cpu=true", "bf16=false", "optim=adamw_torch",
               "preprocessing_num_workers=1",
               "threshold_eval_tokens=256", "threshold_search_steps=2", "dataloader_num_workers=0"]
@@ -98,7 +106,8 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
             "max_steps": s.steps, "per_device_train_batch_size": s.batch, "block_size": s.block,
             "learning_rate": s.lora_lr if arm.lora else s.lr, "lr_scheduler_type": s.scheduler,
             "save_steps": 100000, "report_to": "none", "logging_steps": 10, "preprocessing_num_workers": 8,
-            "stages": flow(stages_for(arm, s)), "threshold_shift": str(arm.threshold_shift).lower()}
+            "stages": flow(stages_for(arm, s)), "threshold_shift": str(arm.threshold_shift).lower(),
+            "activation": arm.activation or "null"}
     if s.scheduler == "cosine_with_min_lr":
         sets["lr_scheduler_kwargs"] = flow({"min_lr_rate": s.min_lr_ratio})
     elif s.scheduler == "warmup_stable_decay":  # by default the LR decays only in the last stability stage
@@ -119,12 +128,12 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
 class Runner:
     """Runs child commands, logging each to OUT_DIR/logs/<step>.log and its wall time to timings.tsv."""
 
-    def __init__(self, out: Path, dry_run: bool):
-        self.out, self.dry_run = out, dry_run
+    def __init__(self, out: Path, dry_run: bool, label: str = ""):
+        self.out, self.dry_run, self.label = out, dry_run, label  # label: the budget, with --tokens
 
     def __call__(self, step: str, command: list) -> None:
         command = [str(part) for part in command]
-        print(f"== {step}: {shlex.join(command)}", flush=True)
+        print(f"== {self.label}{step}: {shlex.join(command)}", flush=True)
         if self.dry_run:
             return
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -143,10 +152,23 @@ class Runner:
 
 
 def run_arms(s: argparse.Namespace) -> None:
+    """Train and evaluate the arms: once with --steps, or once per token budget of --tokens."""
+    if not s.tokens:
+        return run_budget(s, Runner(s.out_dir, s.dry_run))
+    for label, tokens in s.tokens:
+        budget = argparse.Namespace(**vars(s))
+        budget.steps = max(1, round(tokens / (s.batch * s.block)))
+        budget.stage0 = round(budget.steps * STAGE0_FRACTION)
+        budget.out_dir = s.out_dir / label
+        print(f"== budget {label}: {budget.steps} steps of {s.batch} x {s.block} tokens, stage 0 to step "
+              f"{budget.stage0}", flush=True)
+        run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/"))
+
+
+def run_budget(s: argparse.Namespace, run: Runner) -> None:
     from relufy.recipe import resolve_model_path  # pkg:<package>/<file>, as in the recipes
 
     relufy = [sys.executable, "-m", "relufy"]
-    run = Runner(s.out_dir, s.dry_run)
     if not s.dry_run:
         s.out_dir.mkdir(parents=True, exist_ok=True)
         record_settings(s)
@@ -179,12 +201,62 @@ def run_arms(s: argparse.Namespace) -> None:
             evaluate(name, trained)
 
 
+# Routes to a sparse model, compared at matched zero-ratios by `relufy matched`: name -> (its train/
+# folder, None for the original model; what thresholding means there).
+ROUTES = {
+    "relu": ("relu", "the ReLU arm with a per-layer FATReLU-style threshold"),
+    "silu": ("silu", "the SiLU arm with magnitude thresholding of x1 (TEAL/CATS, training-free)"),
+    "original": (None, "the original SiLU model, training-free thresholding"),
+    "fixed-l1": ("fixed-l1", "the fixed-lambda arm, thresholded"),
+    "prosparse+shift": ("prosparse", "ProSparse with its threshold shift, thresholded further where needed"),
+}
+MATCHED_ALSO = 0.90  # the second matched zero-ratio, beside the ProSparse arm's own
+CURVE = (0.5, 0.7, 0.8, 0.95)  # perplexity-only points that draw each route's zero-ratio/perplexity curve
+
+
+def prosparse_zero_ratio(s: argparse.Namespace) -> str:
+    """The ProSparse arm's zero-ratio on the lm-eval tokens (from its evaluation), or --match-zero-ratio."""
+    if s.match_zero_ratio is not None:
+        return f"{s.match_zero_ratio:g}"
+    results = s.out_dir / "eval" / "prosparse+shift" / "results.json"
+    if results.exists():
+        return f"{json.loads(results.read_text())['sparsity']['overall']:.4f}"
+    if s.dry_run:
+        return "PROSPARSE_ZERO_RATIO"
+    raise SystemExit(f"{results} does not exist: run the prosparse arm first, or pass --match-zero-ratio")
+
+
+def run_matched(s: argparse.Namespace) -> None:
+    """`relufy matched` on every route whose model exists: the suite at the ProSparse arm's zero-ratio and at
+    90%, then perplexity alone at the CURVE zero-ratios (the figure's curves)."""
+    from relufy.recipe import resolve_model_path
+
+    run = Runner(s.out_dir, s.dry_run)
+    target = prosparse_zero_ratio(s)
+    common = ["--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
+              "--calibration-tokens", s.calibration_tokens, "--block-size", s.eval_block, "--batch-size", 16,
+              "--force"]
+    limit = ["--limit", s.eval_limit] if s.eval_limit else []
+    for route in s.routes:
+        trained, _ = ROUTES[route]
+        model = resolve_model_path(s.model) if trained is None else s.out_dir / "train" / trained
+        if not s.dry_run and trained is not None and not (model / "config.json").exists():
+            print(f"{route}: {model} is not a trained model yet; skipped")
+            continue
+        out = s.out_dir / "matched"
+        relufy = [sys.executable, "-m", "relufy", "matched", model]
+        run(f"{route}-matched", [*relufy, "--target", f"{target},{MATCHED_ALSO:g}", "-o", out / f"{route}.json",
+                                 *common, *limit])
+        run(f"{route}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
+                               "-o", out / f"{route}-curve.json", *common])
+
+
 def record_settings(s: argparse.Namespace) -> None:
     """OUT_DIR/settings.json: arm -> the settings it last ran with (arms may run in separate invocations)."""
     path = s.out_dir / "settings.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()
-                if k not in ("func", "dry_run", "arms", "out_dir")}
+                if k not in ("func", "dry_run", "arms", "out_dir", "tokens")}
     recorded.update({arm: settings for arm in s.arms})
     path.write_text(json.dumps(recorded, indent=2) + "\n")
 
@@ -211,13 +283,41 @@ def collect(s: argparse.Namespace) -> None:
     for name in ("timings.tsv", "settings.json"):
         if (s.out_dir / name).exists():
             shutil.copy2(s.out_dir / name, s.dest / name)
+    collect_matched(s.out_dir / "matched", s.dest)
     subprocess.run([sys.executable, "-m", "relufy", "compare", *(s.dest / e.name for e in evaluations),
                     "--markdown", s.dest / "compare.md"], check=True)
+
+
+def collect_matched(source: Path, dest: Path) -> None:
+    """Copy matched/*.json into DEST/matched/ and write DEST/matched.md: every route at the matched zero-ratios."""
+    if not source.is_dir():
+        return
+    from relufy.matched import matched_table
+
+    (dest / "matched").mkdir(parents=True, exist_ok=True)
+    for path in source.glob("*.json"):
+        shutil.copy2(path, dest / "matched" / path.name)
+    routes = [route for route in ROUTES if (source / f"{route}.json").exists()]
+    results = [json.loads((source / f"{route}.json").read_text()) for route in routes]
+    (dest / "matched.md").write_text(matched_table(results, routes) + "\n")
+    print(f"{source} -> {dest / 'matched'}, {dest / 'matched.md'}")
 
 
 def evaluation_order(name: str) -> tuple[int, str]:
     base = name.removesuffix("+shift")
     return (list(ARMS).index(base) if base in ARMS else len(ARMS), name)
+
+
+def budgets(text: str) -> list[tuple[str, int]]:
+    """'10M,30M,90M' -> [('10M', 10_000_000), ...] (suffixes k, M, B)."""
+    scale = {"k": 10**3, "M": 10**6, "B": 10**9}
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            out.append((part, round(float(part[:-1]) * scale[part[-1]] if part[-1] in scale else float(part))))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"token budgets look like 10M,30M,90M, got '{part}'") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,15 +357,44 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="... and continue it exactly (same settings)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer CPU smoke run: " +
                    ", ".join(f"{k}={v}" for k, v in TINY.items()))
+    p.add_argument("--tokens", type=budgets, help="comma-separated token budgets (e.g. 10M,30M,90M): the arms run "
+                   "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x block) and stage 0 "
+                   f"{STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_arms)
+    p = sub.add_parser("matched", help="every route at the ProSparse arm's zero-ratio and at 90%% (relufy matched)")
+    p.add_argument("out_dir", type=Path, help="a run's OUT_DIR (one budget's folder, with --tokens)")
+    p.add_argument("routes", nargs="*", metavar="ROUTE", help="default: all of " + "; ".join(
+        f"{name}: {what}" for name, (_, what) in ROUTES.items()))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the original model (the 'original' route)")
+    p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with heldout.txt")
+    p.add_argument("--match-zero-ratio", type=float,
+                   help="default: the prosparse+shift evaluation's zero-ratio on the lm-eval tokens")
+    p.add_argument("--heldout-tokens", type=int, default=16384, help="perplexity tokens")
+    p.add_argument("--calibration-tokens", type=int, default=4096,
+                   help="calibration tokens (held-out blocks after the perplexity ones)")
+    p.add_argument("--eval-block", type=int, default=512)
+    p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    p.add_argument("--tiny", action="store_true", help="after a --tiny run: " +
+                   ", ".join(f"{k}={v}" for k, v in TINY_MATCHED.items()))
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=run_matched)
     p = sub.add_parser("collect", help="copy a run's small files into DEST and write DEST/compare.md")
     p.add_argument("out_dir", type=Path)
     p.add_argument("dest", type=Path)
     p.set_defaults(func=collect)
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
-    if args.func is run_arms:
+    if args.func is run_matched:
+        args.corpus = args.corpus.resolve()
+        if args.tiny:
+            vars(args).update(TINY_MATCHED)
+        args.routes = args.routes or list(ROUTES)
+        if unknown := set(args.routes) - set(ROUTES):
+            parser.error(f"unknown route(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")
+        if Path(args.model).exists():
+            args.model = str(Path(args.model).resolve())
+    elif args.func is run_arms:
         args.corpus = args.corpus.resolve()
         args.launch = args.launch and str(Path(args.launch).resolve())
         if Path(args.model).exists():

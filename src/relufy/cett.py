@@ -16,7 +16,6 @@ plus one dense pass shared by all p; perplexities are memoised across p values.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .metrics import perplexity, token_loss
 from .probe import SparsityProbe, down_projections
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,14 @@ class Evaluation:
 
 
 class NeuronMask:
-    """Pre-hooks that zero x1 entries with |x1_i| * ||W_down[:, i]|| <= eps_layer and count them."""
+    """Pre-hooks that zero x1 entries at or below a per-layer threshold, and count what they zero.
 
-    def __init__(self, model: nn.Module, column_norms: list[torch.Tensor]):
+    With `column_norms` (CETT) an entry's score is |x1_i| * ||W_down[:, i]||, the norm of the
+    neuron's output; without them it is |x1_i| itself (magnitude thresholding, as FATReLU, TEAL and
+    CATS apply it). `<=` makes exact zeros count as masked, so threshold 0 changes nothing.
+    """
+
+    def __init__(self, model: nn.Module, column_norms: list[torch.Tensor] | None = None):
         self.modules = down_projections(model)
         self.column_norms = column_norms
         self.thresholds = [0.0] * len(self.modules)
@@ -131,8 +136,10 @@ class NeuronMask:
     def _hook(self, index: int):
         def mask(module: nn.Module, args: tuple):
             x1 = args[0]
-            norms = self.column_norms[index].to(x1.device, x1.dtype)
-            drop = x1.abs() * norms <= self.thresholds[index]
+            score = x1.abs()
+            if self.column_norms is not None:
+                score = score * self.column_norms[index].to(x1.device, x1.dtype)
+            drop = score <= self.thresholds[index]
             self.masked[index] = self.masked[index] + drop.sum()  # a tensor: no device sync per layer
             self.elements[index] += drop.numel()
             return (x1.masked_fill(drop, 0),) + tuple(args[1:])
@@ -141,6 +148,60 @@ class NeuronMask:
 
     def per_layer(self) -> list[float]:
         return [float(m) / e if e else float("nan") for m, e in zip(self.masked, self.elements)]
+
+
+def batches(blocks: torch.Tensor, batch_size: int, device, *, desc: str = "", progress: bool = False):
+    """Rows of `blocks` in batches of `batch_size`, moved to `device` (a bar only for passes of 4+ batches:
+    a shorter pass is one step of its caller's bar)."""
+    starts = range(0, len(blocks), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 4, leave=False):
+        yield blocks[start: start + batch_size].to(device)
+
+
+@torch.no_grad()
+def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: NeuronMask, thresholds: list[float], *,
+                           batch_size: int = 4, desc: str = "", progress: bool = False) -> tuple[float, list[float]]:
+    """Perplexity over `blocks` with `mask` zeroing x1 at or below `thresholds`, and the fraction zeroed per layer.
+
+    The one thresholded pass that PPL-p% sparsity and `relufy matched` share; all-zero thresholds
+    give the dense perplexity and the exact-zero ratio.
+    """
+    device = next(model.parameters()).device
+    loss_sum, count = 0.0, 0
+    with mask:
+        mask.set(thresholds)
+        for batch in batches(blocks, batch_size, device, desc=desc, progress=progress):
+            loss, n = token_loss(model, batch)
+            loss_sum, count = loss_sum + loss, count + n
+        per_layer = mask.per_layer()
+    return perplexity(loss_sum / count), per_layer
+
+
+class X1Sample:
+    """Up to `tokens` rows of x1 per layer, spread evenly over each batch, kept on the CPU in float32.
+
+    What threshold calibration reads: PPL-p% keeps a small sample of every layer from its dense
+    pass; `relufy matched` keeps one layer at a time (`layers`), as the earlier layers are thresholded.
+    """
+
+    def __init__(self, num_layers: int, tokens: int, layers: set[int] | None = None):
+        self.tokens, self.kept = tokens, 0
+        self.layers = set(range(num_layers)) if layers is None else set(layers)
+        self.chunks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def add(self, inputs: list[torch.Tensor | None]) -> None:
+        """Keep rows of this forward's x1 (the probe's `last_inputs`) until `tokens` are kept."""
+        if self.kept >= self.tokens:
+            return
+        take = 0
+        for index in sorted(self.layers):
+            flat = inputs[index].reshape(-1, inputs[index].shape[-1])
+            take = min(len(flat), self.tokens - self.kept)
+            self.chunks[index].append(flat[_spread(len(flat), take)].float().cpu())
+        self.kept += take
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [torch.cat(chunks) if chunks else None for chunks in self.chunks]
 
 
 class PPLSearch:
@@ -168,44 +229,26 @@ class PPLSearch:
     # -- the dense pass: perplexity and cached x1 sample ---------------------------------------
     @torch.no_grad()
     def _calibrate(self) -> list[LayerCalibration]:
-        samples: list[list[torch.Tensor]] = []
-        kept = 0
         loss_sum, count = 0.0, 0
         with SparsityProbe(self.model, keep_inputs=True) as probe:
-            samples = [[] for _ in range(probe.num_layers)]
-            for batch in self._batches("PPL-p% dense pass"):
-                loss, n = self._loss(batch)
+            sample = X1Sample(probe.num_layers, self.calibration_tokens)
+            for batch in batches(self.blocks, self.batch_size, self.device, desc="PPL-p% dense pass",
+                                 progress=self.progress):
+                loss, n = token_loss(self.model, batch)
                 loss_sum, count = loss_sum + loss, count + n
-                if kept < self.calibration_tokens:
-                    take = None
-                    for index, x1 in enumerate(probe.last_inputs):
-                        flat = x1.reshape(-1, x1.shape[-1]).float().cpu()
-                        take = take if take is not None else min(len(flat), self.calibration_tokens - kept)
-                        samples[index].append(flat[_spread(len(flat), take)])
-                    kept += take
+                sample.add(probe.last_inputs)
             zeros = probe.zero_ratio_per_layer()
         self.forward_passes += 1
-        self.ppl_dense = math.exp(min(loss_sum / count, 700.0))
+        self.ppl_dense = perplexity(loss_sum / count)
         # CETT 0 means eps 0: only exact zeros are dropped, which changes nothing -> the dense pass.
         self._memo[0.0] = Evaluation(cett=0.0, ppl=self.ppl_dense, sparsity=sum(zeros) / len(zeros),
                                      per_layer=zeros, thresholds=[0.0] * len(zeros))
         layers = []
-        for module, chunks in zip(down_projections(self.model), samples):
+        for module, x1 in zip(down_projections(self.model), sample.tensors()):
             weight, bias = down_matrix(module)
-            layers.append(LayerCalibration(torch.cat(chunks), weight.cpu(), None if bias is None else bias.cpu(),
+            layers.append(LayerCalibration(x1, weight.cpu(), None if bias is None else bias.cpu(),
                                            weight.norm(dim=1).cpu()))
         return layers
-
-    def _batches(self, what: str):
-        starts = range(0, len(self.blocks), self.batch_size)  # a bar inside the p's bar only when a pass is long
-        for start in tqdm(starts, desc=what, unit="batch", disable=not self.progress or len(starts) < 4, leave=False):
-            yield self.blocks[start: start + self.batch_size].to(self.device)
-
-    def _loss(self, input_ids: torch.Tensor) -> tuple[float, int]:
-        logits = self.model(input_ids=input_ids).logits.float()
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                           input_ids[:, 1:].reshape(-1), reduction="sum")
-        return float(loss), input_ids[:, 1:].numel()
 
     # -- thresholds and thresholded evaluation ----------------------------------------------------
     def thresholds_for(self, cett: float) -> list[float]:
@@ -219,18 +262,14 @@ class PPLSearch:
         if cached and key in self._memo:
             return self._memo[key]
         thresholds = self.thresholds_for(cett)
-        loss_sum, count = 0.0, 0
-        with self._mask as mask:
-            mask.set(thresholds)
-            for batch in self._batches(f"CETT {cett:.4f}"):
-                loss, n = self._loss(batch)
-                loss_sum, count = loss_sum + loss, count + n
-            per_layer = mask.per_layer()
+        ppl, per_layer = thresholded_perplexity(self.model, self.blocks, self._mask, thresholds,
+                                                batch_size=self.batch_size, desc=f"CETT {cett:.4f}",
+                                                progress=self.progress)
         self.forward_passes += 1
         if self._bar is not None:
             self._bar.update(1)
-        result = Evaluation(cett=cett, ppl=math.exp(min(loss_sum / count, 700.0)),
-                            sparsity=sum(per_layer) / len(per_layer), per_layer=per_layer, thresholds=thresholds)
+        result = Evaluation(cett=cett, ppl=ppl, sparsity=sum(per_layer) / len(per_layer), per_layer=per_layer,
+                            thresholds=thresholds)
         self._memo[key] = result
         logger.info("CETT %.4f: ppl %.4f (dense %.4f), sparsity %.4f", cett, result.ppl, self.ppl_dense,
                     result.sparsity)

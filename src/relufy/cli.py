@@ -66,6 +66,7 @@ def _add_sparsity(sub) -> None:
 def _run_sparsity(args) -> int:
     from .checkpoint import load_model, load_tokenizer, resolve_source
     from .data import load_text_dataset, pack_blocks
+    from .evaluate import activation_name
     from .metrics import measure_sparsity
 
     if args.threshold < 0 or args.threshold != args.threshold:
@@ -82,7 +83,7 @@ def _run_sparsity(args) -> int:
     model = load_model(source, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(_device(args))
     result = measure_sparsity(model, blocks, threshold=args.threshold, batch_size=args.batch_size,
                               max_tokens=args.max_tokens)
-    result = {"model": str(source), "activation": _activation_of(model), **result}
+    result = {"model": str(source), "activation": activation_name(model), **result}
     if args.output:
         _write_json(Path(args.output), result)
     line = (f"{source}: activation {result['activation']}, zero-ratio {result['overall']:.2%} "
@@ -91,12 +92,6 @@ def _run_sparsity(args) -> int:
         line += f", |x1| <= {args.threshold}: {result['overall_below_threshold']:.2%}"
     print(line)
     return 0
-
-
-def _activation_of(model) -> str:
-    from .architectures import architecture_for
-
-    return str(getattr(model.config, architecture_for(model.config.model_type).activation_key))
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -326,7 +321,67 @@ def _run_speed(args) -> int:
     return 0
 
 
-COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_compare, _add_publish, _add_speed]
+def _add_matched(sub) -> None:
+    p = sub.add_parser("matched", help="threshold x1 to a target zero-ratio per layer, then perplexity + lm-eval",
+                       description="Calibrate a magnitude threshold per layer on held-out text so that each layer's "
+                                   "x1 (the down-projection input) is a TARGET fraction zeros, zero |x1| <= threshold "
+                                   "during the forward, and report held-out perplexity, the achieved zero-ratio and "
+                                   "the lm-eval suite at that sparsity: models trained differently, compared at the "
+                                   "same sparsity. FATReLU-style on a ReLU model, TEAL/CATS-style on a SiLU one.")
+    p.add_argument("model", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("--target", "-t", action="append", required=True, metavar="ZERO_RATIO",
+                   help="zero-ratio of x1 to reach in every layer, in (0, 1); repeat it or separate by commas "
+                        "(--target 0.869 --target 0.9)")
+    p.add_argument("--output", "-o", required=True, help="results JSON to write (must not exist unless --force)")
+    p.add_argument("--markdown", help="also write the table to this markdown file")
+    p.add_argument("--heldout", help="perplexity text (default: evaluate/tasks/data/heldout.jsonl); also the "
+                                     "calibration text, on separate blocks, unless --calibration is given")
+    p.add_argument("--heldout-tokens", type=int, default=16384, help="perplexity tokens (default 16384)")
+    p.add_argument("--calibration", help="text to calibrate the thresholds on (default: the held-out text's blocks "
+                                         "after the perplexity ones)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (default: relufy's offline suite)")
+    p.add_argument("--suite", choices=["prosparse", "offline"], help="a preset suite, as for `relufy evaluate`")
+    p.add_argument("--no-suite", action="store_true", help="perplexity and zero-ratio only, no lm-eval")
+    p.add_argument("--limit", type=float, help="examples per lm-eval task (int) or fraction (<1)")
+    p.add_argument("--max-length", type=int, help="context length for lm-eval (default: the model's)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(run=_run_matched)
+
+
+def _run_matched(args) -> int:
+    from .evaluate import DEFAULT_HELDOUT
+    from .matched import MatchedConfig, matched_sparsity, matched_table
+
+    try:
+        targets = tuple(float(t) for given in args.target for t in given.split(",") if t.strip())
+    except ValueError:
+        raise DataError(f"--target must be zero-ratios like 0.9 or 0.869,0.9, got '{' '.join(args.target)}'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    config = MatchedConfig(targets=targets, heldout=args.heldout or str(DEFAULT_HELDOUT),
+                           heldout_tokens=args.heldout_tokens, calibration=args.calibration,
+                           calibration_tokens=args.calibration_tokens, block_size=args.block_size,
+                           batch_size=args.batch_size, suite=args.suite, tasks=tasks, run_suite=not args.no_suite,
+                           limit=args.limit, max_length=args.max_length, device=_device(args), dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code)
+    result = matched_sparsity(args.model, args.output, config, force=args.force)
+    table = matched_table([result])
+    if args.markdown:
+        from .atomic import write_text_atomically
+
+        write_text_atomically(Path(args.markdown), table + "\n")
+    print(table)
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_matched, _add_compare, _add_publish,
+            _add_speed]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,32 @@ def convert_checkpoint(
     return out
 
 
+def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Write a GGUF source to `out` as plain safetensors, keeping its own activation; return `out`.
+
+    Training needs it: the Trainer refuses a model loaded from GGUF (it counts as quantized), so a
+    run that keeps the original activation (the SiLU control) starts from this copy, just as a
+    converted run starts from its conversion. Provenance records the activation as it is.
+    """
+    out = Path(out).expanduser().resolve()
+    source = resolve_source(src)
+    if not source.gguf_file:
+        raise SourceError(f"{source} is not a GGUF file; only GGUF sources need dequantizing")
+    _check_output(source, out, force=False)
+    config = read_config(source)
+    arch = architecture_for(config.get("model_type"))
+    activation = _current_activation(config, arch)
+    provenance = {"source": str(source), "original_activation": activation, "activation": activation,
+                  "dequantized": True, "relufy_version": __version__}
+    with atomic_directory(out, replace=False) as tmp:
+        _dequantize_gguf(source, tmp, arch, None, dtype)
+        path = tmp / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "relufy": provenance}, indent=2, sort_keys=True)
+                        + "\n")
+    logger.info("dequantized %s (%s kept) into %s", source, activation, out)
+    return out
+
+
 def _current_activation(config: dict, arch: Architecture) -> str:
     value = config.get(arch.activation_key)
     if not isinstance(value, str) or not value:
@@ -142,8 +168,9 @@ def _rewrite_config(directory: Path, arch: Architecture, activation: Activation,
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation, dtype: str) -> None:
-    """Load the GGUF once (dequantizing), rebuild a plain model with the new activation, save it."""
+def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation | None,
+                     dtype: str) -> None:
+    """Load the GGUF once (dequantizing), rebuild a plain model with the new activation (None: its own), save it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +184,8 @@ def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: 
     except Exception as exc:
         raise SourceError(f"{source} could not be loaded as a GGUF model ({exc})") from None
     config = quantized.config
-    setattr(config, arch.activation_key, activation.config_value)
+    if activation is not None:
+        setattr(config, arch.activation_key, activation.config_value)
     config.dtype = dtype
     if hasattr(config, "quantization_config"):  # the weights are plain tensors from here on
         del config.quantization_config

@@ -177,6 +177,66 @@ def _probed_lm(model, tokenizer, probe: SparsityProbe, *, batch_size: int, max_l
     return lm
 
 
+@dataclass
+class SuiteOptions:
+    """How lm-eval runs the tasks: examples per task, batch and context, code execution, per-example records."""
+
+    limit: float | None = None
+    batch_size: int = 1
+    max_length: int | None = None
+    confirm_run_unsafe_code: bool = False
+    log_samples: bool = False
+
+
+@dataclass
+class SuiteRun:
+    """lm-eval's merged results over the tasks, and the zero-ratio of x1 the probe saw on their real tokens."""
+
+    harness: dict
+    per_task: dict[str, dict]
+    per_layer: list[float]
+    tokens: int
+    samples: dict[str, list]
+
+    def sparsity(self) -> dict:
+        return {"overall": _mean(self.per_layer), "per_layer": self.per_layer, "per_task": self.per_task,
+                "tokens": self.tokens}
+
+
+def run_suite(model, tokenizer, plan: EvalPlan, manager, options: SuiteOptions) -> SuiteRun:
+    """Run the plan's tasks one at a time on a loaded model while a probe counts the zeros of x1.
+
+    The probe attaches last, so it counts what reaches the down projections: a caller that has
+    already hooked them (`relufy matched`'s thresholds) gets the sparsity of its thresholded model.
+    """
+    probe = SparsityProbe(model)
+    quiet_lm_eval_logs()
+    lm = _probed_lm(model, tokenizer, probe, batch_size=options.batch_size, max_length=options.max_length)
+    harness: dict = {"results": {}, "groups": {}, "n-shot": {}, "versions": {}, "n-samples": {},
+                     "higher_is_better": {}, "group_subtasks": {}}
+    per_task: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    totals = [[0.0, 0] for _ in range(probe.num_layers)]
+    bar = tqdm(desc="lm-eval tasks", unit="task", total=len(plan.tasks))
+    with bar, probe, lm.token_masks.attached():  # the bar is closed on errors too, not left for exit
+        for name, shots in plan.tasks.items():
+            bar.set_description(f"lm-eval task {name}")
+            probe.reset()
+            logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
+            out = _simple_evaluate(lm, name, shots, options.limit, manager, options.confirm_run_unsafe_code,
+                                   options.log_samples)
+            samples.update(out.pop("samples", None) or {})
+            for key in harness:
+                harness[key].update(out.get(key) or {})
+            per_task[name] = probe.summary()
+            for total, counts in zip(totals, probe.layers):
+                total[0] += float(counts.zeros)
+                total[1] += counts.elements
+            bar.update(1)
+    per_layer = [zeros / elements if elements else float("nan") for zeros, elements in totals]
+    return SuiteRun(harness, per_task, per_layer, sum(entry["tokens"] for entry in per_task.values()), samples)
+
+
 def heldout_blocks(spec: str | Path, tokenizer, *, block_size: int, max_tokens: int) -> torch.Tensor:
     """Held-out text packed into (blocks x block_size) token ids, at most `max_tokens` tokens."""
     from .data import load_text_dataset, pack_blocks
@@ -228,49 +288,26 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
     blocks = heldout_blocks(heldout, tokenizer, block_size=block_size, max_tokens=heldout_tokens) if ps else None
     model = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
-    probe = SparsityProbe(model)
-    quiet_lm_eval_logs()
-    lm = _probed_lm(model, tokenizer, probe, batch_size=batch_size, max_length=max_length)
-    harness: dict = {"results": {}, "groups": {}, "n-shot": {}, "versions": {}, "n-samples": {},
-                     "higher_is_better": {}, "group_subtasks": {}}
-    per_task: dict[str, dict] = {}
-    samples: dict[str, list] = {}
-    totals = [[0.0, 0] for _ in range(probe.num_layers)]
-    bar = tqdm(desc="lm-eval tasks", unit="task", total=len(plan.tasks))
-    with bar, probe, lm.token_masks.attached():  # the bar is closed on errors too, not left for exit
-        for name, shots in plan.tasks.items():
-            bar.set_description(f"lm-eval task {name}")
-            probe.reset()
-            logger.info("lm-eval task %s (%s-shot)", name, "default" if shots is None else shots)
-            out = _simple_evaluate(lm, name, shots, limit, manager, confirm_run_unsafe_code, log_samples)
-            samples.update(out.pop("samples", None) or {})
-            for key in harness:
-                harness[key].update(out.get(key) or {})
-            per_task[name] = probe.summary()
-            for total, counts in zip(totals, probe.layers):
-                total[0] += float(counts.zeros)
-                total[1] += counts.elements
-            bar.update(1)
-    per_layer = [zeros / elements if elements else float("nan") for zeros, elements in totals]
-    lm_tokens = sum(entry["tokens"] for entry in per_task.values())
+    suite = run_suite(model, tokenizer, plan, manager, SuiteOptions(
+        limit=limit, batch_size=batch_size, max_length=max_length,
+        confirm_run_unsafe_code=confirm_run_unsafe_code, log_samples=log_samples))
 
     ppl = {"results": {}, "forward_passes": 0, "tokens": 0}
     if ps:
         ppl = ppl_p_sparsity(model, blocks.to(device), ps=ps, batch_size=max(1, batch_size), progress=True)
     results = {  # names, not local paths: results and the cards made from them are meant for sharing
-        "model": _model_name(source),
-        "model_name": _model_name(source),
-        "activation": _activation(model),
-        "identity": model_identity(source, _activation(model)),
+        "model": model_name(source),
+        "model_name": model_name(source),
+        "activation": activation_name(model),
+        "identity": model_identity(source, activation_name(model)),
         "relufy_version": __version__,
-        "lm_eval": harness,
-        "scores": group_averages(harness, plan.groups),
-        "sparsity": {"overall": _mean(per_layer), "per_layer": per_layer, "per_task": per_task,
-                     "tokens": lm_tokens},
+        "lm_eval": suite.harness,
+        "scores": group_averages(suite.harness, plan.groups),
+        "sparsity": suite.sparsity(),
         "ppl_p_sparsity": ppl["results"],
         "ppl_p_forward_passes": ppl["forward_passes"],
         "heldout": {"source": _data_name(heldout), "tokens": ppl["tokens"], "block_size": block_size},
-        "tokens_evaluated": lm_tokens + ppl["tokens"],
+        "tokens_evaluated": suite.tokens + ppl["tokens"],
         "settings": {"tasks": plan.tasks, "groups": plan.groups, "limit": limit, "batch_size": batch_size,
                      "dtype": dtype, "device": device},
     }
@@ -278,7 +315,7 @@ def evaluate_model(model_src: str, output: str | Path, *, tasks: list[str] | Non
         measured = _decode_speed(model)
         if measured is not None:
             results["speed"] = measured
-    _write_outputs(output, results, samples, force=force)
+    _write_outputs(output, results, suite.samples, force=force)
     return results
 
 
@@ -364,13 +401,15 @@ def _data_name(spec: str | Path) -> str:
     return path.name if path.exists() else str(spec)
 
 
-def _model_name(source) -> str:
+def model_name(source) -> str:
+    """The hub id, GGUF file stem or folder name a results file calls the model by."""
     if source.hub_id:
         return source.hub_id
     return Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
 
 
-def _activation(model) -> str:
+def activation_name(model) -> str:
+    """The FFN activation as the model's config names it (silu, relu, fatrelu_0.01, ...)."""
     from .architectures import architecture_for
 
     return str(getattr(model.config, architecture_for(model.config.model_type).activation_key))

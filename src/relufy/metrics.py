@@ -30,11 +30,22 @@ def measure_sparsity(model, blocks, *, threshold: float = 0.0, batch_size: int =
                           disable=not progress):
             rows = blocks[start: min(start + batch_size, count)]["input_ids"]
             input_ids = torch.tensor(rows, device=device)
-            logits = model(input_ids=input_ids).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum").item()
-            predicted += input_ids[:, 1:].numel()
+            loss, count = token_loss(model, input_ids)
+            loss_sum, predicted = loss_sum + loss, predicted + count
         result = probe.summary()
     result["loss"] = loss_sum / predicted
-    result["perplexity"] = math.exp(min(result["loss"], 700.0))
+    result["perplexity"] = perplexity(result["loss"])
     return result
+
+
+def token_loss(model, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy of packed blocks (no padding) and the number of predicted tokens."""
+    logits = model(input_ids=input_ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             input_ids[:, 1:].reshape(-1), reduction="sum")
+    return float(loss), input_ids[:, 1:].numel()
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss), capped so that a broken model reports a huge number rather than an overflow."""
+    return math.exp(min(mean_loss, 700.0))

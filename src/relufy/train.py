@@ -393,7 +393,7 @@ def _prepare_base(recipe: Recipe) -> str:
     args = recipe.prosparse
     base = resolve_model_path(args.model_name_or_path)
     if args.activation is None:
-        return base
+        return _dequantized_base(recipe, base)
     activation: Activation = parse_activation(args.activation)
     source = resolve_source(base)
     config = read_config(source)
@@ -412,11 +412,40 @@ def _prepare_base(recipe: Recipe) -> str:
     return str(target)
 
 
-def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
+def _dequantized_base(recipe: Recipe, base: str) -> str:
+    """A base trained with its own activation: as it is, or, for a GGUF file (which the Trainer refuses as
+    quantized), its plain safetensors copy in converted_model_dir (default <output_dir>/base-dequantized)."""
+    from accelerate import PartialState
+
+    from .checkpoint import resolve_source
+    from .convert import dequantize_checkpoint
+
+    source = resolve_source(base)
+    if not source.gguf_file:
+        return base
+    target = Path(recipe.prosparse.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
+    with PartialState().main_process_first():
+        provenance = _provenance(target)
+        if not (provenance.get("dequantized") and provenance.get("source") == str(source)):
+            if target.exists():
+                raise RecipeError(f"converted_model_dir {target} exists but is not a dequantized copy of {source}; "
+                                  "remove it or choose another converted_model_dir")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("dequantizing %s into %s (its activation kept)", source, target)
+            dequantize_checkpoint(base, target)
+    return str(target)
+
+
+def _provenance(target: Path) -> dict:
+    """The `relufy` entry of a checkpoint's config.json ({} when there is none)."""
     try:
-        provenance = json.loads((target / "config.json").read_text()).get("relufy", {})
+        return json.loads((target / "config.json").read_text()).get("relufy", {})
     except (OSError, json.JSONDecodeError):
-        return False
+        return {}
+
+
+def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
+    provenance = _provenance(target)
     return provenance.get("source") == source and provenance.get("activation") == activation
 
 

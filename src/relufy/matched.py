@@ -1,0 +1,194 @@
+"""Matched-sparsity comparison: any model thresholded to a given zero-ratio of x1, then measured.
+
+Models trained differently reach different sparsities, so their quality cannot be compared at
+their own. Here each layer l gets a magnitude threshold t_l: x1 entries with |x1| <= t_l are set
+to zero (a pre-hook on the down projection, `cett.NeuronMask` without column norms), with t_l
+chosen on calibration text so that the layer's x1 is a `target` fraction zeros. On a ReLU-family
+model that is FATReLU-style thresholding of the ReLU output (exact zeros already count); on a
+SiLU model it is the training-free route of TEAL and CATS. The thresholded model is then read
+like `relufy evaluate` reads a model: held-out perplexity, and the lm-eval suite with the probe
+counting the zeros that reach the down projections.
+
+Calibration goes layer by layer, because thresholding layer l changes the x1 of every later
+layer: layer l's threshold is computed with layers 0..l-1 already thresholded, so on the
+calibration text every layer reaches the target under the model that is actually measured.
+The threshold is the empirical quantile of |x1| (the zero-ratio is a step function of t, and
+its inverse is exact), so no search is needed; it costs one pass over the calibration text per
+layer. A layer that already has at least `target` exact zeros keeps t_l = 0 (nothing can be
+un-zeroed), so a sparse model may end above the target: the achieved zero-ratio is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .cett import NeuronMask, X1Sample, batches, thresholded_perplexity
+from .errors import DataError, OutputExistsError
+from .evaluate import (DEFAULT_HELDOUT, SuiteOptions, activation_name, heldout_blocks, make_plan, model_name,
+                       run_suite, task_manager)
+from .probe import SparsityProbe
+from .report import group_averages
+
+
+@dataclass
+class MatchedConfig:
+    """What `relufy matched` measures: the target zero-ratios, the texts, and the lm-eval suite."""
+
+    targets: tuple[float, ...]
+    heldout: str = str(DEFAULT_HELDOUT)  # perplexity text; also the calibration text unless `calibration` is set
+    heldout_tokens: int = 16384
+    calibration: str | None = None  # None: the held-out text's blocks after the perplexity blocks
+    calibration_tokens: int = 4096
+    block_size: int = 512
+    batch_size: int = 8
+    suite: str | None = None  # None with no `tasks`: relufy's offline suite
+    tasks: list[str] | None = None
+    run_suite: bool = True
+    limit: float | None = None
+    max_length: int | None = None
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        """Refuse settings that cannot give a meaningful number, before anything is loaded."""
+        if not self.targets:
+            raise DataError("give at least one --target zero-ratio, e.g. --target 0.9")
+        for target in self.targets:
+            if not 0 < target < 1:
+                raise DataError(f"--target must be a zero-ratio strictly between 0 and 1 (e.g. 0.9), got {target}")
+        for name in ("heldout_tokens", "calibration_tokens"):
+            if getattr(self, name) < self.block_size:
+                raise DataError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be at least --block-size "
+                                f"({self.block_size})")
+        if self.batch_size < 1:
+            raise DataError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def magnitude_quantile(x1: torch.Tensor, target: float) -> float:
+    """The smallest t with a fraction >= `target` of |x1| <= t: the k-th smallest |x1|, k = ceil(target * n).
+
+    Exact zeros are among the smallest, so a layer that already has `target` zeros gets t = 0.
+    """
+    flat = x1.abs().flatten()
+    k = min(flat.numel(), max(1, math.ceil(target * flat.numel() - 1e-9)))
+    return float(flat.kthvalue(k).values)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_size: int = 8) -> list[float]:
+    """Per-layer magnitude thresholds that make each layer's x1 a `target` fraction zeros on `blocks`.
+
+    One pass per layer: layer l's x1 is collected with layers 0..l-1 thresholded (its own
+    threshold and the later ones at 0, which changes nothing), so later layers are calibrated
+    on the activations the thresholded model really produces.
+    """
+    device = next(model.parameters()).device
+    mask = NeuronMask(model)
+    thresholds = [0.0] * len(mask.modules)
+    for layer in range(len(thresholds)):
+        with mask, SparsityProbe(model, keep_inputs=True, count_zeros=False) as probe:  # probe after the mask
+            mask.set(thresholds)
+            sample = X1Sample(probe.num_layers, blocks.numel(), layers={layer})
+            for batch in batches(blocks, batch_size, device):
+                model(input_ids=batch)
+                sample.add(probe.last_inputs)
+        thresholds[layer] = magnitude_quantile(sample.tensors()[layer], target)
+    return thresholds
+
+
+def text_blocks(config: MatchedConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity blocks, calibration blocks), never overlapping when both come from the held-out text."""
+    size = config.block_size
+    if config.calibration is not None:
+        return (heldout_blocks(config.heldout, tokenizer, block_size=size, max_tokens=config.heldout_tokens),
+                heldout_blocks(config.calibration, tokenizer, block_size=size, max_tokens=config.calibration_tokens))
+    wanted = config.heldout_tokens // size, config.calibration_tokens // size
+    blocks = heldout_blocks(config.heldout, tokenizer, block_size=size, max_tokens=sum(wanted) * size)
+    if len(blocks) < sum(wanted):
+        raise DataError(f"'{config.heldout}' holds {len(blocks)} blocks of {size} tokens; perplexity and calibration "
+                        f"need {wanted[0]} + {wanted[1]} separate ones. Lower --heldout-tokens or "
+                        "--calibration-tokens, or pass other text with --calibration")
+    return blocks[: wanted[0]], blocks[wanted[0]:]
+
+
+def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, torch.Tensor],
+                   config: MatchedConfig, suite_plan=None) -> dict:
+    """Calibrate the thresholds for one target, then perplexity, zero-ratios and (optionally) the suite."""
+    heldout, calibration = blocks
+    thresholds = calibrate(model, calibration, target, batch_size=config.batch_size)
+    mask = NeuronMask(model)
+    _, calibrated = thresholded_perplexity(model, calibration, mask, thresholds, batch_size=config.batch_size)
+    ppl, per_layer = thresholded_perplexity(model, heldout, mask, thresholds, batch_size=config.batch_size)
+    entry = {"target": target, "thresholds": thresholds, "ppl": ppl,
+             "zero_ratio": _mean(per_layer), "per_layer": per_layer,
+             "calibration_zero_ratio": _mean(calibrated), "calibration_per_layer": calibrated}
+    if suite_plan is not None:
+        plan, manager = suite_plan
+        options = SuiteOptions(limit=config.limit, batch_size=config.batch_size, max_length=config.max_length)
+        with mask:  # registered before the suite's probe, so the probe counts the thresholded x1
+            mask.set(thresholds)
+            suite = run_suite(model, tokenizer, plan, manager, options)
+        entry.update(lm_eval=suite.harness, scores=group_averages(suite.harness, plan.groups),
+                     sparsity=suite.sparsity())
+    return entry
+
+
+def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, *, force: bool = False) -> dict:
+    """Measure `model_src` thresholded to every target of `config`; write the results JSON to `output`."""
+    from .atomic import write_text_atomically
+    from .checkpoint import load_model, load_tokenizer, resolve_source
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} exists; pass --force to replace it")
+    config.check()
+    suite_plan = None
+    if config.run_suite:
+        plan = make_plan(config.tasks, config.suite)
+        suite_plan = (plan, task_manager(list(plan.tasks)))
+    source = resolve_source(model_src)
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    blocks = text_blocks(config, tokenizer)
+    model = load_model(source, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    model = model.to(config.device).eval()
+    layers = len(NeuronMask(model).modules)
+    dense_ppl, dense_zeros = thresholded_perplexity(model, blocks[0], NeuronMask(model), [0.0] * layers,
+                                                    batch_size=config.batch_size)
+    results = {
+        "model": str(source), "model_name": model_name(source), "activation": activation_name(model),
+        "relufy_version": __version__, "layers": layers,
+        "heldout": {"source": str(config.heldout), "tokens": int(blocks[0].numel()), "block_size": config.block_size},
+        "calibration": {"source": str(config.calibration or config.heldout), "tokens": int(blocks[1].numel())},
+        "dense": {"ppl": dense_ppl, "zero_ratio": _mean(dense_zeros), "per_layer": dense_zeros},
+        "targets": [measure_target(model, tokenizer, target, blocks, config, suite_plan)
+                    for target in config.targets],
+        "settings": asdict(config),
+    }
+    write_text_atomically(output, json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def matched_table(results: list[dict], names: list[str] | None = None) -> str:
+    """Markdown: one row per model and target, with the dense model's perplexity for reference."""
+    lines = ["| model | target | zero-ratio (held-out) | zero-ratio (lm-eval) | perplexity | dense perplexity "
+             "| suite average |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, result in zip(names or [r["model_name"] for r in results], results):
+        for entry in result["targets"]:
+            lm_zeros = entry.get("sparsity", {}).get("overall")
+            suite = entry.get("scores", {}).get("average")
+            lines.append(f"| {name} | {entry['target']:.2%} | {entry['zero_ratio']:.2%} | "
+                         f"{'-' if lm_zeros is None else f'{lm_zeros:.2%}'} | {entry['ppl']:.3f} | "
+                         f"{result['dense']['ppl']:.3f} | {'-' if suite is None else f'{suite:.2f}'} |")
+    return "\n".join(lines)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

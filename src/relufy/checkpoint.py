@@ -23,10 +23,6 @@ class Source:
     gguf_file: str | None = None  # file name inside `path` when the source is GGUF
     hub_id: str | None = None
 
-    @property
-    def directory(self) -> Path:
-        return self.path
-
     def load_kwargs(self) -> dict:
         """Keyword arguments for transformers' from_pretrained."""
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -35,7 +31,7 @@ class Source:
         return self.hub_id or str(self.path / self.gguf_file if self.gguf_file else self.path)
 
 
-def resolve_source(src: str | os.PathLike, *, download: bool = True) -> Source:
+def resolve_source(src: str | os.PathLike) -> Source:
     """Turn a user's SRC into a Source; hub ids are fetched with huggingface_hub (cached)."""
     path = Path(src).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -48,7 +44,7 @@ def resolve_source(src: str | os.PathLike, *, download: bool = True) -> Source:
         return Source(path.resolve())
     if path.exists():
         raise SourceError(f"{src} is neither a model directory nor a .gguf file")
-    if _looks_like_hub_id(str(src)) and download:
+    if _looks_like_hub_id(str(src)):
         return Source(_download(str(src)), hub_id=str(src))
     raise SourceError(f"{src} does not exist; pass a checkpoint directory, a .gguf file or a hub id (org/name)")
 

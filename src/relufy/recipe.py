@@ -111,7 +111,6 @@ class Recipe:
     training: Any  # transformers.TrainingArguments
     schedule: Schedule
     source: Path | None = None
-    raw: dict = field(default_factory=dict)
     recipe_relative: dict = field(default_factory=dict)  # input key -> the relative path written in the file
 
 

@@ -252,7 +252,7 @@ def parse_recipe(data: dict, source: Path | None = None) -> Recipe:
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where} is invalid: {str(exc).splitlines()[0]}") from None
     _validate(prosparse, training, schedule, where)
-    return Recipe(prosparse, training, schedule, source, data)
+    return Recipe(prosparse, training, schedule, source)
 
 
 def _check_world_size(use_cpu: bool) -> None:

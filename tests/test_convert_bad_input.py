@@ -182,3 +182,13 @@ def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(monkeypatch, 
     monkeypatch.setattr(relufy.cli, "build_parser", interrupted)
     code, err = run_cli(capsys, "convert", "a", "b")
     assert (code, err) == (130, "relufy: interrupted")
+
+
+def test_a_package_spelling_of_a_missing_package_or_file_is_one_line(tmp_path):
+    from relufy.checkpoint import resolve_source
+    from relufy.errors import SourceError
+
+    with pytest.raises(SourceError, match="no installed package 'no_such_package'"):
+        resolve_source("pkg:no_such_package/model.gguf")
+    with pytest.raises(SourceError, match="package 'relufy' has no file 'missing.gguf'"):
+        resolve_source("pkg:relufy/missing.gguf")

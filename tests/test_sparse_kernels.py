@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
-    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, choose_tiles, sparse_ffn, workspace_size)
+    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, choose_tiles, gpu_tiles, sparse_ffn, workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
@@ -104,6 +104,13 @@ def test_tensor_core_tiles_for_larger_batches(dtype):
     tiles = choose_tiles(6, 96, 48, DEVICE)
     assert tiles.use_dot
     check(x, weights, "relu", dtype, tiles)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_the_tiles_an_h200_runs(batch):
+    """The GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks."""
+    x, weights = random_ffn(batch, k=200, n=300, d=136)
+    check(x, weights, "fatrelu", torch.float32, gpu_tiles(batch, 136, multiprocessors=132))
 
 
 @pytest.mark.skipif(ON_INTERPRETER, reason="bfloat16 tl.dot is wrong in Triton's CPU interpreter, right on GPUs")

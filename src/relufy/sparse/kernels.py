@@ -24,6 +24,7 @@ the dense model sees (up to its different summation order).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -190,20 +191,28 @@ class Tiles:
 
 
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
-    """Tiles for `batch` tokens, read off `bench/sparse_ffn.py --sweep-tiles` on an H200 (Llama-2-7B FFN).
+    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter)."""
+    if device.type == "cuda":
+        return gpu_tiles(batch, d, torch.cuda.get_device_properties(device).multi_processor_count)
+    tiles = gpu_tiles(batch, d, multiprocessors=4)
+    # Triton's CPU interpreter runs programs one by one: fewer, larger ones
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
+
+
+def gpu_tiles(batch: int, d: int, multiprocessors: int) -> Tiles:
+    """Tiles read off `bench/sparse_ffn.py --sweep-tiles` on an H200 (Llama-2-7B FFN, 90% zeros).
 
     One token: four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor cores).
     More tokens: tensor-core dots on a batch padded to 16. The down projection is split so that
     there are several programs per multiprocessor while the fp32 atomics stay few.
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     column_blocks = triton.cdiv(d, 128)
     if batch == 1:
-        rows = 4 if device.type == "cuda" else 32  # Triton's CPU interpreter runs programs one by one
-        return Tiles(block_b=1, block_n=rows, block_k=1024, use_dot=False, chunk=32, block_d=128, stages=1,
-                     split=max(1, min(64, (4 * sms) // column_blocks)))
+        return Tiles(block_b=1, block_n=4, block_k=1024, use_dot=False, chunk=32, block_d=128, stages=1,
+                     split=max(1, min(64, (4 * multiprocessors) // column_blocks)))
     return Tiles(block_b=max(16, triton.next_power_of_2(batch)), block_n=64 if batch <= 8 else 32, block_k=128,
-                 use_dot=True, chunk=32, block_d=128, stages=4, split=max(1, min(64, (8 * sms) // column_blocks)))
+                 use_dot=True, chunk=32, block_d=128, stages=4,
+                 split=max(1, min(64, (8 * multiprocessors) // column_blocks)))
 
 
 def workspace_size(tokens: int, d: int) -> int:

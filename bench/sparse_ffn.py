@@ -49,13 +49,14 @@ def main(argv=None) -> int:
     import torch
 
     from relufy.sparse.kernels import FATRELU, sparse_ffn
+    from relufy.speed import copy_bandwidth
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
     shapes = {"tiny": (64, 96)} if args.tiny else {name: SHAPES[name] for name in args.shapes.split(",")}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device, 1 << 30)  # eager: a copy inside a CUDA graph runs on the copy engine
     timer = Timer(device, 3 if args.tiny else args.replays)
     if args.sweep_tiles:
         ffn = RandomFFN(*next(iter(shapes.values())), dtype, device)
@@ -222,59 +223,23 @@ def profile_kernels(ffn: "RandomFFN", batches: list[int]) -> dict:
 
 
 class Timer:
-    """Median time (ms) of one call: CUDA-graph replays timed with events on CUDA, a few calls on CPU."""
+    """Median time (ms) of one call: CUDA-graph replays on CUDA, plain calls elsewhere, each timed
+    with `relufy.speed.Timer` (CUDA events or the host clock)."""
 
     def __init__(self, device, replays: int):
         self.device, self.replays = device, replays
 
     def __call__(self, fn) -> float:
-        import time
+        from relufy.speed import Timer as Span
+        from relufy.speed import capture
 
-        import torch
-
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(self.replays):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        run = capture(fn, warmup=3).replay if self.device.type == "cuda" else fn
         times = []
         for _ in range(self.replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            with Span(self.device) as span:
+                run()
+            times.append(span.seconds * 1e3)
         return statistics.median(times)
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a large device-to-device copy (read + write), measured now."""
-    import torch
-
-    if device.type != "cuda":
-        return 1e10
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # eager: inside a CUDA graph a copy becomes a copy-engine node, which is slower
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def print_row(row: dict) -> None:

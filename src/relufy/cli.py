@@ -100,6 +100,22 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
+def _comma_list(text: str, convert=str, flag: str = "", what: str = "") -> list:
+    """The items of a comma-separated option, blanks skipped; an item `convert` rejects is a one-line error."""
+    try:
+        return [convert(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise DataError(f"{flag} must be {what}, got '{text}'") from None
+
+
+def _write_markdown(path: str | None, table: str) -> None:
+    """`--markdown PATH`: the printed table, also written to a file (atomically)."""
+    if path:
+        from .atomic import write_text_atomically
+
+        write_text_atomically(Path(path), table + "\n")
+
+
 def _device(args) -> str:
     """--device, or the default resolved only now: asking torch while building the parser would make every
     command (even --help) pay for importing torch."""
@@ -195,11 +211,8 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from .evaluate import DEFAULT_HELDOUT, evaluate_model
 
-    try:
-        ps = [] if args.ps == "none" else [float(p) for p in args.ps.split(",") if p.strip()]
-    except ValueError:
-        raise DataError(f"--p must be comma-separated numbers like 1,5,10, got '{args.ps}'") from None
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    ps = [] if args.ps == "none" else _comma_list(args.ps, float, "--p", "comma-separated numbers like 1,5,10")
+    tasks = _comma_list(args.tasks) if args.tasks else None
     result = evaluate_model(args.model, args.output, tasks=tasks, suite=args.suite, num_fewshot=args.num_fewshot,
                             limit=args.limit, batch_size=args.batch_size, device=_device(args), dtype=args.dtype,
                             ps=ps, heldout=args.heldout or DEFAULT_HELDOUT, heldout_tokens=args.heldout_tokens,
@@ -240,10 +253,7 @@ def _run_compare(args) -> int:
         if len(names) != len(results):
             raise DataError(f"--names has {len(names)} names for {len(results)} results; give one per result")
     table = comparison_table(results, names)
-    if args.markdown:
-        from .atomic import write_text_atomically
-
-        write_text_atomically(Path(args.markdown), table + "\n")
+    _write_markdown(args.markdown, table)
     print(table)
     return 0
 
@@ -314,11 +324,7 @@ def _run_speed(args) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise OutputExistsError(f"{output} exists; pass --force to replace it")
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
-    except ValueError:
-        raise DataError(f"--batch-sizes must be comma-separated integers like 1,4,16, "
-                        f"got '{args.batch_sizes}'") from None
+    batch_sizes = tuple(_comma_list(args.batch_sizes, int, "--batch-sizes", "comma-separated integers like 1,4,16"))
     config = SpeedConfig(batch_sizes=batch_sizes, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          generate_tokens=args.generate_tokens, dtype=args.dtype, device=_device(args), seed=args.seed,
                          compile=not args.no_compile)
@@ -366,11 +372,8 @@ def _run_matched(args) -> int:
     from .evaluate import DEFAULT_HELDOUT
     from .matched import MatchedConfig, matched_sparsity, matched_table
 
-    try:
-        targets = tuple(float(t) for given in args.target for t in given.split(",") if t.strip())
-    except ValueError:
-        raise DataError(f"--target must be zero-ratios like 0.9 or 0.869,0.9, got '{' '.join(args.target)}'") from None
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    targets = tuple(_comma_list(",".join(args.target), float, "--target", "zero-ratios like 0.9 or 0.869,0.9"))
+    tasks = _comma_list(args.tasks) if args.tasks else None
     config = MatchedConfig(targets=targets, heldout=args.heldout or str(DEFAULT_HELDOUT),
                            heldout_tokens=args.heldout_tokens, calibration=args.calibration,
                            calibration_tokens=args.calibration_tokens, block_size=args.block_size,
@@ -379,10 +382,7 @@ def _run_matched(args) -> int:
                            trust_remote_code=args.trust_remote_code)
     result = matched_sparsity(args.model, args.output, config, force=args.force)
     table = matched_table([result])
-    if args.markdown:
-        from .atomic import write_text_atomically
-
-        write_text_atomically(Path(args.markdown), table + "\n")
+    _write_markdown(args.markdown, table)
     print(table)
     print(f"wrote {args.output}")
     return 0

@@ -12,7 +12,6 @@ from .errors import UnsupportedArchitectureError
 from .paths import project_file
 
 
-
 @dataclass(frozen=True)
 class Architecture:
     """How to find and change the FFN activation of one model_type."""
@@ -25,6 +24,21 @@ class Architecture:
     up: str | None = None
     gate: str | None = None
     gate_up: str | None = None
+
+    def activation_of(self, config) -> str | None:
+        """The FFN activation a config names (`silu`, `relu`, `fatrelu_0.01`...), from a config.json dict or a
+        transformers config; None when the key is absent."""
+        value = config.get(self.activation_key) if isinstance(config, dict) else \
+            getattr(config, self.activation_key, None)
+        return None if value is None else str(value)
+
+    def with_activation(self, config, activation: str):
+        """Write the FFN activation string into `config` (dict or transformers config) in place; return it."""
+        if isinstance(config, dict):
+            config[self.activation_key] = activation
+        else:
+            setattr(config, self.activation_key, activation)
+        return config
 
 
 def map_path() -> Path:
@@ -47,3 +61,9 @@ def architecture_for(model_type: str | None) -> Architecture:
         f"model_type '{model_type}' is not supported (supported: {', '.join(sorted(known))}); "
         f"add an entry for it to {map_path()}"
     )
+
+
+def architecture_of(config) -> Architecture:
+    """The map entry for a config.json dict or a transformers config (by its model_type)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return architecture_for(model_type)

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text_atomically
 from .errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -150,6 +151,16 @@ def read_config(source: Source) -> dict:
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
     except Exception as exc:
         raise SourceError(f"{source} is not a readable GGUF model ({exc})") from None
+
+
+def update_config(folder: str | os.PathLike, change) -> dict:
+    """The one writer of config.json: read `folder`'s (or start from {} when there is none), let `change` edit
+    the dict in place, write it back atomically and return it."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    change(config)
+    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
 
 
 def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_remote_code: bool = False):

@@ -7,7 +7,6 @@ and written as safetensors.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ from . import __version__
 from .activations import Activation, parse_activation
 from .architectures import Architecture, architecture_for
 from .atomic import atomic_directory
-from .checkpoint import Source, read_config, resolve_source
+from .checkpoint import Source, read_config, resolve_source, update_config
 from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .portable import write_remote_code
 
@@ -62,7 +61,7 @@ def convert_checkpoint(
             _dequantize_gguf(source, tmp, arch, activation, dtype)
         else:
             _copy_checkpoint(source.path, tmp, link)
-            (tmp / "config.json").write_text(json.dumps(config))
+            update_config(tmp, lambda written: written.update(config))
         _rewrite_config(tmp, arch, activation, provenance)
         if activation.needs_relufy:
             write_remote_code(tmp)
@@ -89,16 +88,14 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
                   "dequantized": True, "relufy_version": __version__}
     with atomic_directory(out, replace=False) as tmp:
         _dequantize_gguf(source, tmp, arch, None, dtype)
-        path = tmp / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), "relufy": provenance}, indent=2, sort_keys=True)
-                        + "\n")
+        update_config(tmp, lambda config: config.update(relufy=provenance))
     logger.info("dequantized %s (%s kept) into %s", source, activation, out)
     return out
 
 
 def _current_activation(config: dict, arch: Architecture) -> str:
-    value = config.get(arch.activation_key)
-    if not isinstance(value, str) or not value:
+    value = arch.activation_of(config)
+    if not value:
         raise UnsupportedArchitectureError(
             f"model_type '{arch.model_type}' has no FFN activation in config key '{arch.activation_key}'; "
             "fix activation_key for it in convert/architectures.yaml")
@@ -161,11 +158,11 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: dict) -> None:
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    config[arch.activation_key] = activation.config_value
-    config["relufy"] = provenance
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    def change(config: dict) -> None:
+        arch.with_activation(config, activation.config_value)
+        config["relufy"] = provenance
+
+    update_config(directory, change)
 
 
 def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation | None,
@@ -185,7 +182,7 @@ def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: 
         raise SourceError(f"{source} could not be loaded as a GGUF model ({exc})") from None
     config = quantized.config
     if activation is not None:
-        setattr(config, arch.activation_key, activation.config_value)
+        arch.with_activation(config, activation.config_value)
     config.dtype = dtype
     if hasattr(config, "quantization_config"):  # the weights are plain tensors from here on
         del config.quantization_config

@@ -410,9 +410,9 @@ def model_name(source) -> str:
 
 def activation_name(model) -> str:
     """The FFN activation as the model's config names it (silu, relu, fatrelu_0.01, ...)."""
-    from .architectures import architecture_for
+    from .architectures import architecture_of
 
-    return str(getattr(model.config, architecture_for(model.config.model_type).activation_key))
+    return str(architecture_of(model.config).activation_of(model.config))
 
 
 def _mean(values: list[float]) -> float:

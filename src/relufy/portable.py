@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from .activations import PARAMETRIZED, parse_activation
-from .architectures import architecture_for
+from .architectures import architecture_of
+from .checkpoint import update_config
 
 REMOTE_CODE_FILE = "modeling_relufy.py"
 
@@ -41,10 +42,9 @@ def write_remote_code(folder: Path) -> bool:
     from . import __version__
     from .activation_modules import module_class
 
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    arch = architecture_for(config.get("model_type"))
-    activation = parse_activation(config.get(arch.activation_key, ""))
+    config = json.loads((folder / "config.json").read_text())
+    arch = architecture_of(config)
+    activation = parse_activation(arch.activation_of(config) or "")
     if activation is None or not activation.needs_relufy:
         return False
     cls = module_class(activation.name)
@@ -55,6 +55,6 @@ def write_remote_code(folder: Path) -> bool:
         cls=cls.__name__, keyword=keyword, param=activation.param,
     )
     (folder / REMOTE_CODE_FILE).write_text(source)
-    config["auto_map"] = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.Relufy{base}"}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    update_config(folder, lambda config: config.update(
+        auto_map={"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.Relufy{base}"}))
     return True

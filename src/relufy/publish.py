@@ -16,7 +16,7 @@ import yaml
 
 from . import __version__
 from .atomic import atomic_directory
-from .checkpoint import check_model_dir
+from .checkpoint import check_model_dir, update_config
 from .errors import DataError, OutputExistsError, RelufyError, SourceError
 from .portable import write_remote_code
 from .report import SCORE_METRICS, load_result, task_scores
@@ -58,15 +58,19 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
         for path in [*weights, *tokenizer_files, *(model_dir / n for n in MODEL_FILES)]:
             if path.is_file():
                 shutil.copyfile(path, tmp / path.name)
-        config.pop("auto_map", None)
-        if "relufy" in config:
-            config["relufy"] = shareable(config["relufy"])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config = update_config(tmp, _make_shareable)
         remote = write_remote_code(tmp)
         card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
                           license_id=license_id, remote_code=remote)
         (tmp / "README.md").write_text(card)
     return out
+
+
+def _make_shareable(config: dict) -> None:
+    """The published config: no auto_map of the local remote code (rewritten if needed), no local paths."""
+    config.pop("auto_map", None)
+    if "relufy" in config:
+        config["relufy"] = shareable(config["relufy"])
 
 
 def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = False) -> str:
@@ -89,7 +93,7 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = Fals
 def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
     """Refuse an evaluation of another model: the identity recorded by `relufy evaluate` (config and weight
     fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
-    from .architectures import architecture_for
+    from .architectures import architecture_of
     from .checkpoint import Source, model_identity
 
     if "lm_eval" not in results or "model" not in results:
@@ -99,7 +103,7 @@ def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
         raise DataError(f"{results_path} records no model identity (written by an older relufy); evaluate "
                         f"{model_dir} again with `relufy evaluate` and pass that results.json")
     config = json.loads((model_dir / "config.json").read_text())
-    activation = str(config.get(architecture_for(config.get("model_type")).activation_key))
+    activation = str(architecture_of(config).activation_of(config))
     actual = model_identity(Source(model_dir), activation)
     differ = [f"{key} ({recorded.get(key)} evaluated, {actual[key]} here)" if key == "activation" else key
               for key in actual if recorded.get(key) != actual[key]]
@@ -184,10 +188,10 @@ def _model_index(results: dict, name: str) -> list[dict]:
 def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | None, license_id: str,
                remote_code: bool) -> str:
     """README.md text: YAML front matter + accuracy/sparsity table, recipe and loading instructions."""
-    from .architectures import architecture_for
+    from .architectures import architecture_of
     from .report import evaluation_report
 
-    activation = str(config.get(architecture_for(config.get("model_type")).activation_key, "?"))
+    activation = architecture_of(config).activation_of(config) or "?"
     provenance = config.get("relufy", {})
     name = repo_id.split("/")[-1]
     front = {"license": license_id, "library_name": "transformers", "pipeline_tag": "text-generation",

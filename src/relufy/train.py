@@ -30,8 +30,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .activations import FATReLU, parse_activation
-from .architectures import architecture_for
-from .atomic import TMP_SUFFIX, respect_umask, write_text_atomically
+from .architectures import architecture_of
+from .checkpoint import update_config
+from .atomic import TMP_SUFFIX, respect_umask
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe, ffn_modules
 from .recipe import Recipe, check_inputs, resolve_model_path
@@ -397,7 +398,7 @@ def _prepare_base(recipe: Recipe) -> str:
     activation: Activation = parse_activation(args.activation)
     source = resolve_source(base)
     config = read_config(source)
-    current = config.get(architecture_for(config.get("model_type")).activation_key)
+    current = architecture_of(config).activation_of(config)
     if parse_activation(str(current)) == activation:
         return base  # already converted: train it as it is
     target = Path(args.converted_model_dir or Path(recipe.training.output_dir) / f"base-{activation.config_value}")
@@ -475,8 +476,7 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
     register_with_transformers()
     source = resolve_source(base)
     config = read_config(source)
-    arch = architecture_for(config.get("model_type"))
-    value = config.get(arch.activation_key)
+    value = architecture_of(config).activation_of(config)
     if schedule.max_lambda > 0 and parse_activation(str(value)) is None:
         raise TrainingError(f"{source} uses '{value}', not a ReLU-family activation, so the L1 regularization "
                             "cannot make it sparse; set 'activation: relu' in the recipe (it converts first) or run "
@@ -619,15 +619,7 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
 
         training["lora"] = describe(recipe.prosparse, json.loads((output_dir / "config.json").read_text())
                                     .get("model_type"))
-    _update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
-
-
-def _update_config(output_dir: Path, change) -> dict:
-    path = output_dir / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
+    update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
 
 
 def _last_logged(history: list[dict], key: str):
@@ -732,23 +724,23 @@ def shift_threshold(output_dir: Path, held_out, recipe: Recipe, device) -> dict:
     unset_hf_deepspeed_config()  # reload on this process alone, never partitioned
     model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32,
                                                  trust_remote_code=args.trust_remote_code).to(device)
-    key = architecture_for(model.config.model_type).activation_key
-    current = parse_activation(str(getattr(model.config, key)))
+    arch = architecture_of(model.config)
+    current = parse_activation(str(arch.activation_of(model.config)))
     if current is None or current.name not in ("relu", "fatrelu"):
         raise TrainingError(f"threshold_shift needs a relu or fatrelu model, this one uses "
-                            f"'{getattr(model.config, key)}'; set threshold_shift: false")
+                            f"'{arch.activation_of(model.config)}'; set threshold_shift: false")
     result = calibrate_threshold(model, held_out, max_ppl_increase=args.threshold_max_ppl_increase,
                                  threshold_max=args.threshold_max, steps=args.threshold_search_steps,
                                  max_tokens=args.threshold_eval_tokens)
     activation = Activation("fatrelu", result["threshold"]) if result["threshold"] > 0 else current
 
     def record(config: dict) -> None:
-        config[key] = activation.config_value
+        arch.with_activation(config, activation.config_value)
         provenance = config.setdefault("relufy", {})
         provenance["threshold_shift"] = result
         provenance["activation"] = activation.config_value  # provenance names the activation in use
 
-    _update_config(output_dir, record)
+    update_config(output_dir, record)
     write_remote_code(output_dir)
     del model
     return result

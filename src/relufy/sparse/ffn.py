@@ -87,7 +87,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     from .kernels import ACTIVATION_CODES, workspace_size
 
     arch = architecture_for(model.config.model_type)
-    activation = parse_activation(str(getattr(model.config, arch.activation_key)))
+    activation = parse_activation(arch.activation_of(model.config))
     workspaces: dict[int, torch.Tensor] = {}
 
     def workspace_for(w_down_t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ def _why_not(model: nn.Module) -> str | None:
         arch = architecture_for(getattr(config, "model_type", None))
     except UnsupportedArchitectureError as exc:
         return f"relufy.sparse: {exc}; the model runs dense"
-    value = str(getattr(config, arch.activation_key, None))
+    value = str(arch.activation_of(config))
     if parse_activation(value) is None:
         return (f"relufy.sparse: the FFN activation is '{value}', not a ReLU-family one (relu, fatrelu_t, "
                 "shifted_relu_b, relu2), so it has no exact zeros to skip; convert it first. The model runs dense")

@@ -320,11 +320,7 @@ def budgets(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="arms:\n" + "\n".join(f"  {n:15s} {a.help}" for n, a in ARMS.items()))
-    sub = parser.add_subparsers(required=True)
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="train and evaluate arms")
     p.add_argument("out_dir", type=Path)
     p.add_argument("arms", nargs="+", choices=list(ARMS), metavar="ARM", help=", ".join(ARMS))
@@ -362,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"{STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_arms)
+
+
+def _add_matched(sub) -> None:
     p = sub.add_parser("matched", help="every route at the ProSparse arm's zero-ratio and at 90%% (relufy matched)")
     p.add_argument("out_dir", type=Path, help="a run's OUT_DIR (one budget's folder, with --tokens)")
     p.add_argument("routes", nargs="*", metavar="ROUTE", help="default: all of " + "; ".join(
@@ -379,10 +378,22 @@ def main(argv: list[str] | None = None) -> None:
                    ", ".join(f"{k}={v}" for k, v in TINY_MATCHED.items()))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_matched)
+
+
+def _add_collect(sub) -> None:
     p = sub.add_parser("collect", help="copy a run's small files into DEST and write DEST/compare.md")
     p.add_argument("out_dir", type=Path)
     p.add_argument("dest", type=Path)
     p.set_defaults(func=collect)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="arms:\n" + "\n".join(f"  {n:15s} {a.help}" for n, a in ARMS.items()))
+    sub = parser.add_subparsers(required=True)
+    for add in (_add_run, _add_matched, _add_collect):
+        add(sub)
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
     if args.func is run_matched:

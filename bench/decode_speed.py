@@ -88,10 +88,11 @@ def random_llama(shape: dict, dtype, device):
 
 def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
     """Set every FFN to FATReLU with the threshold at the `sparsity` quantile of the gate values
-    on random tokens; the config's `hidden_act` says so too, as `relufy convert` would write it."""
+    on random tokens; the config's activation says so too, as `relufy convert` would write it."""
     import torch
 
     from relufy.activations import make_activation
+    from relufy.architectures import architecture_of
     from relufy.probe import ffn_modules
 
     gates = []
@@ -108,7 +109,7 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
     activation = make_activation("fatrelu", threshold=threshold)
     for ffn in ffn_modules(model):
         ffn.act_fn = activation.module()
-    model.config.hidden_act = activation.config_value
+    architecture_of(model.config).with_activation(model.config, activation.config_value)
     return threshold
 
 

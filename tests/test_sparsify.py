@@ -17,18 +17,18 @@ pytest.importorskip("triton")
 
 from tiny_models import build_tiny_model  # noqa: E402
 
+from relufy.architectures import architecture_for  # noqa: E402
 from relufy.probe import ffn_modules  # noqa: E402
 from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparsify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
-ACTIVATION_KEYS = {"gpt2": "activation_function", "falcon": "activation", "gemma2": "hidden_activation",
-                   "gemma3_text": "hidden_activation"}
 CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_neox", "relu2"),
          ("gemma", "shifted_relu_0.1"), ("falcon", "relu"), ("qwen3", "relu")]
 
 
 def relu_model(model_type: str, activation: str):
-    return build_tiny_model(model_type, **{ACTIVATION_KEYS.get(model_type, "hidden_act"): activation}).to(DEVICE)
+    settings = architecture_for(model_type).with_activation({}, activation)
+    return build_tiny_model(model_type, **settings).to(DEVICE)
 
 
 @pytest.mark.parametrize("model_type,activation", CASES)

@@ -13,8 +13,8 @@ import torch
 from conftest import SAMPLE_TEXT
 from tiny_models import CONFIGS, VOCAB, build_tiny_model, save_tiny_checkpoint, save_tiny_model
 
-import relufy  # noqa: F401  (registers the activations)
-from relufy.activations import make_activation
+import relufy
+from relufy.activations import make_activation, module_class
 from relufy.architectures import architecture_for, load_map
 from relufy.convert import convert_checkpoint
 from relufy.probe import ffn_modules
@@ -26,6 +26,8 @@ REFERENCE = {
     "shifted_relu": lambda x, p: (x - p).clamp_min(0),
 }
 VARIANTS = [("relu", None), ("relu2", None), ("fatrelu", 0.05), ("shifted_relu", 0.1)]
+
+relufy.register_activations()  # this process loads fatrelu / shifted_relu outputs without their remote code
 
 
 def reference_logits(model, act, param, input_ids):
@@ -154,16 +156,15 @@ def test_output_loads_in_a_clean_process_without_relufy(tmp_path, act, param, mo
     torch.testing.assert_close(torch.load(logits_file, weights_only=True), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fatrelu_output_loads_with_import_relufy_and_no_remote_code(tmp_path):
+def test_fatrelu_output_loads_after_register_activations_and_no_remote_code(tmp_path):
     src = save_tiny_model("qwen3", tmp_path / "src")
     out = convert_checkpoint(src, tmp_path / "out", make_activation("fatrelu", threshold=0.02))
     from transformers import AutoModelForCausalLM
 
-    from relufy.activations import FATReLU
-
+    relufy.register_activations()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__module__.startswith("transformers.models.qwen3")
-    assert isinstance(model.model.layers[0].mlp.act_fn, FATReLU)
+    assert isinstance(model.model.layers[0].mlp.act_fn, module_class("fatrelu"))
     assert model.model.layers[0].mlp.act_fn.threshold == 0.02
 
 

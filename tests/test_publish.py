@@ -49,7 +49,7 @@ def _front_matter(card: str) -> dict:
 
 
 def _load_in_fresh_process(folder, *, import_relufy: bool, trust_remote_code: bool = False) -> str:
-    code = ("import sys\n" + ("import relufy\n" if import_relufy else "") +
+    code = ("import sys\n" + ("import relufy\nrelufy.register_activations()\n" if import_relufy else "") +
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code={trust_remote_code})\n"
             f"tok = AutoTokenizer.from_pretrained({str(folder)!r})\n"

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from tiny_models import build_tiny_model  # noqa: E402
 
+from relufy.activations import register_activations  # noqa: E402
 from relufy.architectures import architecture_for  # noqa: E402
 from relufy.probe import ffn_modules  # noqa: E402
 from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparsify  # noqa: E402
@@ -27,6 +28,7 @@ CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_ne
 
 
 def relu_model(model_type: str, activation: str):
+    register_activations()  # fatrelu_<t> and shifted_relu_<b> are relufy's
     settings = architecture_for(model_type).with_activation({}, activation)
     return build_tiny_model(model_type, **settings).to(DEVICE)
 

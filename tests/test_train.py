@@ -276,10 +276,10 @@ def test_a_run_logs_lambda_l1_and_sparsity_plots_them_and_records_the_threshold(
 def test_calibration_takes_the_largest_threshold_within_the_bound(monkeypatch):
     """With perplexity 100 * (1 + t), a 1% bound allows t <= 0.01: the search must land just below it."""
     from relufy import metrics
-    from relufy.activations import FATReLU
+    from relufy.activations import module_class
 
     def fake_measure(model, blocks, **kwargs):
-        shifted = [m.threshold for m in model.modules() if isinstance(m, FATReLU)]
+        shifted = [m.threshold for m in model.modules() if isinstance(m, module_class("fatrelu"))]
         t = shifted[0] if shifted else 0.0
         return {"perplexity": 100 * (1 + t), "overall": 0.5 + t, "tokens": 64}
 

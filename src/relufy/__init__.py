@@ -1,13 +1,13 @@
 """relufy: turn Swish/GELU LLMs into sparse ReLU LLMs (ProSparse) and measure the result.
 
-Importing relufy registers its activations (`fatrelu_<t>`, `shifted_relu_<b>`) with transformers,
-so converted checkpoints load with plain `AutoModelForCausalLM.from_pretrained`.
+`import relufy` is cheap: it imports neither torch nor transformers. A converted `relu` or `relu2`
+folder loads with plain transformers. A `fatrelu_<t>` or `shifted_relu_<b>` folder loads with
+`trust_remote_code=True` (it ships `modeling_relufy.py`), or in this process after
+`relufy.register_activations()`, which teaches transformers those names.
 """
 
 __version__ = "0.1.0"
 
-from .activations import Activation, make_activation, register_on_transformers_import  # noqa: E402
+from .activations import Activation, make_activation, register_activations  # noqa: E402
 
-register_on_transformers_import()
-
-__all__ = ["Activation", "make_activation", "__version__"]
+__all__ = ["Activation", "make_activation", "register_activations", "__version__"]

@@ -1,36 +1,41 @@
-"""The activation registry: ReLU and its variants, and their registration with transformers.
+"""ReLU and its variants: their names in a config, their torch modules, their registration with transformers.
 
-A converted config stores the activation as one string in the architecture's activation key
-(`hidden_act`, `hidden_activation`, `activation_function`, `activation`):
+A converted config stores the activation as one string under the architecture's activation key
+(read and written only through `Architecture.activation_of` / `with_activation`):
 
-| config value        | function                         | loads without relufy |
-| ------------------- | -------------------------------- | -------------------- |
-| `relu`              | max(x, 0)                        | yes                  |
-| `relu2`             | max(x, 0)^2 (Primer, ReLU^2 Wins)| yes                  |
-| `fatrelu_<t>`       | x if x >= t else 0 (ProSparse)   | after `import relufy`, or with the shipped remote code |
-| `shifted_relu_<b>`  | max(x - b, 0)                    | after `import relufy`, or with the shipped remote code |
+| config value        | function                         | loads with plain transformers |
+| ------------------- | -------------------------------- | ----------------------------- |
+| `relu`              | max(x, 0)                        | yes                           |
+| `relu2`             | max(x, 0)^2 (Primer, ReLU^2 Wins)| yes                           |
+| `fatrelu_<t>`       | x if x >= t else 0 (ProSparse)   | with `trust_remote_code=True` (the shipped `modeling_relufy.py`), or after `register_activations()` |
+| `shifted_relu_<b>`  | max(x - b, 0)                    | with `trust_remote_code=True`, or after `register_activations()` |
 
 The parameter lives in the name because transformers builds every FFN activation as
 `ACT2FN[config.<key>]` with no arguments.
+
+Importing this module costs no torch: `import relufy`, the CLI's parser, the recipe's validation and a
+safetensors conversion (which never loads weights) only need the names. FATReLU and ShiftedReLU
+subclass `torch.nn.Module`, so they are defined inside `_module_classes()` on its first call, which
+imports torch then and returns the one mapping family -> class; `module_class("fatrelu")` is how
+code reaches a class. Nothing happens on import: `register_activations()` teaches transformers the
+names when relufy's loaders (or a user) call it.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
+import copyreg
+import functools
 import math
 import re
-import sys
 from dataclasses import dataclass
 
 from .errors import ActivationError
 
-
-# parametrized family -> (class in relufy.activation_modules, keyword of its parameter).
+# parametrized family -> keyword of its parameter (the module's constructor argument and attribute).
 # relu and relu2 are transformers' own.
-PARAMETRIZED = {"fatrelu": ("FATReLU", "threshold"), "shifted_relu": ("ShiftedReLU", "shift")}
+PARAMETRIZED = {"fatrelu": "threshold", "shifted_relu": "shift"}
 ACTIVATIONS = ("relu", "fatrelu", "shifted_relu", "relu2")
-_PARAMETRIZED_NAME = re.compile(r"^(fatrelu|shifted_relu)_(.+)$")
+_PARAMETRIZED_NAME = re.compile(rf"^({'|'.join(PARAMETRIZED)})_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,7 @@ class Activation:
         """A fresh activation module (torch.nn.Module), exactly as transformers builds it from the config."""
         from transformers.activations import ACT2FN
 
-        from .activation_modules import register_with_transformers
-
-        register_with_transformers()
+        register_activations()
         return ACT2FN[self.config_value]
 
     @property
@@ -94,46 +97,95 @@ def parse_activation(config_value: str) -> Activation | None:
         return None
 
 
-def register_on_transformers_import() -> None:
-    """Register relufy's activations with transformers now, or as soon as transformers loads them.
+def module_class(family: str) -> type:
+    """The torch module class of a parametrized family ('fatrelu' -> FATReLU); imports torch."""
+    return _module_classes()[family]
 
-    Keeps `import relufy` free of torch/transformers (fast CLI start-up) while guaranteeing that
-    any later `from_pretrained` sees `fatrelu_<t>` and `shifted_relu_<b>`.
+
+@functools.cache
+def _module_classes() -> dict[str, type]:
+    """Define the torch modules once, on first use (see the module docstring: no torch on import).
+
+    `portable.py` ships these classes' source with checkpoints, so they use only torch.
     """
-    if "transformers.activations" in sys.modules:
-        from .activation_modules import register_with_transformers
+    import torch
+    from torch import nn
 
-        register_with_transformers()
-    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    class FATReLU(nn.Module):
+        """Thresholded ReLU: x where x >= threshold, else 0 (ProSparse's activation threshold shifting)."""
+
+        def __init__(self, threshold: float = 0.0):
+            super().__init__()
+            self.threshold = float(threshold)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.masked_fill(x < self.threshold, 0.0)
+
+        def extra_repr(self) -> str:
+            return f"threshold={self.threshold}"
+
+    class ShiftedReLU(nn.Module):
+        """Shifted ReLU: max(x - shift, 0)."""
+
+        def __init__(self, shift: float = 0.0):
+            super().__init__()
+            self.shift = float(shift)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x - self.shift)
+
+        def extra_repr(self) -> str:
+            return f"shift={self.shift}"
+
+    classes = {"fatrelu": FATReLU, "shifted_relu": ShiftedReLU}
+    for family, cls in classes.items():
+        # pickle (torch.save(model), copy.deepcopy) finds a class by its qualified name, which a class
+        # defined in a function does not have; copyreg's table tells it to rebuild one by family instead
+        copyreg.pickle(cls, functools.partial(_reduce_parametrized, family))
+    return classes
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds transformers.activations through the normal finders and registers right after it executes."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers.activations":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def execute_then_register(module):
-            execute(module)
-            from .activation_modules import register_with_transformers
-
-            register_with_transformers()
-
-        spec.loader.exec_module = execute_then_register
-        return spec
+def _reduce_parametrized(family: str, module) -> tuple:
+    """How pickle rebuilds a FATReLU / ShiftedReLU: a fresh one of the family, then its state (hooks included)."""
+    return _build_parametrized, (family, getattr(module, PARAMETRIZED[family])), module.__dict__
 
 
-def __getattr__(name: str):
-    """The torch-side names (`FATReLU`, `ShiftedReLU`, `register_with_transformers`), imported on first use."""
-    if name in ("FATReLU", "ShiftedReLU", "register_with_transformers"):
-        from . import activation_modules
+def _build_parametrized(family: str, param: float):
+    return module_class(family)(param)
 
-        return getattr(activation_modules, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def register_activations() -> None:
+    """Teach transformers' `ACT2FN` relufy's parametrized names (`fatrelu_0.01`, `shifted_relu_0.1`).
+
+    Call it before building a model whose config names one; relufy's own loaders do. Cheap and
+    idempotent; it imports torch and transformers.
+
+    transformers has no API to register an activation, and no table can list every threshold, so
+    ACT2FN has to resolve these names when they are missing. `OrderedDict` asks `__missing__` only of
+    a subclass that defines it, and modeling files bound the ACT2FN object itself when they were
+    imported, so that object cannot be replaced: it is given (by `__class__` assignment) a subclass
+    of its own class that adds `__missing__` and `__contains__`.
+    """
+    from transformers import activations
+
+    registry = activations.ACT2FN
+    if not isinstance(registry, _ParametrizedActivations):
+        registry.__class__ = type("RelufyActivations", (_ParametrizedActivations, type(registry)), {"__slots__": ()})
+
+
+class _ParametrizedActivations:
+    """Mixin for transformers' ClassInstantier: parametrized ReLU names resolve on a miss."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        activation = parse_activation(key) if isinstance(key, str) else None
+        if activation is None or activation.name not in PARAMETRIZED:
+            raise KeyError(key)
+        return module_class(activation.name), {PARAMETRIZED[activation.name]: activation.param}
+
+    def __contains__(self, key) -> bool:
+        if super().__contains__(key):
+            return True
+        activation = parse_activation(key) if isinstance(key, str) else None
+        return activation is not None and activation.name in PARAMETRIZED

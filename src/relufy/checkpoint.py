@@ -168,9 +168,9 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .activation_modules import register_with_transformers
+    from .activations import register_activations
 
-    register_with_transformers()
+    register_activations()
     source = src if isinstance(src, Source) else resolve_source(src)
     if source.gguf_file and dtype == "auto":
         dtype = "float32"  # GGUF weights are dequantized; keep them exact

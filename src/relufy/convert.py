@@ -171,6 +171,7 @@ def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .activations import register_activations
     from .checkpoint import load_model, load_tokenizer
 
     try:
@@ -186,6 +187,7 @@ def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: 
     config.dtype = dtype
     if hasattr(config, "quantization_config"):  # the weights are plain tensors from here on
         del config.quantization_config
+    register_activations()  # the rebuilt model builds the new activation by its name
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     rebuilt.load_state_dict(quantized.state_dict())
     rebuilt.generation_config = quantized.generation_config

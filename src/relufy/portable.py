@@ -3,16 +3,18 @@
 transformers cannot build `fatrelu_<t>` or `shifted_relu_<b>` by itself. A folder that uses one
 gets `modeling_relufy.py`, generated from relufy's own activation classes, and an `auto_map` in
 config.json, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works
-with plain transformers. With relufy installed, `import relufy` is enough and no remote code runs.
+with plain transformers. With relufy installed, calling `relufy.register_activations()` first
+is enough and no remote code runs.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import textwrap
 from pathlib import Path
 
-from .activations import PARAMETRIZED, parse_activation
+from .activations import PARAMETRIZED, module_class, parse_activation
 from .architectures import architecture_of
 from .checkpoint import update_config
 
@@ -40,7 +42,6 @@ def write_remote_code(folder: Path) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from . import __version__
-    from .activation_modules import module_class
 
     config = json.loads((folder / "config.json").read_text())
     arch = architecture_of(config)
@@ -48,10 +49,10 @@ def write_remote_code(folder: Path) -> bool:
     if activation is None or not activation.needs_relufy:
         return False
     cls = module_class(activation.name)
-    keyword = PARAMETRIZED[activation.name][1]
+    keyword = PARAMETRIZED[activation.name]
     base = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch.model_type]
     source = _TEMPLATE.format(
-        version=__version__, value=activation.config_value, base=base, classes=inspect.getsource(cls),
+        version=__version__, value=activation.config_value, base=base, classes=textwrap.dedent(inspect.getsource(cls)),
         cls=cls.__name__, keyword=keyword, param=activation.param,
     )
     (folder / REMOTE_CODE_FILE).write_text(source)

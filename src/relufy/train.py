@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from .activations import FATReLU, parse_activation
+from .activations import module_class, parse_activation
 from .architectures import architecture_of
 from .checkpoint import update_config
 from .atomic import TMP_SUFFIX, respect_umask
@@ -469,11 +469,11 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
     """
     from transformers import AutoModelForCausalLM
 
-    from .activations import register_with_transformers
+    from .activations import register_activations
     from .lora import quantization_kwargs
     from .checkpoint import read_config, resolve_source
 
-    register_with_transformers()
+    register_activations()
     source = resolve_source(base)
     config = read_config(source)
     value = architecture_of(config).activation_of(config)
@@ -660,11 +660,12 @@ def write_training_plot(history: list[dict], path: Path) -> Path | None:
 # -- threshold shifting (docs/method.md, section 3) -------------------------------------------------
 def set_threshold(model: nn.Module, threshold: float) -> int:
     """Replace the ReLU/FATReLU of every FFN by FATReLU(threshold) in place; return how many were swapped."""
+    fatrelu = module_class("fatrelu")
     swapped = 0
     for ffn in ffn_modules(model):
         for name, child in ffn.named_children():
-            if isinstance(child, (nn.ReLU, FATReLU)):
-                setattr(ffn, name, FATReLU(threshold))
+            if isinstance(child, (nn.ReLU, fatrelu)):
+                setattr(ffn, name, fatrelu(threshold))
                 swapped += 1
     return swapped
 
@@ -717,11 +718,12 @@ def shift_threshold(output_dir: Path, held_out, recipe: Recipe, device) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from .activations import Activation
+    from .activations import Activation, register_activations
     from .portable import write_remote_code
 
     args = recipe.prosparse
     unset_hf_deepspeed_config()  # reload on this process alone, never partitioned
+    register_activations()  # the saved model may already be a fatrelu one
     model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32,
                                                  trust_remote_code=args.trust_remote_code).to(device)
     arch = architecture_of(model.config)

@@ -216,8 +216,9 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
         body += ["config.json records no relufy conversion or training.", ""]
     load = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if remote_code:
-        load = ["```python", "import relufy  # registers the activation; or pass trust_remote_code=True without relufy",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+        load = ["```python", "import relufy",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f"relufy.register_activations()  # teaches transformers '{activation}'", ""]
     load += [f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
     body += ["## How to load", ""] + load

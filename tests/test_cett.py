@@ -101,3 +101,16 @@ def test_non_positive_p_and_empty_text_are_refused(held_out):
         ppl_p_sparsity(model, held_out[:2], ps=(0,))
     with pytest.raises(DataError, match="empty"):
         ppl_p_sparsity(model, torch.zeros(0, BLOCK, dtype=torch.long), ps=(1,))
+
+
+def test_sparsity_ppl_p_and_matched_read_perplexity_from_one_pass(held_out):
+    from datasets import Dataset
+
+    from relufy.cett import NeuronMask, thresholded_perplexity
+    from relufy.metrics import measure_sparsity
+
+    model = build_tiny_model("llama", hidden_act="relu")
+    measured = measure_sparsity(model, Dataset.from_dict({"input_ids": held_out.tolist()}), progress=False)
+    dense, zeros = thresholded_perplexity(model, held_out, NeuronMask(model), [0.0, 0.0])
+    assert measured["perplexity"] == dense == PPLSearch(model, held_out).ppl_dense
+    assert measured["per_layer"] == pytest.approx(zeros)

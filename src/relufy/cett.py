@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .metrics import perplexity, token_loss
+from .metrics import mean_token_loss, perplexity
 from .probe import SparsityProbe, down_projections
 
 logger = logging.getLogger(__name__)
@@ -150,14 +150,6 @@ class NeuronMask:
         return [float(m) / e if e else float("nan") for m, e in zip(self.masked, self.elements)]
 
 
-def batches(blocks: torch.Tensor, batch_size: int, device, *, desc: str = "", progress: bool = False):
-    """Rows of `blocks` in batches of `batch_size`, moved to `device` (a bar only for passes of 4+ batches:
-    a shorter pass is one step of its caller's bar)."""
-    starts = range(0, len(blocks), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 4, leave=False):
-        yield blocks[start: start + batch_size].to(device)
-
-
 @torch.no_grad()
 def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: NeuronMask, thresholds: list[float], *,
                            batch_size: int = 4, desc: str = "", progress: bool = False) -> tuple[float, list[float]]:
@@ -166,15 +158,11 @@ def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: NeuronM
     The one thresholded pass that PPL-p% sparsity and `relufy matched` share; all-zero thresholds
     give the dense perplexity and the exact-zero ratio.
     """
-    device = next(model.parameters()).device
-    loss_sum, count = 0.0, 0
     with mask:
         mask.set(thresholds)
-        for batch in batches(blocks, batch_size, device, desc=desc, progress=progress):
-            loss, n = token_loss(model, batch)
-            loss_sum, count = loss_sum + loss, count + n
+        loss = mean_token_loss(model, blocks, batch_size=batch_size, desc=desc, progress=progress)
         per_layer = mask.per_layer()
-    return perplexity(loss_sum / count), per_layer
+    return perplexity(loss), per_layer
 
 
 class X1Sample:
@@ -222,24 +210,20 @@ class PPLSearch:
         self._bar = None  # the current p's progress bar, advanced by every full pass
         self.forward_passes = 0
         self._memo: dict[float, Evaluation] = {}
-        self.device = next(model.parameters()).device
         self.layers = self._calibrate()
         self._mask = NeuronMask(model, [layer.column_norms for layer in self.layers])
 
     # -- the dense pass: perplexity and cached x1 sample ---------------------------------------
     @torch.no_grad()
     def _calibrate(self) -> list[LayerCalibration]:
-        loss_sum, count = 0.0, 0
         with SparsityProbe(self.model, keep_inputs=True) as probe:
             sample = X1Sample(probe.num_layers, self.calibration_tokens)
-            for batch in batches(self.blocks, self.batch_size, self.device, desc="PPL-p% dense pass",
-                                 progress=self.progress):
-                loss, n = token_loss(self.model, batch)
-                loss_sum, count = loss_sum + loss, count + n
-                sample.add(probe.last_inputs)
+            loss = mean_token_loss(self.model, self.blocks, batch_size=self.batch_size,
+                                   after_batch=lambda: sample.add(probe.last_inputs), desc="PPL-p% dense pass",
+                                   progress=self.progress)
             zeros = probe.zero_ratio_per_layer()
         self.forward_passes += 1
-        self.ppl_dense = perplexity(loss_sum / count)
+        self.ppl_dense = perplexity(loss)
         # CETT 0 means eps 0: only exact zeros are dropped, which changes nothing -> the dense pass.
         self._memo[0.0] = Evaluation(cett=0.0, ppl=self.ppl_dense, sparsity=sum(zeros) / len(zeros),
                                      per_layer=zeros, thresholds=[0.0] * len(zeros))

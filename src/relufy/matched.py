@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .cett import NeuronMask, X1Sample, batches, thresholded_perplexity
+from .cett import NeuronMask, X1Sample, thresholded_perplexity
 from .errors import DataError, OutputExistsError
 from .evaluate import (DEFAULT_HELDOUT, SuiteOptions, activation_name, heldout_blocks, make_plan, model_name,
                        run_suite, task_manager)
+from .metrics import batches
 from .probe import SparsityProbe
 from .report import group_averages
 

@@ -1,8 +1,13 @@
-"""Sparsity and perplexity measured over packed text blocks, through the probe."""
+"""Sparsity and perplexity measured over packed text blocks, through the probe.
+
+`mean_token_loss` is the one perplexity pass: `measure_sparsity` runs it with the probe attached,
+`cett` (PPL-p% sparsity) and `relufy matched` with their x1 thresholds hooked in.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -19,23 +24,44 @@ def measure_sparsity(model, blocks, *, threshold: float = 0.0, batch_size: int =
     Returns the probe's summary with `perplexity` and `loss` added.
     """
     model.eval()
-    device = next(model.parameters()).device
     block_size = len(blocks[0]["input_ids"])
     count = len(blocks)
     if max_tokens is not None:
         count = min(count, max(1, max_tokens // block_size))
-    loss_sum, predicted = 0.0, 0
+    input_ids = torch.tensor(blocks[:count]["input_ids"], dtype=torch.long)
     with SparsityProbe(model, threshold=threshold) as probe:
-        for start in tqdm(range(0, count, batch_size), desc="measuring sparsity", unit="batch",
-                          disable=not progress):
-            rows = blocks[start: min(start + batch_size, count)]["input_ids"]
-            input_ids = torch.tensor(rows, device=device)
-            loss, count = token_loss(model, input_ids)
-            loss_sum, predicted = loss_sum + loss, predicted + count
+        loss = mean_token_loss(model, input_ids, batch_size=batch_size, desc="measuring sparsity", progress=progress)
         result = probe.summary()
-    result["loss"] = loss_sum / predicted
-    result["perplexity"] = perplexity(result["loss"])
+    result["loss"] = loss
+    result["perplexity"] = perplexity(loss)
     return result
+
+
+@torch.no_grad()
+def mean_token_loss(model, blocks: torch.Tensor, *, batch_size: int = 4, after_batch: Callable[[], None] | None = None,
+                    desc: str = "", progress: bool = False) -> float:
+    """Mean next-token cross-entropy of `model` over packed token blocks (blocks x length, no padding).
+
+    Whatever hooks the caller attached (the probe, x1 thresholds) see every forward; `after_batch`
+    runs after each one, while their per-forward state is fresh (PPL-p%'s dense pass keeps a sample
+    of the x1 the probe saw).
+    """
+    device = next(model.parameters()).device
+    loss_sum, predicted = 0.0, 0
+    for batch in batches(blocks, batch_size, device, desc=desc, progress=progress):
+        loss, count = token_loss(model, batch)
+        loss_sum, predicted = loss_sum + loss, predicted + count
+        if after_batch is not None:
+            after_batch()
+    return loss_sum / predicted
+
+
+def batches(blocks: torch.Tensor, batch_size: int, device, *, desc: str = "", progress: bool = False):
+    """Rows of `blocks` in batches of `batch_size`, moved to `device` (a bar only for passes of 4+ batches:
+    a shorter pass is one step of its caller's bar)."""
+    starts = range(0, len(blocks), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 4, leave=False):
+        yield blocks[start: start + batch_size].to(device)
 
 
 def token_loss(model, input_ids: torch.Tensor) -> tuple[float, int]:

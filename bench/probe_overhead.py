@@ -28,9 +28,11 @@ def main() -> None:
 
     from relufy.cett import PPLSearch
     from relufy.checkpoint import load_model, load_tokenizer, resolve_source
-    from relufy.evaluate import DEFAULT_HELDOUT, _probed_lm, _simple_evaluate, heldout_blocks, task_manager
+    from relufy.evaluate import DEFAULT_HELDOUT, heldout_blocks
+    from relufy.harness import evaluate_task, probed_lm
     from relufy.probe import SparsityProbe
     from relufy.recipe import resolve_model_path
+    from relufy.suites import SuiteOptions, task_manager
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: the embedded SmolLM2 GGUF)")
@@ -50,7 +52,7 @@ def main() -> None:
     manager = task_manager([args.task])
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
     probe = SparsityProbe(model)
-    probed = _probed_lm(model, tokenizer, probe, batch_size=args.batch_size, max_length=None)
+    probed = probed_lm(model, tokenizer, probe, batch_size=args.batch_size, max_length=None)
 
     def timed(lm, with_probe: bool) -> float:
         probe.reset()
@@ -59,14 +61,14 @@ def main() -> None:
         start = time.perf_counter()
         if with_probe:
             with probe, lm.token_masks.attached():
-                _simple_evaluate(lm, args.task, **evaluate_kwargs)
+                evaluate_task(lm, args.task, None, manager, options)
         else:
-            _simple_evaluate(lm, args.task, **evaluate_kwargs)
+            evaluate_task(lm, args.task, None, manager, options)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    evaluate_kwargs = dict(shots=None, limit=args.limit, manager=manager, unsafe=False, log_samples=False)
+    options = SuiteOptions(limit=args.limit)
     timed(plain, False)  # warm-up: dataset build, kernels
     off, on = [], []
     for _ in range(args.rounds):

@@ -8,7 +8,7 @@ from tiny_models import save_tiny_checkpoint, save_tiny_model
 
 from relufy.cli import main
 from relufy.errors import DataError, OutputExistsError, SourceError
-from relufy.evaluate import evaluate_model
+from relufy.evaluate import EvalConfig, evaluate_model
 
 QUICK = dict(limit=6, ps=(1, 5), heldout_tokens=256, block_size=32)
 NO_PPL = dict(limit=6, ps=())
@@ -66,8 +66,10 @@ def test_log_samples_writes_each_scored_example_in_agreement_with_the_aggregate(
 
 
 def test_padding_is_not_counted_as_tokens(relu_checkpoint, tmp_path):
-    one = evaluate_model(str(relu_checkpoint), tmp_path / "b1", tasks=["relufy_dictionary"], batch_size=1, **NO_PPL)
-    four = evaluate_model(str(relu_checkpoint), tmp_path / "b4", tasks=["relufy_dictionary"], batch_size=4, **NO_PPL)
+    one = evaluate_model(str(relu_checkpoint), tmp_path / "b1",
+                         EvalConfig(tasks=["relufy_dictionary"], batch_size=1, **NO_PPL))
+    four = evaluate_model(str(relu_checkpoint), tmp_path / "b4",
+                          EvalConfig(tasks=["relufy_dictionary"], batch_size=4, **NO_PPL))
     assert one["sparsity"]["per_task"]["relufy_dictionary"]["tokens"] == \
         four["sparsity"]["per_task"]["relufy_dictionary"]["tokens"]
     assert one["sparsity"]["overall"] == pytest.approx(four["sparsity"]["overall"], abs=1e-6)
@@ -84,28 +86,28 @@ def test_compare_shows_evaluations_side_by_side(evaluation, tmp_path, capsys):
 
 def test_unknown_task_lists_close_matches(relu_checkpoint, tmp_path):
     with pytest.raises(DataError, match="did you mean: relufy_dictionary"):
-        evaluate_model(str(relu_checkpoint), tmp_path / "x", tasks=["relufy_dictionery"])
+        evaluate_model(str(relu_checkpoint), tmp_path / "x", EvalConfig(tasks=["relufy_dictionery"]))
     assert not (tmp_path / "x").exists()
 
 
 def test_model_without_tokenizer_is_refused(tmp_path):
     bare = save_tiny_model("llama", tmp_path / "bare")
     with pytest.raises(SourceError, match="tokenizer"):
-        evaluate_model(str(bare), tmp_path / "out", tasks=["relufy_dictionary"], **NO_PPL)
+        evaluate_model(str(bare), tmp_path / "out", EvalConfig(tasks=["relufy_dictionary"], **NO_PPL))
 
 
 def test_empty_heldout_text_and_non_positive_p_are_refused(relu_checkpoint, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="is empty"):
-        evaluate_model(str(relu_checkpoint), tmp_path / "o1", tasks=["relufy_dictionary"], heldout=empty)
+        evaluate_model(str(relu_checkpoint), tmp_path / "o1", EvalConfig(tasks=["relufy_dictionary"], heldout=empty))
     with pytest.raises(DataError, match="must be > 0"):
-        evaluate_model(str(relu_checkpoint), tmp_path / "o2", tasks=["relufy_dictionary"], ps=(1, 0))
+        evaluate_model(str(relu_checkpoint), tmp_path / "o2", EvalConfig(tasks=["relufy_dictionary"], ps=(1, 0)))
 
 
 def test_existing_output_needs_force(evaluation, relu_checkpoint):
     with pytest.raises(OutputExistsError, match="--force"):
-        evaluate_model(str(relu_checkpoint), evaluation, tasks=["relufy_dictionary"], **NO_PPL)
+        evaluate_model(str(relu_checkpoint), evaluation, EvalConfig(tasks=["relufy_dictionary"], **NO_PPL))
     assert (evaluation / "results.json").is_file()
 
 
@@ -124,24 +126,52 @@ def test_a_limit_that_is_not_positive_is_one_line(relu_checkpoint, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluation_settings_are_checked_when_the_config_is_made():
+    with pytest.raises(DataError, match=r"--heldout-tokens \(64\) must be at least --block-size \(256\)"):
+        EvalConfig(heldout_tokens=64)
+    with pytest.raises(DataError, match="--batch-size must be >= 1, got 0"):
+        EvalConfig(batch_size=0)
+    assert EvalConfig(ps=[1, "5"]).ps == (1.0, 5.0)
+
+
+def test_lm_eval_itself_runs_the_offline_suite_as_relufy_does(evaluation, relu_checkpoint):
+    """`lm_eval --include_path evaluate/tasks --tasks relufy_offline` gives relufy's numbers (the probe changes none)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from relufy.suites import tasks_dir
+
+    relufy = json.loads((evaluation / "results.json").read_text())["lm_eval"]
+    lm = HFLM(pretrained=str(relu_checkpoint), batch_size=4, device="cpu")
+    out = simple_evaluate(model=lm, tasks=["relufy_offline"], limit=6, bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False))
+    assert out["group_subtasks"]["relufy_offline"] == list(relufy["results"])
+    for task, metrics in relufy["results"].items():
+        assert out["n-shot"][task] == relufy["n-shot"][task]
+        for metric, value in metrics.items():
+            if isinstance(value, float):
+                assert out["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
 def test_a_successful_evaluation_prints_no_alarming_noise(relu_checkpoint, tmp_path, monkeypatch, capfd, caplog):
     monkeypatch.chdir(tmp_path)  # outside any git checkout
-    evaluate_model(str(relu_checkpoint), tmp_path / "o", tasks=["relufy_dictionary"], **NO_PPL)
+    evaluate_model(str(relu_checkpoint), tmp_path / "o", EvalConfig(tasks=["relufy_dictionary"], **NO_PPL))
     out, err = capfd.readouterr()
     assert "not a git repository" not in out + err
     assert "not of type `str`" not in out + err + caplog.text
 
 
 def test_every_long_phase_shows_a_labelled_progress_bar(relu_checkpoint, tmp_path, capfd):
-    evaluate_model(str(relu_checkpoint), tmp_path / "o", tasks=["relufy_dictionary"], limit=2, ps=(1, 5),
-                   heldout_tokens=64, block_size=32)
+    evaluate_model(str(relu_checkpoint), tmp_path / "o", EvalConfig(tasks=["relufy_dictionary"], limit=2, ps=(1, 5),
+                                                                heldout_tokens=64, block_size=32))
     err = capfd.readouterr().err
     for label in ("lm-eval task relufy_dictionary", "PPL-1% sparsity search", "PPL-5% sparsity search"):
         assert label in err
 
 
 def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():
-    from relufy.evaluate import make_plan, task_manager
+    from relufy.suites import make_plan, task_manager
 
     plan = make_plan(None, "prosparse")
     assert set(plan.groups) == {"code", "commonsense", "reading", "gsm8k", "mmlu", "bbh", "agieval"}

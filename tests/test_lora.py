@@ -79,11 +79,11 @@ def test_the_merged_checkpoint_is_plain_and_matches_base_plus_adapter(lora_run):
 
 
 def test_relufy_evaluate_and_publish_take_the_merged_checkpoint(lora_run, tmp_path):
-    from relufy.evaluate import evaluate_model
+    from relufy.evaluate import EvalConfig, evaluate_model
     from relufy.publish import publish
 
     _, out = lora_run
-    results = evaluate_model(str(out), tmp_path / "eval", tasks=["relufy_dictionary"], limit=4, ps=())
+    results = evaluate_model(str(out), tmp_path / "eval", EvalConfig(tasks=["relufy_dictionary"], limit=4, ps=()))
     assert results["activation"] == "relu" and 0 < results["sparsity"]["overall"] < 1
     assert len(results["sparsity"]["per_layer"]) == 2
     folder = publish(out, tmp_path / "eval" / "results.json", tmp_path / "hub", license_id="mit")

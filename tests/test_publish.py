@@ -14,7 +14,7 @@ from relufy.activations import make_activation
 from relufy.cli import main
 from relufy.convert import convert_checkpoint
 from relufy.errors import DataError, OutputExistsError
-from relufy.evaluate import evaluate_model
+from relufy.evaluate import EvalConfig, evaluate_model
 from relufy.publish import publish
 
 
@@ -28,7 +28,8 @@ def source(tmp_path_factory):
 
 def _converted_and_evaluated(source, root, activation):
     model = convert_checkpoint(source, root / f"tiny-{activation.config_value}", activation)
-    results = evaluate_model(str(model), root / f"eval-{model.name}", tasks=["relufy_dictionary"], limit=4, ps=())
+    results = evaluate_model(str(model), root / f"eval-{model.name}",
+                             EvalConfig(tasks=["relufy_dictionary"], limit=4, ps=()))
     assert results["model_name"] == model.name
     return model, root / f"eval-{model.name}" / "results.json"
 

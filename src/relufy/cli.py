@@ -209,18 +209,17 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import DEFAULT_HELDOUT, evaluate_model
+    from .evaluate import DEFAULT_HELDOUT, EvalConfig, evaluate_model
 
     ps = [] if args.ps == "none" else _comma_list(args.ps, float, "--p", "comma-separated numbers like 1,5,10")
-    tasks = _comma_list(args.tasks) if args.tasks else None
-    result = evaluate_model(args.model, args.output, tasks=tasks, suite=args.suite, num_fewshot=args.num_fewshot,
-                            limit=args.limit, batch_size=args.batch_size, device=_device(args), dtype=args.dtype,
-                            ps=ps, heldout=args.heldout or DEFAULT_HELDOUT, heldout_tokens=args.heldout_tokens,
-                            block_size=args.block_size, max_length=args.max_length,
-                            include_path=[Path(p) for p in args.include_path],
-                            confirm_run_unsafe_code=args.confirm_run_unsafe_code,
-                            trust_remote_code=args.trust_remote_code, log_samples=args.log_samples,
-                            speed=not args.no_speed, force=args.force)
+    config = EvalConfig(tasks=_comma_list(args.tasks) if args.tasks else None, suite=args.suite,
+                        num_fewshot=args.num_fewshot, include_path=[Path(p) for p in args.include_path],
+                        limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                        confirm_run_unsafe_code=args.confirm_run_unsafe_code, log_samples=args.log_samples,
+                        ps=ps, heldout=args.heldout or DEFAULT_HELDOUT, heldout_tokens=args.heldout_tokens,
+                        block_size=args.block_size, device=_device(args), dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code, speed=not args.no_speed)
+    result = evaluate_model(args.model, args.output, config, force=args.force)
     ppl = ", ".join(f"PPL-{p}% {e['sparsity']:.2%}" for p, e in result["ppl_p_sparsity"].items())
     print(f"wrote {args.output}: zero-ratio {result['sparsity']['overall']:.2%} over "
           f"{result['sparsity']['tokens']} lm-eval tokens; {ppl} "

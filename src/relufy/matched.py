@@ -31,11 +31,12 @@ from torch import nn
 from . import __version__
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
 from .errors import DataError, OutputExistsError
-from .evaluate import (DEFAULT_HELDOUT, SuiteOptions, activation_name, heldout_blocks, make_plan, model_name,
-                       run_suite, task_manager)
+from .evaluate import DEFAULT_HELDOUT, activation_name, heldout_blocks, model_name
+from .harness import run_suite
 from .metrics import batches
 from .probe import SparsityProbe
 from .report import group_averages
+from .suites import SuiteOptions, task_manager
 
 
 @dataclass
@@ -71,6 +72,11 @@ class MatchedConfig:
                                 f"({self.block_size})")
         if self.batch_size < 1:
             raise DataError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+    def suite_options(self) -> SuiteOptions:
+        """The lm-eval suite run at each target (checks --limit)."""
+        return SuiteOptions(tasks=self.tasks, suite=self.suite, limit=self.limit, batch_size=self.batch_size,
+                            max_length=self.max_length)
 
 
 def magnitude_quantile(x1: torch.Tensor, target: float) -> float:
@@ -133,10 +139,9 @@ def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, 
              "calibration_zero_ratio": _mean(calibrated), "calibration_per_layer": calibrated}
     if suite_plan is not None:
         plan, manager = suite_plan
-        options = SuiteOptions(limit=config.limit, batch_size=config.batch_size, max_length=config.max_length)
         with mask:  # registered before the suite's probe, so the probe counts the thresholded x1
             mask.set(thresholds)
-            suite = run_suite(model, tokenizer, plan, manager, options)
+            suite = run_suite(model, tokenizer, plan, manager, config.suite_options())
         entry.update(lm_eval=suite.harness, scores=group_averages(suite.harness, plan.groups),
                      sparsity=suite.sparsity())
     return entry
@@ -153,7 +158,7 @@ def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, 
     config.check()
     suite_plan = None
     if config.run_suite:
-        plan = make_plan(config.tasks, config.suite)
+        plan = config.suite_options().plan()
         suite_plan = (plan, task_manager(list(plan.tasks)))
     source = resolve_source(model_src)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)

@@ -100,7 +100,7 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
     """
     from transformers import TrainingArguments
 
-    from relufy.recipe import LIGER_MLP_KERNELS
+    from relufy.configs import LIGER_MLP_KERNELS
     from relufy.train import collate_blocks
 
     stamps: list[float] = []

@@ -70,7 +70,7 @@ def test_trained_arms_share_everything_but_the_regularisation(driver, capsys, tm
     assert recipes["prosparse"].schedule.lambda_at(1800) == pytest.approx(5e-3)
     assert recipes["fixed-l1"].schedule.lambda_at(151) == pytest.approx(5e-3)  # no warm-up, no rise
     assert recipes["prosparse"].schedule.lambda_at(151) < 5e-3
-    assert recipes["prosparse"].prosparse.threshold_shift and not recipes["fixed-l1"].prosparse.threshold_shift
+    assert recipes["prosparse"].training.threshold_shift and not recipes["fixed-l1"].training.threshold_shift
     # the unshifted evaluation is the trained weights converted back to plain ReLU
     assert commands["prosparse-noshift"][4:] == [str(tmp_path / "out" / "train" / "prosparse"),
                                                  str(tmp_path / "out" / "train" / "prosparse-noshift"),
@@ -80,7 +80,7 @@ def test_trained_arms_share_everything_but_the_regularisation(driver, capsys, tm
 def test_lora_arm_trains_adapters_at_its_own_learning_rate(driver, capsys, tmp_path):
     commands = dry_run(driver, capsys, tmp_path, "prosparse-lora", flags=("--lora-lr", "7e-4", "--lora-rank", "8"))
     recipe = load_recipe(REPO / commands["prosparse-lora"][4], overrides(commands["prosparse-lora"]))
-    assert recipe.prosparse.use_peft and recipe.prosparse.lora_r == 8
+    assert recipe.training.use_peft and recipe.training.lora_r == 8
     assert recipe.training.learning_rate == pytest.approx(7e-4)
 
 
@@ -91,7 +91,7 @@ def test_silu_control_differs_from_relu_only_in_activation(driver, capsys, tmp_p
     assert {k for k in relu if relu[k] != silu.get(k)} == {"output_dir", "activation"}
     assert relu["activation"] == "relu" and silu["activation"] == "null"
     recipe = load_recipe(REPO / commands["silu"][4], overrides(commands["silu"]))
-    assert recipe.prosparse.activation is None and recipe.schedule.max_lambda == 0  # trains the SiLU model as is
+    assert recipe.model.activation is None and recipe.schedule.max_lambda == 0  # trains the SiLU model as is
     assert recipe.training.seed == load_recipe(REPO / commands["relu"][4], overrides(commands["relu"])).training.seed
 
 

@@ -168,10 +168,10 @@ def test_resuming_a_full_training_checkpoint_in_lora_mode_is_refused(silu_base, 
 
 
 def test_the_shipped_lora_recipes_parse_and_adapt_the_ffn_projections():
-    tiny = load_recipe(LORA_RECIPE).prosparse
+    tiny = load_recipe(LORA_RECIPE).training
     assert tiny.use_peft and set(lora_config(tiny, "llama").target_modules) == set(TARGETS)
     big = load_recipe(REPO / "recipes" / "prosparse-lora-llama2-7b.yaml", ["bf16=false"])
-    assert big.prosparse.use_peft and big.prosparse.lora_target_modules == ["all-linear"]
+    assert big.training.use_peft and big.training.lora_target_modules == ["all-linear"]
     assert big.training.gradient_checkpointing and big.schedule.last_step == big.training.max_steps
 
 
@@ -218,7 +218,7 @@ def test_target_modules_matching_nothing_list_the_names_that_exist(silu_base, tm
 
 def test_a_module_both_adapted_and_trained_in_full_is_refused():
     args = load_recipe(LORA_RECIPE, ["lora_target_modules=[up_proj, gate_proj]",
-                                     "lora_modules_to_save=[gate_proj]"]).prosparse
+                                     "lora_modules_to_save=[gate_proj]"]).training
     with pytest.raises(RecipeError, match="gate_proj is in both"):
         lora_config(args, "llama")
 

@@ -37,7 +37,7 @@ def test_llama2_7b_recipe_carries_the_paper_schedule_and_lr():
         {"lambda": 2e-1, "end_step": 16000}, {"lambda": 2e-1, "end_step": 16500}]
     assert recipe.training.learning_rate == 3e-5
     assert recipe.training.lr_scheduler_type == "cosine"
-    assert recipe.prosparse.block_size == 4096
+    assert recipe.data.block_size == 4096
 
 
 def test_relu_only_recipe_never_regularizes():
@@ -52,7 +52,7 @@ def test_set_overrides_reach_nested_stages_and_trainer_keys():
     assert recipe.schedule.stages[2].lam == 0.5
     assert recipe.training.learning_rate == pytest.approx(3e-4)  # YAML 1.1 reads '3e-4' as text: coerced
     assert recipe.training.max_steps == 6
-    assert recipe.prosparse.model_config_overrides == {"num_hidden_layers": 1}
+    assert recipe.model.model_config_overrides == {"num_hidden_layers": 1}
     assert recipe.training.report_to == ["tensorboard"]
 
 
@@ -141,10 +141,10 @@ def test_cli_reports_a_recipe_error_in_one_line(tmp_path, capsys):
 def test_relative_input_paths_resolve_against_the_recipe_folder_and_set_paths_against_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(RECIPES / "tiny-cpu.yaml")
-    assert Path(recipe.prosparse.data).resolve() == REPO / "data" / "sample.txt"
+    assert Path(recipe.data.data).resolve() == REPO / "data" / "sample.txt"
     assert recipe.training.output_dir == "runs/tiny-cpu"  # outputs stay relative to the current directory
     (tmp_path / "mine.txt").write_text("text")
-    assert load_recipe(RECIPES / "tiny-cpu.yaml", ["data=mine.txt"]).prosparse.data == "mine.txt"
+    assert load_recipe(RECIPES / "tiny-cpu.yaml", ["data=mine.txt"]).data.data == "mine.txt"
 
 
 def test_a_missing_data_file_is_refused_before_any_work_naming_the_folder_it_resolved_against(tmp_path, monkeypatch):
@@ -170,7 +170,7 @@ def test_the_shipped_smollm2_recipe_needs_the_corpus_and_names_the_command_that_
         copy.parent.mkdir(exist_ok=True)
         copy.write_text((RECIPES / name).read_text())
         recipe = load_recipe(copy, [f"output_dir={tmp_path / 'out'}", "bf16=false"])
-        assert "sample.txt" not in recipe.prosparse.data
+        assert "sample.txt" not in recipe.data.data
         with pytest.raises(DataError, match=r"train.txt.gz' does not exist.*python scripts/build_corpus.py --out "
                                             r"runs/corpus"):
             train(recipe)

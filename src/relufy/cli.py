@@ -147,7 +147,7 @@ def _run_train(args) -> int:
     summary = train(recipe, resume=args.resume, force=args.force)
     if recipe.training.process_index == 0 and summary.get("stopped_for_time"):
         print(f"stopped at step {summary['steps']} of {summary['max_steps']} after max_train_minutes="
-              f"{recipe.prosparse.max_train_minutes:g}; saved {summary['checkpoint']}. Continue with: relufy train "
+              f"{recipe.training.max_train_minutes:g}; saved {summary['checkpoint']}. Continue with: relufy train "
               f"{args.recipe} --resume (and the same --set overrides)")
     elif recipe.training.process_index == 0:
         line = f"wrote {summary['output_dir']} after {summary['steps']} steps"
@@ -166,7 +166,7 @@ def _run_train(args) -> int:
 def toy_run_note(recipe) -> str | None:
     """A recipe that cuts the model's layers (tiny-cpu keeps 2 of 30) trains a toy: say that its perplexity is
     expected to be useless, so a huge number is not mistaken for a failure."""
-    layers = recipe.prosparse.model_config_overrides.get("num_hidden_layers")
+    layers = recipe.model.model_config_overrides.get("num_hidden_layers")
     if layers is None:
         return None
     return (f"note: model_config_overrides keeps only {layers} decoder layer(s), so this is a toy run that shows "

@@ -273,7 +273,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, callback
 def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
                   callbacks: list | None = None) -> tuple[ProSparseTrainer, object]:
     """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks."""
-    args, training = recipe.prosparse, recipe.training
+    training = recipe.training
     output_dir = Path(training.output_dir)
     check_inputs(recipe)  # a missing model or data file fails here, before the conversion
     _check_output_dir(output_dir, resume, force, training)
@@ -288,16 +288,16 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     if resume and (checkpoint := last_checkpoint(output_dir)) is not None:
         from .lora import check_resume_matches
 
-        check_resume_matches(checkpoint, args, _model_type(base))
-    tokenizer = _load_tokenizer(base, args)
+        check_resume_matches(checkpoint, training, _model_type(base))
+    tokenizer = _load_tokenizer(base, recipe.model)
     train_blocks, held_out = _prepare_data(recipe, tokenizer)
-    model = _load_model(base, args, recipe.schedule)
-    if args.use_peft:
+    model = _load_model(base, recipe)
+    if training.use_peft:
         from .lora import wrap_with_lora
 
         checkpointing = any(getattr(training, flag, False)
                             for flag in ("activation_checkpointing", "gradient_checkpointing"))
-        model = wrap_with_lora(model, args, gradient_checkpointing=checkpointing, seed=training.seed)
+        model = wrap_with_lora(model, training, gradient_checkpointing=checkpointing, seed=training.seed)
     probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
@@ -306,8 +306,8 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
         schedule=recipe.schedule, probe=probe,
     )
     trainer.base_checkpoint = base  # what LoRA mode merges its adapter into
-    if args.max_train_minutes:
-        trainer.add_callback(_TimeLimit(trainer, args.max_train_minutes))
+    if training.max_train_minutes:
+        trainer.add_callback(_TimeLimit(trainer, training.max_train_minutes))
     return trainer, held_out
 
 
@@ -325,7 +325,7 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
     if trainer.stopped_for_time:  # a checkpoint, not a finished model: no final save, plot or shift
         return {"output_dir": str(output_dir), "steps": trainer.state.global_step, "stopped_for_time": True,
                 "checkpoint": str(last_checkpoint(output_dir)), "max_steps": trainer.state.max_steps}
-    if recipe.prosparse.use_peft:
+    if recipe.training.use_peft:
         _save_final_lora(trainer, recipe, output_dir)
     else:
         _save_final(trainer, output_dir)
@@ -336,7 +336,7 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
     if trainer.is_world_process_zero():
         _record_training(output_dir, recipe, trainer.state.global_step)
         write_training_plot(trainer.state.log_history, output_dir / PLOT_FILE)
-        if recipe.prosparse.threshold_shift:
+        if recipe.training.threshold_shift:
             summary["threshold_shift"] = shift_threshold(output_dir, held_out, recipe, trainer.args.device)
     trainer.accelerator.wait_for_everyone()
     return summary
@@ -391,7 +391,7 @@ def _prepare_base(recipe: Recipe) -> str:
     from .checkpoint import read_config, resolve_source
     from .convert import convert_checkpoint
 
-    args = recipe.prosparse
+    args = recipe.model
     base = resolve_model_path(args.model_name_or_path)
     if args.activation is None:
         return _dequantized_base(recipe, base)
@@ -424,7 +424,7 @@ def _dequantized_base(recipe: Recipe, base: str) -> str:
     source = resolve_source(base)
     if not source.gguf_file:
         return base
-    target = Path(recipe.prosparse.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
+    target = Path(recipe.model.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
     with PartialState().main_process_first():
         provenance = _provenance(target)
         if not (provenance.get("dequantized") and provenance.get("source") == str(source)):
@@ -462,7 +462,7 @@ def _model_type(base: str) -> str | None:
     return read_config(resolve_source(base)).get("model_type")
 
 
-def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
+def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):
     """Load the base with relufy's activations registered; refuse a non-ReLU base when lambda > 0.
 
     With `load_in_4bit` (LoRA mode) and `quantize`, the frozen base is loaded in 4-bit (QLoRA).
@@ -473,6 +473,7 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
     from .lora import quantization_kwargs
     from .checkpoint import read_config, resolve_source
 
+    args, schedule = recipe.model, recipe.schedule
     register_activations()
     source = resolve_source(base)
     config = read_config(source)
@@ -487,7 +488,7 @@ def _load_model(base: str, args, schedule: Schedule, *, quantize: bool = True):
     with _quiet_unloaded_layers(cut):
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=torch_dtype, trust_remote_code=args.trust_remote_code, **source.load_kwargs(),
-            **(quantization_kwargs(args) if quantize else {}), **args.model_config_overrides)
+            **(quantization_kwargs(recipe.training) if quantize else {}), **args.model_config_overrides)
     if cut:
         logger.info("kept the first %s decoder layers of %s (model_config_overrides)",
                     args.model_config_overrides["num_hidden_layers"], source)
@@ -522,7 +523,7 @@ def _prepare_data(recipe: Recipe, tokenizer):
     """Documents split with a fixed seed into train / held-out, each packed into fixed-length blocks."""
     from .data import load_text_dataset, pack_blocks, require_tokens
 
-    args, training = recipe.prosparse, recipe.training
+    args, training = recipe.data, recipe.training
     with training.main_process_first(desc="tokenizing and packing"):
         texts = load_text_dataset(args.data, split=args.data_split, text_column=args.text_column)
         if args.held_out_data:
@@ -540,7 +541,7 @@ def _prepare_data(recipe: Recipe, tokenizer):
         train_blocks = train_blocks.select(range(args.max_train_blocks))
     per_step = training.per_device_train_batch_size * training.world_size
     require_tokens(train_blocks, per_step * args.block_size, f"training data '{args.data}'")
-    if len(held_out) == 0 and (args.threshold_shift or training.eval_strategy != "no"):
+    if len(held_out) == 0 and (training.threshold_shift or training.eval_strategy != "no"):
         raise DataError(f"the held-out text ({args.held_out_data or f'a split of {args.data}'}) is shorter than one "
                         f"block of {args.block_size} tokens; raise held_out_fraction, add text or lower block_size")
     return train_blocks, held_out
@@ -592,7 +593,7 @@ def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path
         adapter_dir = save_adapter(trainer, output_dir)
         if trainer.is_world_process_zero():
             unset_hf_deepspeed_config()
-            base = _load_model(trainer.base_checkpoint, recipe.prosparse, recipe.schedule, quantize=False)
+            base = _load_model(trainer.base_checkpoint, recipe, quantize=False)
             merged = merge_adapter(base, adapter_dir)
             merged.config.use_cache = True
             save_merged(merged, trainer.processing_class, output_dir)
@@ -614,10 +615,10 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
         "steps": steps,
         "l1_normalisation": "sum over FFN layers of the mean over tokens of ||x1||_1",
     }
-    if recipe.prosparse.use_peft:
+    if recipe.training.use_peft:
         from .lora import describe
 
-        training["lora"] = describe(recipe.prosparse, json.loads((output_dir / "config.json").read_text())
+        training["lora"] = describe(recipe.training, json.loads((output_dir / "config.json").read_text())
                                     .get("model_type"))
     update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
 
@@ -721,11 +722,11 @@ def shift_threshold(output_dir: Path, held_out, recipe: Recipe, device) -> dict:
     from .activations import Activation, register_activations
     from .portable import write_remote_code
 
-    args = recipe.prosparse
+    args = recipe.training
     unset_hf_deepspeed_config()  # reload on this process alone, never partitioned
     register_activations()  # the saved model may already be a fatrelu one
     model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32,
-                                                 trust_remote_code=args.trust_remote_code).to(device)
+                                                 trust_remote_code=recipe.model.trust_remote_code).to(device)
     arch = architecture_of(model.config)
     current = parse_activation(str(arch.activation_of(model.config)))
     if current is None or current.name not in ("relu", "fatrelu"):

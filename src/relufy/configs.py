@@ -1,0 +1,183 @@
+"""The argument groups of a recipe: `ModelArguments`, `DataArguments` and `ProSparseConfig`.
+
+A recipe is one flat YAML whose keys are the fields of these three dataclasses (the layout of
+alignment-handbook's configs and TRL's `ModelConfig` + `SFTConfig`). `ProSparseConfig` is a
+`transformers.TrainingArguments`, so every Trainer key is a recipe key, next to relufy's
+schedule, time limit, threshold shift and LoRA keys. Each group checks its own values in
+`__post_init__` and raises a `RecipeError` naming the key and the fix; `relufy.recipe` adds the
+recipe's name in front.
+
+Importing this module imports transformers (and torch); `relufy.recipe` imports it only when a
+recipe is parsed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .activations import ACTIVATIONS, parse_activation
+from .errors import RecipeError
+from .schedule import Schedule
+
+# Liger Kernel options that swap a model's whole MLP for a fused kernel with a hard-coded activation
+# (SiLU, GELU, ReLU^2): they would silently undo the conversion, so relufy keeps them off.
+LIGER_MLP_KERNELS = ("swiglu", "geglu", "relu_squared")
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint training starts from, and how it is converted and loaded."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "base checkpoint: directory, .gguf file, hub id, or pkg:<python package>/<file> for a file shipped "
+                "in an installed package"})
+    activation: str | None = field(default=None, metadata={
+        "help": "convert the base to this activation first (relu, relu2, fatrelu_<t>, shifted_relu_<b>); "
+                "leave empty when the base is already converted"})
+    converted_model_dir: str | None = field(default=None, metadata={
+        "help": "where the conversion is written (default: <output_dir>/base-<activation>); reused when present"})
+    model_config_overrides: dict = field(default_factory=dict, metadata={
+        "help": "config values applied when loading the base, e.g. {num_hidden_layers: 2} keeps the first layers"})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype the weights are loaded in (float32 keeps fp32 master weights; use bf16: true for mixed precision)"})
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.activation is not None and parse_activation(self.activation) is None:
+            raise RecipeError(f"unknown activation '{self.activation}'. Supported: {', '.join(ACTIVATIONS)} "
+                              "(parametrized as fatrelu_<t> / shifted_relu_<b>)")
+
+
+@dataclass
+class DataArguments:
+    """The training text, its held-out part, and how both are packed into blocks."""
+
+    data: str | None = field(default=None, metadata={"help": ".txt/.jsonl file, folder of .txt files, or datasets name"})
+    data_hint: str | None = field(default=None, metadata={
+        "help": "how to get `data` / `held_out_data` when they are missing (e.g. the command that builds them); "
+                "shown in the error"})
+    data_split: str = "train"
+    text_column: str = "text"
+    block_size: int = field(default=1024, metadata={"help": "tokens per packed training sequence"})
+    held_out_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of documents kept out of training (split with held_out_seed before packing)"})
+    held_out_seed: int = 1234
+    held_out_data: str | None = field(default=None, metadata={
+        "help": "separate held-out text (file, folder or datasets name); when set, `data` is not split"})
+    max_train_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for datasets.map"})
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise RecipeError(f"block_size must be >= 2, got {self.block_size}")
+        if not 0 < self.held_out_fraction < 1:
+            raise RecipeError(f"held_out_fraction must be between 0 and 1 (exclusive), got {self.held_out_fraction}")
+        if self.max_train_blocks is not None and self.max_train_blocks < 1:
+            raise RecipeError(f"max_train_blocks must be >= 1 or empty, got {self.max_train_blocks}")
+
+
+@dataclass
+class ProSparseConfig(TrainingArguments):
+    """The Trainer's arguments plus what relufy's training adds: the L1 schedule, a wall-clock limit, the
+    threshold shift after training, and LoRA mode."""
+
+    stages: list[dict] = field(default_factory=list, metadata={
+        "help": "the L1 schedule: a list of {lambda, end_step} (cumulative optimizer steps); a "
+                "relufy.schedule.Schedule once the config is built"})
+    max_train_minutes: float | None = field(default=None, metadata={
+        "help": "stop cleanly after this many minutes of training (checkpoint at the next logging step, no final "
+                "model); continue with --resume. For jobs with a wall-clock limit"})
+    threshold_shift: bool = field(default=False, metadata={
+        "help": "after training, switch to FATReLU with the largest threshold whose held-out perplexity increase "
+                "stays under threshold_max_ppl_increase"})
+    threshold_max_ppl_increase: float = field(default=0.01, metadata={
+        "help": "relative perplexity increase allowed by the threshold shift (0.01 = 1%)"})
+    threshold_max: float = field(default=0.05, metadata={"help": "largest threshold the search tries"})
+    threshold_search_steps: int = field(default=6, metadata={"help": "bisection steps of the threshold search"})
+    threshold_eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per perplexity measurement"})
+    # -- parameter-efficient mode (peft LoRA); see docs/training.md "LoRA mode" ------------------
+    use_peft: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (peft) instead of all weights; merged into the base at the end"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is alpha/r * B A)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module names (last name component) that get adapters, or ['all-linear']; default: the FFN "
+                "projections of the architecture (gate, up, down)"})
+    lora_modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "modules trained in full next to the adapters (e.g. [gate_proj] or [input_layernorm, "
+                "post_attention_layernorm])"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the frozen base in 4-bit (needs bitsandbytes and a CUDA GPU; use_peft only)"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "double quantization of the 4-bit scales"})
+
+    def __post_init__(self):
+        if not isinstance(self.stages, Schedule):  # built once; dataclasses.replace passes the Schedule on
+            self.stages = Schedule.from_config(self.stages)
+        super().__post_init__()
+        if self.max_steps is None or self.max_steps <= 0:
+            raise RecipeError(f"max_steps must be > 0 (stages count optimizer steps); got {self.max_steps}")
+        if self.stages.stages and self.stages.last_step < self.max_steps:
+            raise RecipeError(f"the stages end at step {self.stages.last_step} but max_steps is {self.max_steps}; "
+                              f"extend the last stage's end_step to {self.max_steps} or lower max_steps")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise RecipeError(f"max_train_minutes must be > 0 or empty, got {self.max_train_minutes}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise RecipeError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.learning_rate < 0:
+            raise RecipeError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        self._check_threshold_search()
+        self._check_peft()
+        self._keep_liger_off_the_mlp()
+
+    def to_dict(self) -> dict:
+        """The Trainer's JSON view (TensorBoard's args text, trackers): the stages as plain mappings."""
+        return super().to_dict() | {"stages": self.stages.describe()}
+
+    def _check_threshold_search(self) -> None:
+        if self.threshold_max_ppl_increase < 0 or not math.isfinite(self.threshold_max_ppl_increase):
+            raise RecipeError(f"threshold_max_ppl_increase must be >= 0, got {self.threshold_max_ppl_increase}")
+        if self.threshold_max <= 0 or not math.isfinite(self.threshold_max):
+            raise RecipeError(f"threshold_max must be > 0, got {self.threshold_max}")
+        if self.threshold_search_steps < 1 or self.threshold_eval_tokens < 1:
+            raise RecipeError("threshold_search_steps and threshold_eval_tokens must be >= 1")
+
+    def _check_peft(self) -> None:
+        """The LoRA keys (module names are checked against the model when it is loaded)."""
+        if not self.use_peft:
+            if self.load_in_4bit:
+                raise RecipeError("load_in_4bit needs use_peft: true (a 4-bit base can only train adapters)")
+            return
+        if self.lora_r <= 0:
+            raise RecipeError(f"lora_r must be a positive rank (e.g. 16), got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise RecipeError(f"lora_alpha must be > 0 (e.g. 2 * lora_r), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise RecipeError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for key in ("lora_target_modules", "lora_modules_to_save"):
+            names = getattr(self, key)
+            if names is not None and (not isinstance(names, list) or not names
+                                      or not all(isinstance(n, str) and n for n in names)):
+                raise RecipeError(f"{key} must be a non-empty list of module names, got {names!r}")
+        if self.load_in_4bit:
+            if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+                raise RecipeError(f"bnb_4bit_quant_type must be nf4 or fp4, got '{self.bnb_4bit_quant_type}'")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise RecipeError("load_in_4bit needs bitsandbytes, which is not installed; "
+                                  "pip install bitsandbytes (CUDA GPU only) or set load_in_4bit: false")
+
+    def _keep_liger_off_the_mlp(self) -> None:
+        """With use_liger_kernel, take Liger's RMSNorm, RoPE and fused cross-entropy but never its MLP kernels."""
+        if not self.use_liger_kernel:
+            return
+        config = dict(self.liger_kernel_config or {})
+        asked = [key for key in LIGER_MLP_KERNELS if config.get(key)]
+        if asked:
+            raise RecipeError(f"liger_kernel_config.{asked[0]} would replace the converted FFN by Liger's fused "
+                              "kernel with its own fixed activation; remove it (relufy turns the MLP kernels off)")
+        self.liger_kernel_config = config | dict.fromkeys(LIGER_MLP_KERNELS, False)

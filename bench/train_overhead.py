@@ -156,7 +156,7 @@ def time_regularized_steps(model, blocks, args) -> float:
     """Mean step time of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training)."""
     from relufy.probe import SparsityProbe
     from relufy.schedule import Schedule
-    from relufy.train import ProSparseTrainer
+    from relufy.trainer import ProSparseTrainer
 
     probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
     schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])

@@ -35,7 +35,7 @@ def lora_run(silu_base, tmp_path_factory):
     recipe = lora_recipe(silu_base, out, "gradient_checkpointing=true")
     trainer, held_out = build_trainer(recipe)
     summary = run_training(trainer, recipe, held_out)
-    assert summary["steps"] == 4 and 0 < summary["activation_sparsity"] < 1
+    assert summary.steps == 4 and 0 < summary.activation_sparsity < 1
     assert trainer.model.get_base_model().is_activation_checkpointing
     return trainer, out
 
@@ -148,7 +148,7 @@ def test_resume_reloads_the_adapters_and_continues_the_schedule(silu_base, tmp_p
         train(lora_recipe(silu_base, tmp_path / "cut", *settings, "use_peft=false"), resume=True)
     resumed = train(lora_recipe(silu_base, tmp_path / "cut", *settings), resume=True)
 
-    assert resumed["steps"] == full["steps"] == 6
+    assert resumed.steps == full.steps == 6
     logs = {name: [e for e in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
                    if "loss" in e] for name in ("full", "cut")}
     assert [e["step"] for e in logs["cut"]] == list(range(1, 7))
@@ -228,7 +228,7 @@ def test_qlora_4bit_run_merges_into_an_unquantized_checkpoint(silu_base, tmp_pat
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
     recipe = lora_recipe(silu_base, out, "load_in_4bit=true", "use_cpu=false", "max_steps=2")
-    assert train(recipe)["steps"] == 2
+    assert train(recipe).steps == 2
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32 and not getattr(merged.config, "quantization_config", None)
 

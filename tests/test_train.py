@@ -19,7 +19,9 @@ from relufy.errors import DataError, TrainingError
 from relufy.probe import down_projections
 from relufy.recipe import load_recipe
 from relufy.schedule import Schedule
-from relufy.train import ProSparseTrainer, build_trainer, calibrate_threshold, last_checkpoint, run_training, train
+from relufy.threshold import calibrate_threshold
+from relufy.train import build_trainer, run_training, train
+from relufy.trainer import ProSparseTrainer, last_checkpoint
 
 TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 
@@ -374,7 +376,7 @@ def test_resume_without_a_checkpoint_and_a_rerun_without_resume_are_refused(silu
     with pytest.raises(TrainingError, match="pass --resume to continue"):
         train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2"))
     summary = train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2"), force=True)
-    assert summary["steps"] == 2
+    assert summary.steps == 2
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -480,7 +482,7 @@ def test_resume_skips_a_checkpoint_whose_save_was_killed(silu_base, tmp_path, ca
     killed.mkdir()
     (killed / "INCOMPLETE").write_text("")
     (killed / "model.safetensors").write_bytes(b"half")
-    with caplog.at_level("WARNING", logger="relufy.train"):
+    with caplog.at_level("WARNING", logger="relufy.trainer"):
         assert last_checkpoint(run) == run / "checkpoint-4"
     assert "skipping" in caplog.text and "checkpoint-6" in caplog.text
 

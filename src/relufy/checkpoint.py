@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -12,6 +14,8 @@ from pathlib import Path
 
 from .atomic import write_text_atomically
 from .errors import SourceError
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _MAX_HEADER = 100 * 1024 * 1024
@@ -163,8 +167,15 @@ def update_config(folder: str | os.PathLike, change) -> dict:
     return config
 
 
-def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM from any source relufy accepts, with relufy's activations registered."""
+def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_remote_code: bool = False,
+               config_overrides: dict | None = None, quantization_config=None):
+    """Load a causal LM from any source relufy accepts, with relufy's activations registered.
+
+    `config_overrides` are config values applied on load (`{num_hidden_layers: N}` keeps the first N
+    layers); `quantization_config` (a transformers quantization config) loads the weights quantized,
+    as QLoRA's frozen base. A GGUF source loads as float32 under dtype "auto" (its weights are
+    dequantized; float32 keeps them exact).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -175,9 +186,40 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
     if source.gguf_file and dtype == "auto":
         dtype = "float32"  # GGUF weights are dequantized; keep them exact
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs()
-    )
+    overrides = dict(config_overrides or {})
+    quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    cut = "num_hidden_layers" in overrides
+    with _quiet_unloaded_layers(cut):
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs(), **quantized,
+            **overrides)
+    if cut:
+        logger.info("kept the first %s decoder layers of %s (model_config_overrides)", overrides["num_hidden_layers"],
+                    source)
+    return model
+
+
+class _UnloadedLayersReport(logging.Filter):
+    """Drops transformers' load report when all it lists is UNEXPECTED keys: the checkpoint's layers that
+    `config_overrides={"num_hidden_layers": N}` leaves out on purpose. A report with missing or
+    mismatched keys still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("LOAD REPORT" in text and "UNEXPECTED" in text and "MISSING" not in text
+                    and "MISMATCH" not in text)
+
+
+@contextlib.contextmanager
+def _quiet_unloaded_layers(active: bool):
+    source = logging.getLogger("transformers.modeling_utils")
+    quiet = _UnloadedLayersReport()
+    if active:
+        source.addFilter(quiet)
+    try:
+        yield
+    finally:
+        source.removeFilter(quiet)
 
 
 def load_tokenizer(src: str | os.PathLike | Source, *, trust_remote_code: bool = False):

@@ -144,22 +144,23 @@ def _run_train(args) -> int:
     from .train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = train(recipe, resume=args.resume, force=args.force)
-    if recipe.training.process_index == 0 and summary.get("stopped_for_time"):
-        print(f"stopped at step {summary['steps']} of {summary['max_steps']} after max_train_minutes="
-              f"{recipe.training.max_train_minutes:g}; saved {summary['checkpoint']}. Continue with: relufy train "
+    result = train(recipe, resume=args.resume, force=args.force)
+    if recipe.training.process_index != 0:
+        return 0
+    if result.stopped_for_time:
+        print(f"stopped at step {result.steps} of {result.max_steps} after max_train_minutes="
+              f"{recipe.training.max_train_minutes:g}; saved {result.checkpoint}. Continue with: relufy train "
               f"{args.recipe} --resume (and the same --set overrides)")
-    elif recipe.training.process_index == 0:
-        line = f"wrote {summary['output_dir']} after {summary['steps']} steps"
-        if summary.get("activation_sparsity") is not None:
-            line += f", x1 zero-ratio {summary['activation_sparsity']:.2%} at lambda {summary['l1_lambda']:g}"
-        shift = summary.get("threshold_shift")
-        if shift:
-            line += (f"; FATReLU threshold {shift['threshold']:g} (perplexity {shift['perplexity_before']:.2f} -> "
-                     f"{shift['perplexity_after']:.2f}, zero-ratio {shift['sparsity_after']:.2%})")
-        print(line)
-        if note := toy_run_note(recipe):
-            print(note)
+        return 0
+    line = f"wrote {result.output_dir} after {result.steps} steps"
+    if result.activation_sparsity is not None:
+        line += f", x1 zero-ratio {result.activation_sparsity:.2%} at lambda {result.l1_lambda:g}"
+    if shift := result.threshold_shift:
+        line += (f"; FATReLU threshold {shift['threshold']:g} (perplexity {shift['perplexity_before']:.2f} -> "
+                 f"{shift['perplexity_after']:.2f}, zero-ratio {shift['sparsity_after']:.2%})")
+    print(line)
+    if note := toy_run_note(recipe):
+        print(note)
     return 0
 
 

@@ -55,10 +55,10 @@ def lora_config(args, model_type: str | None):
                       target_modules=targets, modules_to_save=saved or None, bias="none", task_type="CAUSAL_LM")
 
 
-def quantization_kwargs(args) -> dict:
-    """`from_pretrained` keyword arguments for QLoRA-style 4-bit loading (empty unless load_in_4bit)."""
+def quantization_config(args):
+    """The `BitsAndBytesConfig` of QLoRA-style 4-bit loading, or None unless load_in_4bit."""
     if not args.load_in_4bit:
-        return {}
+        return None
     import importlib.util
 
     import torch
@@ -71,9 +71,8 @@ def quantization_kwargs(args) -> dict:
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=args.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=args.use_bnb_nested_quant, bnb_4bit_compute_dtype=compute)
 
 
 def wrap_with_lora(model: nn.Module, args, *, gradient_checkpointing: bool = False,

@@ -1,9 +1,11 @@
-"""Tables and plots of measured results: sparsity JSONs, evaluation results.json, `relufy compare`."""
+"""Tables and plots of measured results: sparsity JSONs, evaluation results.json, `relufy compare`,
+and the training curves of a run's log history."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from .errors import DataError
@@ -11,6 +13,7 @@ from .errors import DataError
 # The metric that stands for a task, in order of preference (lm-eval keys are "metric,filter").
 SCORE_METRICS = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "em")
 LOSS_METRICS = ("word_perplexity", "perplexity", "bits_per_byte")
+TRAINING_PLOT = "training_curves.png"  # beside the trained model in output_dir
 
 
 def load_result(path: str | Path) -> dict:
@@ -197,3 +200,30 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_training_plot(history: list[dict], path: Path) -> Path | None:
+    """PNG of l1_lambda, loss and activation_sparsity against step from a Trainer's log history (nothing if
+    no step was logged); written beside and moved into place, so a failure leaves no half-written file."""
+    rows = [entry for entry in history if "l1_lambda" in entry]
+    if not rows:
+        return None
+    plt = _pyplot()
+    steps = [entry["step"] for entry in rows]
+    panels = [("l1_lambda", "lambda"), ("loss", "loss (LM + lambda * L1)"), ("activation_sparsity", "x1 zero-ratio")]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 7))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot(steps, [entry.get(key, math.nan) for entry in rows], marker="." if len(rows) < 50 else None)
+        if key == "loss":
+            ax.plot(steps, [entry.get("lm_loss", math.nan) for entry in rows], label="LM loss")
+            ax.legend()
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("ProSparse training")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -89,7 +89,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
-        schedule=training.stages, probe=probe, max_train_minutes=training.max_train_minutes, base_checkpoint=base,
+        probe=probe, base_checkpoint=base,
     )
     return trainer, held_out
 

@@ -29,6 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .atomic import respect_umask
+from .configs import ProSparseConfig
 from .errors import TrainingError
 from .probe import SparsityProbe
 from .schedule import Schedule
@@ -52,12 +53,16 @@ class ProSparseTrainer(Trainer):
     since the last log), `lm_loss`, `activation_sparsity` (zero-ratio of x1 over the logged step's batches).
     """
 
-    def __init__(self, *args, schedule: Schedule, probe: SparsityProbe, max_train_minutes: float | None = None,
+    def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
                  base_checkpoint: str | None = None, **kwargs):
-        """`probe` is attached to the model; `base_checkpoint` is where the model was loaded from (LoRA mode
-        merges its adapter into it); `max_train_minutes` stops at the first logging step past it."""
+        """`probe` is attached to the model. With a `ProSparseConfig` as `args`, the schedule and
+        max_train_minutes are its own; plain `TrainingArguments` need `schedule`. `base_checkpoint` is where
+        the model was loaded from (LoRA mode merges its adapter into it)."""
         super().__init__(*args, **kwargs)
-        self.schedule = schedule
+        config = self.args if isinstance(self.args, ProSparseConfig) else None
+        if schedule is None and config is None:
+            raise TypeError("ProSparseTrainer needs schedule= when its args are not a relufy ProSparseConfig")
+        self.schedule = schedule if schedule is not None else config.stages
         self.probe = probe
         self.base_checkpoint = base_checkpoint
         probe.enabled = False
@@ -69,8 +74,8 @@ class ProSparseTrainer(Trainer):
         self._first_bad_step: torch.Tensor | None = None
         self.add_callback(_NonFiniteLossGuard(self))
         self.stopped_for_time = False  # set by _TimeLimit
-        if max_train_minutes:
-            self.add_callback(_TimeLimit(self, max_train_minutes))
+        if config is not None and config.max_train_minutes:
+            self.add_callback(_TimeLimit(self, config.max_train_minutes))
 
     def lambda_for_next_step(self) -> float:
         """lambda of the optimizer step being accumulated now (global_step counts finished steps)."""

@@ -198,7 +198,8 @@ def parse_recipe(data: dict, source: Path | None = None) -> Recipe:
     try:
         model, data_args, training = parser.parse_args_into_dataclasses(args=[], look_for_args_file=False)
     except argparse.ArgumentError as exc:  # a text value its key's type cannot read
-        key = parser._option_string_actions[exc.argument_name.split("/")[0]].dest
+        option = exc.argument_name.split("/")[0]  # "--max_steps/--max-steps"
+        key = next(dest for dest, action in actions.items() if option in action.option_strings)
         raise _wrong_type(where, key, data[key], actions[key]) from None
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from None

@@ -158,7 +158,8 @@ class ProSparseTrainer(Trainer):
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / INCOMPLETE).write_text("relufy is still writing this checkpoint\n")
-        with disk_full_stops_training(folder.name, Path(self.args.output_dir)):  # the partial folder is gone by then
+        # inside out: a failed save first removes its folder, then a full disk becomes the one-line error
+        with disk_full_stops_training(folder.name, Path(self.args.output_dir)):
             try:
                 result = super()._save_checkpoint(model, trial)
                 self.accelerator.wait_for_everyone()  # every rank's shards are written

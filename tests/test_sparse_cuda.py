@@ -18,8 +18,11 @@ from relufy.sparse import sparse_enabled, sparsify  # noqa: E402
 from relufy.sparse.kernels import RELU, sparse_ffn  # noqa: E402
 
 
-def test_a_captured_graph_replays_new_inputs_exactly():
-    """Fixed grids and a device-side count: one capture serves inputs with any set of active neurons."""
+def test_a_captured_graph_replays_new_inputs():
+    """Fixed grids and a device-side count: one capture serves inputs with any set of active neurons.
+
+    The down projection adds its split-K partial sums with fp32 atomics in whatever order the programs
+    finish, so a replay and an eager call agree to rounding, not bit for bit."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     w_gate, w_up, w_down_t = (torch.randn(2048, 512, generator=generator, device="cuda").bfloat16() / 20
                               for _ in range(3))
@@ -32,10 +35,13 @@ def test_a_captured_graph_replays_new_inputs_exactly():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = sparse_ffn(x, w_gate, w_up, w_down_t, RELU)
+    previous = captured.clone()
     for _ in range(3):
         x.copy_(torch.randn(4, 512, generator=generator, device="cuda"))
         graph.replay()
-        assert torch.equal(captured, sparse_ffn(x, w_gate, w_up, w_down_t, RELU))
+        assert not torch.equal(captured, previous)  # the replay computed the new input, not the captured one
+        torch.testing.assert_close(captured, sparse_ffn(x, w_gate, w_up, w_down_t, RELU), rtol=2e-2, atol=2e-2)
+        previous = captured.clone()
 
 
 def _tiny_relu_llama():
@@ -46,13 +52,16 @@ def _tiny_relu_llama():
     return model.to("cuda")
 
 
-def test_generate_with_a_static_cache_and_reduce_overhead_compile_matches_dense():
+def test_generate_with_a_static_cache_compiled_by_transformers_matches_dense():
+    """A static cache makes `generate` compile the forward itself (CUDA graphs included) and mark each
+    step, so the sparse operator runs inside transformers' own compiled decode. (Wrapping the forward in
+    torch.compile(mode="reduce-overhead") by hand breaks dense models too: generate's cache writes then
+    touch graph outputs that the next replay overwrites.)"""
     model = _tiny_relu_llama()
     prompt = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
     settings = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
     dense = model.generate(prompt, **settings)
     sparsify(model)
-    model.forward = torch.compile(model.forward, mode="reduce-overhead")
     sparse = model.generate(prompt, **settings)
     assert torch.equal(dense, sparse)
     with sparse_enabled(model, False):

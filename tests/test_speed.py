@@ -17,7 +17,7 @@ from relufy.cli import build_parser, main  # noqa: E402
 from relufy.publish import model_card  # noqa: E402
 from relufy.report import evaluation_report  # noqa: E402
 from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
-from relufy.speed import DecodeLoop, SpeedConfig, measure_speed, random_prompts, speed_table  # noqa: E402
+from relufy.speed import DecodeLoop, SpeedConfig, ffn_inputs, measure_speed, random_prompts, speed_table  # noqa: E402
 
 TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4, warmup=2, ffn_repeats=2,
             copy_bytes=1 << 20, dtype="float32", device="cpu")
@@ -65,6 +65,20 @@ def test_decode_loop_tokens_are_generate_tokens(attention):
                                   do_sample=False, pad_token_id=0)[:, 8:]
     assert tokens.shape == (3, 11) and seconds > 0
     assert torch.equal(tokens, expected)
+
+
+def test_ffn_inputs_are_one_decode_step_even_after_the_step_was_compiled():
+    """The per-layer FFN timings run each FFN on the input of one decode step. Dynamo does not guard on
+    module hooks, so a step compiled before the hooks were added would skip them, leaving the prompt's
+    inputs (too many tokens for the sparse kernels: both timings would then be of the dense FFN)."""
+    model = build_tiny_model("llama", hidden_act="relu")
+    loop = DecodeLoop(model, 2, 8, 4)
+    loop.decode_logits = torch.compile(loop.logits, backend="eager", dynamic=False)  # CUDA compiles; CPU may too
+    prompts = random_prompts(model, SpeedConfig(batch_sizes=(2,), prompt_tokens=8), torch.device("cpu"))
+    with torch.no_grad():
+        loop.run(prompts, warmup=1)  # compiles the step without hooks
+        inputs = ffn_inputs(loop, prompts)
+    assert [tuple(x.shape[:-1]) for x in inputs] == [(2, 1), (2, 1)]
 
 
 def test_weights_bandwidth_counts_the_embedding_only_when_tied():

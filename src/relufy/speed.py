@@ -159,13 +159,15 @@ class DecodeLoop:
         self.position.fill_(length)
         self.step_index.fill_(1)
 
-    def step(self) -> None:
-        """One greedy decode step, entirely on the device."""
+    def step(self, eager: bool = False) -> None:
+        """One greedy decode step, entirely on the device; `eager` bypasses torch.compile, so module hooks
+        registered after the compilation run (Dynamo does not guard on hooks and would reuse the graph)."""
         mask = self.key_positions <= self.position.view(-1, 1, 1, 1)
         if self.mask_values is not None:  # eager attention adds the mask: 0 where allowed, dtype min elsewhere
             mask = torch.where(mask, *self.mask_values)
+        logits = self.logits if eager else self.decode_logits
         with sdpa_kernel(ATTENTION_BACKENDS):
-            next_token = self.decode_logits(self.token, self.position, mask).argmax(-1)
+            next_token = logits(self.token, self.position, mask).argmax(-1)
         self.token.copy_(next_token[:, None])
         self.tokens.index_copy_(1, self.step_index, next_token[:, None])
         self.position.add_(1)
@@ -264,7 +266,7 @@ def ffn_inputs(loop: DecodeLoop, prompt: torch.Tensor) -> list[torch.Tensor]:
     handles = [ffn.register_forward_pre_hook(keep(i)) for i, ffn in enumerate(ffns)]
     try:
         loop.prefill(prompt)
-        loop.step()
+        loop.step(eager=True)  # a compiled step would skip the hooks and leave the prompt's inputs here
     finally:
         for handle in handles:
             handle.remove()

@@ -66,3 +66,19 @@ def test_generate_with_a_static_cache_compiled_by_transformers_matches_dense():
     assert torch.equal(dense, sparse)
     with sparse_enabled(model, False):
         assert torch.equal(model.generate(prompt, **settings), dense)
+
+
+@pytest.mark.parametrize("batch", [2, 4, 8])
+def test_many_programs_per_column_block_sum_every_share(batch):
+    """On a real FFN width the down kernel splits each column block over dozens of programs whose fp32
+    adds the last one collects; every call must hold every share (a finisher that read the sums with a
+    plain load missed some in about half of the 4-token calls on an H200)."""
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    w_gate, w_up, w_down = (torch.randn(*shape, generator=generator, device="cuda").bfloat16() * 0.02
+                            for shape in [(11008, 4096), (11008, 4096), (4096, 11008)])
+    w_down_t = w_down.t().contiguous()
+    for _ in range(10):
+        x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
+        dense = ((torch.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()).float()
+        sparse = sparse_ffn(x, w_gate, w_up, w_down_t, RELU).float()
+        assert (sparse - dense).abs().max() <= 1e-2 * dense.abs().max()

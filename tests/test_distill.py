@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,6 +91,30 @@ def test_the_divergence_is_the_mean_over_labelled_shifted_positions_at_temperatu
     torch.testing.assert_close(loss.from_logits(student, teacher, labels).double(), expected, rtol=1e-5, atol=1e-7)
     lm = torch.tensor(3.0)
     assert loss.combine(lm, expected).item() == pytest.approx(0.5 * 3.0 + 0.5 * 4 * expected.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger Kernel's fused linear JSD runs on CUDA only")
+@pytest.mark.parametrize("kind", ["kl", "jsd"])
+def test_liger_fused_linear_jsd_matches_the_logits_path(kind):
+    """The fused path (hidden states and head weights, no logits) gives the logits path's divergence and gradients."""
+    loss = DistillLoss(alpha=0.5, temperature=2.0, kind=kind, beta=0.3)
+    inputs = {key: value.cuda() for key, value in batch().items()}
+    inputs["labels"][0, 5:9] = -100
+    results = []
+    for fused in (False, True):
+        student = build_tiny_model("llama", seed=0, hidden_act="relu").cuda().train()
+        distiller = Distiller(loss, teacher=build_tiny_model("llama", seed=1).cuda(), fused=fused)
+        teacher = distiller.teacher_outputs(student, inputs)
+        with distiller.watch_student(student) as caught:
+            outputs = student(**inputs)
+        divergence = distiller.divergence(student, outputs, caught, teacher, inputs["labels"])
+        divergence.backward()
+        results.append((divergence.item(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (plain, grads), (fused, fused_grads) = results
+    assert plain > 1e-4 and fused == pytest.approx(plain, rel=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 # -- the loss inside the Trainer -------------------------------------------------------------------------------

@@ -271,12 +271,19 @@ def build_distiller(training: ProSparseConfig, args: ModelArguments, base: str, 
             return Distiller(loss, swap=swap, fused=fused)
         key = architecture_of(student.config).activation_key
         teacher = _load(base, args, {**args.model_config_overrides, key: original}, "the distillation teacher")
+    logger.info("distillation teacher: %s (%s)", training.distill_teacher or base,
+                "Liger fused linear JSD" if fused else "logits, torch")
+    return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config)
+
+
+def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool,
+                     liger_kernel_config: dict | None = None) -> Distiller:
+    """A Distiller around a separate teacher; with the fused loss the teacher gets the student's Liger kernels
+    (its norms and RoPE; its decoder is all the fused loss runs)."""
     if fused:
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(teacher, training.liger_kernel_config)  # the same kernels as the student's
-    logger.info("distillation teacher: %s (%s)", training.distill_teacher or base,
-                "Liger fused linear JSD" if fused else "logits, torch")
+        apply_liger_kernel(teacher, liger_kernel_config)
     return Distiller(loss, teacher=teacher, fused=fused)
 
 
@@ -351,7 +358,7 @@ def _load(path: str, args: ModelArguments, overrides: dict, what: str) -> nn.Mod
         raise RecipeError(f"{what} cannot be loaded: {exc}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RecipeError(f"{what} cannot be loaded ({reason}); point distill_teacher at a model "
+        raise RecipeError(f"{what} cannot be loaded ({reason}); distill_teacher must name a causal LM "
                           "checkpoint") from None
     finally:
         deepspeed._hf_deepspeed_config_weak_ref = saved

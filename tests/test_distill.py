@@ -225,6 +225,8 @@ def test_a_run_keeps_the_teacher_frozen_and_logs_the_distillation_loss(silu_base
         expected = 0.5 * 4 * entry["distill_loss"] + 0.5 * entry["lm_loss"] + 0.01 * entry["l1_loss"]
         assert entry["distill_loss"] > 0 and entry["loss"] == pytest.approx(expected, rel=1e-3)
     assert "distill_loss" in json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"][0]
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["relufy"]["training"]["distill"]
+    assert recorded == {"alpha": 0.5, "temperature": 2.0, "loss": "kl", "teacher": "source"}
 
 
 def test_a_lora_run_distills_from_its_own_base(silu_base, tmp_path):

@@ -287,6 +287,15 @@ def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool,
     return Distiller(loss, teacher=teacher, fused=fused)
 
 
+def describe(training: ProSparseConfig) -> dict:
+    """What `relufy.training.distill` records in the trained model's config."""
+    described = {"alpha": training.distill_alpha, "temperature": training.distill_temperature,
+                 "loss": training.distill_loss, "teacher": training.distill_teacher or "source"}
+    if training.distill_loss == "jsd":
+        described["jsd_beta"] = training.distill_jsd_beta
+    return described
+
+
 def original_activation(base: str) -> tuple[str, str]:
     """(the activation `base` has, the one its teacher has): the base's own when it is not ReLU-family,
     else the `relufy.original_activation` its conversion recorded."""

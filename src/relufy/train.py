@@ -366,6 +366,10 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
 
         training["lora"] = describe(recipe.training, json.loads((output_dir / "config.json").read_text())
                                     .get("model_type"))
+    if recipe.training.distill:
+        from .distill import describe as describe_distillation
+
+        training["distill"] = describe_distillation(recipe.training)
     update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
 
 

@@ -67,11 +67,11 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if ON_GPU else "cpu"
 
 
-def build_model(name: str, dtype: torch.dtype):
+def build_model(name: str, dtype: torch.dtype, hidden_act: str = "relu"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_act="relu", max_position_embeddings=4096, **CONFIGS[name])
+    config = LlamaConfig(hidden_act=hidden_act, max_position_embeddings=4096, **CONFIGS[name])
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to("cuda" if ON_GPU else "cpu")
 
@@ -152,15 +152,16 @@ class KernelProfile(TrainerCallback):
             self.profiler = None
 
 
-def time_regularized_steps(model, blocks, args) -> float:
-    """Mean step time of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training)."""
+def time_regularized_steps(model, blocks, args, **extra) -> float:
+    """Mean step time of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training);
+    `extra` goes to the trainer too (e.g. a distiller)."""
     from relufy.probe import SparsityProbe
     from relufy.schedule import Schedule
     from relufy.trainer import ProSparseTrainer
 
     probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
     schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
-    return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe})
+    return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe, **extra})
 
 
 def bench(name: str, args) -> dict:

@@ -30,7 +30,7 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py",
-              "sparse_ffn.py", "decode_speed.py"}
+              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py"}
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -54,6 +54,17 @@ def test_train_overhead_tiny(tmp_path):
     assert result["device"] == "cpu" and result["ratio"] > 0
     assert {"step_s", "tokens_per_s", "mfu", "peak_mem_gib"} <= result["plain"][0].keys()
     assert "overhead ratio" in stdout
+
+
+def test_distill_overhead_tiny(tmp_path):
+    out = tmp_path / "distill.json"
+    stdout = run_bench("distill_overhead.py", "--tiny", "--order", "plain", "distill", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert {"device", "model", "runs", "ratio", "ratio_median", "memory_ratio", "loss", "fused"} <= result.keys()
+    assert result["device"] == "cpu" and result["model"] == "tiny" and result["ratio"] > 0
+    assert result["memory_ratio"] is None  # no allocator statistics on the CPU
+    assert {"step_s", "tokens_per_s", "peak_mem_gib"} <= result["runs"]["distill"][0].keys()
+    assert "step time distill / plain" in stdout
 
 
 def test_lora_vs_full_tiny(tmp_path):

@@ -95,6 +95,22 @@ def test_silu_control_differs_from_relu_only_in_activation(driver, capsys, tmp_p
     assert recipe.training.seed == load_recipe(REPO / commands["relu"][4], overrides(commands["relu"])).training.seed
 
 
+def test_kd_arms_differ_from_their_arms_only_in_the_distillation(driver, capsys, tmp_path):
+    commands = dry_run(driver, capsys, tmp_path, "relu", "relu-kd", "prosparse", "prosparse-kd",
+                       flags=("--steps", "600", "--distill-alpha", "0.3", "--distill-temperature", "2"))
+    assert list(commands) == ["relu", "relu-eval", "relu-kd", "relu-kd-eval", "prosparse", "prosparse-noshift",
+                              "prosparse-eval", "prosparse+shift-eval", "prosparse-kd", "prosparse-kd-noshift",
+                              "prosparse-kd-eval", "prosparse-kd+shift-eval"]
+    for arm in ("relu", "prosparse"):
+        plain, kd = (dict(o.split("=", 1) for o in overrides(commands[name])) for name in (arm, f"{arm}-kd"))
+        assert {k for k in kd if kd[k] != plain.get(k)} == {"output_dir", "distill", "distill_alpha",
+                                                            "distill_temperature"}
+        assert commands[arm][4] == commands[f"{arm}-kd"][4]  # the same recipe
+        recipe = load_recipe(REPO / commands[f"{arm}-kd"][4], overrides(commands[f"{arm}-kd"]))
+        assert recipe.training.distill and recipe.training.distill_alpha == pytest.approx(0.3)
+        assert recipe.training.distill_temperature == pytest.approx(2.0) and recipe.model.activation == "relu"
+
+
 def test_token_budgets_give_each_budget_its_folder_steps_and_stage0(driver, capsys, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -46,6 +46,7 @@ class Arm:
     threshold_shift: bool = False  # evaluate the weights before the FATReLU shift too
     lora: bool = False
     activation: str | None = "relu"  # the FFN activation it trains with; None keeps the original (SiLU)
+    distill: bool = False  # add distillation from the unconverted SiLU model (--distill-alpha, --distill-temperature)
 
 
 PROSPARSE_RECIPE = "recipes/prosparse-smollm2-135m.yaml"
@@ -59,6 +60,9 @@ ARMS = {
     "fixed-l1": Arm("stage 0, then one constant lambda equal to the ProSparse peak", PROSPARSE_RECIPE, "fixed"),
     "prosparse-lora": Arm("the ProSparse schedule on LoRA adapters (merged at the end), no threshold shift",
                           PROSPARSE_RECIPE, "progressive", lora=True),
+    "relu-kd": Arm("relu plus distillation from the unconverted SiLU model", "recipes/relu-only.yaml", distill=True),
+    "prosparse-kd": Arm("prosparse plus distillation from the unconverted SiLU model; evaluated before and after "
+                        "the shift", PROSPARSE_RECIPE, "progressive", True, distill=True),
 }
 # --tiny: the settings of a CPU smoke run (2 layers, a few steps, a slice of every task)
 TINY = dict(steps=20, stage0=10, batch=2, block=64, eval_limit=4, heldout_tokens=512, eval_block=64)
@@ -115,6 +119,8 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
         sets["lr_scheduler_kwargs"] = flow({"num_decay_steps": decay, "min_lr_ratio": s.min_lr_ratio})
     if arm.lora:
         sets.update(use_peft="true", lora_r=s.lora_rank, lora_alpha=2 * s.lora_rank)
+    if arm.distill:
+        sets.update(distill="true", distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature)
     if s.liger:
         sets["use_liger_kernel"] = "true"
     if s.compile:
@@ -341,6 +347,9 @@ def _add_run(sub) -> None:
     p.add_argument("--peak", type=float, default=2e-2, help="largest lambda of the ProSparse and fixed-l1 arms")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA arm")
+    p.add_argument("--distill-alpha", type=float, default=0.5,
+                   help="the -kd arms' share of the distillation term: alpha * T^2 * KL + (1 - alpha) * LM")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="the -kd arms' softmax temperature T")
     p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
     p.add_argument("--heldout-tokens", type=int, default=16384)
     p.add_argument("--eval-block", type=int, default=512, help="tokens per held-out block of the evaluation")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -115,6 +116,19 @@ class ProSparseConfig(TrainingArguments):
         "help": "QLoRA: load the frozen base in 4-bit (needs bitsandbytes and a CUDA GPU; use_peft only)"})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
     use_bnb_nested_quant: bool = field(default=False, metadata={"help": "double quantization of the 4-bit scales"})
+    # -- distillation from the unconverted model; see docs/training.md "Distillation" --------------
+    distill: bool = field(default=False, metadata={
+        "help": "add a distillation term from a frozen teacher: by default the source model with its original "
+                "activation (in LoRA mode the same base, adapters disabled, original activation restored)"})
+    distill_alpha: float = field(default=0.5, metadata={
+        "help": "weight of the distillation term: alpha * T^2 * D(teacher || student) + (1 - alpha) * LM"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of both models (> 0)"})
+    distill_loss: Literal["kl", "jsd"] = field(default="kl", metadata={
+        "help": "kl: forward KL(teacher || student); jsd: GKD's generalized Jensen-Shannon divergence"})
+    distill_jsd_beta: float = field(default=0.5, metadata={
+        "help": "beta of the generalized JSD (0 = forward KL, 1 = reverse KL), distill_loss: jsd only"})
+    distill_teacher: str | None = field(default=None, metadata={
+        "help": "another teacher checkpoint (same vocabulary and tokenizer); default: the source model"})
 
     def __post_init__(self):
         if not isinstance(self.stages, Schedule):  # built once; dataclasses.replace passes the Schedule on
@@ -133,6 +147,7 @@ class ProSparseConfig(TrainingArguments):
             raise RecipeError(f"learning_rate must be >= 0, got {self.learning_rate}")
         self._check_threshold_search()
         self._check_peft()
+        self._check_distill()
         self._keep_liger_off_the_mlp()
 
     def to_dict(self) -> dict:
@@ -170,6 +185,19 @@ class ProSparseConfig(TrainingArguments):
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise RecipeError("load_in_4bit needs bitsandbytes, which is not installed; "
                                   "pip install bitsandbytes (CUDA GPU only) or set load_in_4bit: false")
+
+    def _check_distill(self) -> None:
+        """The distillation keys (the teacher itself is checked when it is loaded)."""
+        if not 0 <= self.distill_alpha <= 1:
+            raise RecipeError(f"distill_alpha must be in [0, 1] (the teacher's share of the loss), got {self.distill_alpha}")
+        if not self.distill_temperature > 0 or not math.isfinite(self.distill_temperature):
+            raise RecipeError(f"distill_temperature must be a finite number > 0 (e.g. 1.0), got {self.distill_temperature}")
+        if not 0 <= self.distill_jsd_beta <= 1:
+            raise RecipeError(f"distill_jsd_beta must be in [0, 1], got {self.distill_jsd_beta}")
+        if self.distill_loss not in ("kl", "jsd"):
+            raise RecipeError(f"distill_loss must be kl or jsd, got '{self.distill_loss}'")
+        if self.distill_teacher is not None and not self.distill:
+            raise RecipeError("distill_teacher is set but distill is false; set distill: true or remove distill_teacher")
 
     def _keep_liger_off_the_mlp(self) -> None:
         """With use_liger_kernel, take Liger's RMSNorm, RoPE and fused cross-entropy but never its MLP kernels."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .configs import DataArguments, ModelArguments, ProSparseConfig
     from .schedule import Schedule
 
-INPUT_PATH_KEYS = ("model_name_or_path", "data", "held_out_data")
+INPUT_PATH_KEYS = ("model_name_or_path", "data", "held_out_data", "distill_teacher")
 REQUIRED_KEYS = ("model_name_or_path", "data", "output_dir")
 # A value with one of these suffixes (or starting with ./ ../ / ~) names a local file, never a hub name.
 FILE_SUFFIXES = (".txt", ".md", ".text", ".json", ".jsonl", ".gz", ".gguf", ".safetensors")
@@ -93,7 +93,7 @@ def _resolve_against(data: dict, folder: Path) -> dict[str, tuple[str, str]]:
 def check_inputs(recipe: Recipe) -> None:
     """Fail before any work when a local model or data path of the recipe does not exist."""
     values = {"model_name_or_path": recipe.model.model_name_or_path, "data": recipe.data.data,
-              "held_out_data": recipe.data.held_out_data}
+              "held_out_data": recipe.data.held_out_data, "distill_teacher": recipe.training.distill_teacher}
     for key, value in values.items():
         if not value or value.startswith(PACKAGE_PREFIX) or not looks_local(value):
             continue
@@ -104,8 +104,9 @@ def check_inputs(recipe: Recipe) -> None:
             where = (f" (the recipe says '{recipe.recipe_relative[key]}'; relative paths in a recipe resolve against "
                      f"its folder {recipe.source.parent.resolve()})")
         hint = recipe.data.data_hint
-        fix = hint if key != "model_name_or_path" and hint else f"fix it or pass --set {key}=PATH"
-        error = RecipeError if key == "model_name_or_path" else DataError
+        model_key = key in ("model_name_or_path", "distill_teacher")
+        fix = hint if not model_key and hint else f"fix it or pass --set {key}=PATH"
+        error = RecipeError if model_key else DataError
         raise error(f"{key} '{value}' does not exist{where}; {fix}")
 
 

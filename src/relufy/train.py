@@ -84,12 +84,13 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
         checkpointing = any(getattr(training, flag, False)
                             for flag in ("activation_checkpointing", "gradient_checkpointing"))
         model = wrap_with_lora(model, training, gradient_checkpointing=checkpointing, seed=training.seed)
+    distiller = _build_distiller(recipe, base, model, tokenizer) if training.distill else None
     probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
-        probe=probe, base_checkpoint=base,
+        probe=probe, base_checkpoint=base, distiller=distiller,
     )
     return trainer, held_out
 
@@ -268,6 +269,13 @@ def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):
     return model
 
 
+def _build_distiller(recipe: Recipe, base: str, model, tokenizer):
+    """distill: true: the teacher (relufy.distill), loaded and checked before any step runs."""
+    from .distill import build_distiller
+
+    return build_distiller(recipe.training, recipe.model, base, model, tokenizer)
+
+
 def _prepare_data(recipe: Recipe, tokenizer):
     """Documents split with a fixed seed into train / held-out, each packed into fixed-length blocks."""
     from .data import load_text_dataset, pack_blocks, require_tokens
@@ -358,6 +366,10 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
 
         training["lora"] = describe(recipe.training, json.loads((output_dir / "config.json").read_text())
                                     .get("model_type"))
+    if recipe.training.distill:
+        from .distill import describe as describe_distillation
+
+        training["distill"] = describe_distillation(recipe.training)
     update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
 
 

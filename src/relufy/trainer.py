@@ -50,14 +50,16 @@ class ProSparseTrainer(Trainer):
 
     Logged at every logging step (log_history and every `report_to` backend): `l1_lambda` (the
     lambda of the step just taken), `l1_loss` (the unscaled L1 term, mean over the micro-batches
-    since the last log), `lm_loss`, `activation_sparsity` (zero-ratio of x1 over the logged step's batches).
+    since the last log), `lm_loss`, `activation_sparsity` (zero-ratio of x1 over the logged step's batches),
+    and with a distiller `distill_loss` (the divergence from the teacher before alpha and T^2).
     """
 
     def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
-                 base_checkpoint: str | None = None, **kwargs):
+                 base_checkpoint: str | None = None, distiller=None, **kwargs):
         """`probe` is attached to the model. With a `ProSparseConfig` as `args`, the schedule and
         max_train_minutes are its own; plain `TrainingArguments` need `schedule`. `base_checkpoint` is where
-        the model was loaded from (LoRA mode merges its adapter into it)."""
+        the model was loaded from (LoRA mode merges its adapter into it). `distiller` (a
+        `relufy.distill.Distiller`) adds the distillation term; its teacher stays outside the Trainer's model."""
         super().__init__(*args, **kwargs)
         config = self.args if isinstance(self.args, ProSparseConfig) else None
         if schedule is None and config is None:
@@ -65,6 +67,7 @@ class ProSparseTrainer(Trainer):
         self.schedule = schedule if schedule is not None else config.stages
         self.probe = probe
         self.base_checkpoint = base_checkpoint
+        self.distiller = distiller
         probe.enabled = False
         # Per-micro-batch means for both terms; training_step divides the sum by the GA steps.
         self.model_accepts_loss_kwargs = False
@@ -85,14 +88,24 @@ class ProSparseTrainer(Trainer):
         if not model.training:  # evaluation: the plain LM loss, nothing recorded
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam = self.lambda_for_next_step()
+        distiller = self.distiller
+        unwrapped = self.accelerator.unwrap_model(model) if distiller else None
+        # the teacher first, while the probe is off: its forward must not reach the L1 term or the counts
+        teacher = distiller.teacher_outputs(unwrapped, inputs, self.accelerator.autocast()) if distiller else None
         self.probe.count_zeros = self._logs_step(self.state.global_step + 1)
         self.probe.enabled = True
         try:
-            lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            with distiller.watch_student(unwrapped) if distiller else contextlib.nullcontext() as caught:
+                lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
             l1 = self.probe.pop_l1().to(lm_loss.device)
         finally:
             self.probe.enabled = False  # backward's recomputation (checkpointing) must not count again
-        loss = lm_loss + lam * l1 if lam > 0 else lm_loss
+        loss = lm_loss
+        if distiller:
+            kd = distiller.divergence(unwrapped, outputs, caught, teacher, inputs["labels"])
+            loss = distiller.loss.combine(lm_loss, kd)
+            self._window.add_distill(kd.detach())
+        loss = loss + lam * l1 if lam > 0 else loss
         self._window.add(lm_loss.detach(), l1.detach())
         return (loss, outputs) if return_outputs else loss
 
@@ -120,6 +133,11 @@ class ProSparseTrainer(Trainer):
             logs["l1_loss"] = round(float(l1), 6)
             logs["lm_loss"] = round(float(lm), 6)
             logs["activation_sparsity"] = round(float(sparsity), 6)
+            if self._window.distill_count:
+                kd = self._window.distill / self._window.distill_count
+                if self.accelerator.num_processes > 1:
+                    kd = self.accelerator.reduce(kd, reduction="mean")
+                logs["distill_loss"] = round(float(kd), 6)
             self._window = _LogWindow()
             self.probe.reset()
         super().log(logs, start_time)
@@ -180,9 +198,14 @@ class _LogWindow:
     lm: torch.Tensor | float = 0.0
     l1: torch.Tensor | float = 0.0
     count: int = 0
+    distill: torch.Tensor | float = 0.0  # the distillation divergence, with a distiller
+    distill_count: int = 0
 
     def add(self, lm: torch.Tensor, l1: torch.Tensor) -> None:
         self.lm, self.l1, self.count = self.lm + lm.float(), self.l1 + l1.float(), self.count + 1
+
+    def add_distill(self, divergence: torch.Tensor) -> None:
+        self.distill, self.distill_count = self.distill + divergence.float(), self.distill_count + 1
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.as_tensor(self.lm / self.count), torch.as_tensor(self.l1 / self.count)

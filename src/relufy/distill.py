@@ -1,0 +1,373 @@
+"""Distillation from the unconverted model: the teacher, its activation swap, and the divergences.
+
+Converting SiLU/GELU to ReLU leaves a free teacher behind: the same weights with their original
+activation. With `distill: true` the training loss of a micro-batch becomes
+
+    loss = alpha * T^2 * D(teacher || student at temperature T) + (1 - alpha) * L_lm + lambda(t) * L1
+
+(Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531, for the
+temperature and its T^2), D averaged over the tokens that have a label (labels != -100 after the
+causal shift), like the LM loss. D is the forward KL or GKD's generalized Jensen-Shannon divergence
+(Agarwal et al. 2024, "On-Policy Distillation of Language Models", arXiv 2306.13649).
+
+The teacher is one of:
+- a separate frozen model (`requires_grad` off, eval mode, run under `torch.no_grad`), by default the
+  training base loaded again with its original activation (`relufy.original_activation` of a
+  conversion, or the base's own activation when it is not ReLU-family), or `distill_teacher`; it is
+  kept out of the Trainer's model, so DeepSpeed, accelerate and checkpoints never see it;
+- in LoRA mode without `distill_teacher`: the student's own frozen base with the adapters disabled
+  (`peft`'s `disable_adapter`) and every FFN's activation module swapped back to the original for
+  that forward (`ActivationSwap`), so no second copy of the weights exists.
+
+The divergence runs in one of two implementations: with Liger Kernel's fused linear cross-entropy
+on (CUDA, `use_liger_kernel: true`), Liger's `LigerFusedLinearJSD`, which takes both models' last
+hidden states and head weights and never materializes the logits; otherwise `torch.nn.functional.kl_div`
+on the log-softmaxed logits, and `generalized_jsd` below for the JSD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import parse_activation, register_activations
+from .architectures import architecture_of
+from .errors import RecipeError, TrainingError
+from .probe import ffn_modules
+
+if TYPE_CHECKING:
+    from .configs import ModelArguments, ProSparseConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label of a position without a target (transformers' convention)
+
+
+# -- the divergences ------------------------------------------------------------------------------
+def kl_divergence(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Forward KL(teacher || student) per position, summed over the vocabulary (last dimension).
+
+    Both arguments are log-probabilities; torch's `kl_div(input, target)` computes KL(target || input).
+    """
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
+
+
+def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's generalized Jensen-Shannon divergence per position (Agarwal et al. 2024, arXiv 2306.13649, eq. 4).
+
+    With P the teacher, Q the student and the mixture M = beta * P + (1 - beta) * Q,
+
+        JSD_beta(P || Q) = beta * KL(P || M) + (1 - beta) * KL(Q || M);
+
+    M is formed in log space (a logsumexp of the two log-probabilities shifted by log beta and
+    log(1 - beta)), so no probability underflows. At the ends the mixture collapses to one
+    distribution and the sum to 0, so the ends are the KL limits instead, as in TRL's GKDTrainer and
+    Liger's JSD kernel: beta = 0 is the forward KL(P || Q), beta = 1 the reverse KL(Q || P).
+    """
+    if beta == 0:
+        return kl_divergence(student_log_probs, teacher_log_probs)
+    if beta == 1:
+        return kl_divergence(teacher_log_probs, student_log_probs)
+    mixture = torch.logsumexp(torch.stack([teacher_log_probs + torch.log(torch.tensor(beta)),
+                                           student_log_probs + torch.log(torch.tensor(1 - beta))]), dim=0)
+    to_teacher = F.kl_div(mixture, teacher_log_probs, reduction="none", log_target=True).sum(-1)
+    to_student = F.kl_div(mixture, student_log_probs, reduction="none", log_target=True).sum(-1)
+    return beta * to_teacher + (1 - beta) * to_student
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """What the recipe asks for: the weight, the temperature and the divergence (kl or jsd, with its beta)."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    kind: str = "kl"
+    beta: float = 0.5
+
+    @classmethod
+    def from_config(cls, training: ProSparseConfig) -> DistillLoss:
+        return cls(training.distill_alpha, training.distill_temperature, training.distill_loss,
+                   training.distill_jsd_beta)
+
+    @property
+    def liger_beta(self) -> float:
+        """Liger's jsd_beta for this divergence (its beta 0 is the forward KL)."""
+        return 0.0 if self.kind == "kl" else self.beta
+
+    def combine(self, lm_loss: torch.Tensor, divergence: torch.Tensor) -> torch.Tensor:
+        """alpha * T^2 * D + (1 - alpha) * LM: T^2 keeps the gradient's scale independent of T (Hinton et al.)."""
+        return (1 - self.alpha) * lm_loss + self.alpha * self.temperature ** 2 * divergence
+
+    def from_logits(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+        """D(teacher || student) from both models' logits, in float32, averaged over the labelled positions.
+
+        Position i predicts token i + 1 (the causal shift the LM loss makes), so the last position and
+        every position whose next label is IGNORE_INDEX are left out.
+        """
+        keep = (labels[:, 1:] != IGNORE_INDEX).to(torch.float32)
+        student = torch.log_softmax(student_logits[:, :-1].float() / self.temperature, dim=-1)
+        teacher = torch.log_softmax(teacher_logits[:, :-1].float() / self.temperature, dim=-1)
+        if self.kind == "kl":
+            per_position = kl_divergence(student, teacher)
+        else:
+            per_position = generalized_jsd(student, teacher, self.beta)
+        return (per_position * keep).sum() / keep.sum().clamp_min(1)
+
+    def fused(self, student: HeadInput, teacher: HeadInput, labels: torch.Tensor) -> torch.Tensor:
+        """The same D through Liger's fused linear JSD (CUDA): the logits are computed chunk by chunk and never
+        stored; Liger averages over the positions whose shifted label is not IGNORE_INDEX."""
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        width = student.hidden.shape[-1]
+        loss = LigerFusedLinearJSD(jsd_beta=self.liger_beta, ignore_index=IGNORE_INDEX, temperature=self.temperature)
+        return loss(student.hidden[:, :-1].reshape(-1, width), student.weight,
+                    teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
+                    labels[:, 1:].reshape(-1))
+
+
+@dataclass
+class HeadInput:
+    """A model's last hidden states (the LM head's input) and its head weight: the fused loss's inputs."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+# -- the activation swap of the LoRA teacher ---------------------------------------------------------
+class ActivationSwap:
+    """Every FFN's activation module of a converted model, and a module of the original activation for each.
+
+    `restored()` puts the original ones in for one forward and the converted ones back on exit, exceptions
+    included. The modules are found once (the child of each FFN whose class is the converted activation's,
+    as `ACT2FN` builds it) so a step pays only the attribute swaps.
+    """
+
+    def __init__(self, model: nn.Module, current: str, original: str):
+        from transformers.activations import ACT2FN
+
+        register_activations()
+        current_type = type(ACT2FN[current])
+        self.slots = [(ffn, name, child) for ffn in ffn_modules(model) for name, child in ffn.named_children()
+                      if type(child) is current_type]
+        if not self.slots:
+            raise TrainingError(f"found no '{current}' activation module in the FFNs of {type(model).__name__}; "
+                                "distillation cannot restore the original activation, set distill_teacher")
+        self.originals = [ACT2FN[original] for _ in self.slots]
+
+    @contextlib.contextmanager
+    def restored(self):
+        try:
+            for (ffn, name, _), module in zip(self.slots, self.originals):
+                setattr(ffn, name, module)
+            yield
+        finally:
+            for ffn, name, converted in self.slots:
+                setattr(ffn, name, converted)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode (no dropout, no checkpointing) for one forward, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# -- the teacher's forward and the student's side ------------------------------------------------------
+class Distiller:
+    """The teacher and the divergence, as `ProSparseTrainer.compute_loss` uses them.
+
+    `teacher` is a separate frozen model, or None for the LoRA teacher (the student's base, adapters
+    disabled, with `swap` restoring the original activation when the conversion changed it). `fused`
+    selects Liger's fused linear JSD over the logits path.
+    """
+
+    def __init__(self, loss: DistillLoss, *, teacher: nn.Module | None = None, swap: ActivationSwap | None = None,
+                 fused: bool = False):
+        self.loss, self.teacher, self.swap, self.fused = loss, teacher, swap, fused
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            teacher.config.use_cache = False
+
+    def teacher_outputs(self, model: nn.Module, inputs: dict, autocast=None):
+        """The teacher's logits (or, fused, its HeadInput) for a batch, without gradients.
+
+        `model` is the unwrapped student (a peft model in LoRA mode); `autocast` the Trainer's mixed-precision
+        context (accelerate puts it around the student's forward only). Run it before the probe is enabled:
+        under no_grad the probe neither counts nor taps, so the teacher's x1 never reaches the L1 term.
+        """
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        with torch.no_grad(), autocast or contextlib.nullcontext():
+            if self.teacher is not None:
+                self._place(features["input_ids"].device)
+                return self._run(self.teacher, features)
+            with model.disable_adapter(), self.swap.restored() if self.swap else contextlib.nullcontext(), \
+                    _eval_mode(model):
+                return self._run(model, features)
+
+    def _place(self, device: torch.device) -> None:
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+
+    def _run(self, model: nn.Module, features: dict):
+        if not self.fused:
+            return model(**features).logits
+        hidden = model.get_decoder()(**features)[0]
+        return HeadInput(hidden, model.get_output_embeddings().weight)
+
+    @contextlib.contextmanager
+    def watch_student(self, model: nn.Module):
+        """Around the student's forward: with the fused loss, catch its last hidden states (the decoder's
+        output, which Liger's fused cross-entropy consumes without returning logits)."""
+        caught: dict = {}
+        if not self.fused:
+            yield caught
+            return
+        handle = model.get_decoder().register_forward_hook(lambda _module, _args, out: caught.update(hidden=out[0]))
+        try:
+            yield caught
+        finally:
+            handle.remove()
+
+    def divergence(self, model: nn.Module, outputs, caught: dict, teacher, labels: torch.Tensor) -> torch.Tensor:
+        """D(teacher || student) of the micro-batch, averaged over its labelled positions."""
+        if self.fused:
+            student = HeadInput(caught["hidden"], model.get_output_embeddings().weight)
+            return self.loss.fused(student, teacher, labels)
+        logits = getattr(outputs, "logits", None)
+        if logits is None:
+            raise TrainingError("distillation needs the student's logits, which this forward did not return; set "
+                                "liger_kernel_config.fused_linear_cross_entropy: false or use_liger_kernel: false")
+        return self.loss.from_logits(logits, teacher, labels)
+
+
+# -- building the teacher from a recipe ------------------------------------------------------------------
+def build_distiller(training: ProSparseConfig, args: ModelArguments, base: str, student: nn.Module,
+                    tokenizer) -> Distiller:
+    """The Distiller a recipe asks for, every check made before any step runs.
+
+    `base` is the checkpoint the student was loaded from (the conversion, when the recipe converts),
+    `student` the loaded model (a peft model in LoRA mode), `tokenizer` the student's.
+    """
+    loss = DistillLoss.from_config(training)
+    fused = _use_fused_loss(training, student)
+    if training.distill_teacher:
+        teacher = _load_named_teacher(training.distill_teacher, args, student, tokenizer)
+    else:
+        current, original = original_activation(base)
+        if training.use_peft:  # the same weights: no second copy, only the activation put back per forward
+            swap = ActivationSwap(student, current, original) if current != original else None
+            return Distiller(loss, swap=swap, fused=fused)
+        key = architecture_of(student.config).activation_key
+        teacher = _load(base, args, {**args.model_config_overrides, key: original}, "the distillation teacher")
+    logger.info("distillation teacher: %s (%s)", training.distill_teacher or base,
+                "Liger fused linear JSD" if fused else "logits, torch")
+    return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config)
+
+
+def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool,
+                     liger_kernel_config: dict | None = None) -> Distiller:
+    """A Distiller around a separate teacher; with the fused loss the teacher gets the student's Liger kernels
+    (its norms and RoPE; its decoder is all the fused loss runs)."""
+    if fused:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(teacher, liger_kernel_config)
+    return Distiller(loss, teacher=teacher, fused=fused)
+
+
+def describe(training: ProSparseConfig) -> dict:
+    """What `relufy.training.distill` records in the trained model's config."""
+    described = {"alpha": training.distill_alpha, "temperature": training.distill_temperature,
+                 "loss": training.distill_loss, "teacher": training.distill_teacher or "source"}
+    if training.distill_loss == "jsd":
+        described["jsd_beta"] = training.distill_jsd_beta
+    return described
+
+
+def original_activation(base: str) -> tuple[str, str]:
+    """(the activation `base` has, the one its teacher has): the base's own when it is not ReLU-family,
+    else the `relufy.original_activation` its conversion recorded."""
+    from .checkpoint import read_config, resolve_source
+
+    source = resolve_source(base)
+    config = read_config(source)
+    current = architecture_of(config).activation_of(config)
+    if parse_activation(str(current)) is None:
+        return current, current
+    recorded = (config.get("relufy") or {}).get("original_activation")
+    if recorded and parse_activation(str(recorded)) is None:
+        return current, recorded
+    raise RecipeError(f"distill: {source} already uses '{current}' and records no original activation (it was "
+                      "not converted by relufy), so there is no unconverted teacher to restore; set "
+                      "distill_teacher to the model it came from, or distill: false")
+
+
+def _use_fused_loss(training: ProSparseConfig, student: nn.Module) -> bool:
+    """Liger's fused linear JSD where Liger's fused cross-entropy runs (then the student returns no logits)."""
+    config = dict(training.liger_kernel_config or {})
+    if not (training.use_liger_kernel and config.get("fused_linear_cross_entropy", True)
+            and training.device.type == "cuda"):
+        return False
+    if getattr(student.config, "final_logit_softcapping", None):
+        training.liger_kernel_config = {**config, "fused_linear_cross_entropy": False}
+        logger.warning("distillation: the model caps its logits (final_logit_softcapping), which Liger's fused "
+                       "losses leave out; Liger's fused cross-entropy is off, the loss uses the logits")
+        return False
+    return True
+
+
+def _load_named_teacher(path: str, args: ModelArguments, student: nn.Module, tokenizer) -> nn.Module:
+    """`distill_teacher` loaded as it is, refused unless its vocabulary and tokenizer are the student's."""
+    from .checkpoint import load_tokenizer
+    from .errors import RelufyError
+
+    teacher = _load(path, args, {}, f"distill_teacher {path}")
+    rows, own = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if rows != own:
+        raise RecipeError(f"distill_teacher {path} predicts {rows} tokens but the student {own}; a teacher must "
+                          "share the student's vocabulary (use a model of the same family)")
+    try:
+        vocabulary = load_tokenizer(path, trust_remote_code=args.trust_remote_code).get_vocab()
+    except RelufyError:
+        raise RecipeError(f"distill_teacher {path} has no tokenizer to compare with the student's; copy its "
+                          "tokenizer files into it") from None
+    if vocabulary != tokenizer.get_vocab():
+        differ = len(set(vocabulary.items()) ^ set(tokenizer.get_vocab().items()))
+        raise RecipeError(f"distill_teacher {path} has another tokenizer ({differ} token ids differ from the "
+                          "student's); a teacher must share the student's tokenizer")
+    return teacher
+
+
+def _load(path: str, args: ModelArguments, overrides: dict, what: str) -> nn.Module:
+    """Load a teacher as the recipe loads its base (dtype, remote code), outside any DeepSpeed ZeRO-3 init:
+    the teacher is never handed to DeepSpeed, so its weights must not be partitioned."""
+    from transformers.integrations import deepspeed
+
+    from .checkpoint import load_model
+    from .errors import RelufyError
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref  # from_pretrained partitions while this names a ZeRO-3 config
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        return load_model(path, dtype=args.model_dtype, trust_remote_code=args.trust_remote_code,
+                          config_overrides=overrides)
+    except RelufyError as exc:
+        raise RecipeError(f"{what} cannot be loaded: {exc}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RecipeError(f"{what} cannot be loaded ({reason}); distill_teacher must name a causal LM "
+                          "checkpoint") from None
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from relufy.cli import main
 from relufy.configs import DataArguments, ModelArguments, ProSparseConfig
 from relufy.errors import TrainingError
-from relufy.resume import FINGERPRINT_FILE, FREE_KEYS, TRAINER_KEYS, compared_keys
+from relufy.resume import FINGERPRINT_FILE, FREE_KEYS, TRAINER_KEYS, compared_keys, missing_parts
 from relufy.train import train
 
 SETTINGS = ("max_steps=4", "save_steps=2", "logging_steps=1")
@@ -154,3 +154,24 @@ def test_resuming_a_finished_run_is_refused_instead_of_training_past_max_steps(s
     with pytest.raises(TrainingError, match="checkpoint-4 is at step 4 and max_steps is 4, so nothing is left"):
         resume(silu_base, run)
     assert resume(silu_base, run, "max_steps=5", "stages.2.end_step=5", allow_changes=True).steps == 5
+
+
+def deepspeed_layout(folder):
+    """The files a DeepSpeed ZeRO-2 checkpoint holds (as `accelerate launch` with zero2.yaml writes them)."""
+    (folder / "global_step2").mkdir(parents=True)
+    for name in ("global_step2/mp_rank_00_model_states.pt", "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "model.safetensors", "scheduler.pt", "trainer_state.json", "rng_state.pth"):
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_a_deepspeed_checkpoint_is_complete_under_deepspeed_only(tmp_path):
+    from types import SimpleNamespace
+
+    folder = deepspeed_layout(tmp_path / "checkpoint-2")
+    assert missing_parts(folder, SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={}))) == []
+    [without] = missing_parts(folder, SimpleNamespace(deepspeed_plugin=None))
+    assert without.startswith("has no optimizer.pt") and "resume under the same DeepSpeed launch" in without
+    (folder / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    [partial] = missing_parts(folder, SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={})))
+    assert "no model and optimizer states in its global_stepN folder" in partial

@@ -167,8 +167,9 @@ def missing_parts(folder: Path, training: ProSparseConfig) -> list[str]:
     missing = []
     if deepspeed is not None:
         if not written_by_deepspeed:
-            missing.append("has no DeepSpeed global_stepN folder: it was saved without DeepSpeed; resume it without "
-                           "accelerate's DeepSpeed config")
+            hint = (" (it was saved without DeepSpeed: resume it without accelerate's DeepSpeed config)"
+                    if (folder / "optimizer.pt").is_file() else "")
+            missing.append(f"has no DeepSpeed global_stepN folder: resuming would restart the optimizer{hint}")
         elif not _deepspeed_states(folder):
             missing.append("has no model and optimizer states in its global_stepN folder: resuming would restart "
                            "the model or the optimizer")

@@ -56,11 +56,12 @@ FREE_KEYS = {
 # batches it sees. Its other keys are free: output, logging, saving and evaluation (evaluation does not change
 # the weights), reporting, hub, devices and process-group options, dataloader workers and pinning, gradient
 # checkpointing and torch.compile (the same values, computed differently), `deepspeed` (a config path; its
-# "auto" values come from the keys below) and `resume_from_checkpoint` (set by --resume).
+# "auto" values come from the keys below), `num_train_epochs` (a recipe always sets max_steps, which overrides it)
+# and `resume_from_checkpoint` (set by --resume).
 TRAINER_KEYS = (
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "optim_target_modules",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
     "data_seed", "bf16", "fp16", "tf32", "label_smoothing_factor", "neftune_noise_alpha", "dataloader_drop_last",
     "train_sampling_strategy", "average_tokens_across_devices", "ignore_data_skip", "use_liger_kernel",
     "liger_kernel_config",

@@ -142,10 +142,13 @@ def test_resume_reloads_the_adapters_and_continues_the_schedule(silu_base, tmp_p
     run_training(trainer, cut, held_out)  # the same recipe: parsing another resets accelerate's state
     assert (tmp_path / "cut" / "checkpoint-4" / "adapter_config.json").is_file()
 
-    with pytest.raises(TrainingError, match=r"LoRA config differs from checkpoint-4.*r 4 -> 8"):
+    with pytest.raises(TrainingError, match=r"recipe changed since checkpoint-4 \(lora_r 4 -> 8\)"):
         train(lora_recipe(silu_base, tmp_path / "cut", *settings, "lora_r=8"), resume=True)
+    # --allow-changes passes the recipe check; an adapter that cannot load into the new recipe is still refused
+    with pytest.raises(TrainingError, match=r"LoRA config differs from checkpoint-4.*r 4 -> 8"):
+        train(lora_recipe(silu_base, tmp_path / "cut", *settings, "lora_r=8"), resume=True, allow_changes=True)
     with pytest.raises(TrainingError, match="holds LoRA adapters but the recipe trains all weights"):
-        train(lora_recipe(silu_base, tmp_path / "cut", *settings, "use_peft=false"), resume=True)
+        train(lora_recipe(silu_base, tmp_path / "cut", *settings, "use_peft=false"), resume=True, allow_changes=True)
     resumed = train(lora_recipe(silu_base, tmp_path / "cut", *settings), resume=True)
 
     assert resumed.steps == full.steps == 6
@@ -162,9 +165,12 @@ def test_resume_reloads_the_adapters_and_continues_the_schedule(silu_base, tmp_p
 
 def test_resuming_a_full_training_checkpoint_in_lora_mode_is_refused(silu_base, tmp_path):
     out = tmp_path / "run"
-    train(lora_recipe(silu_base, out, "use_peft=false", "max_steps=2"))
+    train(lora_recipe(silu_base, out, "use_peft=false"))
+    shutil.rmtree(out / "checkpoint-4")
+    with pytest.raises(TrainingError, match="recipe changed since checkpoint-2 \\(use_peft false -> true"):
+        train(lora_recipe(silu_base, out), resume=True)
     with pytest.raises(TrainingError, match="full-training checkpoint.*use_peft: true"):
-        train(lora_recipe(silu_base, out, "max_steps=2"), resume=True)
+        train(lora_recipe(silu_base, out), resume=True, allow_changes=True)
 
 
 def test_the_shipped_lora_recipes_parse_and_adapt_the_ffn_projections():

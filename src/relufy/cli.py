@@ -133,7 +133,10 @@ def _add_train(sub) -> None:
     p.add_argument("recipe", help="recipe YAML (see recipes/ and docs/training.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, dotted for nesting: --set max_steps=100 --set stages.1.lambda=0.01")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in "
+                                                         "output_dir; refused if the recipe changed since")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: continue even though training "
+                                                                "keys of the recipe changed (each is logged)")
     p.add_argument("--force", action="store_true", help="start over in an output_dir that holds checkpoints "
                                                         "(they are deleted)")
     p.set_defaults(run=_run_train)
@@ -141,10 +144,11 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # a missing or broken recipe fails before torch loads
     from .train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume, force=args.force)
+    result = train(recipe, resume=args.resume, force=args.force, allow_changes=args.allow_changes)
     if recipe.training.process_index != 0:
         return 0
     if result.stopped_for_time:

@@ -5,7 +5,8 @@ The recipe's keys are the fields of three argument groups (`relufy.configs`): `M
 a `TrainingArguments` that adds `stages:`, `max_train_minutes`, the threshold shift and LoRA mode.
 `HfArgumentParser` types and validates them (`parse_recipe`). Any key can be overridden with
 `--set dotted.key=value` (`--set stages.2.lambda=0.1`); values are read as YAML. Every problem is
-a `RecipeError` that names the key and the fix.
+a `RecipeError` that names the key and the fix. A key written twice in one mapping is refused with both
+lines (`StrictLoader`), where plain YAML would silently keep the last value.
 
 Relative input paths written in a recipe file (`model_name_or_path`, `data`, `held_out_data`) resolve
 against the recipe file's folder, so a recipe and its data can travel together and the recipe works
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,12 +112,53 @@ def check_inputs(recipe: Recipe) -> None:
         raise error(f"{key} '{value}' does not exist{where}; {fix}")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that holds the same key twice.
+
+    Plain YAML loaders keep the last value of a repeated key without a word, so a recipe with two
+    `learning_rate:` lines trains with whichever comes last. Merge keys (`<<: *defaults`) still override
+    as YAML defines; only keys written out twice are refused.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader refuses it with its own message
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key written twice (raised by `StrictLoader`)."""
+
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"key '{key}' appears twice")
+        self.key, self.lines = key, (first, second)
+
+
+def load_yaml(text: str):
+    """YAML text as `StrictLoader` reads it: safe types only, no repeated keys."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def read_yaml(path: Path) -> dict:
     """The recipe file as a mapping, or a RecipeError saying why not."""
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist; pass a YAML file such as recipes/tiny-cpu.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        first, second = exc.lines
+        raise RecipeError(f"recipe {path}: key '{exc.key}' appears twice (lines {first} and {second}); "
+                          "keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -132,7 +175,10 @@ def apply_override(data: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set '{override}' must look like key=value (e.g. --set learning_rate=1e-4)")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = load_yaml(text) if text.strip() else None
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"--set {key.strip()}: key '{exc.key}' appears twice in '{text}'; keep one") from None
     parts = key.strip().split(".")
     target: Any = data
     for depth, part in enumerate(parts[:-1]):

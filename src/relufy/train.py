@@ -27,6 +27,7 @@ from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe
 from .recipe import Recipe, check_inputs, resolve_model_path
 from .report import TRAINING_PLOT, write_training_plot
+from .resume import checked_checkpoint, fingerprint_files, recipe_fingerprint
 from .threshold import shift_threshold
 from .trainer import CHECKPOINT_PREFIX, ProSparseTrainer, disk_full_stops_training, last_checkpoint
 
@@ -49,16 +50,20 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint --resume continues from, when stopped_for_time
 
 
-def train(recipe: Recipe, *, resume: bool = False, force: bool = False,
-          callbacks: list | None = None) -> TrainResult:
+def train(recipe: Recipe, *, resume: bool = False, force: bool = False, callbacks: list | None = None,
+          allow_changes: bool = False) -> TrainResult:
     """Run a recipe end to end: build the trainer, train (or resume), save, shift the threshold."""
-    trainer, held_out = build_trainer(recipe, resume=resume, force=force, callbacks=callbacks)
+    trainer, held_out = build_trainer(recipe, resume=resume, force=force, callbacks=callbacks,
+                                      allow_changes=allow_changes)
     return run_training(trainer, recipe, held_out, resume=resume)
 
 
-def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
-                  callbacks: list | None = None) -> tuple[ProSparseTrainer, object]:
-    """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks."""
+def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, callbacks: list | None = None,
+                  allow_changes: bool = False) -> tuple[ProSparseTrainer, object]:
+    """Prepare model, data and the Trainer for a recipe; return the trainer and the held-out blocks.
+
+    With `resume`, the checkpoint is chosen and the recipe compared with it (relufy.resume) before the base
+    is converted or loaded; `allow_changes` continues despite changed training keys, logging each."""
     training = recipe.training
     output_dir = Path(training.output_dir)
     check_inputs(recipe)  # a missing model or data file fails here, before the conversion
@@ -69,9 +74,15 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
                                 "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
         _keep_liger_loss_off_under_zero3(training)
     _force_non_reentrant_checkpointing(training)
+    fingerprint = recipe_fingerprint(recipe)
+    if allow_changes and not resume:
+        raise TrainingError("--allow-changes only applies with --resume")
+    if resume:  # TrainingArguments' field for scripts: run_training resumes from it
+        checkpoint = checked_checkpoint(output_dir, training, fingerprint, allow_changes=allow_changes)
+        training.resume_from_checkpoint = str(checkpoint)
 
     base = _prepare_base(recipe)
-    if resume and (checkpoint := last_checkpoint(output_dir)) is not None:
+    if resume:
         from .lora import check_resume_matches
 
         check_resume_matches(checkpoint, training, _model_type(base))
@@ -91,6 +102,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False,
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
         probe=probe, base_checkpoint=base, distiller=distiller,
+        checkpoint_files=fingerprint_files(recipe, fingerprint),
     )
     return trainer, held_out
 
@@ -100,11 +112,11 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
     output_dir = Path(recipe.training.output_dir)
     checkpoint = None
     if resume:
-        checkpoint = last_checkpoint(output_dir)
+        checkpoint = recipe.training.resume_from_checkpoint  # chosen and checked by build_trainer
         if checkpoint is None:
             raise TrainingError(f"--resume: {output_dir} holds no {CHECKPOINT_PREFIX}N folder to resume from; "
                                 "run without --resume to start")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.probe.detach()
     if trainer.stopped_for_time:  # a checkpoint, not a finished model: no final save, plot or shift
         return TrainResult(output_dir, trainer.state.global_step, trainer.state.max_steps, stopped_for_time=True,

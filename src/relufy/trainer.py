@@ -55,12 +55,16 @@ class ProSparseTrainer(Trainer):
     """
 
     def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
-                 base_checkpoint: str | None = None, distiller=None, **kwargs):
+                 base_checkpoint: str | None = None, distiller=None,
+                 checkpoint_files: dict[str, str] | None = None, **kwargs):
         """`probe` is attached to the model. With a `ProSparseConfig` as `args`, the schedule and
         max_train_minutes are its own; plain `TrainingArguments` need `schedule`. `base_checkpoint` is where
         the model was loaded from (LoRA mode merges its adapter into it). `distiller` (a
-        `relufy.distill.Distiller`) adds the distillation term; its teacher stays outside the Trainer's model."""
+        `relufy.distill.Distiller`) adds the distillation term; its teacher stays outside the Trainer's model.
+        `checkpoint_files` ({name: text}) are written into every checkpoint before it counts as complete (the
+        recipe fingerprint, relufy.resume)."""
         super().__init__(*args, **kwargs)
+        self.checkpoint_files = dict(checkpoint_files or {})
         config = self.args if isinstance(self.args, ProSparseConfig) else None
         if schedule is None and config is None:
             raise TypeError("ProSparseTrainer needs schedule= when its args are not a relufy ProSparseConfig")
@@ -180,6 +184,9 @@ class ProSparseTrainer(Trainer):
         with disk_full_stops_training(folder.name, Path(self.args.output_dir)):
             try:
                 result = super()._save_checkpoint(model, trial)
+                if self.args.should_save:
+                    for name, text in self.checkpoint_files.items():
+                        (folder / name).write_text(text)
                 self.accelerator.wait_for_everyone()  # every rank's shards are written
             except BaseException:
                 if self.args.should_save:

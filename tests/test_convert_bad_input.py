@@ -7,6 +7,7 @@ import json
 import pytest
 from tiny_models import save_tiny_model
 
+from relufy.atomic import LOCK_SUFFIX
 from relufy.cli import main
 
 
@@ -23,7 +24,8 @@ def assert_clean_failure(code, err, parent, expected_entries, *, mentions):
     assert err.startswith("relufy convert: error:")
     for word in mentions:
         assert word in err
-    assert sorted(p.name for p in parent.iterdir()) == sorted(expected_entries), "nothing may be left behind"
+    left = sorted(p.name for p in parent.iterdir() if not p.name.endswith(LOCK_SUFFIX))  # an empty lock file stays
+    assert left == sorted(expected_entries), "nothing may be left behind"
 
 
 @pytest.fixture
@@ -97,18 +99,25 @@ def test_model_that_is_already_relu(tmp_path, capsys):
     assert_clean_failure(code, err, tmp_path, ["src"], mentions=["already uses 'relu'", "--force"])
 
 
-def test_existing_output_is_refused(tmp_path, tiny, capsys):
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_existing_folder_relufy_did_not_write_is_refused_even_with_force(tmp_path, tiny, capsys, force):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    code, err = run_cli(capsys, "convert", tiny, tmp_path / "out")
-    assert_clean_failure(code, err, tmp_path, ["src", "out"], mentions=["already exists", "--force"])
+    code, err = run_cli(capsys, "convert", tiny, tmp_path / "out", *force)
+    assert_clean_failure(code, err, tmp_path, ["src", "out"], mentions=["relufy did not write", "remove it yourself"])
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+def test_an_existing_conversion_is_replaced_only_with_force(tmp_path, tiny, capsys):
+    assert run_cli(capsys, "convert", tiny, tmp_path / "out")[0] == 0
+    code, err = run_cli(capsys, "convert", tiny, tmp_path / "out")
+    assert_clean_failure(code, err, tmp_path, ["src", "out"], mentions=["exists", "--force"])
 
 
 def test_output_inside_source(tmp_path, tiny, capsys):
     entries = sorted(p.name for p in tiny.iterdir())
     code, err = run_cli(capsys, "convert", tiny, tiny / "converted")
-    assert_clean_failure(code, err, tiny, entries, mentions=["inside SRC"])
+    assert_clean_failure(code, err, tiny, entries, mentions=["inside the input"])
 
 
 @pytest.mark.parametrize("flag,value,mentions", [
@@ -142,7 +151,7 @@ def test_failure_during_writing_leaves_no_temporary_directory(tmp_path, tiny, mo
     monkeypatch.setattr(convert_module, "_rewrite_config", explode)
     with pytest.raises(OSError):
         convert_module.convert_checkpoint(tiny, tmp_path / "out", make_activation("relu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.relufy-lock", "src"]
 
 
 def test_config_json_that_is_not_an_object(tmp_path, tiny, capsys):
@@ -170,7 +179,7 @@ def test_a_gguf_source_may_be_converted_into_its_own_folder(tmp_path, capsys):
     code, err = run_cli(capsys, "convert", gguf, tmp_path / "model-relu")
     assert_clean_failure(code, err, tmp_path, ["model.gguf"], mentions=["not a readable GGUF model"])
     code, err = run_cli(capsys, "convert", gguf, tmp_path, "--force")  # OUT holding the file stays refused
-    assert_clean_failure(code, err, tmp_path, ["model.gguf"], mentions=["contains SRC"])
+    assert_clean_failure(code, err, tmp_path, ["model.gguf"], mentions=["contains the input"])
 
 
 def test_ctrl_c_before_the_command_starts_is_one_line_and_exit_130(monkeypatch, capsys):

@@ -43,7 +43,7 @@ def test_sigterm_during_convert_exits_130_and_removes_the_temp_folder(tmp_path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert err.strip() == "relufy convert: interrupted"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.relufy-lock", "src"]  # the lock file stays, empty
 
 
 def test_temp_folders_left_by_dead_processes_are_swept_and_live_ones_kept(tmp_path, tiny):
@@ -56,13 +56,14 @@ def test_temp_folders_left_by_dead_processes_are_swept_and_live_ones_kept(tmp_pa
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"0" * 1000)
     convert_checkpoint(tiny, tmp_path / "out", make_activation("relu"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "out", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "out", live.name, other.name,
+                                                                  ".out.relufy-lock"])
 
 
 def test_written_files_follow_the_umask_like_cp(tmp_path):
     old = os.umask(0o022)
     try:
-        with atomic_directory(tmp_path / "out", replace=False) as tmp:
+        with atomic_directory(tmp_path / "out", replace=False, command="test") as tmp:
             (tmp / "model.safetensors").write_bytes(b"x")
             (tmp / "model.safetensors").chmod(0o600)  # what safetensors' own temp file leaves
             (tmp / "sub").mkdir(mode=0o700)

@@ -1,4 +1,13 @@
-"""Writing outputs so that a failure never leaves a half-written file or folder behind.
+"""Writing outputs so that a failure never leaves a half-written file or folder behind, and so that
+nothing the user owns is ever replaced.
+
+Every output folder relufy writes carries a `.relufy-output` marker (JSON: command, version, time),
+and every single-file output a signature (a `relufy_output` key in a JSON object, else a last line
+`<!-- relufy_output: {...} -->`). `check_output` is the one rule for all commands: an output may not
+be, contain or lie inside an input of the command (through symlinks); an existing output is replaced
+only with --force and only if relufy wrote it (an empty folder holds nothing to lose).
+`output_lock` lets one relufy process at a time write an output: a second one stops with a line
+naming the holder's PID and command, instead of racing the first one's rename.
 
 A folder is built in a hidden sibling `.<name>.<pid>.<random>.relufy-tmp` and renamed at the end.
 Anything that stops the process on the way (an error, Ctrl-C, SIGTERM: the CLI turns it into
@@ -10,23 +19,163 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import OutputError, OutputExistsError
+from . import __version__
+from .errors import OutputError, OutputExistsError, OutputInUseError
 
 TMP_SUFFIX = ".relufy-tmp"
+MARKER = ".relufy-output"  # in every folder relufy writes: what --force may replace
+SIGNATURE_KEY = "relufy_output"  # the same record in a single-file output
+LOCK_SUFFIX = ".relufy-lock"
+_MAX_SIGNED_BYTES = 64 << 20  # relufy's JSON and markdown outputs are far smaller; a bigger file is not one
+_HELD: set[Path] = set()  # outputs this process holds the lock of (a nested writer of the same output)
+
+
+def output_record(command: str) -> dict:
+    """What a marker or signature says: the command that wrote the output, relufy's version, when (UTC)."""
+    return {"command": command, "version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def signed(content: dict | str, command: str) -> str:
+    """A single-file output's text with its signature: a JSON object gains a `relufy_output` key, other text
+    (markdown) a last line `<!-- relufy_output: {...} -->` that renders as nothing."""
+    if isinstance(content, dict):
+        return json.dumps({**content, SIGNATURE_KEY: output_record(command)}, indent=2, default=str) + "\n"
+    return content.rstrip("\n") + f"\n\n<!-- {SIGNATURE_KEY}: {json.dumps(output_record(command))} -->\n"
+
+
+def written_by_relufy(path: Path) -> bool:
+    """Whether `path` is an output relufy wrote: a folder with the marker, a file with the signature."""
+    if path.is_dir():
+        return (path / MARKER).is_file()
+    try:
+        if path.stat().st_size > _MAX_SIGNED_BYTES:
+            return False
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.rstrip().splitlines()
+    if lines and lines[-1].startswith(f"<!-- {SIGNATURE_KEY}: "):
+        return True
+    try:
+        return SIGNATURE_KEY in json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+def check_not_input(out: str | os.PathLike, inputs: Iterable) -> None:
+    """Refuse an output that is, contains or lies inside one of the command's inputs (symlinks resolved).
+
+    An input that is not a local path (a hub id, a datasets name, None) cannot collide and is skipped.
+    """
+    out = Path(out).expanduser().resolve()
+    for spec in inputs:
+        if spec is None or not Path(spec).expanduser().exists():
+            continue
+        path = Path(spec).expanduser().resolve()
+        if out == path:
+            raise OutputExistsError(f"{out} is an input of this command; choose another output")
+        if path in out.parents:
+            raise OutputExistsError(f"{out} is inside the input {path}; choose an output outside it")
+        if out in path.parents:
+            raise OutputExistsError(f"{out} contains the input {path}; choose an output that does not hold it")
+
+
+def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable = (), kind: str = "dir") -> Path:
+    """The one output rule of every command; returns the resolved output path.
+
+    `kind` is "dir" for a folder output, "file" for a single file. The output may not touch an input;
+    an existing one must be an empty folder, or relufy's own output of the same kind with `force`.
+    """
+    out = Path(path).expanduser().resolve()
+    check_not_input(out, inputs)
+    if reason := _refusal(out, force=force, kind=kind):
+        raise OutputExistsError(reason)
+    return out
+
+
+def _refusal(out: Path, *, force: bool, kind: str) -> str | None:
+    """Why an existing `out` may not be replaced, or None when it may (or does not exist)."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if out.is_dir() and kind == "dir" and not any(out.iterdir()):
+        return None  # an empty folder: nothing to lose
+    if out.is_dir() != (kind == "dir"):
+        return f"{out} is a {'folder' if out.is_dir() else 'file'}; choose a {kind} path for this output"
+    if not written_by_relufy(out):
+        what = "holds files relufy did not write" if out.is_dir() else "is a file relufy did not write"
+        return f"{out} {what}; choose another output or remove it yourself"
+    if not force:
+        return f"{out} exists; pass --force to replace it, or choose another output"
+    return None
 
 
 @contextmanager
-def atomic_directory(out: Path, *, replace: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success it becomes `out`, on failure it vanishes.
+def claim_output(path: str | os.PathLike, *, command: str, force: bool, inputs: Iterable = (),
+                 kind: str = "dir") -> Iterator[Path]:
+    """Hold `path`'s lock for the whole `with` block and check it (`check_output`); yield the resolved path."""
+    out = Path(path).expanduser().resolve()
+    check_not_input(out, inputs)  # before the lock: it creates the output's parent
+    with output_lock(out, command):
+        yield check_output(out, force=force, inputs=inputs, kind=kind)
 
-    An `out` that exists at the end is replaced only with `replace` (the user's --force).
+
+@contextmanager
+def output_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """One relufy process at a time writes `path`: an exclusive lock on `<parent>/.<name>.relufy-lock`, held
+    for the `with` block, and beside it the holder's PID and command for a second process's message."""
+    from filelock import FileLock, Timeout
+
+    out = Path(path).expanduser().resolve()
+    if out in _HELD:
+        yield
+        return
+    lock_file = out.parent / f".{out.name}{LOCK_SUFFIX}"
+    holder = lock_file.with_name(lock_file.name + ".pid")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise OutputInUseError(f"{out} is in use by {_holder(holder)}; wait for it or choose another output") from None
+    except PermissionError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror} in {exc.filename or out.parent}; choose a "
+                          "writable output location") from None
+    try:
+        holder.write_text(json.dumps({"pid": os.getpid(), "command": command}) + "\n")
+        _HELD.add(out)
+        yield
+    finally:
+        _HELD.discard(out)
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _holder(holder: Path) -> str:
+    """'relufy PID N (command)' from the holder file, or a plainer phrase while it is still being written."""
+    try:
+        record = json.loads(holder.read_text())
+        return f"relufy PID {record['pid']} ({record['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another relufy process"
+
+
+@contextmanager
+def atomic_directory(out: Path, *, replace: bool, command: str) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success it becomes `out`, marked as `command`'s output, and on
+    failure it vanishes.
+
+    An `out` that exists at the end is replaced only under `check_output`'s rule with `replace` (the
+    user's --force): an empty folder, or a folder relufy marked.
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +186,12 @@ def atomic_directory(out: Path, *, replace: bool) -> Iterator[Path]:
                           "writable output location") from None
     try:
         yield tmp
+        (tmp / MARKER).write_text(json.dumps(output_record(command)) + "\n")
         respect_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
+        if reason := _refusal(out, force=replace, kind="dir"):
+            raise OutputExistsError(reason)
         if out.exists():
-            if not replace:
-                raise OutputExistsError(f"{out} exists; pass --force to replace it")
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,11 @@ class Source:
     gguf_file: str | None = None  # file name inside `path` when the source is GGUF
     hub_id: str | None = None
 
+    @property
+    def on_disk(self) -> Path:
+        """The file (GGUF) or folder the checkpoint is: what no output may be, hold or lie inside."""
+        return self.path / self.gguf_file if self.gguf_file else self.path
+
     def load_kwargs(self) -> dict:
         """Keyword arguments for transformers' from_pretrained."""
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import signal
 import sys
@@ -12,7 +11,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .errors import DataError, OutputExistsError, RelufyError
+from .errors import DataError, RelufyError
 
 logger = logging.getLogger("relufy")
 
@@ -60,10 +59,16 @@ def _add_sparsity(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available, else cpu)")
     p.add_argument("--output", "-o", help="write the results as JSON here")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if relufy wrote it")
     p.set_defaults(run=_run_sparsity)
 
 
 def _run_sparsity(args) -> int:
+    with _claimed(args.output, args, inputs=[args.model, args.data]):
+        return _sparsity(args)
+
+
+def _sparsity(args) -> int:
     from .checkpoint import load_model, load_tokenizer, resolve_source
     from .data import load_text_dataset, pack_blocks
     from .evaluate import activation_name
@@ -85,7 +90,7 @@ def _run_sparsity(args) -> int:
                               max_tokens=args.max_tokens)
     result = {"model": str(source), "activation": activation_name(model), **result}
     if args.output:
-        _write_json(Path(args.output), result)
+        _write_json(Path(args.output), result, args)
     line = (f"{source}: activation {result['activation']}, zero-ratio {result['overall']:.2%} "
             f"over {result['tokens']} tokens, perplexity {result['perplexity']:.2f}")
     if args.threshold > 0:
@@ -94,10 +99,23 @@ def _run_sparsity(args) -> int:
     return 0
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    from .atomic import write_text_atomically
+def _claimed(path: str | None, args, *, inputs: list):
+    """A single-file output of this command (`path`, if given) locked and checked for the whole command: never one
+    of its inputs, and replaced only with --force when relufy wrote it (relufy.atomic.check_output)."""
+    from contextlib import nullcontext
 
-    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
+    from .atomic import claim_output
+
+    if not path:
+        return nullcontext()
+    return claim_output(path, command=f"relufy {args.command}", force=getattr(args, "force", False),
+                        inputs=inputs, kind="file")
+
+
+def _write_json(path: Path, payload: dict, args) -> None:
+    from .atomic import signed, write_text_atomically
+
+    write_text_atomically(path, signed(payload, f"relufy {args.command}"))
 
 
 def _comma_list(text: str, convert=str, flag: str = "", what: str = "") -> list:
@@ -108,12 +126,12 @@ def _comma_list(text: str, convert=str, flag: str = "", what: str = "") -> list:
         raise DataError(f"{flag} must be {what}, got '{text}'") from None
 
 
-def _write_markdown(path: str | None, table: str) -> None:
-    """`--markdown PATH`: the printed table, also written to a file (atomically)."""
+def _write_markdown(path: str | None, table: str, args) -> None:
+    """`--markdown PATH`: the printed table, also written to a file (atomically, signed as relufy's)."""
     if path:
-        from .atomic import write_text_atomically
+        from .atomic import signed, write_text_atomically
 
-        write_text_atomically(Path(path), table + "\n")
+        write_text_atomically(Path(path), signed(table, f"relufy {args.command}"))
 
 
 def _device(args) -> str:
@@ -244,10 +262,16 @@ def _add_compare(sub) -> None:
     p.add_argument("results", nargs="+", help="evaluation directories (or their results.json), or sparsity JSONs")
     p.add_argument("--names", help="comma-separated column names (default: each directory's or JSON file's name)")
     p.add_argument("--markdown", help="also write the table to this markdown file")
+    p.add_argument("--force", action="store_true", help="replace the --markdown file if relufy wrote it")
     p.set_defaults(run=_run_compare)
 
 
 def _run_compare(args) -> int:
+    with _claimed(args.markdown, args, inputs=args.results):
+        return _compare(args)
+
+
+def _compare(args) -> int:
     from .report import comparison_table, load_result
 
     results = [load_result(path) for path in args.results]
@@ -257,7 +281,7 @@ def _run_compare(args) -> int:
         if len(names) != len(results):
             raise DataError(f"--names has {len(names)} names for {len(results)} results; give one per result")
     table = comparison_table(results, names)
-    _write_markdown(args.markdown, table)
+    _write_markdown(args.markdown, table, args)
     print(table)
     return 0
 
@@ -323,17 +347,20 @@ def _add_speed(sub) -> None:
 
 
 def _run_speed(args) -> int:
+    with _claimed(args.output, args, inputs=[args.model]):
+        return _speed(args)
+
+
+def _speed(args) -> int:
     from .speed import SpeedConfig, speed_of_checkpoint, speed_table
 
     output = Path(args.output)
-    if output.exists() and not args.force:
-        raise OutputExistsError(f"{output} exists; pass --force to replace it")
     batch_sizes = tuple(_comma_list(args.batch_sizes, int, "--batch-sizes", "comma-separated integers like 1,4,16"))
     config = SpeedConfig(batch_sizes=batch_sizes, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          generate_tokens=args.generate_tokens, dtype=args.dtype, device=_device(args), seed=args.seed,
                          compile=not args.no_compile)
     result = speed_of_checkpoint(args.model, config, trust_remote_code=args.trust_remote_code)
-    _write_json(output, result)
+    _write_json(output, result, args)
     print(speed_table(result))
     print(f"wrote {output}")
     return 0
@@ -373,6 +400,11 @@ def _add_matched(sub) -> None:
 
 
 def _run_matched(args) -> int:
+    with _claimed(args.markdown, args, inputs=[args.model, args.heldout, args.calibration]):
+        return _matched(args)
+
+
+def _matched(args) -> int:
     from .evaluate import DEFAULT_HELDOUT
     from .matched import MatchedConfig, matched_sparsity, matched_table
 
@@ -386,7 +418,7 @@ def _run_matched(args) -> int:
                            trust_remote_code=args.trust_remote_code)
     result = matched_sparsity(args.model, args.output, config, force=args.force)
     table = matched_table([result])
-    _write_markdown(args.markdown, table)
+    _write_markdown(args.markdown, table, args)
     print(table)
     print(f"wrote {args.output}")
     return 0

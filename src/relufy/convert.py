@@ -15,14 +15,14 @@ from pathlib import Path
 from . import __version__
 from .activations import Activation, parse_activation
 from .architectures import Architecture, architecture_for
-from .atomic import atomic_directory
+from .atomic import MARKER, atomic_directory, claim_output
 from .checkpoint import Source, read_config, resolve_source, update_config
 from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .portable import write_remote_code
 
 logger = logging.getLogger(__name__)
 
-_SKIP = {"config.json", ".git", ".cache", ".gitattributes"}
+_SKIP = {"config.json", ".git", ".cache", ".gitattributes", MARKER}
 
 
 def convert_checkpoint(
@@ -42,28 +42,28 @@ def convert_checkpoint(
     """
     out = Path(out).expanduser().resolve()
     source = resolve_source(src)
-    _check_output(source, out, force)
-    config = read_config(source)
-    arch = architecture_for(config.get("model_type"))
-    old_value = _current_activation(config, arch)
-    if parse_activation(old_value) == activation and not force:
-        raise AlreadyConvertedError(
-            f"{source} already uses '{old_value}'; nothing to convert (pass --force to write a copy anyway)")
-
-    provenance = {
-        "source": str(source),
-        "original_activation": old_value,
-        "activation": activation.config_value,
-        "relufy_version": __version__,
-    }
-    with atomic_directory(out, replace=force) as tmp:
-        if source.gguf_file:
-            _dequantize_gguf(source, tmp, arch, activation, dtype)
-        else:
-            _copy_checkpoint(source.path, tmp, link)
-        _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
-        if activation.needs_relufy:
-            write_remote_code(tmp)
+    _check_parent(out)
+    with claim_output(out, command="relufy convert", force=force, inputs=[source.on_disk]):
+        config = read_config(source)
+        arch = architecture_for(config.get("model_type"))
+        old_value = _current_activation(config, arch)
+        if parse_activation(old_value) == activation and not force:
+            raise AlreadyConvertedError(
+                f"{source} already uses '{old_value}'; nothing to convert (pass --force to write a copy anyway)")
+        provenance = {
+            "source": str(source),
+            "original_activation": old_value,
+            "activation": activation.config_value,
+            "relufy_version": __version__,
+        }
+        with atomic_directory(out, replace=force, command="relufy convert") as tmp:
+            if source.gguf_file:
+                _dequantize_gguf(source, tmp, arch, activation, dtype)
+            else:
+                _copy_checkpoint(source.path, tmp, link)
+            _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
+            if activation.needs_relufy:
+                write_remote_code(tmp)
     logger.info("converted %s (%s -> %s) into %s", source, old_value, activation.config_value, out)
     return out
 
@@ -79,13 +79,14 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
     source = resolve_source(src)
     if not source.gguf_file:
         raise SourceError(f"{source} is not a GGUF file; only GGUF sources need dequantizing")
-    _check_output(source, out, force=False)
+    _check_parent(out)
     config = read_config(source)
     arch = architecture_for(config.get("model_type"))
     activation = _current_activation(config, arch)
     provenance = {"source": str(source), "original_activation": activation, "activation": activation,
                   "dequantized": True, "relufy_version": __version__}
-    with atomic_directory(out, replace=False) as tmp:
+    with claim_output(out, command="relufy train (dequantize)", force=False, inputs=[source.on_disk]), \
+            atomic_directory(out, replace=False, command="relufy train (dequantize)") as tmp:
         _dequantize_gguf(source, tmp, arch, None, dtype)
         update_config(tmp, lambda config: config.update(relufy=provenance))
     logger.info("dequantized %s (%s kept) into %s", source, activation, out)
@@ -101,16 +102,9 @@ def _current_activation(config: dict, arch: Architecture) -> str:
     return value
 
 
-def _check_output(source: Source, out: Path, force: bool) -> None:
-    """OUT may not be, contain or sit inside SRC. A GGUF source is its one file, not its folder: writing
-    `model-relu/` beside `model.gguf` is the natural command there."""
-    source_dir = source.path / source.gguf_file if source.gguf_file else source.path
-    if out == source_dir or (source_dir in out.parents and not source.gguf_file):
-        raise OutputExistsError(f"OUT {out} is inside SRC {source_dir}; choose a directory outside the source")
-    if out in source_dir.parents:
-        raise OutputExistsError(f"OUT {out} contains SRC {source_dir}; choose another directory")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; choose another OUT or pass --force to replace it")
+def _check_parent(out: Path) -> None:
+    """OUT's folder must exist: a typo in it should not silently create a new tree. (What OUT may be is
+    `check_output`'s rule; a GGUF source is its one file, so `model-relu/` beside `model.gguf` is allowed.)"""
     if not out.parent.is_dir():
         raise OutputExistsError(f"the parent directory of OUT ({out.parent}) does not exist; create it first")
 

@@ -22,7 +22,12 @@ class AlreadyConvertedError(RelufyError):
 
 
 class OutputExistsError(RelufyError):
-    """The output path exists and --force was not given."""
+    """The output may not be written there: it exists without --force, relufy did not write it, or it is,
+    holds or lies inside an input of the command."""
+
+
+class OutputInUseError(RelufyError):
+    """Another relufy process is writing the same output."""
 
 
 class OutputError(RelufyError):

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, claim_output
 from .cett import DEFAULT_PS, ppl_p_sparsity
-from .errors import DataError, OutputExistsError, RelufyError
+from .errors import DataError, RelufyError
 from .harness import SuiteRun, run_suite
 from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
 from .suites import EvalPlan, SuiteOptions, task_manager, tasks_dir
@@ -74,15 +74,22 @@ def evaluate_model(model_src: str, output: str | Path, config: EvalConfig, *, fo
     with `config.speed`, a short dense-vs-sparse decode measurement (`relufy speed`'s) when the model
     runs on CUDA.
     """
-    from .checkpoint import load_model, load_tokenizer, resolve_source
-
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise OutputExistsError(f"{output} exists and is not an empty directory; pass --force to replace it")
-    plan = config.plan()
-    manager = task_manager(list(plan.tasks), config.include_path)
+    from .checkpoint import resolve_source
 
     source = resolve_source(model_src)
+    inputs = [source.on_disk, config.heldout, *config.include_path]
+    with claim_output(output, command="relufy evaluate", force=force, inputs=inputs) as output:
+        results, samples = _measure(source, config)
+        _write_outputs(output, results, samples, force=force)
+    return results
+
+
+def _measure(source, config: EvalConfig) -> tuple[dict, dict[str, list]]:
+    """The model loaded once and measured: lm-eval suite with the probe, PPL-p%, decode speed on CUDA."""
+    from .checkpoint import load_model, load_tokenizer
+
+    plan = config.plan()
+    manager = task_manager(list(plan.tasks), config.include_path)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     blocks = None
     if config.ps:
@@ -101,8 +108,7 @@ def evaluate_model(model_src: str, output: str | Path, config: EvalConfig, *, fo
         measured = _decode_speed(model)
         if measured is not None:
             results["speed"] = measured
-    _write_outputs(output, results, suite.samples, force=force)
-    return results
+    return results, suite.samples
 
 
 def _results(source, model, plan: EvalPlan, suite: SuiteRun, ppl: dict, config: EvalConfig) -> dict:
@@ -147,7 +153,7 @@ def _decode_speed(model) -> dict | None:
 
 def _write_outputs(output: Path, results: dict, samples: dict[str, list], *, force: bool) -> None:
     """results.json, report.md, plots and samples_<task>.jsonl into a temp sibling, renamed over `output` at the end."""
-    with atomic_directory(output, replace=force) as tmp:
+    with atomic_directory(output, replace=force, command="relufy evaluate") as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         for task, records in samples.items():
             (tmp / f"samples_{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records))

@@ -20,7 +20,6 @@ un-zeroed), so a sparse model may end above the target: the achieved zero-ratio 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
-from .errors import DataError, OutputExistsError
+from .errors import DataError
 from .evaluate import DEFAULT_HELDOUT, activation_name, heldout_blocks, model_name
 from .harness import run_suite
 from .metrics import batches
@@ -149,18 +148,26 @@ def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, 
 
 def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, *, force: bool = False) -> dict:
     """Measure `model_src` thresholded to every target of `config`; write the results JSON to `output`."""
-    from .atomic import write_text_atomically
-    from .checkpoint import load_model, load_tokenizer, resolve_source
+    from .atomic import claim_output, signed, write_text_atomically
+    from .checkpoint import resolve_source
 
-    output = Path(output)
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} exists; pass --force to replace it")
     config.check()
+    source = resolve_source(model_src)
+    inputs = [source.on_disk, config.heldout, config.calibration]
+    with claim_output(output, command="relufy matched", force=force, inputs=inputs, kind="file") as output:
+        results = _measure_matched(source, config)
+        write_text_atomically(output, signed(results, "relufy matched"))
+    return results
+
+
+def _measure_matched(source, config: MatchedConfig) -> dict:
+    """The dense model's perplexity and zero-ratio, then each target's thresholds and measurements."""
+    from .checkpoint import load_model, load_tokenizer
+
     suite_plan = None
     if config.run_suite:
         plan = config.suite_options().plan()
         suite_plan = (plan, task_manager(list(plan.tasks)))
-    source = resolve_source(model_src)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     blocks = text_blocks(config, tokenizer)
     model = load_model(source, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
@@ -168,7 +175,7 @@ def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, 
     layers = len(NeuronMask(model).modules)
     dense_ppl, dense_zeros = thresholded_perplexity(model, blocks[0], NeuronMask(model), [0.0] * layers,
                                                     batch_size=config.batch_size)
-    results = {
+    return {
         "model": str(source), "model_name": model_name(source), "activation": activation_name(model),
         "relufy_version": __version__, "layers": layers,
         "heldout": {"source": str(config.heldout), "tokens": int(blocks[0].numel()), "block_size": config.block_size},
@@ -178,8 +185,6 @@ def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, 
                     for target in config.targets],
         "settings": asdict(config),
     }
-    write_text_atomically(output, json.dumps(results, indent=2, default=str) + "\n")
-    return results
 
 
 def matched_table(results: list[dict], names: list[str] | None = None) -> str:

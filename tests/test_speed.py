@@ -118,9 +118,10 @@ def test_cli_writes_speed_json_and_refuses_to_overwrite(tmp_path, monkeypatch, c
 
 
 def test_cli_reports_bad_batch_sizes_in_one_line(tmp_path, capsys):
-    assert main(["speed", str(tmp_path), "--output", str(tmp_path / "s.json"), "--batch-sizes", "1,x"]) == 2
+    model = str(tmp_path / "model")
+    assert main(["speed", model, "--output", str(tmp_path / "s.json"), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
-    assert main(["speed", str(tmp_path), "--output", str(tmp_path / "s.json"), "--batch-sizes", "0"]) == 2
+    assert main(["speed", model, "--output", str(tmp_path / "s.json"), "--batch-sizes", "0"]) == 2
     assert "batch sizes must be positive" in capsys.readouterr().err
 
 

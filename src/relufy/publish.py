@@ -34,9 +34,9 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
     """Write `out`: weights, tokenizer, remote code if needed, and the model card. Returns `out`."""
     model_dir = Path(model_dir).expanduser().resolve()
     check_model_dir(model_dir)
-    results = load_result(results_path)
-    _check_results_match(results, model_dir, results_path)
     with claim_output(out, command="relufy publish", force=force, inputs=[model_dir, results_path]) as out:
+        results = load_result(results_path)
+        _check_results_match(results, model_dir, results_path)
         weights, tokenizer_files = _checkpoint_files(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         provenance = config.get("relufy", {})

@@ -290,6 +290,7 @@ def collect(s: argparse.Namespace) -> None:
         if (s.out_dir / name).exists():
             shutil.copy2(s.out_dir / name, s.dest / name)
     collect_matched(s.out_dir / "matched", s.dest)
+    (s.dest / "compare.md").unlink(missing_ok=True)  # this driver's own table, rewritten from the copies above
     subprocess.run([sys.executable, "-m", "relufy", "compare", *(s.dest / e.name for e in evaluations),
                     "--markdown", s.dest / "compare.md"], check=True)
 

@@ -79,7 +79,8 @@ def test_compare_shows_evaluations_side_by_side(evaluation, tmp_path, capsys):
     markdown = tmp_path / "compare.md"
     assert main(["compare", str(evaluation), str(evaluation / "results.json"), "--markdown", str(markdown)]) == 0
     printed = capsys.readouterr().out
-    assert markdown.read_text().strip() == printed.strip()
+    table, _, signature = markdown.read_text().strip().rpartition("\n\n")
+    assert table == printed.strip() and signature.startswith("<!-- relufy_output: ")  # invisible when rendered
     assert "relufy_dictionary (acc" in printed and "PPL-1% sparsity" in printed and "zero-ratio" in printed
     assert printed.splitlines()[0].count("tiny-relu-eval") == 2
 

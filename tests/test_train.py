@@ -379,6 +379,16 @@ def test_resume_without_a_checkpoint_and_a_rerun_without_resume_are_refused(silu
     assert summary.steps == 2
 
 
+def test_a_finished_run_without_checkpoints_is_replaced_only_with_force(silu_base, tmp_path):
+    recipe = tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_strategy='no'")
+    train(recipe)
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a trained model; pass --force"):
+        train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_strategy='no'"))
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_strategy='no'"), force=True).steps == 2
+
+
 # -- bad input -----------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_liger_without_liger_kernel_installed_is_refused_before_any_work(silu_base, tmp_path):
@@ -466,7 +476,8 @@ def test_an_interrupted_final_save_leaves_no_half_written_model(silu_base, tmp_p
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=4", "save_steps=2"))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["base-relu", "checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".base-relu.relufy-lock", ".relufy-output",
+                                                                   "base-relu", "checkpoint-2", "checkpoint-4"]
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_killed(silu_base, tmp_path, caplog):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SAMPLE_TEXT
-from tiny_models import save_tiny_model
+from tiny_models import save_tiny_checkpoint
 
 from relufy.atomic import MARKER, check_output, claim_output, output_lock, signed, written_by_relufy
 from relufy.cli import main
@@ -24,7 +24,7 @@ TINY_RECIPE = REPO / "recipes" / "tiny-cpu.yaml"
 def owned(tmp_path_factory) -> Path:
     """A user's folder: a model beside a sibling model, text data, a results file and a folder of notes."""
     root = tmp_path_factory.mktemp("owned")
-    save_tiny_model("llama", root / "models" / "tiny")
+    save_tiny_checkpoint("llama", root / "models" / "tiny", SAMPLE_TEXT)
     (root / "models" / "sibling").mkdir()
     (root / "models" / "sibling" / "model.safetensors").write_bytes(b"the user's other model")
     (root / "data.txt").write_text(SAMPLE_TEXT.read_text())

@@ -153,8 +153,9 @@ def _check_output_dir(output_dir: Path, resume: bool, force: bool, recipe: Recip
     """output_dir receives checkpoints and the final model over the run: it may not be, hold or lie inside an
     input (base model, data, recipe), and an existing one must be relufy's (its marker, or checkpoints).
     A finished or checkpointed run there is continued only with --resume, replaced only with --force."""
+    teacher = recipe.training.distill_teacher
     check_not_input(output_dir, [resolve_model_path(recipe.model.model_name_or_path), recipe.data.data,
-                                 recipe.data.held_out_data, recipe.source])
+                                 recipe.data.held_out_data, recipe.source, teacher and resolve_model_path(teacher)])
     existing = last_checkpoint(output_dir) if output_dir.is_dir() else None
     if output_dir.is_dir() and any(output_dir.iterdir()) and not existing and not written_by_relufy(output_dir):
         raise TrainingError(f"{output_dir} holds files relufy did not write; choose another output_dir or remove "

@@ -20,7 +20,7 @@ from tiny_models import build_tiny_model  # noqa: E402
 from relufy.activations import register_activations  # noqa: E402
 from relufy.architectures import architecture_for  # noqa: E402
 from relufy.probe import ffn_modules  # noqa: E402
-from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparsify  # noqa: E402
+from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_neox", "relu2"),
@@ -107,3 +107,33 @@ def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog, 
         sparsify(model)
     assert sparse_ffn_count(model) == 0
     assert any("need CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_row(monkeypatch):
+    """Without CUDA, `dense_above` is the default fraction of the neurons; a configured one is passed to the
+    down kernel, which takes the dense route for a union above it and gives the dense FFN's result."""
+    import relufy.sparse.kernels as kernels
+    from relufy.sparse.routing import DEFAULT_DENSE_FRACTION
+
+    model = relu_model("llama", "relu")
+    width = model.config.intermediate_size
+    defaults = sparsify(relu_model("llama", "relu"))
+    assert {state.dense_above for state in sparse_ffns(defaults)} == {int(DEFAULT_DENSE_FRACTION * width)}
+    sparsify(model, SparseConfig(dense_above=0))
+    routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    original = kernels.sparse_ffn
+    monkeypatch.setattr(kernels, "sparse_ffn", lambda *args, **kwargs: original(*args, **kwargs, routes=routes))
+    x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ffn = ffn_modules(model)[0]
+    sparse = ffn(x)
+    with sparse_enabled(model, False):
+        dense = ffn(x)
+    assert routes.tolist() == [0, 1]
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_gate_variant_is_refused():
+    from relufy.errors import DataError
+
+    with pytest.raises(DataError, match="unknown gate variant 'fast'"):
+        sparsify(relu_model("llama", "relu"), SparseConfig(gate="fast"))

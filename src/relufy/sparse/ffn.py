@@ -90,7 +90,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     model first: the kernels keep references to the weights as they are now.
     """
     config = config or SparseConfig()
-    reason = _why_not(model)
+    reason = why_dense(model)
     if reason:
         _warn_once(reason)
         return model
@@ -146,8 +146,8 @@ def sparse_enabled(model: nn.Module, enabled: bool):
             state.enabled = value
 
 
-def _why_not(model: nn.Module) -> str | None:
-    """Why `sparsify` must leave this model alone, or None."""
+def why_dense(model: nn.Module) -> str | None:
+    """Why `sparsify` must leave this model alone (a SiLU FFN, no CUDA...), or None."""
     config = getattr(model, "config", None)
     try:
         arch = architecture_for(getattr(config, "model_type", None))

@@ -22,7 +22,7 @@ from ..activations import parse_activation
 from ..architectures import Architecture, architecture_for
 from ..errors import DataError, UnsupportedArchitectureError
 from ..probe import ffn_modules
-from . import routing
+from .routing import dense_above as calibrated_dense_above
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
     w_first, w_up = w_first.detach(), None if w_up is None else w_up.detach()
     dense_above = config.dense_above
     if dense_above is None:
-        dense_above = routing.dense_above(w_first, w_up, w_down_t, config.max_tokens, config.gate)
+        dense_above = calibrated_dense_above(w_first, w_up, w_down_t, config.max_tokens, config.gate)
     return SparseFFN(w_first=w_first, w_up=w_up, w_down_t=w_down_t, b_first=_detached(b_first), b_up=_detached(b_up),
                      b_down=_detached(down.bias), activation=activation, act_param=float(act_param),
                      workspace=workspace_for(w_down_t), dense_forward=ffn.forward, config=config,

@@ -137,3 +137,15 @@ def test_an_unknown_gate_variant_is_refused():
 
     with pytest.raises(DataError, match="unknown gate variant 'fast'"):
         sparsify(relu_model("llama", "relu"), SparseConfig(gate="fast"))
+
+
+def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
+    from relufy.sparse.routing import threshold_from
+
+    def rows(*winners):
+        return [{"count": 10 * (i + 1), "sparse_us": 1.0 if w == "list" else 2.0, "dense_us": 1.5}
+                for i, w in enumerate(winners)]
+
+    assert threshold_from(rows("list", "list", "dense", "list"), 100) == 20  # the first dense win decides
+    assert threshold_from(rows("list", "list"), 100) == 100  # never dense
+    assert threshold_from(rows("dense", "dense"), 100) == 9  # dense from the smallest count on

@@ -117,22 +117,25 @@ def _gate_values(x_ptr, w_ptr, w_desc, gate_ptr, sums_ptr, arrivals_ptr, rows, r
     tile = batch[:, None] * N + rows[None, :]
     ok = batch_ok[:, None] & row_ok[None, :]
     if GATE == CUBLAS:
-        return tl.load(gate_ptr + tile, mask=ok, other=0.0).to(tl.float32), row_ok
-    if GATE == FUSED:
-        return _rows_times_x(x_ptr, w_ptr, w_desc, rows, row_ok, batch, batch_ok, K, 0, K,
-                             BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION, TMA), row_ok
-    k_start = tl.program_id(1) * k_slice
-    part = _rows_times_x(x_ptr, w_ptr, w_desc, rows, row_ok, batch, batch_ok, K, k_start,
-                         tl.minimum(k_start + k_slice, K), BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION, TMA)
-    tl.atomic_add(sums_ptr + tile, part, mask=ok)
-    tl.debug_barrier()
-    last = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1) == SPLIT - 1
-    mine = rows < tl.where(last, N, 0)
-    finishing = batch_ok[:, None] & mine[None, :]
-    zeros = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    total = tl.atomic_add(sums_ptr + tile, zeros, mask=finishing)
-    tl.store(sums_ptr + tile, zeros, mask=finishing)
-    tl.store(arrivals_ptr + tl.program_id(0), 0, mask=last)
+        total = tl.load(gate_ptr + tile, mask=ok, other=0.0).to(tl.float32)
+        mine = row_ok
+    elif GATE == FUSED:
+        total = _rows_times_x(x_ptr, w_ptr, w_desc, rows, row_ok, batch, batch_ok, K, 0, K,
+                              BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION, TMA)
+        mine = row_ok
+    else:
+        k_start = tl.program_id(1) * k_slice
+        part = _rows_times_x(x_ptr, w_ptr, w_desc, rows, row_ok, batch, batch_ok, K, k_start,
+                             tl.minimum(k_start + k_slice, K), BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION, TMA)
+        tl.atomic_add(sums_ptr + tile, part, mask=ok)
+        tl.debug_barrier()
+        last = tl.atomic_add(arrivals_ptr + tl.program_id(0), 1) == SPLIT - 1
+        mine = rows < tl.where(last, N, 0)
+        finishing = batch_ok[:, None] & mine[None, :]
+        zeros = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        total = tl.atomic_add(sums_ptr + tile, zeros, mask=finishing)
+        tl.store(sums_ptr + tile, zeros, mask=finishing)
+        tl.store(arrivals_ptr + tl.program_id(0), 0, mask=last)
     return total, mine
 
 

@@ -65,7 +65,7 @@ def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.
     peaks = torch.nn.functional.linear(x, w_first).float().amax(0).sort(descending=True).values
     workspace = torch.zeros(workspace_size(tokens, n, d), dtype=torch.int32, device=x.device)
     tiles = choose_tiles(tokens, n, d, x.device, gate)
-    rows, threshold = [], n
+    rows = []
     for fraction in UNIONS:
         count = max(1, round(fraction * n))
         times = {}
@@ -73,12 +73,16 @@ def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.
             times[route] = _median_us(lambda: sparse_ffn(x, w_first, w_up, w_down_t, FATRELU, float(peaks[count - 1]),
                                                          workspace=workspace, tiles=tiles, dense_above=above))
         rows.append({"count": count, "sparse_us": times["sparse"], "dense_us": times["dense"]})
-    sparse_wins = [row["count"] for row in rows if row["sparse_us"] <= row["dense_us"]]
-    dense_wins = [row["count"] for row in rows if row["sparse_us"] > row["dense_us"]]
-    if dense_wins:
-        below = [count for count in sparse_wins if count < min(dense_wins)]
-        threshold = max(below) if below else rows[0]["count"] - 1
-    return {"dense_above": threshold, "unions": rows}
+    return {"dense_above": threshold_from(rows, n), "unions": rows}
+
+
+def threshold_from(rows: list[dict], n: int) -> int:
+    """The largest timed count below the first one where the dense route won (N if it never won;
+    one below the smallest timed count if it won there already). `rows` are ordered by count."""
+    first_dense = next((row["count"] for row in rows if row["dense_us"] < row["sparse_us"]), None)
+    if first_dense is None:
+        return n
+    return max((row["count"] for row in rows if row["count"] < first_dense), default=first_dense - 1)
 
 
 def _median_us(fn) -> float:

@@ -234,15 +234,17 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, 
 
 def first_tiles(base, batch: int) -> list:
     """The first kernel's candidates around `base`: rows per program, K step, warps, stages (and the
-    split over K for the split-K gate); broadcast tiles up to 4 tokens, tensor cores above 1."""
-    splits = (2, 4, 8) if base.gate == "split_k" else (base.split_k,)
-    widths = (64, 128, 256) if base.tma else (256, 512, 1024)
+    split over K for the split-K gate, up to one K step per program as TEAL's GEMV does); broadcast
+    tiles up to 4 tokens, tensor cores above 1."""
+    split = base.gate == "split_k"
+    splits = (4, 8, 16, 32) if split else (base.split_k,)
+    widths = (64, 128, 256) if base.tma or split else (256, 512, 1024)
     candidates = []
     if batch <= 4:
         candidates += [dataclasses.replace(base, block_b=pow2(batch), use_dot=False, block_n=n, block_k=k,
                                            warps_first=w, stages=st, split_k=sk)
-                       for n, k, w, st, sk in itertools.product((4, 8, 16, 32), widths, (4, 8), (1, 3), splits)
-                       if base.gate != "split_k" or n >= 8]
+                       for n, k, w, st, sk in itertools.product((16, 32, 64) if split else (4, 8, 16, 32), widths,
+                                                                (4,) if split else (4, 8), (1, 3), splits)]
     if batch > 1:
         candidates += [dataclasses.replace(base, block_b=max(16, pow2(batch)), use_dot=True, block_n=n, block_k=k,
                                            warps_first=w, stages=st, split_k=sk)

@@ -284,8 +284,8 @@ TILE_TABLE["H100"] = TILE_TABLE["H200"]
 GATE_VARIANTS = {
     "fused": dict(gate="fused"),
     "fused_tma": dict(gate="fused", tma=True),
-    "split_k": dict(gate="split_k", split_k=4),
-    "split_k_tma": dict(gate="split_k", split_k=4, tma=True),
+    "split_k": dict(gate="split_k", split_k=8),
+    "split_k_tma": dict(gate="split_k", split_k=8, tma=True),
     "cublas": dict(gate="cublas"),
 }
 
@@ -320,12 +320,13 @@ def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") ->
 
 
 def with_gate(tiles: Tiles, variant: str) -> Tiles:
-    """`tiles` with the gate variant `variant`. Split-K programs own at least 16 rows (many rows in
-    flight, few of them finishing); a TMA box is at most 256 elements wide."""
+    """`tiles` with the gate variant `variant`. Split-K programs own at least 32 rows in short K
+    steps (many rows in flight per load, one program in eight finishing); a TMA box is at most 256
+    elements wide."""
     changes = dict(GATE_VARIANTS[variant])
     if changes["gate"] == "split_k":
-        changes["block_n"] = max(16, tiles.block_n)
-        changes["block_k"] = min(tiles.block_k, 512)
+        changes["block_n"] = max(32, tiles.block_n)
+        changes["block_k"] = min(tiles.block_k, 256)
     if changes.get("tma"):
         changes["block_k"] = min(changes.get("block_k", tiles.block_k), 256)
         changes["stages"] = max(tiles.stages, 3)

@@ -5,8 +5,9 @@ One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes (bf16
 1. the copy bandwidth of the GPU (device-to-device copy, read + write);
 2. at 90% zeros and 1, 4 and 8 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the activation,
    as a transformers MLP) and the sparse FFN with each gate variant of `kernels.GATE_VARIANTS`;
-3. at 50% zeros and 1, 4, 8 and 16 tokens: the same, with the dense route on at the threshold
-   `relufy.sparse.routing.calibrate` measures for the shape (the calibration's timings are in the JSON);
+3. at 50% zeros and 1, 4, 8 and 16 tokens: the same.
+   Every sparse call routes as `sparsify` does: the dense route above the threshold
+   `relufy.sparse.routing.calibrate` measures for the shape (its timings are in the JSON);
 4. for every case, the largest relative error max |sparse - dense| / max |dense| (bf16: <= 1e-2)
    and which route the down kernel took.
 
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
     parser.add_argument("--variants", default="", help="gate variants (default: all of kernels.GATE_VARIANTS)")
     parser.add_argument("--batches", default="1,4,8", help="batch sizes at 90%% zeros")
-    parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros, dense route on")
+    parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
     parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case")
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
 
 
 def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth) -> dict:
-    """Rows at 90% zeros (every variant, never the dense route) and at 50% zeros (the dense route on)."""
+    """Rows at 90% and at 50% zeros, every variant, the dense route above the shape's calibrated threshold."""
     from relufy.sparse.routing import calibrate
 
     rows, calibration = [], {}
@@ -106,9 +107,9 @@ def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwid
         route = calibrate(ffn.w_gate[0], ffn.w_up[0], ffn.w_down_t[0], 8) if device.type == "cuda" else None
         dense_above = route["dense_above"] if route else inter // 2
         calibration[name] = route
-        for sparsity, batches, above in ((0.9, args.batches, None), (0.5, args.routing_batches, dense_above)):
+        for sparsity, batches in ((0.9, args.batches), (0.5, args.routing_batches)):
             for batch in [int(b) for b in batches.split(",") if b]:
-                rows.append(ffn.case(name, sparsity, batch, variants, above, timer, bandwidth))
+                rows.append(ffn.case(name, sparsity, batch, variants, dense_above, timer, bandwidth))
                 print_row(rows[-1])
         del ffn
     return {"rows": rows, "calibration": calibration}
@@ -377,7 +378,7 @@ def markdown(result: dict) -> str:
         routed = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.5]
         single = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.9 and row["batch"] == 1]
         lines.append(f"{variant}: 90% zeros, batch 1: {_span(single)} of dense time (goal <= 0.45); "
-                     f"50% zeros with the dense route on: at most {max(routed, default=float('nan')):.2f} "
+                     f"50% zeros: at most {max(routed, default=float('nan')):.2f} "
                      "(goal <= 1.02, i.e. >= 0.98x dense speed).")
     if routes:
         lines.append("Dense route above this many active neurons (calibrated at 8 tokens): " + ", ".join(routes) + ".")

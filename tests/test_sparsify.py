@@ -149,3 +149,25 @@ def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
     assert threshold_from(rows("list", "list", "dense", "list"), 100) == 20  # the first dense win decides
     assert threshold_from(rows("list", "list"), 100) == 100  # never dense
     assert threshold_from(rows("dense", "dense"), 100) == 9  # dense from the smallest count on
+
+
+@pytest.mark.parametrize("gate", ["fused_tma", "split_k", "cublas"])
+def test_every_gate_variant_runs_through_the_operator(gate, monkeypatch):
+    import relufy.sparse.kernels as kernels
+
+    model = sparsify(relu_model("llama", "relu"), SparseConfig(gate=gate))
+    used = []
+    original = kernels.sparse_ffn
+
+    def recording(*args, **kwargs):
+        used.append(args[10])  # the tiles the operator chose
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "sparse_ffn", recording)
+    ffn = ffn_modules(model)[0]
+    x = torch.randn(1, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    sparse = ffn(x)
+    with sparse_enabled(model, False):
+        dense = ffn(x)
+    assert [(t.gate, t.tma) for t in used] == [(kernels.GATE_VARIANTS[gate]["gate"], gate.endswith("tma"))]
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)

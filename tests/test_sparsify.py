@@ -171,3 +171,15 @@ def test_every_gate_variant_runs_through_the_operator(gate, monkeypatch):
         dense = ffn(x)
     assert [(t.gate, t.tma) for t in used] == [(kernels.GATE_VARIANTS[gate]["gate"], gate.endswith("tma"))]
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_times_both_routes_at_each_union():
+    """On CPU the calibration runs plain calls (no CUDA graph), both routes at every union of UNIONS."""
+    from relufy.sparse.routing import UNIONS, calibrate
+
+    generator = torch.Generator().manual_seed(6)
+    w_gate, w_up, w_down_t = (torch.randn(96, 64, generator=generator).to(DEVICE) / 8 for _ in range(3))
+    result = calibrate(w_gate, w_up, w_down_t[:, :48].contiguous(), tokens=2, replays=1)
+    assert [row["count"] for row in result["unions"]] == [round(f * 96) for f in UNIONS]
+    assert all(row["sparse_us"] > 0 and row["dense_us"] > 0 for row in result["unions"])
+    assert -1 <= result["dense_above"] <= 96

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -50,8 +51,9 @@ def dense_above(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torc
 
 @torch.no_grad()
 def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor, tokens: int,
-              gate: str = "") -> dict:
-    """Time both routes at each union of UNIONS (CUDA-graph replays, median of REPLAYS).
+              gate: str = "", replays: int = REPLAYS) -> dict:
+    """Time both routes at each union of UNIONS (CUDA-graph replays, median of `replays`; plain calls
+    without CUDA).
 
     The union is set by a FATReLU threshold on the per-neuron largest gate value of random inputs.
     Returns `dense_above` (the largest timed count where the list won; N if it always won, one below
@@ -62,16 +64,18 @@ def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.
     n, d = w_down_t.shape
     generator = torch.Generator(device=w_first.device).manual_seed(0)
     x = torch.randn(tokens, w_first.shape[1], generator=generator, device=w_first.device).to(w_first.dtype)
-    peaks = torch.nn.functional.linear(x, w_first).float().amax(0).sort(descending=True).values
+    peaks = torch.nn.functional.linear(x, w_first).float().amax(0).sort(descending=True).values.tolist()
     workspace = torch.zeros(workspace_size(tokens, n, d), dtype=torch.int32, device=x.device)
     tiles = choose_tiles(tokens, n, d, x.device, gate)
     rows = []
     for fraction in UNIONS:
         count = max(1, round(fraction * n))
+        threshold = peaks[count - 1]  # a host float: nothing may synchronise inside the capture
         times = {}
         for route, above in (("sparse", n), ("dense", -1)):
-            times[route] = _median_us(lambda: sparse_ffn(x, w_first, w_up, w_down_t, FATRELU, float(peaks[count - 1]),
-                                                         workspace=workspace, tiles=tiles, dense_above=above))
+            times[route] = _median_us(lambda: sparse_ffn(x, w_first, w_up, w_down_t, FATRELU, threshold,
+                                                         workspace=workspace, tiles=tiles, dense_above=above),
+                                      replays, x.device.type == "cuda")
         rows.append({"count": count, "sparse_us": times["sparse"], "dense_us": times["dense"]})
     return {"dense_above": threshold_from(rows, n), "unions": rows}
 
@@ -85,8 +89,11 @@ def threshold_from(rows: list[dict], n: int) -> int:
     return max((row["count"] for row in rows if row["count"] < first_dense), default=first_dense - 1)
 
 
-def _median_us(fn) -> float:
-    """Median microseconds of `fn` replayed from a CUDA graph (warmed up on a side stream first)."""
+def _median_us(fn, replays: int, cuda: bool) -> float:
+    """Median microseconds of `fn` replayed from a CUDA graph (warmed up on a side stream first), or of
+    plain calls without CUDA."""
+    if not cuda:
+        return _median_host_us(fn, replays)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -97,11 +104,20 @@ def _median_us(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     times = []
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(1e3 * start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _median_host_us(fn, replays: int) -> float:
+    times = []
+    for _ in range(replays):
+        start = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - start))
     return statistics.median(times)

@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
+    parser.add_argument("--gate", default="", help="gate variant of relufy.sparse.kernels.GATE_VARIANTS "
+                                                   "(default: the tile table's for the GPU)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     parser.add_argument("--output", "-o", type=Path, required=True)
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     import torch
 
     from relufy.speed import SpeedConfig, measure_speed, speed_table
-    from relufy.sparse import sparsify
+    from relufy.sparse import SparseConfig, sparsify
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -64,9 +66,9 @@ def main(argv=None) -> int:
     if args.tiny:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu")
-    result = measure_speed(sparsify(model), config)
+    result = measure_speed(sparsify(model, SparseConfig(gate=args.gate)), config)
     result.update(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
-                  target_sparsity=args.sparsity)
+                  target_sparsity=args.sparsity, gate=args.gate or "default")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(speed_table(result))

@@ -1,20 +1,34 @@
 """Sparse FFN decode kernels against the dense FFN (cuBLAS) and the bandwidth floor, on one GPU.
 
-For each FFN shape, fraction of zeros and batch size, the same gated FFN runs dense (PyTorch:
-three cuBLAS GEMVs and the activation, as a transformers MLP does) and through
-`relufy.sparse.kernels.sparse_ffn`, each captured in a CUDA graph; the median of >= 50 replays
-is reported. The floor is the bytes the sparse FFN must read (gate in full, plus the up rows and
-down rows of the batch's union of active neurons) over the copy bandwidth measured in the same run.
-Zeros come from a FATReLU threshold at the wanted quantile of the gate values, drawn
-independently per token ("uniform"), so a batch's union is what random activity gives.
+One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes (bf16, random weights):
 
-    python bench/sparse_ffn.py --output bench/out/sparse_ffn.json
-    python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json   # CPU smoke run (Triton interpreter)
+1. the copy bandwidth of the GPU (device-to-device copy, read + write);
+2. at 90% zeros and 1, 4 and 8 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the activation,
+   as a transformers MLP) and the sparse FFN with each gate variant of `kernels.GATE_VARIANTS`;
+3. at 50% zeros and 1, 4, 8 and 16 tokens: the same.
+   Every sparse call routes as `sparsify` does: the dense route above the threshold
+   `relufy.sparse.routing.calibrate` measures for the shape (its timings are in the JSON);
+4. for every case, the largest relative error max |sparse - dense| / max |dense| (bf16: <= 1e-2)
+   and which route the down kernel took.
+
+Every time is a CUDA-graph replay of one FFN call on each of `--layers` copies of the weights in
+turn (so the active rows of one call are not in L2 for the next), divided by the layers; median of
+`--replays`. Zeros come from a FATReLU threshold at the wanted quantile of each layer's gate values,
+drawn independently per token, so a batch's union is what random activity gives. The floor is the
+bytes the sparse FFN must read (gate in full, up and down rows of the union) at the copy bandwidth.
+
+    python bench/sparse_ffn.py --output bench/out/sparse_ffn.json        # everything, one GPU, ~4 min
+    python bench/sparse_ffn.py --table bench/out/sparse_ffn.json         # its markdown tables again
+    python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json
+    python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import itertools
 import json
 import os
 import statistics
@@ -22,204 +36,290 @@ import sys
 from pathlib import Path
 
 SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336), "llama2-13b": (5120, 13824)}
-SPARSITIES = (0.5, 0.8, 0.9, 0.95)
-BATCHES = (1, 4, 16)
+MAX_REL_ERROR = 1e-2  # bf16 against the dense FFN
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
-    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--crossover-batches", default="1,2,4,8,12,16,24,32",
-                        help="batch sizes for the dense/sparse crossover at each sparsity ('' skips it)")
+    parser.add_argument("--variants", default="", help="gate variants (default: all of kernels.GATE_VARIANTS)")
+    parser.add_argument("--batches", default="1,4,8", help="batch sizes at 90%% zeros")
+    parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
+    parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case (>= 50)")
+    parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case")
     parser.add_argument("--sweep-tiles", action="store_true",
-                        help="instead: time tile variants of the kernels at 90%% zeros on the first shape, print the best")
+                        help="instead: time tile variants at 90%% zeros on the first shape and profile each kernel")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
-    parser.add_argument("--output", "-o", type=Path, required=True)
-    return parser.parse_args(argv)
+    parser.add_argument("--table", type=Path, help="only print the markdown tables of a JSON this script wrote")
+    parser.add_argument("--output", "-o", type=Path)
+    args = parser.parse_args(argv)
+    if args.table is None and args.output is None:
+        parser.error("--output is required (or --table JSON)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.sparse.kernels import FATRELU, sparse_ffn
+    from relufy.sparse.kernels import GATE_VARIANTS
     from relufy.speed import copy_bandwidth
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
     shapes = {"tiny": (64, 96)} if args.tiny else {name: SHAPES[name] for name in args.shapes.split(",")}
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    variants = args.variants.split(",") if args.variants else list(GATE_VARIANTS)
+    layers = 2 if args.tiny else args.layers
     bandwidth = copy_bandwidth(device, 1 << 30)  # eager: a copy inside a CUDA graph runs on the copy engine
     timer = Timer(device, 3 if args.tiny else args.replays)
-    if args.sweep_tiles:
-        ffn = RandomFFN(*next(iter(shapes.values())), dtype, device)
-        report = {"sweep": sweep_tiles(ffn, batches, timer), "profile": profile_kernels(ffn, batches)}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        return 0
-    rows, crossover = [], []
-    for name, (hidden, inter) in shapes.items():
-        ffn = RandomFFN(hidden, inter, dtype, device)
-        x = ffn.x_for(1)
-        gate_ms = timer(lambda: torch.nn.functional.linear(x, ffn.w_gate))
-        for sparsity in sparsities:
-            for batch in batches:
-                rows.append(ffn.case(name, sparsity, batch, timer, bandwidth, sparse_ffn, FATRELU, gate_ms))
-                print_row(rows[-1])
-            for batch in [int(b) for b in args.crossover_batches.split(",") if b] if not args.tiny else []:
-                crossover.append(ffn.case(name, sparsity, batch, timer, bandwidth, sparse_ffn, FATRELU, gate_ms))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-              "dtype": args.dtype, "copy_bandwidth_gb_s": bandwidth / 1e9, "replays": timer.replays,
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "rows": rows, "crossover": crossover}
+              "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "replays": timer.replays, "layers": layers, "variants": variants, "torch": torch.__version__,
+              "triton": __import__("triton").__version__}
+    if args.sweep_tiles:
+        ffn = RandomFFN(*next(iter(shapes.values())), layers, dtype, device)
+        result["sweep"] = sweep_tiles(ffn, [int(b) for b in args.batches.split(",")], variants, timer,
+                                      limit=2 if args.tiny else None)
+        result["profile"] = profile_kernels(ffn, [int(b) for b in args.batches.split(",")], variants, bandwidth)
+    else:
+        result.update(measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.sweep_tiles:
+        print(markdown(result))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; wrote {args.output}")
     return 0
 
 
-class RandomFFN:
-    """A gated FFN with random weights (W_down kept as W_down^T, row-major, as the kernels read it)."""
+def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth) -> dict:
+    """Rows at 90% and at 50% zeros, every variant, the dense route above the shape's calibrated threshold."""
+    from relufy.sparse.routing import calibrate
 
-    def __init__(self, hidden: int, inter: int, dtype, device):
+    rows, calibration = [], {}
+    for name, (hidden, inter) in shapes.items():
+        ffn = RandomFFN(hidden, inter, layers, dtype, device)
+        route = calibrate(ffn.w_gate[0], ffn.w_up[0], ffn.w_down_t[0], 8) if device.type == "cuda" else None
+        dense_above = route["dense_above"] if route else inter // 2
+        calibration[name] = route
+        for sparsity, batches in ((0.9, args.batches), (0.5, args.routing_batches)):
+            for batch in [int(b) for b in batches.split(",") if b]:
+                rows.append(ffn.case(name, sparsity, batch, variants, dense_above, timer, bandwidth))
+                print_row(rows[-1])
+        del ffn
+    return {"rows": rows, "calibration": calibration}
+
+
+class RandomFFN:
+    """`layers` gated FFNs with random weights of one shape (W_down kept as W_down^T, row-major,
+    as the kernels read it); timed calls run on each in turn."""
+
+    def __init__(self, hidden: int, inter: int, layers: int, dtype, device):
         import torch
 
-        generator = torch.Generator(device=device).manual_seed(0)
-        scale = hidden ** -0.5
-        self.hidden, self.inter, self.dtype, self.device = hidden, inter, dtype, device
-        self.w_gate = (torch.randn(inter, hidden, generator=generator, device=device) * scale).to(dtype)
-        self.w_up = (torch.randn(inter, hidden, generator=generator, device=device) * scale).to(dtype)
-        self.w_down_t = (torch.randn(inter, hidden, generator=generator, device=device) * inter ** -0.5).to(dtype)
-        self.generator = generator
         from relufy.sparse.kernels import workspace_size
 
-        self.workspace = torch.zeros(workspace_size(64, hidden), dtype=torch.int32, device=device)  # zero at rest
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def weights(rows, cols, scale):
+            return [(torch.randn(rows, cols, generator=generator, device=device) * scale).to(dtype)
+                    for _ in range(layers)]
+
+        self.hidden, self.inter, self.dtype, self.device, self.generator = hidden, inter, dtype, device, generator
+        self.w_gate, self.w_up = weights(inter, hidden, hidden ** -0.5), weights(inter, hidden, hidden ** -0.5)
+        self.w_down_t = weights(inter, hidden, inter ** -0.5)
+        self.workspace = torch.zeros(workspace_size(64, inter, hidden), dtype=torch.int32, device=device)
 
     def x_for(self, batch: int):
         import torch
 
         return torch.randn(batch, self.hidden, generator=self.generator, device=self.device).to(self.dtype)
 
-    def dense(self, x, threshold: float):
+    def dense(self, layer: int, x, threshold: float):
         """The FFN as a transformers MLP computes it with FATReLU: three cuBLAS GEMVs."""
+        linear = __import__("torch").nn.functional.linear
+        g = linear(x, self.w_gate[layer])
+        return linear(g.masked_fill(g < threshold, 0) * linear(x, self.w_up[layer]), self.w_down_t[layer].t())
+
+    def sparse(self, layer: int, x, threshold: float, tiles, dense_above=None, routes=None):
+        from relufy.sparse.kernels import FATRELU, sparse_ffn
+
+        return sparse_ffn(x, self.w_gate[layer], self.w_up[layer], self.w_down_t[layer], FATRELU, threshold,
+                          workspace=self.workspace, tiles=tiles, dense_above=dense_above, routes=routes)
+
+    def thresholds(self, x, sparsity: float) -> list[float]:
         import torch
 
-        linear = torch.nn.functional.linear
-        g = linear(x, self.w_gate)
-        return linear(g.masked_fill(g < threshold, 0) * linear(x, self.w_up), self.w_down_t.t())
+        return [float(torch.quantile(torch.nn.functional.linear(x, w).float().flatten().cpu(), sparsity))
+                for w in self.w_gate]
 
-    def case(self, name, sparsity, batch, timer, bandwidth, sparse_ffn, fatrelu, gate_ms) -> dict:
+    def case(self, name, sparsity, batch, variants, dense_above, timer, bandwidth) -> dict:
+        """Dense and every gate variant on the same inputs: times, error, route, union, floor."""
         import torch
+
+        from relufy.sparse.kernels import choose_tiles
 
         x = self.x_for(batch)
-        gate = torch.nn.functional.linear(x, self.w_gate).float()
-        threshold = float(torch.quantile(gate.flatten().cpu(), sparsity))
-
-        def dense():
-            return self.dense(x, threshold)
-
-        def sparse():
-            return sparse_ffn(x, self.w_gate, self.w_up, self.w_down_t, fatrelu, threshold, workspace=self.workspace)
-
-        reference, result = dense().float(), sparse().float()
-        error = float((result - reference).norm() / reference.norm())
-        active = (gate.to(self.dtype).float() >= threshold)
-        union = int(active.any(0).sum())
+        thresholds = self.thresholds(x, sparsity)
+        layers = range(len(self.w_gate))
+        unions = [int((torch.nn.functional.linear(x, w).float() >= t).any(0).sum()) for w, t in zip(self.w_gate,
+                                                                                                    thresholds)]
+        union = statistics.mean(unions)
         element = torch.finfo(self.dtype).bits // 8
         floor_bytes = element * (self.inter * self.hidden + 2 * union * self.hidden)
-        dense_ms, sparse_ms = timer(dense), timer(sparse)
-        return {"shape": name, "hidden": self.hidden, "intermediate": self.inter, "sparsity": sparsity,
-                "batch": batch, "zero_ratio": 1 - float(active.float().mean()), "union_active": union / self.inter,
-                "dense_us": dense_ms * 1e3, "sparse_us": sparse_ms * 1e3, "floor_us": floor_bytes / bandwidth * 1e6,
-                "gate_gemv_us": gate_ms * 1e3, "sparse_over_dense": sparse_ms / dense_ms, "rel_error": error}
+        row = {"shape": name, "hidden": self.hidden, "intermediate": self.inter, "sparsity": sparsity, "batch": batch,
+               "union_active": union / self.inter, "dense_above": dense_above, "floor_us": floor_bytes / bandwidth * 1e6,
+               "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e3 / len(layers),
+               "variants": {}}
+        references = [self.dense(i, x, thresholds[i]).float() for i in layers]
+        for variant in variants:
+            tiles = choose_tiles(batch, self.inter, self.hidden, x.device, variant)
+            routes = torch.zeros(2, dtype=torch.int32, device=x.device)
+            try:  # a variant that fails to compile or launch on this GPU is reported, and the run goes on
+                errors = [max_rel_error(self.sparse(i, x, thresholds[i], tiles, dense_above, routes).float(),
+                                        references[i]) for i in layers]
+                us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e3
+            except Exception as exc:  # noqa: BLE001
+                row["variants"][variant] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                print(f"{variant} failed: {row['variants'][variant]['failed']}", flush=True)
+                continue
+            row["variants"][variant] = {"sparse_us": us / len(layers), "sparse_over_dense": us / len(layers) /
+                                        row["dense_us"], "max_rel_error": max(errors),
+                                        "dense_route_calls": int(routes[1]), "calls": len(layers)}
+        return row
 
 
-def sweep_tiles(ffn: "RandomFFN", batches: list[int], timer: "Timer") -> dict:
-    """Time tile variants at 90% zeros: first-projection tiles, then down tiles on the best of those.
+def max_rel_error(result, reference) -> float:
+    return float((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
-    Returns every variant's time, so the defaults in `choose_tiles` can be read off it.
-    """
-    import dataclasses
-    import itertools
 
-    import torch
-    from triton.runtime.errors import OutOfResources
-
-    from relufy.sparse.kernels import FATRELU, choose_tiles, sparse_ffn
+def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, limit: int | None = None) -> dict:
+    """Time tile variants at 90% zeros for each gate variant: first-kernel tiles, then the down
+    kernel's on the best of those (the first `limit` candidates of each, for a smoke run). Every
+    variant's time is kept, so TILE_TABLE can be read off it."""
+    from relufy.sparse.kernels import choose_tiles
 
     report = {}
     for batch in batches:
         x = ffn.x_for(batch)
-        threshold = float(torch.quantile(torch.nn.functional.linear(x, ffn.w_gate).float().flatten().cpu(), 0.9))
-        base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device)
-        timings = []
+        thresholds = ffn.thresholds(x, 0.9)
+        layers = range(len(ffn.w_gate))
+        report[batch] = {}
+        for variant in variants:
+            base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device, variant)
+            timings = []
 
-        def time_tiles(tiles):
-            try:
-                us = 1e3 * timer(lambda: sparse_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, FATRELU, threshold,
-                                                     workspace=ffn.workspace, tiles=tiles))
-            except OutOfResources:
-                us = float("inf")
-            timings.append({**dataclasses.asdict(tiles), "us": us})
-            return us
+            def time_tiles(tiles):
+                try:
+                    us = 1e3 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
+                except Exception:  # noqa: BLE001  (out of resources, or a TMA box this GPU refuses)
+                    us = float("inf")
+                timings.append({**dataclasses.asdict(tiles), "us": us})
+                return us
 
-        first = []
-        if batch <= 4:
-            first += [dataclasses.replace(base, block_b=triton_pow2(batch), use_dot=False, block_n=n, block_k=k,
-                                          warps_first=w, stages=st)
-                      for n, k, w, st in itertools.product((4, 8, 16), (512, 1024), (4, 8), (1, 2))]
-        if batch > 1:
-            first += [dataclasses.replace(base, block_b=max(16, triton_pow2(batch)), use_dot=True, block_n=n, block_k=k,
-                                          warps_first=w, stages=st, chunk=max(16, base.chunk))
-                      for n, k, w, st in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4))]
-        best = min(first, key=time_tiles)
-        down = [dataclasses.replace(best, split=sp, chunk=c, block_d=bd)
-                for sp, c, bd in itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))]
-        best = min(down, key=time_tiles)
-        report[batch] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
-                         "best": dataclasses.asdict(best), "variants": timings}
-        print(f"batch {batch}: default {report[batch]['default_us']:.1f} us, best {report[batch]['best_us']:.1f} us "
-              f"with {best}", flush=True)
+            best = min(first_tiles(base, batch)[:limit], key=time_tiles)
+            best = min([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
+                        itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit],
+                       key=time_tiles)
+            report[batch][variant] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
+                                      "best": dataclasses.asdict(best), "variants": timings}
+            print(f"batch {batch} {variant}: default {report[batch][variant]['default_us']:.1f} us, best "
+                  f"{report[batch][variant]['best_us']:.1f} us with {best}", flush=True)
     return report
 
 
-def triton_pow2(n: int) -> int:
+def first_tiles(base, batch: int) -> list:
+    """The first kernel's candidates around `base`: rows per program, K step, warps, stages (and the
+    split over K for the split-K gate, up to one K step per program as TEAL's GEMV does); broadcast
+    tiles up to 4 tokens, tensor cores above 1."""
+    split = base.gate == "split_k"
+    splits = (4, 8, 16, 32) if split else (base.split_k,)
+    widths = (64, 128, 256) if base.tma or split else (256, 512, 1024)
+    candidates = []
+    if batch <= 4:
+        candidates += [dataclasses.replace(base, block_b=pow2(batch), use_dot=False, block_n=n, block_k=k,
+                                           warps_first=w, stages=st, split_k=sk)
+                       for n, k, w, st, sk in itertools.product((16, 32, 64) if split else (4, 8, 16, 32), widths,
+                                                                (4,) if split else (4, 8), (1, 3), splits)]
+    if batch > 1:
+        candidates += [dataclasses.replace(base, block_b=max(16, pow2(batch)), use_dot=True, block_n=n, block_k=k,
+                                           warps_first=w, stages=st, split_k=sk)
+                       for n, k, w, st, sk in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4), splits)]
+    return candidates
+
+
+def pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def profile_kernels(ffn: "RandomFFN", batches: list[int]) -> dict:
-    """Device time of each kernel of one dense and one sparse FFN call at 90% zeros (torch.profiler)."""
+def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], bandwidth: float) -> dict:
+    """Device time of each kernel of one dense call and one call of each gate variant at 90% zeros
+    (torch.profiler), and the bandwidth each kernel reaches, against the copy bandwidth of this run."""
     import torch
 
-    from relufy.sparse.kernels import FATRELU, sparse_ffn
+    from relufy.sparse.kernels import choose_tiles
 
+    if not torch.cuda.is_available() or ffn.device.type != "cuda":
+        return {}
     report = {}
     for batch in batches:
         x = ffn.x_for(batch)
-        threshold = float(torch.quantile(torch.nn.functional.linear(x, ffn.w_gate).float().flatten().cpu(), 0.9))
-        calls = {"sparse": lambda: sparse_ffn(x, ffn.w_gate, ffn.w_up, ffn.w_down_t, FATRELU, threshold,
-                                                 workspace=ffn.workspace),
-                 "dense": lambda: ffn.dense(x, threshold)}
+        threshold = ffn.thresholds(x, 0.9)[0]
+        union = int((torch.nn.functional.linear(x, ffn.w_gate[0]).float() >= threshold).any(0).sum())
+        calls = {"dense": lambda: ffn.dense(0, x, threshold)}
+        for variant in variants:
+            tiles = choose_tiles(batch, ffn.inter, ffn.hidden, x.device, variant)
+            calls[variant] = functools.partial(ffn.sparse, 0, x, threshold, tiles)
         for name, call in calls.items():
-            for _ in range(3):
-                call()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-                for _ in range(20):
-                    call()
-                torch.cuda.synchronize()
-            kernels = {event.key[:60]: event.self_device_time_total / 20 for event in profiler.key_averages()
-                       if event.self_device_time_total > 0}
+            kernels = profile(call)
+            for kernel in kernels:
+                kernel["gb_per_s"] = kernel_bytes(kernel["name"], name, ffn, union) / kernel["us_per_call"] / 1e3
+                kernel["of_copy_bandwidth"] = kernel["gb_per_s"] * 1e9 / bandwidth
             report[f"{name} batch {batch}"] = kernels
-            print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} us" for k, v in kernels.items()), flush=True)
+            print(f"{name} batch {batch}: " + "; ".join(
+                f"{k['name'][:40]} {k['us_per_call']:.1f} us x{k['calls_per_ffn']:g}"
+                + (f" {k['gb_per_s']:.0f} GB/s = {k['of_copy_bandwidth']:.0%} of copy" if k["gb_per_s"] else "")
+                for k in kernels), flush=True)
     return report
+
+
+def profile(call, iterations: int = 20) -> list[dict]:
+    """Each kernel's name, device time per call and calls per FFN call."""
+    import torch
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(iterations):
+            call()
+        torch.cuda.synchronize()
+    return [{"name": event.key, "calls_per_ffn": event.count / iterations,
+             "us_per_call": event.self_device_time_total / event.count}
+            for event in profiler.key_averages() if event.self_device_time_total > 0]
+
+
+def kernel_bytes(kernel: str, call: str, ffn: RandomFFN, union: int) -> float:
+    """Bytes one launch of `kernel` must read (0 for small elementwise kernels): a cuBLAS GEMV reads
+    its whole matrix, the first kernel the gate (unless cuBLAS read it) and the union's up rows, the
+    down kernel the union's down rows."""
+    import torch
+
+    element = torch.finfo(ffn.dtype).bits // 8
+    matrix = ffn.inter * ffn.hidden * element
+    row = ffn.hidden * element
+    if "_first_projection" in kernel:
+        return (0 if call == "cublas" else matrix) + union * row
+    if "_down_kernel" in kernel:
+        return union * row
+    if any(tag in kernel.lower() for tag in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma")):
+        return matrix
+    return 0
 
 
 class Timer:
@@ -243,9 +343,50 @@ class Timer:
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['shape']:>10} s={row['sparsity']:.2f} B={row['batch']:>2} union={row['union_active']:.2f}  "
-          f"dense {row['dense_us']:7.1f} us  sparse {row['sparse_us']:7.1f} us  floor {row['floor_us']:6.1f} us  "
-          f"ratio {row['sparse_over_dense']:.3f}  err {row['rel_error']:.1e}", flush=True)
+    cells = "  ".join(f"{v} failed" if "failed" in r else f"{v} {r['sparse_over_dense']:.3f}x (err "
+                      f"{r['max_rel_error']:.1e}, dense route {r['dense_route_calls']}/{r['calls']})"
+                      for v, r in row["variants"].items())
+    print(f"{row['shape']:>10} zeros={row['sparsity']:.2f} B={row['batch']:>2} union={row['union_active']:.2f}  "
+          f"dense {row['dense_us']:7.1f} us  floor {row['floor_us']:6.1f} us  {cells}", flush=True)
+
+
+def markdown(result: dict) -> str:
+    """The tables docs/inference.md shows: sparse / dense per case and gate variant, errors, routes."""
+    variants = result["variants"]
+    head = ("| shape | zeros | batch | union | dense us | floor us | " + " | ".join(variants) + " |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(variants))
+    lines = [f"{result['device']}, {result['dtype']}, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s; "
+             f"sparse us / dense us per gate variant (median of {result['replays']} timed CUDA-graph replays, "
+             f"{result['layers']} weight copies in turn). `*`: the dense route was taken.", "", head]
+    worst = 0.0
+    for row in result["rows"]:
+        cells = []
+        for variant in variants:
+            cell = row["variants"][variant]
+            if "failed" in cell:
+                cells.append("failed")
+                continue
+            worst = max(worst, cell["max_rel_error"])
+            cells.append(f"{cell['sparse_over_dense']:.2f}" + ("*" if cell["dense_route_calls"] else ""))
+        lines.append(f"| {row['shape']} | {row['sparsity']:.0%} | {row['batch']} | {row['union_active']:.0%} | "
+                     f"{row['dense_us']:.1f} | {row['floor_us']:.1f} | " + " | ".join(cells) + " |")
+    routes = [f"{name} {route['dense_above']}" for name, route in result.get("calibration", {}).items() if route]
+    lines += ["", f"Largest max |sparse - dense| / max |dense| of any case: {worst:.1e} "
+              f"({'within' if worst <= MAX_REL_ERROR else 'ABOVE'} {MAX_REL_ERROR:g})."]
+    for variant in variants:
+        cells = [(row, row["variants"][variant]) for row in result["rows"] if "failed" not in row["variants"][variant]]
+        routed = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.5]
+        single = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.9 and row["batch"] == 1]
+        lines.append(f"{variant}: 90% zeros, batch 1: {_span(single)} of dense time (goal <= 0.45); "
+                     f"50% zeros: at most {max(routed, default=float('nan')):.2f} "
+                     "(goal <= 1.02, i.e. >= 0.98x dense speed).")
+    if routes:
+        lines.append("Dense route above this many active neurons (calibrated at 8 tokens): " + ", ".join(routes) + ".")
+    return "\n".join(lines)
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
 
 
 if __name__ == "__main__":

@@ -102,13 +102,20 @@ def test_probe_overhead_tiny(tmp_path, silu_base):
 
 def test_sparse_ffn_tiny(tmp_path):
     out = tmp_path / "sparse_ffn.json"
-    stdout = run_bench("sparse_ffn.py", "--tiny", "--sparsities", "0.9", "--batches", "1,2", "--output", str(out))
+    stdout = run_bench("sparse_ffn.py", "--tiny", "--variants", "fused,cublas", "--batches", "1,2",
+                       "--routing-batches", "2", "--output", str(out))
     result = json.loads(out.read_text())
-    assert {"device", "copy_bandwidth_gb_s", "rows", "crossover"} <= result.keys()
-    (one, two) = result["rows"]
-    assert {"dense_us", "sparse_us", "floor_us", "sparse_over_dense", "rel_error", "union_active"} <= one.keys()
-    assert one["rel_error"] < 1e-5 and two["union_active"] >= one["union_active"]
-    assert "ratio" in stdout
+    assert {"device", "copy_bandwidth_gb_s", "rows", "calibration", "variants"} <= result.keys()
+    (one, two, routed) = result["rows"]
+    assert {"dense_us", "floor_us", "union_active", "variants"} <= one.keys()
+    for row in result["rows"]:
+        assert set(row["variants"]) == {"fused", "cublas"}
+        assert all(cell["max_rel_error"] < 1e-5 for cell in row["variants"].values())
+    assert two["union_active"] >= one["union_active"]
+    assert routed["union_active"] > 0.5 and routed["variants"]["fused"]["dense_route_calls"] == 2  # above N / 2
+    assert one["variants"]["fused"]["dense_route_calls"] == 0
+    assert "| shape | zeros | batch |" in stdout
+    assert run_bench("sparse_ffn.py", "--table", str(out)).strip() in stdout  # the same tables from the JSON
 
 
 def test_decode_speed_tiny(tmp_path):
@@ -120,3 +127,13 @@ def test_decode_speed_tiny(tmp_path):
     assert result["sparse_ffns"] == 2 and all(row["token_match"] == 1.0 for row in result["decode"])
     assert 0.8 < result["sparsity"]["overall"] < 1.0  # the threshold was set for 90% zeros
     assert "sparse/dense" in stdout
+
+
+def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
+    out = tmp_path / "sweep.json"
+    run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--variants", "split_k", "--batches", "2",
+              "--output", str(out))
+    result = json.loads(out.read_text())
+    sweep = result["sweep"]["2"]["split_k"]
+    assert sweep["best"]["gate"] == "split_k" and len(sweep["variants"]) >= 4
+    assert result["profile"] == {}  # the per-kernel profile needs CUDA

@@ -20,7 +20,7 @@ from tiny_models import build_tiny_model  # noqa: E402
 from relufy.activations import register_activations  # noqa: E402
 from relufy.architectures import architecture_for  # noqa: E402
 from relufy.probe import ffn_modules  # noqa: E402
-from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparsify  # noqa: E402
+from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_neox", "relu2"),
@@ -107,3 +107,79 @@ def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog, 
         sparsify(model)
     assert sparse_ffn_count(model) == 0
     assert any("need CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_row(monkeypatch):
+    """Without CUDA, `dense_above` is the default fraction of the neurons; a configured one is passed to the
+    down kernel, which takes the dense route for a union above it and gives the dense FFN's result."""
+    import relufy.sparse.kernels as kernels
+    from relufy.sparse.routing import DEFAULT_DENSE_FRACTION
+
+    model = relu_model("llama", "relu")
+    width = model.config.intermediate_size
+    defaults = sparsify(relu_model("llama", "relu"))
+    assert {state.dense_above for state in sparse_ffns(defaults)} == {int(DEFAULT_DENSE_FRACTION * width)}
+    sparsify(model, SparseConfig(dense_above=0))
+    routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    original = kernels.sparse_ffn
+    monkeypatch.setattr(kernels, "sparse_ffn", lambda *args, **kwargs: original(*args, **kwargs, routes=routes))
+    x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ffn = ffn_modules(model)[0]
+    sparse = ffn(x)
+    with sparse_enabled(model, False):
+        dense = ffn(x)
+    assert routes.tolist() == [0, 1]
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_gate_variant_is_refused():
+    from relufy.errors import DataError
+
+    with pytest.raises(DataError, match="unknown gate variant 'fast'"):
+        sparsify(relu_model("llama", "relu"), SparseConfig(gate="fast"))
+
+
+def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
+    from relufy.sparse.routing import threshold_from
+
+    def rows(*winners):
+        return [{"count": 10 * (i + 1), "sparse_us": 1.0 if w == "list" else 2.0, "dense_us": 1.5}
+                for i, w in enumerate(winners)]
+
+    assert threshold_from(rows("list", "list", "dense", "list"), 100) == 20  # the first dense win decides
+    assert threshold_from(rows("list", "list"), 100) == 100  # never dense
+    assert threshold_from(rows("dense", "dense"), 100) == 9  # dense from the smallest count on
+
+
+@pytest.mark.parametrize("gate", ["fused_tma", "split_k", "cublas"])
+def test_every_gate_variant_runs_through_the_operator(gate, monkeypatch):
+    import relufy.sparse.kernels as kernels
+
+    model = sparsify(relu_model("llama", "relu"), SparseConfig(gate=gate))
+    used = []
+    original = kernels.sparse_ffn
+
+    def recording(*args, **kwargs):
+        used.append(args[10])  # the tiles the operator chose
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "sparse_ffn", recording)
+    ffn = ffn_modules(model)[0]
+    x = torch.randn(1, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    sparse = ffn(x)
+    with sparse_enabled(model, False):
+        dense = ffn(x)
+    assert [(t.gate, t.tma) for t in used] == [(kernels.GATE_VARIANTS[gate]["gate"], gate.endswith("tma"))]
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_times_both_routes_at_each_union():
+    """On CPU the calibration runs plain calls (no CUDA graph), both routes at every union of UNIONS."""
+    from relufy.sparse.routing import UNIONS, calibrate
+
+    generator = torch.Generator().manual_seed(6)
+    w_gate, w_up, w_down_t = (torch.randn(96, 64, generator=generator).to(DEVICE) / 8 for _ in range(3))
+    result = calibrate(w_gate, w_up, w_down_t[:, :48].contiguous(), tokens=2, replays=1)
+    assert [row["count"] for row in result["unions"]] == [round(f * 96) for f in UNIONS]
+    assert all(row["sparse_us"] > 0 and row["dense_us"] > 0 for row in result["unions"])
+    assert -1 <= result["dense_above"] <= 96

@@ -11,7 +11,9 @@ import pytest
 import torch
 from tiny_models import build_tiny_model, save_tiny_model
 
-pytest.importorskip("relufy.sparse")
+# imported now, under conftest's TRITON_INTERPRET=1: Triton decides at import whether its own helpers (tl.sum...) are
+# interpreted, and a fixture below imports triton with the interpreter off
+pytest.importorskip("relufy.sparse.kernels")
 
 from relufy.cli import build_parser, main  # noqa: E402
 from relufy.publish import model_card  # noqa: E402
@@ -19,8 +21,8 @@ from relufy.report import evaluation_report  # noqa: E402
 from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
 from relufy.speed import DecodeLoop, SpeedConfig, ffn_inputs, measure_speed, random_prompts, speed_table  # noqa: E402
 
-TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4, warmup=2, ffn_repeats=2,
-            copy_bytes=1 << 20, dtype="float32", device="cpu")
+TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4, generate_repeats=2, warmup=2,
+            ffn_repeats=2, copy_bytes=1 << 20, dtype="float32", device="cpu", union_batch_sizes=(1, 4))
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +40,62 @@ def test_measure_speed_reports_every_section(measured):
     assert {"torch", "transformers", "triton", "relufy"} <= set(measured["versions"])
     assert measured["config"]["batch_sizes"] == [1, 2] and measured["ffns"] == 2 and measured["sparse_ffns"] == 0
     assert [row["batch_size"] for row in measured["decode"]] == [1, 2]
-    for row in measured["decode"]:
-        assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0 and row["speedup"] > 0
+    for row in measured["decode"]:  # nothing runs sparse here (no CUDA, no interpreter): no sparse arm
+        assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] is None and row["speedup"] is None
+    assert "need CUDA" in measured["note"]
     assert measured["weight_bytes"] > 0 and measured["copy_bandwidth_gb_per_s"] > 0
     assert measured["bandwidth_limit_tokens_per_s"] > 0
     assert measured["dense_fraction_of_limit"] == measured["decode"][0]["dense_fraction_of_limit"]
     assert measured["generate"]["batch_size"] == 1 and measured["generate"]["new_tokens"] == 4
-    assert [len(ffn["per_layer"]) for ffn in measured["ffn"]] == [2, 2]
+    assert measured["generate"]["speedup"] is None and measured["generate"]["repeats"] == 2
+    assert all(ffn["sparse_us"] is None and ffn["dense_us"] > 0 for ffn in measured["ffn"])
     assert len(measured["sparsity"]["per_layer"]) == 2 and measured["sparsity"]["tokens"] == 6
     assert 0 < measured["sparsity"]["overall"] < 1  # a random ReLU model: about half of x1 is zero
+    union = measured["union"]
+    assert union["batch_sizes"] == [1, 4] and [len(union["per_layer"][b]) for b in ("1", "4")] == [2, 2]
+    # batch 1's union is the active fraction; four tokens' union is larger
+    assert union["overall"]["1"] == pytest.approx(1 - measured["sparsity"]["overall"], abs=0.1)
+    assert union["overall"]["1"] < union["overall"]["4"] <= 1
 
 
-def test_dense_and_sparse_runs_give_identical_tokens_when_nothing_is_sparsified(measured):
-    assert [row["token_match"] for row in measured["decode"]] == [1.0, 1.0]
+def test_a_model_with_nothing_to_skip_reports_no_speedup(tmp_path, capsys):
+    """A SiLU model has no exact zeros: `relufy speed` says so in one line, measures dense only and exits 0."""
+    model = save_tiny_model("llama", tmp_path / "tiny-silu")
+    out = tmp_path / "speed.json"
+    assert main(["speed", str(model), "--output", str(out), "--device", "cpu", "--dtype", "float32",
+                 "--batch-sizes", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--generate-tokens", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["sparse_ffns"] == 0 and "'silu'" in result["note"] and "No speed-up" in result["note"]
+    assert result["decode"][0]["speedup"] is None and result["generate"]["speedup"] is None
+    printed = capsys.readouterr().out
+    assert result["note"] in printed.splitlines() and "x |" not in printed
+
+
+def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
+    """With the kernels on (interpreter), both arms run; generate runs each arm once to warm up, then
+    `generate_repeats` times, dense and sparse alternated, and reports the median and range."""
+    import relufy.speed as speed
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = sparsify(build_tiny_model("llama", hidden_act="relu"))
+    assert sparse_ffn_count(model) == 2
+    order = []
+    rates = iter([5.0, 50.0, 1.0, 10.0, 3.0, 30.0, 2.0, 20.0])
+
+    def fake_generate(model, prompt, new_tokens):
+        order.append(model.model.layers[0].mlp._relufy_sparse.enabled)
+        return next(rates)
+
+    monkeypatch.setattr(speed, "generate_speed", fake_generate)
+    config = dict(TINY, batch_sizes=(1,), new_tokens=3, warmup=1, generate_repeats=3, union_batch_sizes=(1,))
+    result = measure_speed(model, SpeedConfig(**config), progress=False)
+    assert order == [False, True] * 4
+    generate = result["generate"]
+    assert (generate["dense_tokens_per_s"], generate["dense_min_tokens_per_s"], generate["dense_max_tokens_per_s"]) \
+        == (2.0, 1.0, 3.0)
+    assert generate["sparse_tokens_per_s"] == 20.0 and generate["speedup"] == 10.0  # the warm-up round is dropped
+    assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
+    assert "[1.0-3.0]" in speed_table(result)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -94,8 +139,9 @@ def test_weights_bandwidth_counts_the_embedding_only_when_tied():
 
 def test_speed_table_is_markdown_with_one_row_per_batch(measured):
     table = speed_table(measured)
-    assert table.startswith("| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |")
-    assert "\n| 1 | " in table and "\n| 2 | " in table and "100.00%" in table
+    assert table.startswith(measured["note"] + "\n\n| batch | dense tok/s | sparse tok/s | sparse/dense |")
+    assert "| layer | zeros (batch 1) | union, 1 tok | union, 4 tok |" in table
+    assert "\n| 1 | " in table and "\n| 2 | " in table and "| n/a | n/a | n/a |" in table
     assert "HF generate (batch 1" in table and "Weights-bandwidth limit at batch 1" in table
     assert "eager decode steps (no CUDA)" in table
 
@@ -108,7 +154,7 @@ def test_cli_writes_speed_json_and_refuses_to_overwrite(tmp_path, monkeypatch, c
             "--prompt-tokens", "8", "--new-tokens", "4", "--generate-tokens", "2"]
     assert main(args) == 0
     result = json.loads(out.read_text())
-    assert result["model"] == str(model.resolve()) and result["decode"][0]["token_match"] == 1.0
+    assert result["model"] == str(model.resolve()) and result["decode"][0]["dense_tokens_per_s"] > 0
     assert "| batch | dense tok/s" in capsys.readouterr().out
     capsys.readouterr()
     assert main(args) == 2

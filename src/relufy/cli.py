@@ -249,8 +249,11 @@ def _run_evaluate(args) -> int:
           f"({result['ppl_p_forward_passes']} forward passes)")
     if "speed" in result:
         row = result["speed"]["decode"][0]
-        print(f"decode at batch {row['batch_size']}: dense {row['dense_tokens_per_s']:.1f} tok/s, sparse "
-              f"{row['sparse_tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x)")
+        if row["speedup"] is None:
+            print(result["speed"]["note"])
+        else:
+            print(f"decode at batch {row['batch_size']}: dense {row['dense_tokens_per_s']:.1f} tok/s, sparse "
+                  f"{row['sparse_tokens_per_s']:.1f} tok/s ({row['speedup']:.2f}x)")
     return 0
 
 

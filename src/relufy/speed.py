@@ -18,7 +18,7 @@ import functools
 import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import DataError
-from .probe import SparsityProbe, ffn_modules
+from .probe import SparsityProbe, down_projections, ffn_modules
 
 CPU_COPY_BYTES = 64 << 20  # the copy-bandwidth probe on a CPU stays small
 # cuDNN attention, PyTorch's first choice for masked bf16 attention on Hopper, gave different tokens
@@ -43,6 +43,8 @@ class SpeedConfig:
     prompt_tokens: int = 128
     new_tokens: int = 256
     generate_tokens: int = 128  # HF generate at batch 1, default cache
+    generate_repeats: int = 3  # HF generate runs per arm, dense and sparse alternated
+    union_batch_sizes: tuple[int, ...] = (1, 4, 8)  # batches whose union of active neurons is reported
     warmup: int = 3  # eager steps on a side stream before a capture (PyTorch's CUDA-graph rule)
     ffn_repeats: int = 50  # timed replays per FFN; the median is reported
     copy_bytes: int = 1 << 30  # size of the device-to-device copy that measures bandwidth
@@ -55,7 +57,8 @@ class SpeedConfig:
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise DataError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        for name in ("prompt_tokens", "new_tokens", "generate_tokens", "warmup", "ffn_repeats", "copy_bytes"):
+        for name in ("prompt_tokens", "new_tokens", "generate_tokens", "generate_repeats", "warmup", "ffn_repeats",
+                     "copy_bytes"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.warmup > self.new_tokens:
@@ -243,13 +246,12 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
 
 
 def generate_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Tokens/s of plain `model.generate` (greedy, default cache, prefill included), after a short warm-up."""
+    """Tokens/s of one plain `model.generate` (greedy, default cache, prefill included); warm it up first."""
     device = prompt.device
     settings = model.generation_config
     pad = settings.pad_token_id if settings.pad_token_id is not None else settings.eos_token_id
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=pad)
-    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, **kwargs)
     with Timer(device) as timer:  # min_new_tokens: an early EOS must not shorten the timed run
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     return (out.shape[1] - prompt.shape[1]) * prompt.shape[0] / timer.seconds
@@ -290,6 +292,48 @@ def ffn_times(model, inputs: list[torch.Tensor], config: SpeedConfig) -> list[fl
     return times
 
 
+def no_sparse_note(reason: str | None) -> str:
+    """The one line `relufy speed` prints for a model without sparse FFNs."""
+    why = reason or "sparsify was not called on this model"
+    for boilerplate in ("relufy.sparse: ", ". The model runs dense", "; the model runs dense"):
+        why = why.replace(boilerplate, "")
+    return f"No FFN runs sparse: {why}. No speed-up is reported; dense numbers only."
+
+
+def decode_unions(model, config: SpeedConfig, device: torch.device) -> dict:
+    """Per layer, the fraction of FFN neurons active for at least one token of the batch, averaged over
+    eager decode steps, at each of `config.union_batch_sizes`: the rows the sparse kernels must read."""
+    steps = min(config.new_tokens, 32)
+    modules = down_projections(model)
+    batches = config.union_batch_sizes
+    prompts = random_prompts(model, replace(config, batch_sizes=batches), device)
+    result = {"steps": steps, "batch_sizes": list(batches), "per_layer": {}, "overall": {}}
+    for batch in batches:
+        totals = [torch.zeros((), device=device) for _ in modules]
+
+        def count(index):
+            def hook(module, args):
+                x1 = args[0].reshape(-1, args[0].shape[-1])
+                totals[index].add_((x1 != 0).any(0).float().mean())
+            return hook
+
+        handles = [module.register_forward_pre_hook(count(i)) for i, module in enumerate(modules)]
+        try:
+            loop = DecodeLoop(model, batch, config.prompt_tokens, steps)
+            loop.prefill(prompts[:batch])
+            for total in totals:
+                total.zero_()  # the prompt is not counted
+            for _ in range(steps):
+                loop.step(eager=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_layer = [float(total) / steps for total in totals]
+        result["per_layer"][str(batch)] = per_layer
+        result["overall"][str(batch)] = statistics.mean(per_layer) if per_layer else float("nan")
+    return result
+
+
 def decode_sparsity(loop: DecodeLoop, prompt: torch.Tensor) -> dict:
     """Zero-ratio of x1 over the decode steps only (eager, the prompt not counted)."""
     loop.prefill(prompt)
@@ -321,7 +365,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     Every batch size decodes the same seeded prompts twice in one loop: with the sparse FFNs turned
     off (`sparse_enabled(model, False)`) and on. The JSON fields are described in docs/inference.md.
     """
-    from .sparse import sparse_enabled, sparse_ffn_count
+    from .sparse import sparse_enabled, sparse_ffn_count, why_dense
 
     config = config or SpeedConfig()
     config.check()
@@ -330,7 +374,8 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     _check_length(model, config)
     prompts = random_prompts(model, config, device)
     dense = functools.partial(sparse_enabled, model, False)
-    bar = tqdm(total=3 * len(config.batch_sizes) + 3, desc="relufy speed", unit="run", disable=not progress)
+    sparse = sparse_ffn_count(model) > 0
+    bar = tqdm(total=(3 if sparse else 2) * len(config.batch_sizes) + 4, desc="relufy speed", unit="run", disable=not progress)
 
     @contextlib.contextmanager
     def stage(label: str):
@@ -342,8 +387,8 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
               "attention": getattr(model.config, "_attn_implementation", None),
               "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
               "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
-              "ffns": len(ffn_modules(model)),
-              "sparse_ffns": sparse_ffn_count(model)}
+              "ffns": len(ffn_modules(model)), "sparse_ffns": sparse_ffn_count(model),
+              "note": None if sparse else no_sparse_note(why_dense(model))}
     with stage("copy bandwidth"):
         bandwidth = copy_bandwidth(device, config.copy_bytes)
     result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9)
@@ -352,17 +397,19 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     for batch in config.batch_sizes:
         loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile)
         with _recompile_limit(2 * len(config.batch_sizes) + 2):
-            row, ffn = _batch_measurements(loop, prompts[:batch], config, dense, stage)
+            row, ffn = _batch_measurements(loop, prompts[:batch], config, dense, stage, sparse)
         row["dense_fraction_of_limit"] = row["dense_tokens_per_s"] / batch / result["bandwidth_limit_tokens_per_s"]
         result["decode"].append(row)
         result["ffn"].append(ffn)
     first = next((row for row in result["decode"] if row["batch_size"] == 1), None)
     result["dense_fraction_of_limit"] = first["dense_fraction_of_limit"] if first else None
     with stage("HF generate"):
-        result["generate"] = _generate_row(model, prompts[:1], config.generate_tokens, dense)
+        result["generate"] = _generate_row(model, prompts[:1], config, dense, sparse)
     with stage("x1 sparsity during decode"), dense():
         loop = DecodeLoop(model, 1, config.prompt_tokens, config.new_tokens)
         result["sparsity"] = decode_sparsity(loop, prompts[:1])
+    with stage("union of active neurons per batch"), dense():
+        result["union"] = decode_unions(model, config, device)
     bar.close()
     return result
 
@@ -397,24 +444,31 @@ def _check_length(model, config: SpeedConfig) -> None:
                         f"model's max_position_embeddings ({limit})")
 
 
-def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedConfig, dense, stage) -> tuple[dict, dict]:
-    """One batch size: the decode loop dense then sparse, then each FFN alone dense then sparse."""
+def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedConfig, dense, stage,
+                        sparse: bool) -> tuple[dict, dict]:
+    """One batch size: the decode loop dense then sparse, then each FFN alone dense then sparse. Without
+    a sparse FFN the sparse arm is the dense one again: it is not run, and no speed-up is reported."""
     batch = prompt.shape[0]
     with stage(f"decode batch {batch}, dense"), dense():
         dense_tokens, dense_seconds = loop.run(prompt, config.warmup)
-    with stage(f"decode batch {batch}, sparse"):
-        sparse_tokens, sparse_seconds = loop.run(prompt, config.warmup)
     generated = batch * config.new_tokens
-    row = {"batch_size": batch, "new_tokens": config.new_tokens,
-           "dense_tokens_per_s": generated / dense_seconds, "sparse_tokens_per_s": generated / sparse_seconds,
-           "dense_ms_per_step": 1e3 * dense_seconds / config.new_tokens,
-           "sparse_ms_per_step": 1e3 * sparse_seconds / config.new_tokens,
-           "token_match": (dense_tokens == sparse_tokens).float().mean().item()}
-    row["speedup"] = row["sparse_tokens_per_s"] / row["dense_tokens_per_s"]
+    row = {"batch_size": batch, "new_tokens": config.new_tokens, "dense_tokens_per_s": generated / dense_seconds,
+           "dense_ms_per_step": 1e3 * dense_seconds / config.new_tokens, "sparse_tokens_per_s": None,
+           "sparse_ms_per_step": None, "token_match": None, "speedup": None}
+    if sparse:
+        with stage(f"decode batch {batch}, sparse"):
+            sparse_tokens, sparse_seconds = loop.run(prompt, config.warmup)
+        row.update(sparse_tokens_per_s=generated / sparse_seconds,
+                   sparse_ms_per_step=1e3 * sparse_seconds / config.new_tokens,
+                   token_match=(dense_tokens == sparse_tokens).float().mean().item(),
+                   speedup=dense_seconds / sparse_seconds)
     with stage(f"FFN per layer, batch {batch}"):
         with dense():
             inputs = ffn_inputs(loop, prompt)
             dense_times, dense_out = ffn_times(loop.model, inputs, config), ffn_outputs(loop.model, inputs)
+        if not sparse:
+            return row, {"batch_size": batch, "dense_us": 1e6 * sum(dense_times), "sparse_us": None, "speedup": None,
+                         "max_rel_error": None, "per_layer": []}
         sparse_times, sparse_out = ffn_times(loop.model, inputs, config), ffn_outputs(loop.model, inputs)
     per_layer = [{"layer": i, "dense_us": 1e6 * d, "sparse_us": 1e6 * s, "max_rel_error": _relative_error(do, so)}
                  for i, (d, s, do, so) in enumerate(zip(dense_times, sparse_times, dense_out, sparse_out))]
@@ -434,43 +488,90 @@ def _relative_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
     return ((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30)).item()
 
 
-def _generate_row(model, prompt: torch.Tensor, new_tokens: int, dense) -> dict:
-    with dense():
-        dense_rate = generate_speed(model, prompt, new_tokens)
-    sparse_rate = generate_speed(model, prompt, new_tokens)
-    return {"batch_size": prompt.shape[0], "new_tokens": new_tokens, "dense_tokens_per_s": dense_rate,
-            "sparse_tokens_per_s": sparse_rate, "speedup": sparse_rate / dense_rate}
+def _generate_row(model, prompt: torch.Tensor, config: SpeedConfig, dense, sparse: bool) -> dict:
+    """HF generate, fairly: both arms warmed up with a full run, then `generate_repeats` runs of each,
+    dense and sparse alternated; the median and the range of each arm, and the ratio of the medians."""
+    arms = {"dense": dense} if not sparse else {"dense": dense, "sparse": contextlib.nullcontext}
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
+    for repeat in range(config.generate_repeats + 1):  # the first round is the warm-up
+        for arm, context in arms.items():
+            with context():
+                rate = generate_speed(model, prompt, config.generate_tokens)
+            if repeat:
+                rates[arm].append(rate)
+    row = {"batch_size": prompt.shape[0], "new_tokens": config.generate_tokens, "repeats": config.generate_repeats,
+           "sparse_tokens_per_s": None, "speedup": None}
+    for arm, values in rates.items():
+        row.update({f"{arm}_tokens_per_s": statistics.median(values), f"{arm}_min_tokens_per_s": min(values),
+                    f"{arm}_max_tokens_per_s": max(values)})
+    if sparse:
+        row["speedup"] = row["sparse_tokens_per_s"] / row["dense_tokens_per_s"]
+    return row
 
 
 def speed_table(result: dict) -> str:
     """Markdown: decode tokens/s per batch size dense vs sparse, then generate, the bandwidth limit,
-    the FFNs alone and the decode sparsity, one line each."""
-    lines = ["| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+    the FFNs alone and the decode sparsity, one line each; then zeros and unions per layer."""
+    lines = [result["note"], ""] if result.get("note") else []
+    lines += ["| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
     for row in result["decode"]:
-        lines.append(f"| {row['batch_size']} | {row['dense_tokens_per_s']:.1f} | {row['sparse_tokens_per_s']:.1f} | "
-                     f"{row['speedup']:.2f}x | {row['token_match']:.2%} |")
+        lines.append(f"| {row['batch_size']} | {row['dense_tokens_per_s']:.1f} | {_number(row['sparse_tokens_per_s'])} | "
+                     f"{_number(row['speedup'], '.2f', 'x')} | {_number(row['token_match'], '.2%')} |")
     loop = "eager decode steps (no CUDA)"
     if result.get("cuda_graph"):
         loop = "one decode step" + (" (torch.compile)" if result.get("compiled") else "") + " captured as a CUDA graph"
     lines += ["", f"Decode loop: static KV cache, {loop}, greedy; {result['config']['prompt_tokens']} prompt tokens, "
               f"{result['config']['new_tokens']} new tokens; {result.get('gpu') or result.get('device')}, "
               f"{result.get('dtype')}; {result.get('sparse_ffns', 0)} of {result.get('ffns', '?')} FFNs sparse."]
-    generate = result.get("generate")
-    if generate:
-        lines.append(f"HF generate (batch {generate['batch_size']}, {generate['new_tokens']} new tokens, default "
-                     f"cache): dense {generate['dense_tokens_per_s']:.1f} tok/s, sparse "
-                     f"{generate['sparse_tokens_per_s']:.1f} tok/s ({generate['speedup']:.2f}x).")
+    if result.get("generate"):
+        lines.append(_generate_line(result["generate"]))
     fraction = result.get("dense_fraction_of_limit")
     reached = f"; the dense loop reaches {fraction:.0%} of it" if fraction is not None else ""
     lines.append(f"Weights-bandwidth limit at batch 1: {result['bandwidth_limit_tokens_per_s']:.1f} tok/s "
                  f"({result['weight_bytes'] / 1e9:.2f} GB of weights at {result['copy_bandwidth_gb_per_s']:.0f} GB/s "
                  f"copy bandwidth){reached}.")
     for ffn in result.get("ffn", [])[:1]:
-        lines.append(f"FFNs alone (batch {ffn['batch_size']}, all layers, one step): dense {ffn['dense_us']:.1f} us, "
-                     f"sparse {ffn['sparse_us']:.1f} us ({ffn['speedup']:.2f}x); largest relative difference "
-                     f"of an FFN output, sparse vs dense: {ffn['max_rel_error']:.2e}.")
+        if ffn.get("sparse_us") is not None:
+            lines.append(f"FFNs alone (batch {ffn['batch_size']}, all layers, one step): dense {ffn['dense_us']:.1f} "
+                         f"us, sparse {ffn['sparse_us']:.1f} us ({ffn['speedup']:.2f}x); largest relative difference "
+                         f"of an FFN output, sparse vs dense: {ffn['max_rel_error']:.2e}.")
     if result.get("sparsity"):
         lines.append(f"Zero-ratio of x1 during decode: {result['sparsity']['overall']:.2%} "
                      f"over {result['sparsity']['tokens']} tokens.")
-    return "\n".join(lines)
+    return "\n".join(lines + _layer_table(result))
+
+
+def _number(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _generate_line(generate: dict) -> str:
+    """HF generate's median tokens/s with its range over the repeats, per arm."""
+    def arm(name: str) -> str:
+        if generate.get(f"{name}_tokens_per_s") is None:
+            return ""
+        low, high = generate.get(f"{name}_min_tokens_per_s"), generate.get(f"{name}_max_tokens_per_s")
+        spread = f" [{low:.1f}-{high:.1f}]" if low is not None else ""
+        return f"{name} {generate[f'{name}_tokens_per_s']:.1f} tok/s{spread}"
+
+    ratio = f" ({generate['speedup']:.2f}x)" if generate.get("speedup") is not None else ""
+    arms = ", ".join(filter(None, (arm("dense"), arm("sparse"))))
+    return (f"HF generate (batch {generate['batch_size']}, {generate['new_tokens']} new tokens, default cache, "
+            f"median [min-max] of {generate.get('repeats', 1)} alternated runs): {arms}{ratio}.")
+
+
+def _layer_table(result: dict) -> list[str]:
+    """Per layer: the zero-ratio of x1 at batch 1 and the union of active neurons at each union batch size."""
+    union, sparsity = result.get("union"), result.get("sparsity")
+    if not union or not sparsity:
+        return []
+    batches = union["batch_sizes"]
+    lines = ["", "Union of active neurons per decode step (the rows the kernels read), mean over layers: " +
+             ", ".join(f"{b} token{'s' * (b > 1)} {union['overall'][str(b)]:.1%}" for b in batches) + ".", "",
+             "| layer | zeros (batch 1) | " + " | ".join(f"union, {b} tok" for b in batches) + " |",
+             "| ---: | ---: |" + " ---: |" * len(batches)]
+    for layer, zeros in enumerate(sparsity["per_layer"]):
+        lines.append(f"| {layer} | {zeros:.1%} | " +
+                     " | ".join(f"{union['per_layer'][str(b)][layer]:.1%}" for b in batches) + " |")
+    return lines

@@ -6,6 +6,8 @@ dense. Importing this package needs Triton (`pip install 'relufy[inference]'`) o
 model is actually sparsified.
 """
 
-from .ffn import DEFAULT_MAX_TOKENS, SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify
+from .ffn import (DEFAULT_MAX_TOKENS, SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify,
+                  why_dense)
 
-__all__ = ["DEFAULT_MAX_TOKENS", "SparseConfig", "sparse_enabled", "sparse_ffn_count", "sparse_ffns", "sparsify"]
+__all__ = ["DEFAULT_MAX_TOKENS", "SparseConfig", "sparse_enabled", "sparse_ffn_count", "sparse_ffns", "sparsify",
+           "why_dense"]

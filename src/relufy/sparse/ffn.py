@@ -20,8 +20,9 @@ from torch import nn
 
 from ..activations import parse_activation
 from ..architectures import Architecture, architecture_for
-from ..errors import UnsupportedArchitectureError
+from ..errors import DataError, UnsupportedArchitectureError
 from ..probe import ffn_modules
+from .routing import dense_above as calibrated_dense_above
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,17 @@ DEFAULT_MAX_TOKENS = 8
 
 @dataclass
 class SparseConfig:
-    """How `sparsify` routes calls: sparse kernels for decode-sized calls, dense for the rest."""
+    """How `sparsify` routes calls: sparse kernels for decode-sized calls, dense for the rest.
+
+    Inside the kernels, a call whose union of active neurons exceeds `dense_above` reads every
+    down row in order (decided on the device); None measures that count on CUDA once per shape and
+    GPU (`relufy.sparse.routing`). `gate` picks a gate variant of `kernels.GATE_VARIANTS` ("": the
+    tile table's for the GPU at hand).
+    """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
+    dense_above: int | None = None
+    gate: str = ""
 
 
 @dataclass
@@ -54,6 +63,7 @@ class SparseFFN:
     workspace: torch.Tensor  # zero at rest; shared by the FFNs of a model (they run one after another)
     dense_forward: types.MethodType
     config: SparseConfig
+    dense_above: int  # the active count above which the down kernel reads every row
     enabled: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +73,7 @@ class SparseFFN:
             return self.dense_forward(x)
         y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
                                         self.b_first, self.b_up, self.b_down, self.workspace, self.activation,
-                                        self.act_param)
+                                        self.act_param, self.config.gate, self.dense_above)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -80,23 +90,25 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     model first: the kernels keep references to the weights as they are now.
     """
     config = config or SparseConfig()
-    reason = _why_not(model)
+    reason = why_dense(model)
     if reason:
         _warn_once(reason)
         return model
-    from .kernels import ACTIVATION_CODES, workspace_size
+    from .kernels import ACTIVATION_CODES, GATE_VARIANTS, workspace_size
 
+    if config.gate and config.gate not in GATE_VARIANTS:
+        raise DataError(f"unknown gate variant '{config.gate}'; choose one of {', '.join(GATE_VARIANTS)}")
     arch = architecture_for(model.config.model_type)
     activation = parse_activation(arch.activation_of(model.config))
-    workspaces: dict[int, torch.Tensor] = {}
+    workspaces: dict[tuple[int, ...], torch.Tensor] = {}
 
     def workspace_for(w_down_t: torch.Tensor) -> torch.Tensor:
-        """One per output width, allocated now, before any CUDA graph capture."""
-        width = w_down_t.shape[1]
-        if width not in workspaces:
-            workspaces[width] = torch.zeros(workspace_size(config.max_tokens, width), dtype=torch.int32,
+        """One per FFN shape, allocated now, before any CUDA graph capture."""
+        shape = tuple(w_down_t.shape)
+        if shape not in workspaces:
+            workspaces[shape] = torch.zeros(workspace_size(config.max_tokens, *shape), dtype=torch.int32,
                                             device=w_down_t.device)
-        return workspaces[width]
+        return workspaces[shape]
 
     for ffn in ffn_modules(model, arch):
         if getattr(ffn, _ATTRIBUTE, None) is None:
@@ -134,8 +146,8 @@ def sparse_enabled(model: nn.Module, enabled: bool):
             state.enabled = value
 
 
-def _why_not(model: nn.Module) -> str | None:
-    """Why `sparsify` must leave this model alone, or None."""
+def why_dense(model: nn.Module) -> str | None:
+    """Why `sparsify` must leave this model alone (a SiLU FFN, no CUDA...), or None."""
     config = getattr(model, "config", None)
     try:
         arch = architecture_for(getattr(config, "model_type", None))
@@ -176,10 +188,14 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
     if w_up is not None and (b_first is None) != (b_up is None):
         raise UnsupportedArchitectureError(f"{type(ffn).__name__}: the sparse kernels need a bias on both gate and up "
                                            "projections or on neither")
-    return SparseFFN(w_first=w_first.detach(), w_up=None if w_up is None else w_up.detach(), w_down_t=w_down_t,
-                     b_first=_detached(b_first), b_up=_detached(b_up), b_down=_detached(down.bias),
-                     activation=activation, act_param=float(act_param), workspace=workspace_for(w_down_t),
-                     dense_forward=ffn.forward, config=config)
+    w_first, w_up = w_first.detach(), None if w_up is None else w_up.detach()
+    dense_above = config.dense_above
+    if dense_above is None:
+        dense_above = calibrated_dense_above(w_first, w_up, w_down_t, config.max_tokens, config.gate)
+    return SparseFFN(w_first=w_first, w_up=w_up, w_down_t=w_down_t, b_first=_detached(b_first), b_up=_detached(b_up),
+                     b_down=_detached(down.bias), activation=activation, act_param=float(act_param),
+                     workspace=workspace_for(w_down_t), dense_forward=ffn.forward, config=config,
+                     dense_above=dense_above)
 
 
 def _rows_per_neuron(layer: nn.Module, output_rows: bool) -> torch.Tensor:

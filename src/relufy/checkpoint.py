@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text_atomically
+from .checks import finite_config
 from .errors import SourceError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def check_model_dir(path: Path) -> None:
     if not isinstance(config, dict):
         raise SourceError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of config keys; "
                           "restore the model's config.json")
+    finite_config(config, path / "config.json")
     weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         raise SourceError(f"{path} is not a model directory: it has no weight files (*.safetensors)")
@@ -152,9 +154,10 @@ def read_config(source: Source) -> dict:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
     except Exception as exc:
         raise SourceError(f"{source} is not a readable GGUF model ({exc})") from None
+    return finite_config(config, source)
 
 
 def update_config(folder: str | os.PathLike, change) -> dict:

@@ -43,3 +43,7 @@ class RecipeError(RelufyError):
 
 class TrainingError(RelufyError):
     """Training had to stop (non-finite loss, disk full, ...)."""
+
+
+class ResultError(RelufyError):
+    """A measurement came out NaN or infinite: an error, never a number in a table."""

@@ -35,7 +35,7 @@ def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
     assert results["model"] == "tiny-relu"  # a name, not the local path: results are meant for sharing
     assert str(relu_checkpoint.parent) not in (evaluation / "results.json").read_text()
     assert results["heldout"]["source"] == "evaluate/tasks/data/heldout.jsonl"
-    assert set(results["identity"]) == {"config_sha256", "weights_sha256", "activation"}
+    assert set(results["identity"]) == {"config_sha256", "weights_sha256", "weights_hashed", "activation"}
     assert set(results["lm_eval"]["results"]) == {"relufy_heldout", "relufy_lastword", "relufy_dictionary"}
     assert results["lm_eval"]["n-samples"]["relufy_dictionary"]["effective"] == 6
     assert set(results["sparsity"]["per_task"]) == set(results["lm_eval"]["results"])

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
-from .errors import DataError, OutputExistsError, RelufyError
+from .errors import DataError, OutputExistsError, RelufyError, is_disk_full
 
 logger = logging.getLogger("relufy")
 
@@ -83,7 +83,7 @@ def _run_sparsity(args) -> int:
     result = measure_sparsity(model, blocks, threshold=args.threshold, batch_size=args.batch_size,
                               max_tokens=args.max_tokens)
     result = {"model": str(source), "activation": activation_name(model), **result}
-    finite_results(result, f"{source}'s sparsity")
+    finite_results(result, f"the sparsity run of {source}")
     if args.output:
         _write_json(Path(args.output), result)
     line = (f"{source}: activation {result['activation']}, zero-ratio {result['overall']:.2%} "
@@ -460,14 +460,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:  # a file the user named cannot be read or written: no traceback
         if exc.errno not in _USER_FIXABLE:
+            if is_disk_full(exc):
+                return _disk_full(command, exc)
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"{command}: error: {exc.strerror}{where}; check the path, its permissions and free space",
               file=sys.stderr)
         return 1
+    except Exception as exc:  # safetensors' SafetensorError and torch's errors are no OSError, even on a full disk
+        if not is_disk_full(exc):
+            raise
+        return _disk_full(command, exc)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _disk_full(command: str, exc: BaseException) -> int:
+    """One line for a full disk or quota, whichever library noticed it (outputs are written atomically, so
+    nothing half-written is left)."""
+    print(f"{command}: error: no space left on the device (or the quota is used up) while writing "
+          f"({type(exc).__name__}); free space or choose an output on another disk, then run it again",
+          file=sys.stderr)
+    return 1
 
 
 _USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EISDIR,

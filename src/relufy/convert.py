@@ -104,7 +104,7 @@ def _current_activation(config: dict, arch: Architecture) -> str:
 def _check_output(source: Source, out: Path, force: bool) -> None:
     """OUT may not be, contain or sit inside SRC. A GGUF source is its one file, not its folder: writing
     `model-relu/` beside `model.gguf` is the natural command there."""
-    source_dir = source.path / source.gguf_file if source.gguf_file else source.path
+    source_dir = (source.path / source.gguf_file if source.gguf_file else source.path).resolve()
     if out == source_dir or (source_dir in out.parents and not source.gguf_file):
         raise OutputExistsError(f"OUT {out} is inside SRC {source_dir}; choose a directory outside the source")
     if out in source_dir.parents:

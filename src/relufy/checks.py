@@ -46,9 +46,14 @@ def number_in_range(name: str, value, low: float, high: float, *, low_open: bool
     if ok:
         ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{_shown(low)}, {_shown(high)}{')' if high_open else ']'}"
         raise DataError(f"{name} must be a finite number in {interval}, got {value!r}")
     return float(value)
+
+
+def _shown(bound: float) -> str:
+    """A bound as a person writes it: 1099511627776 rather than 1.09951e+12, inf as inf."""
+    return str(int(bound)) if math.isfinite(bound) and float(bound).is_integer() else f"{bound:g}"
 
 
 def supported_dtype(name: str, value: str, allowed: tuple[str, ...] = DTYPES) -> str:

@@ -46,7 +46,7 @@ class EvalConfig(SuiteOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.ps = tuple(number_in_range("--p (a perplexity rise in percent)", p, 0, 1000, low_open=True)
+        self.ps = tuple(number_in_range("--p (a perplexity rise in percent)", float(p), 0, 1000, low_open=True)
                         for p in self.ps or ())
         positive_int("--heldout-tokens", self.heldout_tokens)
         int_in_range("--block-size", self.block_size, 2, 1 << 24)

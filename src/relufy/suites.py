@@ -57,8 +57,7 @@ class SuiteOptions:
     def __post_init__(self) -> None:
         positive_int("--batch-size", self.batch_size, BATCH_LIMIT)
         if self.limit is not None:
-            number_in_range("--limit (examples per task, or a fraction below 1)", self.limit, 0, COUNT_LIMIT,
-                            low_open=True)
+            number_in_range("--limit", self.limit, 0, COUNT_LIMIT, low_open=True)
         if self.num_fewshot is not None:
             int_in_range("--num-fewshot", self.num_fewshot, 0, 1024)
         if self.max_length is not None:

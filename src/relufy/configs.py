@@ -184,8 +184,8 @@ class ProSparseConfig(TrainingArguments):
                 raise RecipeError("load_in_4bit needs use_peft: true (a 4-bit base can only train adapters)")
             return
         with _as_recipe_error():
-            checks.positive_int("lora_r (a rank, e.g. 16)", self.lora_r, 1 << 16)
-            checks.number_in_range("lora_alpha (e.g. 2 * lora_r)", self.lora_alpha, 0, 1 << 20, low_open=True)
+            checks.positive_int("lora_r", self.lora_r, 1 << 16)
+            checks.number_in_range("lora_alpha", self.lora_alpha, 0, 1 << 20, low_open=True)
         if not 0 <= self.lora_dropout < 1:
             raise RecipeError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for key in ("lora_target_modules", "lora_modules_to_save"):

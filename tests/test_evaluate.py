@@ -35,7 +35,7 @@ def test_evaluate_writes_results_report_and_plots(evaluation, relu_checkpoint):
     assert results["model"] == "tiny-relu"  # a name, not the local path: results are meant for sharing
     assert str(relu_checkpoint.parent) not in (evaluation / "results.json").read_text()
     assert results["heldout"]["source"] == "evaluate/tasks/data/heldout.jsonl"
-    assert set(results["identity"]) == {"config_sha256", "weights_sha256", "activation"}
+    assert set(results["identity"]) == {"config_sha256", "weights_sha256", "weights_hashed", "activation"}
     assert set(results["lm_eval"]["results"]) == {"relufy_heldout", "relufy_lastword", "relufy_dictionary"}
     assert results["lm_eval"]["n-samples"]["relufy_dictionary"]["effective"] == 6
     assert set(results["sparsity"]["per_task"]) == set(results["lm_eval"]["results"])
@@ -101,8 +101,9 @@ def test_empty_heldout_text_and_non_positive_p_are_refused(relu_checkpoint, tmp_
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="is empty"):
-        evaluate_model(str(relu_checkpoint), tmp_path / "o1", EvalConfig(tasks=["relufy_dictionary"], heldout=empty))
-    with pytest.raises(DataError, match="must be > 0"):
+        evaluate_model(str(relu_checkpoint), tmp_path / "o1", EvalConfig(tasks=["relufy_dictionary"], heldout=empty,
+                                                                          block_size=32, heldout_tokens=256))
+    with pytest.raises(DataError, match=r"--p \(a perplexity rise in percent\) must be a finite number in \(0, "):
         evaluate_model(str(relu_checkpoint), tmp_path / "o2", EvalConfig(tasks=["relufy_dictionary"], ps=(1, 0)))
 
 
@@ -123,14 +124,14 @@ def test_cli_reports_bad_input_in_one_line(relu_checkpoint, tmp_path, capsys):
 def test_a_limit_that_is_not_positive_is_one_line(relu_checkpoint, tmp_path, capsys, limit):
     assert main(["evaluate", str(relu_checkpoint), "-o", str(tmp_path / "o"), "--limit", limit]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("relufy evaluate: error: --limit must be > 0") and "\n" not in err
+    assert err.startswith("relufy evaluate: error: --limit must be a finite number in (0, ") and "\n" not in err
     assert not (tmp_path / "o").exists()
 
 
 def test_evaluation_settings_are_checked_when_the_config_is_made():
     with pytest.raises(DataError, match=r"--heldout-tokens \(64\) must be at least --block-size \(256\)"):
         EvalConfig(heldout_tokens=64)
-    with pytest.raises(DataError, match="--batch-size must be >= 1, got 0"):
+    with pytest.raises(DataError, match="--batch-size must be an integer from 1 to 65536, got 0"):
         EvalConfig(batch_size=0)
     assert EvalConfig(ps=[1, "5"]).ps == (1.0, 5.0)
 

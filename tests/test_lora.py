@@ -183,9 +183,9 @@ def test_the_shipped_lora_recipes_parse_and_adapt_the_ffn_projections():
 
 # -- bad input -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
-    ("lora_r=0", "lora_r must be a positive rank"),
-    ("lora_r=-4", "lora_r must be a positive rank"),
-    ("lora_alpha=0", "lora_alpha must be > 0"),
+    ("lora_r=0", "lora_r must be an integer from 1 to 65536"),
+    ("lora_r=-4", "lora_r must be an integer from 1 to 65536"),
+    ("lora_alpha=0", r"lora_alpha must be a finite number in \(0, 1048576\]"),
     ("lora_dropout=1.5", r"lora_dropout must be in \[0, 1\)"),
     ("lora_target_modules=[]", "lora_target_modules must be a non-empty list"),
 ])

@@ -89,7 +89,7 @@ def test_a_limit_that_is_not_positive_is_one_line_error(silu_checkpoint, tmp_pat
     assert main(["matched", str(silu_checkpoint), "--target", "0.5", "-o", str(tmp_path / "x.json"),
                  "--limit", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("relufy matched: error: --limit must be > 0") and err.count("\n") == 1
+    assert err.startswith("relufy matched: error: --limit must be a finite number in (0, ") and err.count("\n") == 1
 
 
 def test_missing_model_is_one_line_error(tmp_path, capsys):

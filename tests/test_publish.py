@@ -143,3 +143,42 @@ def test_push_without_network_fails_clearly_and_keeps_the_folder(relu, tmp_path,
     assert captured.err.startswith("relufy publish: error: could not push to 'me/tiny-relu'")
     assert "hf_not_a_real_token_value" not in captured.err + captured.out
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_two_models_that_differ_in_one_middle_byte_have_different_identities(source, tmp_path):
+    """Two runs that differ only in their learning rate change bytes all over their weight files, not only in
+    the first and last MiB: a middle byte of a file of several MiB must change the identity, and publishing
+    one with the other's results must be refused."""
+    from tiny_models import save_tiny_checkpoint
+
+    from relufy.checkpoint import Source, model_identity
+
+    first = save_tiny_checkpoint("llama", tmp_path / "run-a" / "tiny", SAMPLE_TEXT, hidden_act="relu",
+                                 intermediate_size=8192)  # about 6 MiB of weights
+    second = tmp_path / "run-b" / "tiny"
+    shutil.copytree(first, second)
+    (first / "README.md").write_text((source / "README.md").read_text())
+    weights = second / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    assert len(data) > 4 << 20
+    data[len(data) // 2] ^= 0x01  # the lowest mantissa bit of one weight in the middle of the file
+    weights.write_bytes(bytes(data))
+    identity = model_identity(Source(first.resolve()), "relu")
+    assert identity != model_identity(Source(second.resolve()), "relu")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"model": "tiny", "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5},
+                                   "identity": identity}))
+    with pytest.raises(DataError, match=r"evaluates another model.*: weights_sha256 differ"):
+        publish(second, results, tmp_path / "pub", license_id="mit")
+    assert not (tmp_path / "pub").exists()
+    assert publish(first, results, tmp_path / "pub", license_id="mit") == (tmp_path / "pub").resolve()
+
+
+def test_results_with_a_sampled_identity_from_an_older_relufy_are_refused(relu, tmp_path):
+    model, results_path = relu
+    results = json.loads(results_path.read_text())
+    del results["identity"]["weights_hashed"]
+    old = tmp_path / "results.json"
+    old.write_text(json.dumps(results))
+    with pytest.raises(DataError, match="no fingerprint of every weight byte"):
+        publish(model, old, tmp_path / "pub")

@@ -168,7 +168,7 @@ def test_cli_reports_bad_batch_sizes_in_one_line(tmp_path, capsys):
     assert main(["speed", model, "--output", str(tmp_path / "s.json"), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes" in capsys.readouterr().err
     assert main(["speed", model, "--output", str(tmp_path / "s.json"), "--batch-sizes", "0"]) == 2
-    assert "batch sizes must be positive" in capsys.readouterr().err
+    assert "--batch-sizes (each) must be an integer from 1 to 65536, got 0" in capsys.readouterr().err
 
 
 def test_evaluate_has_a_no_speed_flag():

@@ -65,3 +65,44 @@ def save_tiny_checkpoint(model_type: str, directory: Path, text_file: Path, seed
     save_tiny_model(model_type, directory, seed, **overrides)
     tiny_tokenizer(text_file).save_pretrained(directory)
     return directory
+
+
+def save_tiny_gguf(path: Path, text_file: Path, seed: int = 0) -> Path:
+    """The tiny SiLU Llama and its tokenizer as a float32 GGUF file (llama.cpp's tensor names and metadata,
+    written with the `gguf` package), for tests that need a GGUF source without the 100 MB default model."""
+    import gguf
+
+    model = build_tiny_model("llama", seed)
+    config, tokenizer = model.config, tiny_tokenizer(text_file)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_tokenizer_model("gpt2")
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    writer.add_token_merges(_merges(tokenizer))
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        base, _, suffix = name.rpartition(".")
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _merges(tokenizer) -> list[str]:
+    import json
+
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    return [" ".join(m) if isinstance(m, list) else m for m in merges]

@@ -45,11 +45,14 @@ def output_record(command: str) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def signed(content: dict | str, command: str) -> str:
+def signed(content: dict | str, command: str, *, what: str = "the output") -> str:
     """A single-file output's text with its signature: a JSON object gains a `relufy_output` key, other text
-    (markdown) a last line `<!-- relufy_output: {...} -->` that renders as nothing."""
+    (markdown) a last line `<!-- relufy_output: {...} -->` that renders as nothing. JSON goes through
+    `checks.json_text`, which refuses NaN (`what` names the output in that error)."""
     if isinstance(content, dict):
-        return json.dumps({**content, SIGNATURE_KEY: output_record(command)}, indent=2, default=str) + "\n"
+        from .checks import json_text
+
+        return json_text({**content, SIGNATURE_KEY: output_record(command)}, what)
     return content.rstrip("\n") + f"\n\n<!-- {SIGNATURE_KEY}: {json.dumps(output_record(command))} -->\n"
 
 

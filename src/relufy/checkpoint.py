@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text_atomically
+from .checks import finite_config
 from .errors import SourceError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ def resolve_source(src: str | os.PathLike) -> Source:
         src = package_file(str(src))
     path = Path(src).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return Source(path.resolve().parent, gguf_file=path.name)
+        # the folder resolved, the file kept as named: in the Hugging Face cache `snapshots/<rev>/f.gguf` is a
+        # link to `blobs/<sha>`, which has no name of its own to load by
+        return Source(path.absolute().parent.resolve(), gguf_file=path.name)
+    if path.is_symlink() and not path.exists():
+        raise SourceError(f"{src} is a symbolic link to {os.readlink(path)}, which does not exist; fix the link "
+                          "(in a Hugging Face cache: download the model again)")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
@@ -106,6 +112,7 @@ def check_model_dir(path: Path) -> None:
     if not isinstance(config, dict):
         raise SourceError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of config keys; "
                           "restore the model's config.json")
+    finite_config(config, path / "config.json")
     weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
     if not weights:
         raise SourceError(f"{path} is not a model directory: it has no weight files (*.safetensors)")
@@ -157,9 +164,10 @@ def read_config(source: Source) -> dict:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file).to_dict()
     except Exception as exc:
         raise SourceError(f"{source} is not a readable GGUF model ({exc})") from None
+    return finite_config(config, source)
 
 
 def update_config(folder: str | os.PathLike, change) -> dict:
@@ -239,13 +247,20 @@ def load_tokenizer(src: str | os.PathLike | Source, *, trust_remote_code: bool =
                           "of the original model into it") from None
 
 
-_SAMPLE = 1 << 20  # bytes read from each end of each weight file for the identity
+WEIGHTS_HASHED = "every byte of every weight file"  # recorded with the identity: how weights_sha256 was made
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (a symlink's target), streamed in chunks by hashlib."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def model_identity(source: Source, activation: str) -> dict:
     """A fingerprint of a checkpoint that survives copying and renaming: sha256 of config.json (as parsed),
-    sha256 of each weight file's name, size and first and last MiB (the first holds the safetensors
-    header), and the activation. `relufy publish` compares it with the one the evaluation recorded."""
+    sha256 over each weight file's name and the sha256 of all its bytes, and the activation. Two runs that
+    differ in one weight differ here. `relufy evaluate` records it; `relufy publish` recomputes it over the
+    folder it publishes and compares."""
     if source.gguf_file:
         config_hash = None
         files = [source.path / source.gguf_file]
@@ -255,10 +270,6 @@ def model_identity(source: Source, activation: str) -> dict:
         files = sorted(p for p in source.path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     weights = hashlib.sha256()
     for path in files:
-        size = path.stat().st_size
-        weights.update(f"{path.name}\0{size}\0".encode())
-        with path.open("rb") as handle:
-            weights.update(handle.read(_SAMPLE))
-            handle.seek(max(0, size - _SAMPLE))
-            weights.update(handle.read(_SAMPLE))
-    return {"config_sha256": config_hash, "weights_sha256": weights.hexdigest(), "activation": activation}
+        weights.update(f"{path.name}\0{file_sha256(path)}\0".encode())
+    return {"config_sha256": config_hash, "weights_sha256": weights.hexdigest(), "weights_hashed": WEIGHTS_HASHED,
+            "activation": activation}

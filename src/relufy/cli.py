@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from . import __version__
-from .errors import DataError, RelufyError
+from .errors import DataError, RelufyError, is_disk_full
 
 logger = logging.getLogger("relufy")
 
@@ -69,26 +70,26 @@ def _run_sparsity(args) -> int:
 
 
 def _sparsity(args) -> int:
-    from .checkpoint import load_model, load_tokenizer, resolve_source
+    from .checkpoint import load_model, load_tokenizer, read_config, resolve_source
+    from .checks import block_fits_context, finite_results
     from .data import load_text_dataset, pack_blocks
     from .evaluate import activation_name
     from .metrics import measure_sparsity
 
-    if args.threshold < 0 or args.threshold != args.threshold:
-        raise DataError(f"--threshold must be >= 0, got {args.threshold}")
-    if args.max_tokens <= 0:
-        raise DataError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    device = _check_sparsity_args(args)
     source = resolve_source(args.model)
+    block_fits_context("--block-size", args.block_size, read_config(source), source)
     tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
     blocks = pack_blocks(load_text_dataset(args.data, split=args.split, text_column=args.text_column),
                          tokenizer, args.block_size)
     if len(blocks) == 0:
         raise DataError(f"data '{args.data}' is shorter than one block of {args.block_size} tokens; "
                         "add text or lower --block-size")
-    model = load_model(source, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(_device(args))
+    model = load_model(source, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(device)
     result = measure_sparsity(model, blocks, threshold=args.threshold, batch_size=args.batch_size,
                               max_tokens=args.max_tokens)
     result = {"model": str(source), "activation": activation_name(model), **result}
+    finite_results(result, f"the sparsity run of {source}")
     if args.output:
         _write_json(Path(args.output), result, args)
     line = (f"{source}: activation {result['activation']}, zero-ratio {result['overall']:.2%} "
@@ -112,10 +113,22 @@ def _claimed(path: str | None, args, *, inputs: list):
                         inputs=inputs, kind="file")
 
 
+def _check_sparsity_args(args) -> str:
+    """Every option of `relufy sparsity`, before anything loads; returns the device."""
+    from .checks import BATCH_LIMIT, int_in_range, number_in_range, positive_int, supported_dtype
+
+    number_in_range("--threshold", args.threshold, 0, math.inf, high_open=True)
+    positive_int("--max-tokens", args.max_tokens)
+    int_in_range("--block-size", args.block_size, 2, 1 << 24)
+    positive_int("--batch-size", args.batch_size, BATCH_LIMIT)
+    supported_dtype("--dtype", args.dtype)
+    return _device(args)
+
+
 def _write_json(path: Path, payload: dict, args) -> None:
     from .atomic import signed, write_text_atomically
 
-    write_text_atomically(path, signed(payload, f"relufy {args.command}"))
+    write_text_atomically(path, signed(payload, f"relufy {args.command}", what=str(path)))
 
 
 def _comma_list(text: str, convert=str, flag: str = "", what: str = "") -> list:
@@ -135,10 +148,12 @@ def _write_markdown(path: str | None, table: str, args) -> None:
 
 
 def _device(args) -> str:
-    """--device, or the default resolved only now: asking torch while building the parser would make every
-    command (even --help) pay for importing torch."""
+    """--device (checked: cuda needs a visible CUDA device), or the default resolved only now: asking torch
+    while building the parser would make every command (even --help) pay for importing torch."""
     if args.device:
-        return args.device
+        from .checks import device_available
+
+        return device_available(args.device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -431,8 +446,15 @@ COMMANDS = [_add_convert, _add_sparsity, _add_train, _add_evaluate, _add_matched
             _add_speed]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors as relufy's other errors: one line naming the problem, and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relufy", description=__doc__.split(":")[0] if __doc__ else None)
+    parser = _OneLineParser(prog="relufy", description=__doc__.split(":")[0] if __doc__ else None)
     parser.description = "Turn Swish/GELU LLMs into sparse ReLU LLMs: convert, train (ProSparse), evaluate, publish."
     parser.add_argument("--version", action="version", version=f"relufy {__version__}")
     parser.add_argument("--verbose", "-v", action="store_true", help="log details")
@@ -477,14 +499,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:  # a file the user named cannot be read or written: no traceback
         if exc.errno not in _USER_FIXABLE:
+            if is_disk_full(exc):
+                return _disk_full(command, exc)
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"{command}: error: {exc.strerror}{where}; check the path, its permissions and free space",
               file=sys.stderr)
         return 1
+    except Exception as exc:  # safetensors' SafetensorError and torch's errors are no OSError, even on a full disk
+        if not is_disk_full(exc):
+            raise
+        return _disk_full(command, exc)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _disk_full(command: str, exc: BaseException) -> int:
+    """One line for a full disk or quota, whichever library noticed it (outputs are written atomically, so
+    nothing half-written is left)."""
+    print(f"{command}: error: no space left on the device (or the quota is used up) while writing "
+          f"({type(exc).__name__}); free space or choose an output on another disk, then run it again",
+          file=sys.stderr)
+    return 1
 
 
 _USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EISDIR,

@@ -13,20 +13,32 @@ recipe is parsed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Literal
+from pathlib import Path
 
 from transformers import TrainingArguments
 
+from . import checks
 from .activations import ACTIVATIONS, parse_activation
-from .errors import RecipeError
+from .errors import RecipeError, RelufyError
 from .schedule import Schedule
 
 # Liger Kernel options that swap a model's whole MLP for a fused kernel with a hard-coded activation
 # (SiLU, GELU, ReLU^2): they would silently undo the conversion, so relufy keeps them off.
 LIGER_MLP_KERNELS = ("swiglu", "geglu", "relu_squared")
+
+
+@contextlib.contextmanager
+def _as_recipe_error():
+    """relufy.checks' one-line errors, as the recipe's: `relufy.recipe` puts the recipe's name in front."""
+    try:
+        yield
+    except RelufyError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 @dataclass
@@ -51,6 +63,12 @@ class ModelArguments:
         if self.activation is not None and parse_activation(self.activation) is None:
             raise RecipeError(f"unknown activation '{self.activation}'. Supported: {', '.join(ACTIVATIONS)} "
                               "(parametrized as fatrelu_<t> / shifted_relu_<b>)")
+        activation = parse_activation(self.activation or "")
+        if activation is not None and activation.param is not None and not 0 <= activation.param < math.inf:
+            raise RecipeError(f"activation '{self.activation}': its parameter must be a finite number >= 0")
+        with _as_recipe_error():
+            checks.supported_dtype("model_dtype", self.model_dtype)
+            checks.finite_config(self.model_config_overrides, "model_config_overrides")
 
 
 @dataclass
@@ -73,12 +91,13 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for datasets.map"})
 
     def __post_init__(self):
-        if self.block_size < 2:
-            raise RecipeError(f"block_size must be >= 2, got {self.block_size}")
-        if not 0 < self.held_out_fraction < 1:
-            raise RecipeError(f"held_out_fraction must be between 0 and 1 (exclusive), got {self.held_out_fraction}")
-        if self.max_train_blocks is not None and self.max_train_blocks < 1:
-            raise RecipeError(f"max_train_blocks must be >= 1 or empty, got {self.max_train_blocks}")
+        with _as_recipe_error():
+            checks.int_in_range("block_size", self.block_size, 2, 1 << 24)
+            checks.number_in_range("held_out_fraction", self.held_out_fraction, 0, 1, low_open=True, high_open=True)
+            if self.max_train_blocks is not None:
+                checks.positive_int("max_train_blocks (or empty)", self.max_train_blocks)
+            if self.preprocessing_num_workers is not None:
+                checks.positive_int("preprocessing_num_workers (or empty)", self.preprocessing_num_workers, 1024)
 
 
 @dataclass
@@ -139,12 +158,9 @@ class ProSparseConfig(TrainingArguments):
         if self.stages.stages and self.stages.last_step < self.max_steps:
             raise RecipeError(f"the stages end at step {self.stages.last_step} but max_steps is {self.max_steps}; "
                               f"extend the last stage's end_step to {self.max_steps} or lower max_steps")
-        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
-            raise RecipeError(f"max_train_minutes must be > 0 or empty, got {self.max_train_minutes}")
-        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise RecipeError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
-        if self.learning_rate < 0:
-            raise RecipeError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        self._check_numbers()
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise RecipeError(f"output_dir {self.output_dir} is a file, not a folder; choose another output_dir")
         self._check_threshold_search()
         self._check_peft()
         self._check_distill()
@@ -154,13 +170,27 @@ class ProSparseConfig(TrainingArguments):
         """The Trainer's JSON view (TensorBoard's args text, trackers): the stages as plain mappings."""
         return super().to_dict() | {"stages": self.stages.describe()}
 
+    def _check_numbers(self) -> None:
+        """The training numbers relufy relies on, in range and finite (TrainingArguments checks few of them)."""
+        with _as_recipe_error():
+            checks.positive_int("max_steps", self.max_steps)
+            if self.max_train_minutes is not None:
+                checks.number_in_range("max_train_minutes (or empty)", self.max_train_minutes, 0, 1e7, low_open=True)
+            checks.positive_int("per_device_train_batch_size", self.per_device_train_batch_size, checks.BATCH_LIMIT)
+            checks.positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1 << 20)
+            checks.number_in_range("learning_rate", self.learning_rate, 0, 10)
+            checks.number_in_range("weight_decay", self.weight_decay, 0, 10)
+            checks.number_in_range("warmup_steps", float(self.warmup_steps or 0), 0, checks.COUNT_LIMIT)
+            checks.number_in_range("max_grad_norm", self.max_grad_norm, 0, 1e6)
+
     def _check_threshold_search(self) -> None:
         if self.threshold_max_ppl_increase < 0 or not math.isfinite(self.threshold_max_ppl_increase):
             raise RecipeError(f"threshold_max_ppl_increase must be >= 0, got {self.threshold_max_ppl_increase}")
         if self.threshold_max <= 0 or not math.isfinite(self.threshold_max):
             raise RecipeError(f"threshold_max must be > 0, got {self.threshold_max}")
-        if self.threshold_search_steps < 1 or self.threshold_eval_tokens < 1:
-            raise RecipeError("threshold_search_steps and threshold_eval_tokens must be >= 1")
+        with _as_recipe_error():
+            checks.positive_int("threshold_search_steps", self.threshold_search_steps, 64)
+            checks.positive_int("threshold_eval_tokens", self.threshold_eval_tokens)
 
     def _check_peft(self) -> None:
         """The LoRA keys (module names are checked against the model when it is loaded)."""
@@ -168,10 +198,9 @@ class ProSparseConfig(TrainingArguments):
             if self.load_in_4bit:
                 raise RecipeError("load_in_4bit needs use_peft: true (a 4-bit base can only train adapters)")
             return
-        if self.lora_r <= 0:
-            raise RecipeError(f"lora_r must be a positive rank (e.g. 16), got {self.lora_r}")
-        if self.lora_alpha <= 0:
-            raise RecipeError(f"lora_alpha must be > 0 (e.g. 2 * lora_r), got {self.lora_alpha}")
+        with _as_recipe_error():
+            checks.positive_int("lora_r", self.lora_r, 1 << 16)
+            checks.number_in_range("lora_alpha", self.lora_alpha, 0, 1 << 20, low_open=True)
         if not 0 <= self.lora_dropout < 1:
             raise RecipeError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for key in ("lora_target_modules", "lora_modules_to_save"):

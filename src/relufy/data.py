@@ -44,7 +44,9 @@ def load_text_dataset(spec: str, *, split: str = "train", text_column: str = "te
                         "pass --text-column")
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")
-    dataset = dataset.select_columns(["text"]).filter(lambda row: bool(row["text"] and row["text"].strip()))
+    dataset = dataset.select_columns(["text"])
+    _check_strings(dataset, spec, text_column, json_lines=path.is_file() and suffix == ".jsonl")
+    dataset = dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
     if len(dataset) == 0:
         raise DataError(f"data '{spec}' holds no text")
     return dataset
@@ -60,6 +62,18 @@ def _load_local(spec: str, builder: str, files, **options):
         cause = exc.__cause__ or exc
         raise DataError(f"data '{spec}' could not be read as {builder} ({type(cause).__name__}); pass a UTF-8 "
                         f"{'text' if builder == 'text' else 'JSON Lines'} file") from None
+
+
+def _check_strings(dataset, spec: str, column: str, *, json_lines: bool) -> None:
+    """Every value of the text column is a string (or empty): a number or a list where text belongs is one line
+    naming the file, the row (a .jsonl file's line) and the type, not a tokenizer's traceback."""
+    feature = dataset.features["text"]
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return
+    for index, value in enumerate(dataset["text"]):
+        if value is not None and not isinstance(value, str):
+            where = f"line {index + 1}" if json_lines else f"row {index + 1}"
+            raise DataError(f"{spec} {where}: '{column}' must be a string, got {type(value).__name__}")
 
 
 def pack_blocks(dataset, tokenizer, block_size: int, *, num_proc: int | None = None):

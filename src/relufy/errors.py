@@ -1,5 +1,11 @@
 """The one family of errors relufy raises; the CLI turns each into a one-line message."""
 
+import errno
+
+# how libraries that raise no OSError (safetensors, torch) say that the disk or the quota is full
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122", "StorageFull",
+                   "file write failed")
+
 
 class RelufyError(Exception):
     """Base class: the message says what is wrong and how to fix it."""
@@ -48,3 +54,19 @@ class RecipeError(RelufyError):
 
 class TrainingError(RelufyError):
     """Training had to stop (non-finite loss, disk full, ...)."""
+
+
+class ResultError(RelufyError):
+    """A measurement came out NaN or infinite: an error, never a number in a table."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the disk or the quota is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -18,6 +18,8 @@ import torch
 from . import __version__
 from .atomic import atomic_directory, claim_output
 from .cett import DEFAULT_PS, ppl_p_sparsity
+from .checks import (block_fits_context, device_available, int_in_range, json_text, number_in_range, positive_int,
+                     supported_dtype)
 from .errors import DataError, RelufyError
 from .harness import SuiteRun, run_suite
 from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
@@ -44,9 +46,12 @@ class EvalConfig(SuiteOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.ps = tuple(float(p) for p in self.ps or ())
-        if any(not p > 0 for p in self.ps):
-            raise DataError(f"every p must be > 0 (a perplexity rise in percent), got {list(self.ps)}")
+        self.ps = tuple(number_in_range("--p (a perplexity rise in percent)", float(p), 0, 1000, low_open=True)
+                        for p in self.ps or ())
+        positive_int("--heldout-tokens", self.heldout_tokens)
+        int_in_range("--block-size", self.block_size, 2, 1 << 24)
+        supported_dtype("--dtype", self.dtype)
+        device_available(self.device)
         if self.heldout_tokens < self.block_size:
             raise DataError(f"--heldout-tokens ({self.heldout_tokens}) must be at least --block-size "
                             f"({self.block_size})")
@@ -86,13 +91,14 @@ def evaluate_model(model_src: str, output: str | Path, config: EvalConfig, *, fo
 
 def _measure(source, config: EvalConfig) -> tuple[dict, dict[str, list]]:
     """The model loaded once and measured: lm-eval suite with the probe, PPL-p%, decode speed on CUDA."""
-    from .checkpoint import load_model, load_tokenizer
+    from .checkpoint import load_model, load_tokenizer, read_config
 
     plan = config.plan()
     manager = task_manager(list(plan.tasks), config.include_path)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     blocks = None
     if config.ps:
+        block_fits_context("--block-size", config.block_size, read_config(source), source)
         blocks = heldout_blocks(config.heldout, tokenizer, block_size=config.block_size,
                                 max_tokens=config.heldout_tokens)
     model = load_model(source, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
@@ -154,7 +160,7 @@ def _decode_speed(model) -> dict | None:
 def _write_outputs(output: Path, results: dict, samples: dict[str, list], *, force: bool) -> None:
     """results.json, report.md, plots and samples_<task>.jsonl into a temp sibling, renamed over `output` at the end."""
     with atomic_directory(output, replace=force, command="relufy evaluate") as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (tmp / "results.json").write_text(json_text(results, f"{output}/results.json"))
         for task, records in samples.items():
             (tmp / f"samples_{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
         plots = {"per_layer": "sparsity_per_layer.png", "vs_p": "sparsity_vs_p.png"}

@@ -29,6 +29,8 @@ from torch import nn
 
 from . import __version__
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
+from .checks import (block_fits_context, device_available, int_in_range, number_in_range, positive_int,
+                     supported_dtype)
 from .errors import DataError
 from .evaluate import DEFAULT_HELDOUT, activation_name, heldout_blocks, model_name
 from .harness import run_suite
@@ -58,19 +60,24 @@ class MatchedConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
         """Refuse settings that cannot give a meaningful number, before anything is loaded."""
         if not self.targets:
             raise DataError("give at least one --target zero-ratio, e.g. --target 0.9")
         for target in self.targets:
-            if not 0 < target < 1:
-                raise DataError(f"--target must be a zero-ratio strictly between 0 and 1 (e.g. 0.9), got {target}")
+            number_in_range("--target (a zero-ratio, e.g. 0.9)", target, 0, 1, low_open=True, high_open=True)
+        int_in_range("--block-size", self.block_size, 2, 1 << 24)
         for name in ("heldout_tokens", "calibration_tokens"):
+            positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
             if getattr(self, name) < self.block_size:
                 raise DataError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be at least --block-size "
                                 f"({self.block_size})")
-        if self.batch_size < 1:
-            raise DataError(f"--batch-size must be >= 1, got {self.batch_size}")
+        supported_dtype("--dtype", self.dtype)
+        device_available(self.device)
+        self.suite_options()  # --batch-size, --limit, --max-length
 
     def suite_options(self) -> SuiteOptions:
         """The lm-eval suite run at each target (checks --limit)."""
@@ -156,18 +163,19 @@ def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, 
     inputs = [source.on_disk, config.heldout, config.calibration]
     with claim_output(output, command="relufy matched", force=force, inputs=inputs, kind="file") as output:
         results = _measure_matched(source, config)
-        write_text_atomically(output, signed(results, "relufy matched"))
+        write_text_atomically(output, signed(results, "relufy matched", what=str(output)))
     return results
 
 
 def _measure_matched(source, config: MatchedConfig) -> dict:
     """The dense model's perplexity and zero-ratio, then each target's thresholds and measurements."""
-    from .checkpoint import load_model, load_tokenizer
+    from .checkpoint import load_model, load_tokenizer, read_config
 
     suite_plan = None
     if config.run_suite:
         plan = config.suite_options().plan()
         suite_plan = (plan, task_manager(list(plan.tasks)))
+    block_fits_context("--block-size", config.block_size, read_config(source), source)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
     blocks = text_blocks(config, tokenizer)
     model = load_model(source, dtype=config.dtype, trust_remote_code=config.trust_remote_code)

@@ -97,14 +97,14 @@ def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
     """Refuse an evaluation of another model: the identity recorded by `relufy evaluate` (config and weight
     fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
     from .architectures import architecture_of
-    from .checkpoint import Source, model_identity
+    from .checkpoint import WEIGHTS_HASHED, Source, model_identity
 
     if "lm_eval" not in results or "model" not in results:
         raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
     recorded = results.get("identity")
-    if not isinstance(recorded, dict):
-        raise DataError(f"{results_path} records no model identity (written by an older relufy); evaluate "
-                        f"{model_dir} again with `relufy evaluate` and pass that results.json")
+    if not isinstance(recorded, dict) or recorded.get("weights_hashed") != WEIGHTS_HASHED:
+        raise DataError(f"{results_path} records no fingerprint of every weight byte (written by an older "
+                        f"relufy); evaluate {model_dir} again with `relufy evaluate` and pass that results.json")
     config = json.loads((model_dir / "config.json").read_text())
     activation = str(architecture_of(config).activation_of(config))
     actual = model_identity(Source(model_dir), activation)

@@ -54,13 +54,17 @@ class SpeedConfig:
     compile: bool = True  # on CUDA, torch.compile the decode forward (fuses the small ops) inside the graph
 
     def check(self) -> None:
+        from .checks import BATCH_LIMIT, DTYPES, int_in_range, positive_int, supported_dtype
+
         self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
-        if not self.batch_sizes or min(self.batch_sizes) < 1:
-            raise DataError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        for name in ("prompt_tokens", "new_tokens", "generate_tokens", "generate_repeats", "warmup", "ffn_repeats",
-                     "copy_bytes"):
-            if getattr(self, name) < 1:
-                raise DataError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.batch_sizes:
+            raise DataError("--batch-sizes must name at least one batch size, e.g. 1,4,16")
+        for size in self.batch_sizes:
+            positive_int("--batch-sizes (each)", size, BATCH_LIMIT)
+        for name in ("prompt_tokens", "new_tokens", "generate_tokens", "warmup", "ffn_repeats", "copy_bytes"):
+            positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 1 << (40 if name == "copy_bytes" else 24))
+        supported_dtype("--dtype", self.dtype, DTYPES)
+        int_in_range("--seed", self.seed, 0, 2**32 - 1)
         if self.warmup > self.new_tokens:
             raise DataError(f"warmup ({self.warmup}) must not exceed new-tokens ({self.new_tokens}): the warm-up "
                             "steps write into the same static cache")

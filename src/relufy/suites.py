@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import BATCH_LIMIT, COUNT_LIMIT, int_in_range, number_in_range, positive_int
 from .errors import DataError
 from .paths import project_file
 
@@ -54,11 +55,13 @@ class SuiteOptions:
     log_samples: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise DataError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and not self.limit > 0:
-            raise DataError(f"--limit must be > 0: examples per task (e.g. 40) or a fraction below 1 (e.g. 0.1), "
-                            f"got {self.limit:g}")
+        positive_int("--batch-size", self.batch_size, BATCH_LIMIT)
+        if self.limit is not None:
+            number_in_range("--limit", self.limit, 0, COUNT_LIMIT, low_open=True)
+        if self.num_fewshot is not None:
+            int_in_range("--num-fewshot", self.num_fewshot, 0, 1024)
+        if self.max_length is not None:
+            int_in_range("--max-length", self.max_length, 2, 1 << 24)
 
     def plan(self) -> EvalPlan:
         return make_plan(self.tasks, self.suite, self.num_fewshot)

@@ -91,6 +91,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         (output_dir / MARKER).write_text(json.dumps(output_record("relufy train")) + "\n")
 
     base = _prepare_base(recipe)
+    _check_block_size(base, recipe)
     if resume:
         from .lora import check_resume_matches
 
@@ -279,6 +280,16 @@ def _model_type(base: str) -> str | None:
     from .checkpoint import read_config, resolve_source
 
     return read_config(resolve_source(base)).get("model_type")
+
+
+def _check_block_size(base: str, recipe: Recipe) -> None:
+    """block_size within the model's context (as model_config_overrides leave it), before the data and weights load."""
+    from .checkpoint import read_config, resolve_source
+    from .checks import block_fits_context
+
+    source = resolve_source(base)
+    config = {**read_config(source), **recipe.model.model_config_overrides}
+    block_fits_context("block_size", recipe.data.block_size, config, source)
 
 
 def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):

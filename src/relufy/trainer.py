@@ -18,7 +18,6 @@ names the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import shutil
 import time
@@ -30,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 
 from .atomic import respect_umask
 from .configs import ProSparseConfig
-from .errors import TrainingError
+from .errors import TrainingError, is_disk_full
 from .probe import SparsityProbe
 from .schedule import Schedule
 
@@ -41,10 +40,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 INCOMPLETE = "INCOMPLETE"  # in a checkpoint folder while it is being written
 # How libraries report a full disk: OSError (ENOSPC/EDQUOT), safetensors' SafetensorError ("os error 28"),
 # torch.save's RuntimeError ("file write failed").
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122", "StorageFull",
-                   "file write failed")
-
-
 class ProSparseTrainer(Trainer):
     """A `Trainer` whose training loss adds lambda(step) * L1 of x1 and logs the sparsity it reaches.
 
@@ -275,18 +270,6 @@ def last_checkpoint(output_dir: Path) -> Path | None:
             return folder
         logger.warning("skipping %s: its save did not finish (delete it to free the space)", folder)
     return None
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the disk or the quota is full."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(text in str(seen) for text in _DISK_FULL_TEXT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 @contextlib.contextmanager

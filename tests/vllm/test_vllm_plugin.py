@@ -78,8 +78,11 @@ def test_silu_model_is_vllms_own(tiny_folder, request, tmp_path):
     assert tokens == own_tokens
 
 
-def test_sparse_path_off_on_cpu_and_by_switch(tiny_folder, monkeypatch):
-    """On this CPU the MLP runs dense through vLLM's linears, and says why; RELUFY_VLLM_SPARSE=0 too."""
+def test_sparse_path_on_cuda_only_and_off_by_switch(tiny_folder, monkeypatch):
+    """On CUDA the MLPs take relufy::sparse_gated_ffn; on a CPU they run dense through vLLM's linears and
+    say why; RELUFY_VLLM_SPARSE=0 turns the sparse path off anywhere."""
+    import torch
+
     from relufy.vllm.mlp import SWITCH, sparse_unavailable
 
     def reasons(model):
@@ -87,11 +90,13 @@ def test_sparse_path_off_on_cpu_and_by_switch(tiny_folder, monkeypatch):
         with monkeypatch.context() as env:
             env.setenv(SWITCH, "0")
             switched_off = sparse_unavailable(mlp)
-        return mlp.workspace is None, sparse_unavailable(mlp), switched_off
+        return mlp.workspace is not None, sparse_unavailable(mlp), switched_off
 
-    _, (dense, reason, switched_off) = vllm_greedy(tiny_folder("llama", "relu"), inspect=reasons, enforce_eager=True)
-    assert dense
-    assert "cpu" in reason
+    _, (sparse, reason, switched_off) = vllm_greedy(tiny_folder("llama", "relu"), inspect=reasons, enforce_eager=True)
+    if torch.cuda.is_available():
+        assert sparse and reason is None
+    else:
+        assert not sparse and "cpu" in reason
     assert switched_off == f"{SWITCH}=0"
 
 

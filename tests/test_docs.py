@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import REPO
 
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ""}
-SKIPPED = {".git", ".venv", "runs", "build", "dist", "__pycache__", ".pytest_cache", "data"}
+SKIPPED = {".git", ".venv", ".venv-vllm", "runs", "build", "dist", "__pycache__", ".pytest_cache", "data"}
 # split so that this file does not match itself
 OUTSIDE = re.compile("METHOD" + r"\.md|\.\./" + "shared")
 ISSUE_NUMBER = re.compile(r"\b[Ii]ssue[ -]?\d+|\bitem \d+ of the issue")

@@ -15,7 +15,7 @@ from relufy.cli import main
 from relufy.convert import convert_checkpoint
 from relufy.errors import DataError, OutputExistsError
 from relufy.evaluate import EvalConfig, evaluate_model
-from relufy.publish import publish
+from relufy.publish import publish, serve_section
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,18 @@ def test_card_has_front_matter_with_measured_results_and_carried_license(relu, t
     assert metrics["acc_norm"] == pytest.approx(accuracy * 100, abs=0.01)
     assert metrics["activation_sparsity"] == pytest.approx(results["sparsity"]["overall"] * 100, abs=0.01)
     assert "| relufy_dictionary |" in card and "## How to load" in card and 'from_pretrained("me/tiny-relu")' in card
+    assert "## Serve it" in card and "vllm serve me/tiny-relu\n" in card and "llama.cpp" in card
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_serve_section_names_the_plugin_or_the_transformers_backend_and_warns():
+    native = "\n".join(serve_section({"architectures": ["Qwen2ForCausalLM"]}, "relu2", "me/m", remote_code=False))
+    assert "pip install 'relufy[vllm]'\nvllm serve me/m\n" in native and "--model-impl" not in native
+    other = "\n".join(serve_section({"architectures": ["GemmaForCausalLM"]}, "fatrelu_0.01", "me/g", remote_code=True))
+    assert "vllm serve me/g --model-impl transformers --trust-remote-code" in other
+    for text, activation in ((native, "relu2"), (other, "fatrelu_0.01")):
+        assert f"silently run SiLU instead of `{activation}`" in text
+        assert all(engine in text for engine in ("llama.cpp", "Ollama", "MLC LLM", "ExLlama"))
 
 
 def test_published_relu_folder_loads_with_vanilla_transformers(relu, tmp_path):

@@ -228,6 +228,26 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
     if remote_code:
         body += ["", f"`{activation}` is not built into transformers: this folder ships `modeling_relufy.py`, so "
                  "`from_pretrained(..., trust_remote_code=True)` also works without relufy installed."]
+    body += [""] + serve_section(config, activation, repo_id, remote_code)
     body += ["", "## Citation", "", "Song et al., *ProSparse: Introducing and Enhancing Intrinsic Activation "
              "Sparsity within Large Language Models*, arXiv 2402.13516. Luo et al., *Sparsing Law*, arXiv 2411.02335."]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool) -> list[str]:
+    """The card's "Serve it" lines: the vLLM command for this architecture, and the engines that would run it wrong."""
+    from .vllm import ARCHITECTURES
+
+    architecture = (config.get("architectures") or ["?"])[0]
+    lines = ["## Serve it", "", "```bash"]
+    if architecture in ARCHITECTURES:
+        lines += ["pip install 'relufy[vllm]'", f"vllm serve {repo_id}", "```", "",
+                  f"relufy's vLLM plugin runs `{activation}` in vLLM's own `{architecture}` class (sparse decode "
+                  "on CUDA); without it vLLM refuses the activation."]
+    else:
+        flag = " --trust-remote-code" if remote_code else ""
+        lines += [f"vllm serve {repo_id} --model-impl transformers{flag}", "```", "",
+                  "vLLM runs it through transformers' modeling code (dense)."]
+    return lines + ["", f"**Do not serve it with llama.cpp, Ollama, MLC LLM or ExLlama** (nor a GGUF, EXL2 or MLC "
+                        f"conversion of it): they load this architecture and silently run SiLU instead of "
+                        f"`{activation}`, so every output is wrong."]

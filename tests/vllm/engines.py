@@ -1,0 +1,65 @@
+"""Greedy continuations of a tiny checkpoint from vLLM's engine and from transformers."""
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+NEW_TOKENS = 12
+
+
+def prompt_ids(folder) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+
+
+def transformers_greedy(folder) -> list[list[int]]:
+    """Greedy continuations from transformers (the reference), relufy's activations registered."""
+    import relufy
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    relufy.register_activations()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outputs = []
+    with torch.no_grad():
+        for ids in prompt_ids(folder):
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                       min_new_tokens=NEW_TOKENS, pad_token_id=0)
+            outputs.append(generated[0, len(ids):].tolist())
+    return outputs
+
+
+def vllm_greedy(folder, inspect=None, **engine_args):
+    """(greedy continuations, inspect(model) or None) from vLLM's LLM; the engine is freed after."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(str(folder), dtype="float32", max_model_len=64, max_num_seqs=2, seed=0,
+              gpu_memory_utilization=0.05, **engine_args)
+    try:
+        seen = llm.apply_model(inspect)[0] if inspect else None
+        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
+        return [list(result.outputs[0].token_ids) for result in results], seen
+    finally:
+        del llm
+        gc.collect()
+
+
+def vllm_greedy_in_fresh_process(folder, **engine_args) -> list[list[int]]:
+    """vllm_greedy's continuations from a new process.
+
+    vLLM's Transformers backend (model_impl="transformers") decorates transformers' model classes in
+    place, after which transformers cannot build those models outside a vLLM config: run it apart.
+    """
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys; sys.path[:0] = {[str(here), str(here.parent)]!r}\n"
+            "from engines import vllm_greedy\n"
+            f"print('TOKENS', json.dumps(vllm_greedy({str(folder)!r}, **{engine_args!r})[0]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("TOKENS ")][-1][7:])

@@ -29,7 +29,7 @@ def _ffn_weights(hidden_act: str):
 def _call(x, w_gate_up, w_down, hidden_act, max_tokens, workspace=None):
     name, param = ACTIVATIONS[hidden_act]
     if workspace is None:
-        workspace = torch.zeros(workspace_size(max(max_tokens, 1), w_down.shape[0]), dtype=torch.int32)
+        workspace = torch.zeros(workspace_size(max(max_tokens, 1), w_down.shape[1], w_down.shape[0]), dtype=torch.int32)
     return torch.ops.relufy.sparse_gated_ffn(x, w_gate_up, None, w_down, None, workspace, name, param, max_tokens)
 
 
@@ -57,7 +57,7 @@ def test_sparse_path_equals_dense(hidden_act):
 def test_choice_is_made_at_run_time_under_torch_compile():
     """Traced once with a dynamic token count, the op still runs sparse for 2 tokens and dense for 20."""
     _, w_gate_up, w_down = _ffn_weights("relu")
-    workspace = torch.zeros(workspace_size(8, w_down.shape[0]), dtype=torch.int32)
+    workspace = torch.zeros(workspace_size(8, w_down.shape[1], w_down.shape[0]), dtype=torch.int32)
     tiny = torch.zeros(4, dtype=torch.int32)  # too small for any sparse call: a sparse run raises
 
     def ffn(x, ws):

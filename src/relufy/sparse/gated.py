@@ -69,7 +69,7 @@ def sparse_gated_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, b_gate_up: torch.
 
     `activation` is a relufy family name (relu, relu2, fatrelu, shifted_relu) and `act_param` its
     threshold or shift (ignored by relu and relu2). `workspace` is an int32 buffer of at least
-    `kernels.workspace_size(max_tokens, D)` zeros, allocated before any CUDA graph capture; the
+    `kernels.workspace_size(max_tokens, N, D)` zeros, allocated before any CUDA graph capture; the
     kernels leave it zero, so it is not declared mutated.
     """
     param = act_param if activation in ("fatrelu", "shifted_relu") else None

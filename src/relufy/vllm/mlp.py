@@ -88,7 +88,7 @@ class RelufyMLP(nn.Module):
         weight = self.down_proj.weight
         if not weight.t().is_contiguous():
             weight.data = weight.data.t().contiguous().t()
-        self.workspace = workspace_for(weight.shape[0], weight.device)
+        self.workspace = workspace_for(weight.shape[1], weight.shape[0], weight.device)  # N neurons, D outputs
         return True
 
 
@@ -111,15 +111,16 @@ def sparse_unavailable(mlp: RelufyMLP) -> str | None:
 
 
 def workspace_allocator(max_tokens: int = DEFAULT_MAX_TOKENS):
-    """workspace_for(width, device): one zeroed kernel workspace per output width, shared by the layers."""
-    workspaces: dict[tuple[int, torch.device], torch.Tensor] = {}
+    """workspace_for(n, d, device): one zeroed kernel workspace per FFN shape (n neurons, d outputs), shared by
+    the layers."""
+    workspaces: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
-    def workspace_for(width: int, device: torch.device) -> torch.Tensor:
+    def workspace_for(n: int, d: int, device: torch.device) -> torch.Tensor:
         from ..sparse.kernels import workspace_size
 
-        if (width, device) not in workspaces:
-            workspaces[width, device] = torch.zeros(workspace_size(max_tokens, width), dtype=torch.int32, device=device)
-        return workspaces[width, device]
+        if (n, d, device) not in workspaces:
+            workspaces[n, d, device] = torch.zeros(workspace_size(max_tokens, n, d), dtype=torch.int32, device=device)
+        return workspaces[n, d, device]
 
     return workspace_for
 

@@ -134,7 +134,7 @@ def test_sparsity_command_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv,mentions", [
     (["--max-tokens", "0"], "--max-tokens"),
     (["--threshold", "-1"], "--threshold"),
-    (["--block-size", "100000"], "shorter than one block"),
+    (["--block-size", "100000"], "context of 64 tokens"),
 ])
 def test_sparsity_command_bad_input(tmp_path, capsys, argv, mentions):
     src = save_tiny_checkpoint("llama", tmp_path / "model", SAMPLE_TEXT, hidden_act="relu")
@@ -150,6 +150,16 @@ def test_sparsity_command_on_empty_data(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     capsys.readouterr()
-    code = main(["sparsity", str(src), "--data", str(empty)])
+    code = main(["sparsity", str(src), "--data", str(empty), "--block-size", "32"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "holds no text" in err
+
+
+def test_sparsity_command_on_data_shorter_than_one_block(tmp_path, capsys):
+    src = save_tiny_checkpoint("llama", tmp_path / "model", SAMPLE_TEXT, hidden_act="relu")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n")
+    capsys.readouterr()
+    code = main(["sparsity", str(src), "--data", str(short), "--block-size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "shorter than one block" in err

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.speed import SpeedConfig, measure_speed, speed_table
+    from relufy.report import speed_table
+    from relufy.speed import SpeedConfig, measure_speed
     from relufy.sparse import SparseConfig, sparsify
 
     device = "cpu" if args.tiny else "cuda"

@@ -96,7 +96,7 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
 
     from relufy.activations import make_activation
     from relufy.architectures import architecture_of
-    from relufy.probe import ffn_modules
+    from relufy.architectures import ffn_modules
 
     gates = []
     handles = [ffn.gate_proj.register_forward_hook(lambda module, args, out: gates.append(out.flatten().float()))

@@ -28,7 +28,7 @@ def median_step_s(layers: int, tap: bool, steps: int) -> float:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, hidden_act="relu")
     model = AutoModelForCausalLM.from_config(config).train()
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True, count_zeros=False).attach() if tap else None
+    probe = SparsityProbe.for_training(model, count_zeros=False).attach() if tap else None
     ids = torch.randint(0, 256, (1, 8))
     times = []
     for _ in range(steps):

@@ -51,7 +51,7 @@ def main() -> None:
     model = load_model(source).to(args.device).eval()
     manager = task_manager([args.task])
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
-    probe = SparsityProbe(model)
+    probe = SparsityProbe.for_measurement(model)
     probed = probed_lm(model, tokenizer, probe, batch_size=args.batch_size, max_length=None)
 
     def timed(lm, with_probe: bool) -> float:

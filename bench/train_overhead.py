@@ -163,7 +163,7 @@ def time_regularized_steps(model, blocks, args, **extra) -> float:
     from relufy.schedule import Schedule
     from relufy.trainer import ProSparseTrainer
 
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    probe = SparsityProbe.for_training(model).attach()
     schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
     return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe, **extra})
 

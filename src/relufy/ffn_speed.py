@@ -11,7 +11,8 @@ import statistics
 import torch
 
 from .decode import DecodeLoop, random_prompts
-from .probe import SparsityProbe, down_projections, ffn_modules
+from .architectures import down_projections, ffn_modules
+from .probe import SparsityProbe
 from .timing import median_seconds
 
 
@@ -72,7 +73,7 @@ def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, re
 def decode_sparsity(loop: DecodeLoop, prompt: torch.Tensor) -> dict:
     """Zero-ratio of x1 over the decode steps only (eager, the prompt not counted)."""
     loop.prefill(prompt)
-    with SparsityProbe(loop.model) as probe:
+    with SparsityProbe.for_measurement(loop.model) as probe:
         for _ in range(loop.new_tokens):
             loop.decode_one_token()
     return probe.summary()

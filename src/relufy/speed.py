@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .architectures import ffn_modules
 from .decode import DecodeLoop, random_prompts, recompile_limit, weight_bytes
 from .errors import DataError
 from .ffn_speed import compare_ffns, decode_sparsity, decode_unions
-from .probe import ffn_modules
 from .timing import Timer, copy_bandwidth
 
 @dataclass

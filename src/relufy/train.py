@@ -106,7 +106,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
                             for flag in ("activation_checkpointing", "gradient_checkpointing"))
         model = wrap_with_lora(model, training, gradient_checkpointing=checkpointing, seed=training.seed)
     distiller = _build_distiller(recipe, base, model, tokenizer) if training.distill else None
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()  # finds x1 through peft's wrappers
+    probe = SparsityProbe.for_training(model).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import DataError
 
 # The metric that stands for a task, in order of preference (lm-eval keys are "metric,filter").
@@ -220,10 +220,11 @@ def write_training_plot(history: list[dict], path: Path) -> Path | None:
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle("ProSparse training")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

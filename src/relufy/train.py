@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 
 from .activations import parse_activation
 from .architectures import architecture_of
-from .atomic import MARKER, TMP_SUFFIX, check_not_input, output_lock, output_record, respect_umask, written_by_relufy
+from .atomic import (MARKER, check_not_input, discard, move_into, output_lock, output_record, temp_sibling,
+                     write_text_atomically, written_by_relufy)
 from .checkpoint import update_config
 from .errors import DataError, RecipeError, TrainingError
 from .probe import SparsityProbe
@@ -34,7 +34,6 @@ from .trainer import CHECKPOINT_PREFIX, ProSparseTrainer, disk_full_stops_traini
 
 logger = logging.getLogger(__name__)
 
-FINAL_TMP = ".final-model" + TMP_SUFFIX  # the final model is written here, then moved into output_dir
 
 
 @dataclass
@@ -88,7 +87,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         training.resume_from_checkpoint = str(checkpoint)
     if training.should_save and not (output_dir / MARKER).exists():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / MARKER).write_text(json.dumps(output_record("relufy train")) + "\n")
+        write_text_atomically(output_dir / MARKER, json.dumps(output_record("relufy train")) + "\n")
 
     base = _prepare_base(recipe)
     _check_block_size(base, recipe)
@@ -357,21 +356,19 @@ def collate_blocks(rows: list[dict]) -> dict:
 def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
     """Save the final model into output_dir/.final-model.relufy-tmp, then move its files into output_dir
     (config.json last): an error, Ctrl-C or SIGTERM leaves no half-written model.safetensors beside the checkpoints."""
-    tmp = output_dir / FINAL_TMP
+    tmp = temp_sibling(output_dir / "final-model", shared=True)  # every rank saves into it
     if trainer.args.should_save:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed outright
+        discard(tmp)  # left by a run that was killed outright
     trainer.accelerator.wait_for_everyone()
     try:
         with disk_full_stops_training(f"the final model to {output_dir}", output_dir):
             trainer.save_model(str(tmp))
             trainer.accelerator.wait_for_everyone()
             if trainer.args.should_save:
-                respect_umask(tmp)
-                for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-                    os.replace(path, output_dir / path.name)
+                move_into(tmp, output_dir)
     finally:
         if trainer.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
 
 
 def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path) -> None:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_model
 
 from relufy.activations import make_activation
 from relufy.atomic import atomic_directory, move_into, temp_sibling, write_text_atomically
@@ -28,11 +27,6 @@ relufy.convert._copy_checkpoint = copy
 from relufy.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    return save_tiny_model("llama", tmp_path / "src")
 
 
 def test_sigterm_during_convert_exits_130_and_removes_the_temp_folder(tmp_path, tiny):

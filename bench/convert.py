@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -77,10 +76,12 @@ def build_checkpoint(folder: Path, size_name: str, layers: int) -> int:
 
 def timed(command: list[str]) -> tuple[float, float]:
     """Run a command; return its wall time (s) and its own peak RSS (MB)."""
-    start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - start
+    from relufy.timing import Timer
+
+    with Timer() as timer:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+    elapsed = timer.seconds
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed")
     return elapsed, usage.ru_maxrss / 1024
@@ -102,13 +103,15 @@ def main() -> None:
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
     src = args.workdir / f"{args.size}-shapes"
-    start = time.perf_counter()
+    from relufy.timing import Timer
+
+    build = Timer().start()
     # built in a child process, so this one stays small: a child's peak RSS counts its parent's pages until exec
     subprocess.run([sys.executable, __file__, "--size", args.size, "--layers", str(args.layers),
                     "--build-only", str(src)], check=True)
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     print(f"built {src}: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards "
-          f"({time.perf_counter() - start:.0f} s)")
+          f"({build.stop():.0f} s)")
 
     relufy = [sys.executable, "-m", "relufy", "convert", str(src)]
     copies, converts, peak_rss_mb = [], [], 0.0

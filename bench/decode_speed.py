@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.speed import SpeedConfig, measure_speed, speed_table
+    from relufy.report import speed_table
+    from relufy.speed import SpeedConfig, measure_speed
     from relufy.sparse import SparseConfig, sparsify
 
     device = "cpu" if args.tiny else "cuda"
@@ -95,7 +96,7 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
 
     from relufy.activations import make_activation
     from relufy.architectures import architecture_of
-    from relufy.probe import ffn_modules
+    from relufy.architectures import ffn_modules
 
     gates = []
     handles = [ffn.gate_proj.register_forward_hook(lambda module, args, out: gates.append(out.flatten().float()))

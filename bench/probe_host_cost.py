@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,21 +22,22 @@ def median_step_s(layers: int, tap: bool, steps: int) -> float:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from relufy.probe import SparsityProbe
+    from relufy.timing import Timer
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, hidden_act="relu")
     model = AutoModelForCausalLM.from_config(config).train()
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True, count_zeros=False).attach() if tap else None
+    probe = SparsityProbe.for_training(model, count_zeros=False).attach() if tap else None
     ids = torch.randint(0, 256, (1, 8))
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        timer = Timer().start()
         loss = model(input_ids=ids, labels=ids).loss
         if probe is not None:
             loss = loss + 1e-3 * probe.pop_l1()
         loss.backward()
-        times.append(time.perf_counter() - start)
+        times.append(timer.stop())
     return statistics.median(times[steps // 5:])
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +32,7 @@ def main() -> None:
     from relufy.probe import SparsityProbe
     from relufy.recipe import resolve_model_path
     from relufy.suites import SuiteOptions, task_manager
+    from relufy.timing import Timer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: the embedded SmolLM2 GGUF)")
@@ -51,22 +51,20 @@ def main() -> None:
     model = load_model(source).to(args.device).eval()
     manager = task_manager([args.task])
     plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device)
-    probe = SparsityProbe(model)
+    probe = SparsityProbe.for_measurement(model)
     probed = probed_lm(model, tokenizer, probe, batch_size=args.batch_size, max_length=None)
 
     def timed(lm, with_probe: bool) -> float:
         probe.reset()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        if with_probe:
-            with probe, lm.token_masks.attached():
+        with Timer(args.device) as timer:  # waits for the device at the end
+            if with_probe:
+                with probe, lm.token_masks.attached():
+                    evaluate_task(lm, args.task, None, manager, options)
+            else:
                 evaluate_task(lm, args.task, None, manager, options)
-        else:
-            evaluate_task(lm, args.task, None, manager, options)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return timer.seconds
 
     options = SuiteOptions(limit=args.limit)
     timed(plain, False)  # warm-up: dataset build, kernels
@@ -79,7 +77,7 @@ def main() -> None:
           f"ratio {min(on) / min(off):.3f} (target <= 1.10); probe saw {probe.tokens} tokens")
 
     blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=args.block_size, max_tokens=args.heldout_tokens)
-    start = time.perf_counter()
+    total = Timer(args.device).start()
     search = PPLSearch(model, blocks.to(args.device), batch_size=args.batch_size)
     searches = {}
     for p in (1.0, 5.0, 10.0):
@@ -87,7 +85,7 @@ def main() -> None:
         print(f"PPL-{p:g}%: sparsity {result['sparsity']:.2%}, CETT {result['cett']:.4f}, "
               f"PPL {result['ppl']:.3f} (dense {result['ppl_dense']:.3f}), {result['forward_passes']} forward passes")
     print(f"PPL-p% total: {search.forward_passes} full forward passes over {blocks.numel()} tokens "
-          f"(dense pass included), {time.perf_counter() - start:.1f} s")
+          f"(dense pass included), {total.stop():.1f} s")
     if args.json:
         args.json.write_text(json.dumps({
             "device": args.device, "model": str(source), "task": args.task, "limit": args.limit,

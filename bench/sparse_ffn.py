@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     import torch
 
     from relufy.sparse.kernels import GATE_VARIANTS
-    from relufy.speed import copy_bandwidth
+    from relufy.timing import copy_bandwidth, median_seconds
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
@@ -77,10 +77,12 @@ def main(argv=None) -> int:
     variants = args.variants.split(",") if args.variants else list(GATE_VARIANTS)
     layers = 2 if args.tiny else args.layers
     bandwidth = copy_bandwidth(device, 1 << 30)  # eager: a copy inside a CUDA graph runs on the copy engine
-    timer = Timer(device, 3 if args.tiny else args.replays)
+    replays = 3 if args.tiny else args.replays
+    # median seconds of one call: CUDA-graph replays on CUDA, plain calls elsewhere
+    timer = functools.partial(median_seconds, device=device, repeats=replays)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "replays": timer.replays, "layers": layers, "variants": variants, "torch": torch.__version__,
+              "replays": replays, "layers": layers, "variants": variants, "torch": torch.__version__,
               "triton": __import__("triton").__version__}
     if args.sweep_tiles:
         ffn = RandomFFN(*next(iter(shapes.values())), layers, dtype, device)
@@ -174,7 +176,7 @@ class RandomFFN:
         floor_bytes = element * (self.inter * self.hidden + 2 * union * self.hidden)
         row = {"shape": name, "hidden": self.hidden, "intermediate": self.inter, "sparsity": sparsity, "batch": batch,
                "union_active": union / self.inter, "dense_above": dense_above, "floor_us": floor_bytes / bandwidth * 1e6,
-               "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e3 / len(layers),
+               "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e6 / len(layers),
                "variants": {}}
         references = [self.dense(i, x, thresholds[i]).float() for i in layers]
         for variant in variants:
@@ -183,7 +185,7 @@ class RandomFFN:
             try:  # a variant that fails to compile or launch on this GPU is reported, and the run goes on
                 errors = [max_rel_error(self.sparse(i, x, thresholds[i], tiles, dense_above, routes).float(),
                                         references[i]) for i in layers]
-                us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e3
+                us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e6
             except Exception as exc:  # noqa: BLE001
                 row["variants"][variant] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 print(f"{variant} failed: {row['variants'][variant]['failed']}", flush=True)
@@ -216,7 +218,7 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, 
 
             def time_tiles(tiles):
                 try:
-                    us = 1e3 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
+                    us = 1e6 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
                 except Exception:  # noqa: BLE001  (out of resources, or a TMA box this GPU refuses)
                     us = float("inf")
                 timings.append({**dataclasses.asdict(tiles), "us": us})
@@ -320,26 +322,6 @@ def kernel_bytes(kernel: str, call: str, ffn: RandomFFN, union: int) -> float:
     if any(tag in kernel.lower() for tag in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma")):
         return matrix
     return 0
-
-
-class Timer:
-    """Median time (ms) of one call: CUDA-graph replays on CUDA, plain calls elsewhere, each timed
-    with `relufy.speed.Timer` (CUDA events or the host clock)."""
-
-    def __init__(self, device, replays: int):
-        self.device, self.replays = device, replays
-
-    def __call__(self, fn) -> float:
-        from relufy.speed import Timer as Span
-        from relufy.speed import capture
-
-        run = capture(fn, warmup=3).replay if self.device.type == "cuda" else fn
-        times = []
-        for _ in range(self.replays):
-            with Span(self.device) as span:
-                run()
-            times.append(span.seconds * 1e3)
-        return statistics.median(times)
 
 
 def print_row(row: dict) -> None:

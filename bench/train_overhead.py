@@ -23,7 +23,6 @@ import gc
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -103,15 +102,20 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
     from relufy.configs import LIGER_MLP_KERNELS
     from relufy.train import collate_blocks
 
-    stamps: list[float] = []
+    from relufy.timing import Timer
 
-    class Timer(TrainerCallback):
+    window = Timer()  # the host clock, the GPU synchronised at both ends of the window
+
+    class TimedWindow(TrainerCallback):
         def on_step_end(self, _args, state, *_, **__):
             if state.global_step in (args.warmup, args.warmup + args.steps):
                 synchronize()
-                stamps.append(time.perf_counter())
+                if state.global_step == args.warmup:
+                    window.start()
+                else:
+                    window.stop()
 
-    callbacks = [Timer()]
+    callbacks = [TimedWindow()]
     if args.profile:
         callbacks.append(KernelProfile(start=args.warmup, steps=3, label=trainer_cls.__name__))
 
@@ -129,7 +133,7 @@ def time_steps(trainer_cls, model, blocks, args, extra: dict) -> float:
         trainer = trainer_cls(model=model, args=training, train_dataset=blocks, data_collator=collate_blocks,
                               callbacks=callbacks, **extra)
         trainer.train()
-    return (stamps[1] - stamps[0]) / args.steps
+    return window.seconds / args.steps
 
 
 class KernelProfile(TrainerCallback):
@@ -159,7 +163,7 @@ def time_regularized_steps(model, blocks, args, **extra) -> float:
     from relufy.schedule import Schedule
     from relufy.trainer import ProSparseTrainer
 
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    probe = SparsityProbe.for_training(model).attach()
     schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
     return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe, **extra})
 

@@ -23,3 +23,19 @@ def silu_base(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_checkpoint
 
     return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base") / "tiny-llama", SAMPLE_TEXT)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A tiny SiLU Llama folder (no tokenizer) at tmp_path/src, for commands that only read weights."""
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("llama", tmp_path / "src")
+
+
+@pytest.fixture(scope="module")
+def relu_checkpoint(tmp_path_factory) -> Path:
+    """A tiny ReLU Llama with a tokenizer, shared by the tests of one module."""
+    from tiny_models import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("relu") / "tiny-relu", SAMPLE_TEXT, hidden_act="relu")

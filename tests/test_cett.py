@@ -7,7 +7,7 @@ from tiny_models import build_tiny_model, tiny_tokenizer
 
 from relufy.cett import PPLSearch, down_matrix, ppl_p_sparsity
 from relufy.errors import DataError
-from relufy.probe import down_projections
+from relufy.architectures import down_projections
 
 BLOCK = 32
 

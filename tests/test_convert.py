@@ -17,7 +17,7 @@ import relufy
 from relufy.activations import make_activation, module_class
 from relufy.architectures import architecture_for, load_map
 from relufy.convert import convert_checkpoint
-from relufy.probe import ffn_modules
+from relufy.architectures import ffn_modules
 
 REFERENCE = {
     "relu": lambda x, p: x.clamp_min(0),

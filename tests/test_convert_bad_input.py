@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_model
@@ -26,11 +27,6 @@ def assert_clean_failure(code, err, parent, expected_entries, *, mentions):
         assert word in err
     left = sorted(p.name for p in parent.iterdir() if not p.name.endswith(LOCK_SUFFIX))  # an empty lock file stays
     assert left == sorted(expected_entries), "nothing may be left behind"
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    return save_tiny_model("llama", tmp_path / "src")
 
 
 def test_missing_source(tmp_path, capsys):
@@ -162,12 +158,15 @@ def test_config_json_that_is_not_an_object(tmp_path, tiny, capsys):
 
 def test_read_only_output_parent(tmp_path, tiny, capsys, monkeypatch):
     import errno
-    import tempfile
 
-    def refuse(*args, dir=None, **kwargs):  # what a read-only folder does for a user who is not root
-        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+    make_folder = Path.mkdir
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    def refuse(self, *args, **kwargs):  # what a read-only folder does for a user who is not root
+        if self.name.endswith(".relufy-tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self.parent))
+        return make_folder(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
     (tmp_path / "locked").mkdir()
     code, err = run_cli(capsys, "convert", tiny, tmp_path / "locked" / "out")
     assert_clean_failure(code, err, tmp_path / "locked", [], mentions=["cannot write", "Permission denied"])

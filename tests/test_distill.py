@@ -38,7 +38,7 @@ def batch(seed=0, size=(2, 16)):
 
 def make_trainer(model, tmp_path, lam, distiller=None) -> ProSparseTrainer:
     training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    probe = SparsityProbe.for_training(model).attach()
     return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config([{"lambda": lam, "end_step": 9}]),
                             probe=probe, distiller=distiller)
 
@@ -184,12 +184,12 @@ def test_the_lora_teacher_is_the_base_model_with_its_original_activation():
     student = lora_student()
     distiller = Distiller(DistillLoss(), swap=ActivationSwap(student, "relu", "silu"))
     inputs = batch()
-    probe = SparsityProbe(student, track_l1=True, replay_l1=True).attach()
+    probe = SparsityProbe.for_training(student).attach()
     probe.enabled = False  # as ProSparseTrainer keeps it outside the student's forward
     logits = distiller.teacher_outputs(student, inputs)
     silu = build_tiny_model("llama", seed=0)
     torch.testing.assert_close(logits, silu(input_ids=inputs["input_ids"]).logits, rtol=1e-5, atol=1e-6)
-    assert not logits.requires_grad and probe.l1_term().item() == 0.0 and probe.layers[0].elements == 0
+    assert not logits.requires_grad and probe.l1.value().item() == 0.0 and probe.layers[0].elements == 0
     # afterwards the student is the ReLU model with its adapters again, in training mode
     assert student.training and all(isinstance(layer.mlp.act_fn, torch.nn.ReLU)
                                     for layer in student.base_model.model.model.layers)

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-from conftest import SAMPLE_TEXT
-from tiny_models import save_tiny_checkpoint, save_tiny_model
+from tiny_models import save_tiny_model
 
 from relufy.cli import main
 from relufy.errors import DataError, OutputExistsError, SourceError
@@ -12,12 +11,6 @@ from relufy.evaluate import EvalConfig, evaluate_model
 
 QUICK = dict(limit=6, ps=(1, 5), heldout_tokens=256, block_size=32)
 NO_PPL = dict(limit=6, ps=())
-
-
-@pytest.fixture(scope="module")
-def relu_checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("relu") / "tiny-relu", SAMPLE_TEXT,
-                                hidden_act="relu")
 
 
 @pytest.fixture(scope="module")

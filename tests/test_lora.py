@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from relufy.cli import main
 from relufy.errors import RecipeError, TrainingError
 from relufy.lora import ADAPTER_DIR, lora_config
-from relufy.probe import SparsityProbe, down_projections, ffn_modules
+from relufy.architectures import down_projections, ffn_modules
+from relufy.probe import SparsityProbe
 from relufy.recipe import load_recipe
 from relufy.train import build_trainer, run_training, train
 
@@ -74,7 +75,7 @@ def test_the_merged_checkpoint_is_plain_and_matches_base_plus_adapter(lora_run):
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_act"] == "relu"
     assert config["relufy"]["training"]["lora"]["target_modules"] == sorted(TARGETS)
-    assert (out / "tokenizer.json").is_file() and not (out / ".merged.tmp").exists()
+    assert (out / "tokenizer.json").is_file() and not any(p.name.endswith(".relufy-tmp") for p in out.iterdir())
     assert not (out / ADAPTER_DIR / "training_args.bin").exists()
 
 
@@ -103,7 +104,7 @@ def test_the_probe_measures_the_same_x1_merged_or_not():
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
 
     def measure(m):
-        with torch.no_grad(), SparsityProbe(m, keep_inputs=True) as probe:
+        with torch.no_grad(), SparsityProbe.for_sampling(m) as probe:
             logits = m(ids).logits
         return probe.summary(), [x.clone() for x in probe.last_inputs], logits
 

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_model
 
 from relufy.activations import make_activation
-from relufy.atomic import atomic_directory
+from relufy.atomic import atomic_directory, move_into, temp_sibling, write_text_atomically
 from relufy.convert import convert_checkpoint
 
 # Runs `relufy convert` with a copy step that announces itself and then waits to be signalled.
@@ -28,11 +27,6 @@ relufy.convert._copy_checkpoint = copy
 from relufy.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    return save_tiny_model("llama", tmp_path / "src")
 
 
 def test_sigterm_during_convert_exits_130_and_removes_the_temp_folder(tmp_path, tiny):
@@ -72,3 +66,33 @@ def test_written_files_follow_the_umask_like_cp(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_file_write_that_fails_leaves_neither_file_nor_temp_and_sweeps_a_dead_writers_temp(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".result.json.{finished.stdout.strip()}.k2j4hd8s.relufy-tmp"
+    dead.write_text("half")
+    with pytest.raises(TypeError):
+        write_text_atomically(tmp_path / "result.json", None)  # fails inside the write
+    assert list(tmp_path.iterdir()) == []  # the dead writer's temp swept, the failed one's removed
+    write_text_atomically(tmp_path / "result.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_move_into_moves_a_finished_model_in_with_its_config_last(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-1").mkdir()
+    tmp = temp_sibling(out / "final-model", shared=True)
+    assert tmp.parent == out and tmp.name == ".final-model.relufy-tmp"
+    tmp.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp / name).write_text(name)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moved.append(Path(b).name), real_replace(a, b)))
+    move_into(tmp, out)
+    assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "config.json", "model.safetensors",
+                                                    "tokenizer.json"]
+

@@ -7,33 +7,10 @@ import json
 import pytest
 import torch
 from conftest import SAMPLE_TEXT
-from tiny_models import VOCAB, build_tiny_model, save_tiny_checkpoint
+from tiny_models import VOCAB, build_tiny_model, manual_x1, save_tiny_checkpoint
 
-from relufy.architectures import architecture_for
 from relufy.cli import main
-from relufy.probe import SparsityProbe, ffn_modules
-
-
-def manual_x1(model, input_ids):
-    """x1 of every layer, recomputed by hand from each FFN's input."""
-    arch = architecture_for(model.config.model_type)
-    inputs = []
-    handles = [ffn.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for ffn in ffn_modules(model)]
-    with torch.no_grad():
-        model(input_ids=input_ids)
-        for handle in handles:
-            handle.remove()
-        x1s = []
-        for ffn, x in zip(ffn_modules(model), inputs):
-            act = getattr(ffn, "act_fn", None) or getattr(ffn, "act", None) or getattr(ffn, "activation_fn")
-            if arch.gate_up:
-                gate, up = getattr(ffn, arch.gate_up)(x).chunk(2, dim=-1)
-                x1s.append(act(gate) * up)
-            elif arch.gated:
-                x1s.append(act(getattr(ffn, arch.gate)(x)) * getattr(ffn, arch.up)(x))
-            else:
-                x1s.append(act(getattr(ffn, arch.up)(x)))
-    return x1s
+from relufy.probe import SparsityProbe
 
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "gpt_neox"])
@@ -42,7 +19,7 @@ def test_zero_ratio_equals_manual_count(model_type):
         build_tiny_model(model_type, hidden_act="relu")
     input_ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     expected = [float((x1 == 0).float().mean()) for x1 in manual_x1(model, input_ids)]
-    with SparsityProbe(model) as probe, torch.no_grad():
+    with SparsityProbe.for_measurement(model) as probe, torch.no_grad():
         model(input_ids=input_ids)
     summary = probe.summary()
     assert summary["per_layer"] == pytest.approx(expected, abs=1e-7)
@@ -56,7 +33,7 @@ def test_threshold_ratio_counts_small_magnitudes_for_any_activation():
     input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     x1s = manual_x1(model, input_ids)
     threshold = float(torch.cat([x.flatten() for x in x1s]).abs().median())
-    with SparsityProbe(model, threshold=threshold) as probe, torch.no_grad():
+    with SparsityProbe.for_measurement(model, threshold=threshold) as probe, torch.no_grad():
         model(input_ids=input_ids)
     summary = probe.summary()
     assert summary["overall"] == 0.0
@@ -71,7 +48,7 @@ def test_token_mask_excludes_padding():
     mask[1, 6:] = False
     x1s = manual_x1(model, input_ids)
     expected = [float((x[mask] == 0).float().mean()) for x in x1s]
-    with SparsityProbe(model, token_mask=mask) as probe, torch.no_grad():
+    with SparsityProbe.for_measurement(model, token_mask=mask) as probe, torch.no_grad():
         model(input_ids=input_ids)
     assert probe.summary()["per_layer"] == pytest.approx(expected, abs=1e-7)
     assert probe.tokens == 16
@@ -82,38 +59,11 @@ def test_probe_does_not_change_outputs_and_detaches_cleanly():
     input_ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model(input_ids=input_ids).logits
-        with SparsityProbe(model, track_l1=True, keep_inputs=True):
+        with SparsityProbe.for_training(model), SparsityProbe.for_sampling(model):
             during = model(input_ids=input_ids).logits
         after = model(input_ids=input_ids).logits
     assert torch.equal(before, during) and torch.equal(before, after)
     assert all(not m._forward_pre_hooks for m in model.modules())
-
-
-def test_l1_term_is_sum_over_layers_of_mean_token_l1():
-    model = build_tiny_model("llama", hidden_act="relu")
-    input_ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
-    expected = sum(float(x.abs().sum(-1).mean()) for x in manual_x1(model, input_ids))
-    with SparsityProbe(model, track_l1=True) as probe:
-        model(input_ids=input_ids)
-        term = probe.pop_l1()
-    assert term.requires_grad
-    assert term.item() == pytest.approx(expected, rel=1e-5)
-    assert float(probe.pop_l1()) == 0.0
-
-
-def test_l1_term_adds_up_forwards_of_different_shapes_and_respects_the_token_mask():
-    model = build_tiny_model("llama", hidden_act="relu")
-    short, long = (torch.randint(0, VOCAB, size, generator=torch.Generator().manual_seed(6)) for size in [(2, 5), (1, 9)])
-    mask = torch.ones(1, 9, dtype=torch.bool)
-    mask[0, 4:] = False
-    expected = sum(float(x.abs().sum(-1).mean()) for x in manual_x1(model, short))
-    expected += sum(float(x[mask].abs().sum(-1).mean()) for x in manual_x1(model, long))
-    with SparsityProbe(model, track_l1=True) as probe:
-        model(input_ids=short)
-        probe.token_mask = mask
-        model(input_ids=long)
-        term = probe.pop_l1()
-    assert term.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_sparsity_command_writes_json(tmp_path, capsys):

@@ -19,7 +19,7 @@ from tiny_models import build_tiny_model  # noqa: E402
 
 from relufy.activations import register_activations  # noqa: E402
 from relufy.architectures import architecture_for  # noqa: E402
-from relufy.probe import ffn_modules  # noqa: E402
+from relufy.architectures import ffn_modules  # noqa: E402
 from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"

@@ -19,7 +19,10 @@ from relufy.cli import build_parser, main  # noqa: E402
 from relufy.publish import model_card  # noqa: E402
 from relufy.report import evaluation_report  # noqa: E402
 from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
-from relufy.speed import DecodeLoop, SpeedConfig, ffn_inputs, measure_speed, random_prompts, speed_table  # noqa: E402
+from relufy.decode import DecodeLoop, random_prompts  # noqa: E402
+from relufy.ffn_speed import ffn_inputs  # noqa: E402
+from relufy.report import speed_table  # noqa: E402
+from relufy.speed import SpeedConfig, measure_speed  # noqa: E402
 
 TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4, generate_repeats=2, warmup=2,
             ffn_repeats=2, copy_bytes=1 << 20, dtype="float32", device="cpu", union_batch_sizes=(1, 4))
@@ -103,9 +106,9 @@ def test_decode_loop_tokens_are_generate_tokens(attention):
     """Static cache + explicit 4D mask (boolean for sdpa, additive for eager) + device-side argmax = generate."""
     model = build_tiny_model("llama", hidden_act="relu", seed=3)
     model.set_attn_implementation(attention)
-    prompts = random_prompts(model, SpeedConfig(batch_sizes=(3,), prompt_tokens=8, seed=1), torch.device("cpu"))
+    prompts = random_prompts(model, 3, 8, 1, torch.device("cpu"))
     with torch.no_grad():
-        tokens, seconds = DecodeLoop(model, 3, 8, 10).run(prompts)
+        tokens, seconds = DecodeLoop(model, 3, 8, 10).decode_n_tokens(prompts)
         expected = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=11,
                                   do_sample=False, pad_token_id=0)[:, 8:]
     assert tokens.shape == (3, 11) and seconds > 0
@@ -119,9 +122,9 @@ def test_ffn_inputs_are_one_decode_step_even_after_the_step_was_compiled():
     model = build_tiny_model("llama", hidden_act="relu")
     loop = DecodeLoop(model, 2, 8, 4)
     loop.decode_logits = torch.compile(loop.logits, backend="eager", dynamic=False)  # CUDA compiles; CPU may too
-    prompts = random_prompts(model, SpeedConfig(batch_sizes=(2,), prompt_tokens=8), torch.device("cpu"))
+    prompts = random_prompts(model, 2, 8, 0, torch.device("cpu"))
     with torch.no_grad():
-        loop.run(prompts, warmup=1)  # compiles the step without hooks
+        loop.decode_n_tokens(prompts, warmup=1)  # compiles the step without hooks
         inputs = ffn_inputs(loop, prompts)
     assert [tuple(x.shape[:-1]) for x in inputs] == [(2, 1), (2, 1)]
 
@@ -129,7 +132,7 @@ def test_ffn_inputs_are_one_decode_step_even_after_the_step_was_compiled():
 def test_weights_bandwidth_counts_the_embedding_only_when_tied():
     untied = build_tiny_model("llama", hidden_act="relu")
     tied = build_tiny_model("llama", hidden_act="relu", tie_word_embeddings=True)
-    from relufy.speed import weight_bytes
+    from relufy.decode import weight_bytes
 
     every = sum(p.numel() * p.element_size() for p in untied.parameters())
     embedding = untied.get_input_embeddings().weight

@@ -91,13 +91,13 @@ def test_convert_sparsity_and_evaluate_read_a_folder_through_links(cached_folder
 def test_training_starts_from_a_linked_base(cached_gguf, cached_folder, tmp_path):
     """The recipe's model_name_or_path through links: a GGUF is dequantized, a folder converted, each once."""
     from relufy.recipe import load_recipe
-    from relufy.train import _prepare_base
+    from relufy.train_base import prepare_base
 
     for name, base, activation in (("gguf", cached_gguf, "null"), ("folder", cached_folder, "relu")):
         recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [
             f"model_name_or_path={base}", f"activation={activation}", f"output_dir={tmp_path / name}",
             "model_config_overrides={}", "block_size=32"])
-        prepared = Path(_prepare_base(recipe))
+        prepared = Path(prepare_base(recipe))
         config = json.loads((prepared / "config.json").read_text())
         assert config["relufy"]["source"] == str(resolve_source(base))
-        assert Path(_prepare_base(recipe)) == prepared  # reused, not made again
+        assert Path(prepare_base(recipe)) == prepared  # reused, not made again

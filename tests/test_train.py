@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from relufy.cli import main
 from relufy.errors import DataError, TrainingError
-from relufy.probe import down_projections
+from relufy.architectures import down_projections
 from relufy.recipe import load_recipe
 from relufy.schedule import Schedule
 from relufy.threshold import calibrate_threshold
@@ -36,7 +36,7 @@ def make_trainer(model, tmp_path, stages, **args) -> ProSparseTrainer:
     from relufy.probe import SparsityProbe
 
     training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **args)
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()
+    probe = SparsityProbe.for_training(model).attach()
     return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config(stages), probe=probe)
 
 
@@ -79,43 +79,6 @@ def test_l1_gradient_matches_autograd_of_an_explicit_reference(tmp_path):
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_the_l1_tap_is_an_identity_whose_backward_adds_the_l1_gradient(dtype, tolerance):
-    from relufy.probe import L1Tap
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 64, generator=generator).to(dtype).requires_grad_()
-    reference = x.detach().double().requires_grad_()
-    weights = torch.rand(3, 5, dtype=torch.float64, generator=generator)
-    upstream = torch.randn(3, 5, 64, dtype=torch.float64, generator=generator)
-    tapped, per_token = L1Tap.apply(x)
-    ((tapped.double() * upstream).sum() + (per_token.double() * weights).sum()).backward()
-    ((reference * upstream).sum() + (reference.abs().sum(-1) * weights).sum()).backward()
-    assert torch.equal(tapped, x) and per_token.dtype == torch.float32
-    torch.testing.assert_close(per_token.double(), reference.abs().sum(-1), rtol=tolerance, atol=tolerance)
-    assert x.grad.dtype == dtype
-    torch.testing.assert_close(x.grad.double(), reference.grad, rtol=tolerance, atol=tolerance)
-
-
-def test_the_l1_tap_passes_the_gradient_through_when_its_l1_is_unused():
-    from relufy.probe import L1Tap
-
-    x = torch.randn(2, 4, 8, requires_grad=True)
-    tapped, _ = L1Tap.apply(x)
-    (tapped * 3).sum().backward()
-    assert torch.equal(x.grad, torch.full_like(x, 3.0))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled L1 backward runs on CUDA only")
-def test_the_compiled_l1_backward_matches_the_eager_one():
-    from relufy.probe import _add_l1_gradient, _compiled_add_l1_gradient
-
-    grad = torch.randn(2, 7, 96, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(2, 7, 96, device="cuda", dtype=torch.bfloat16).relu()
-    per_token = torch.rand(2, 7, device="cuda")
-    torch.testing.assert_close(_compiled_add_l1_gradient()(grad, x, per_token), _add_l1_gradient(grad, x, per_token))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="Liger Kernel's Triton kernels run on CUDA only")
 def test_liger_kernels_leave_the_relu_mlp_the_loss_and_the_l1_unchanged(tmp_path, monkeypatch):
@@ -129,7 +92,7 @@ def test_liger_kernels_leave_the_relu_mlp_the_loss_and_the_l1_unchanged(tmp_path
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     config = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "use_liger_kernel=true"]).training.liger_kernel_config
     model = relu_model().cuda()
-    probe = SparsityProbe(model, track_l1=True).attach()
+    probe = SparsityProbe.for_training(model).attach()
     inputs = {key: value.cuda() for key, value in batch().items()}
     results = []
     for patched in (False, True):
@@ -153,7 +116,7 @@ def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():
     results = []
     for compiled in (False, True):
         model = relu_model()
-        probe = SparsityProbe(model, track_l1=True).attach()
+        probe = SparsityProbe.for_training(model).attach()
         forward = torch.compile(model) if compiled else model
         out = forward(**inputs)
         l1 = probe.pop_l1()
@@ -197,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_counts_onc
         loss = trainer.compute_loss(model, batch())
         loss.backward()
         assert trainer.probe.layers[0].tokens == 2 * 16  # one forward counted, not the recomputation
-        assert trainer.probe.l1_term().item() == 0.0  # nothing left over from the backward pass
+        assert trainer.probe.l1.value().item() == 0.0  # nothing left over from the backward pass
         results.append((loss.item(), grads(model)))
     assert checkpointed.is_gradient_checkpointing
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)

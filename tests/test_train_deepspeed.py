@@ -11,18 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE_TEXT
-from tiny_models import save_tiny_checkpoint
+from conftest import REPO
 
 from relufy.recipe import load_recipe
 
 pytest.importorskip("deepspeed")
 ACCELERATE = Path(sys.executable).parent / "accelerate"
-
-
-@pytest.fixture(scope="module")
-def silu_base(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("base") / "tiny-llama", SAMPLE_TEXT)
 
 
 def launch(config: str, base: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:

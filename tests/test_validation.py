@@ -9,18 +9,12 @@ import math
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT
-from tiny_models import save_tiny_checkpoint
 
 from relufy.cli import main
 from relufy.data import load_text_dataset
 from relufy.errors import DataError
 
 HUGE = str(10**15)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny") / "tiny-relu", SAMPLE_TEXT, hidden_act="relu")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -68,28 +62,28 @@ CASES += [(command, "--dtype", "float8") for command in ("sparsity", "evaluate",
 
 @pytest.mark.parametrize("command, flag, value", CASES)
 def test_every_numeric_option_of_every_command_refuses_zero_negative_and_absurd_values(
-        tiny, tmp_path, capsys, command, flag, value):
-    code, err = run_cli(capsys, *command_line(command, tiny, tmp_path), flag, value)
+        relu_checkpoint, tmp_path, capsys, command, flag, value):
+    code, err = run_cli(capsys, *command_line(command, relu_checkpoint, tmp_path), flag, value)
     assert_one_line_error(code, err, f"relufy {command}: error:", flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing may be written"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
 @pytest.mark.parametrize("command", ["sparsity", "evaluate", "matched", "speed"])
-def test_cuda_without_a_cuda_device_is_one_line_naming_the_fix(tiny, tmp_path, capsys, command):
-    code, err = run_cli(capsys, *command_line(command, tiny, tmp_path), "--device", "cuda")
+def test_cuda_without_a_cuda_device_is_one_line_naming_the_fix(relu_checkpoint, tmp_path, capsys, command):
+    code, err = run_cli(capsys, *command_line(command, relu_checkpoint, tmp_path), "--device", "cuda")
     assert_one_line_error(code, err, "--device cuda: no CUDA device is visible; use --device cpu")
 
 
 @pytest.mark.parametrize("device", ["gpu", "meta", "cpu:x"])
-def test_a_device_torch_cannot_place_a_model_on_is_refused(tiny, tmp_path, capsys, device):
-    code, err = run_cli(capsys, *command_line("sparsity", tiny, tmp_path), "--device", device)
+def test_a_device_torch_cannot_place_a_model_on_is_refused(relu_checkpoint, tmp_path, capsys, device):
+    code, err = run_cli(capsys, *command_line("sparsity", relu_checkpoint, tmp_path), "--device", device)
     assert_one_line_error(code, err, f"--device {device}")
 
 
 @pytest.mark.parametrize("command", ["sparsity", "evaluate", "matched"])
 def test_a_block_longer_than_the_models_context_is_refused_before_the_weights_load(
-        tiny, tmp_path, capsys, monkeypatch, command):
+        relu_checkpoint, tmp_path, capsys, monkeypatch, command):
     import relufy.checkpoint
 
     def must_not_load(*args, **kwargs):
@@ -97,7 +91,7 @@ def test_a_block_longer_than_the_models_context_is_refused_before_the_weights_lo
 
     monkeypatch.setattr(relufy.checkpoint, "load_model", must_not_load)
     extra = ["--heldout-tokens", "4096"] if command != "sparsity" else []
-    code, err = run_cli(capsys, *command_line(command, tiny, tmp_path), "--block-size", "128", *extra)
+    code, err = run_cli(capsys, *command_line(command, relu_checkpoint, tmp_path), "--block-size", "128", *extra)
     assert_one_line_error(code, err, "--block-size 128 is longer than", "context of 64 tokens")
 
 
@@ -152,18 +146,18 @@ def test_a_text_row_that_is_not_a_string_names_the_file_and_row(tmp_path, name, 
     assert str(caught.value) == f"{path} {where}: 'text' must be a string, got {got}"
 
 
-def test_a_jsonl_of_numbers_is_one_line_from_the_command(tiny, tmp_path, capsys):
+def test_a_jsonl_of_numbers_is_one_line_from_the_command(relu_checkpoint, tmp_path, capsys):
     (tmp_path / "numbers.jsonl").write_text('{"text": 5}\n')
-    code, err = run_cli(capsys, "sparsity", tiny, "--data", tmp_path / "numbers.jsonl", "--block-size", "32")
+    code, err = run_cli(capsys, "sparsity", relu_checkpoint, "--data", tmp_path / "numbers.jsonl", "--block-size", "32")
     assert_one_line_error(code, err, "line 1: 'text' must be a string, got int")
 
 
 @pytest.mark.parametrize("key, value", [("rms_norm_eps", "NaN"), ("rms_norm_eps", "Infinity"),
                                         ("hidden_act", '"fatrelu_nan"'), ("rope_theta", "-Infinity")])
-def test_a_non_finite_config_value_is_refused(tiny, tmp_path, capsys, key, value):
+def test_a_non_finite_config_value_is_refused(relu_checkpoint, tmp_path, capsys, key, value):
     import shutil
 
-    model = shutil.copytree(tiny, tmp_path / "model")
+    model = shutil.copytree(relu_checkpoint, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
     config[key] = "PLACEHOLDER"
     (model / "config.json").write_text(json.dumps(config).replace('"PLACEHOLDER"', value))
@@ -173,13 +167,13 @@ def test_a_non_finite_config_value_is_refused(tiny, tmp_path, capsys, key, value
     assert not (tmp_path / "s.json").exists()
 
 
-def test_a_measurement_that_comes_out_nan_is_an_error_not_a_row(tiny, tmp_path, capsys):
+def test_a_measurement_that_comes_out_nan_is_an_error_not_a_row(relu_checkpoint, tmp_path, capsys):
     """Weights holding NaN make every logit NaN: the perplexity is NaN, which is an error, and no JSON is written."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    model = shutil.copytree(tiny, tmp_path / "model")
+    model = shutil.copytree(relu_checkpoint, tmp_path / "model")
     weights = load_file(model / "model.safetensors")
     weights["model.norm.weight"][:] = math.nan
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})

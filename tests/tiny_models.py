@@ -106,3 +106,27 @@ def _merges(tokenizer) -> list[str]:
 
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     return [" ".join(m) if isinstance(m, list) else m for m in merges]
+
+
+def manual_x1(model, input_ids):
+    """x1 of every layer, recomputed by hand from each FFN's input."""
+    from relufy.architectures import architecture_for, ffn_modules
+
+    arch = architecture_for(model.config.model_type)
+    inputs = []
+    handles = [ffn.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for ffn in ffn_modules(model)]
+    with torch.no_grad():
+        model(input_ids=input_ids)
+        for handle in handles:
+            handle.remove()
+        x1s = []
+        for ffn, x in zip(ffn_modules(model), inputs):
+            act = getattr(ffn, "act_fn", None) or getattr(ffn, "act", None) or getattr(ffn, "activation_fn")
+            if arch.gate_up:
+                gate, up = getattr(ffn, arch.gate_up)(x).chunk(2, dim=-1)
+                x1s.append(act(gate) * up)
+            elif arch.gated:
+                x1s.append(act(getattr(ffn, arch.gate)(x)) * getattr(ffn, arch.up)(x))
+            else:
+                x1s.append(act(getattr(ffn, arch.up)(x)))
+    return x1s

@@ -1,15 +1,23 @@
-"""The architecture map: what relufy knows about each model_type, loaded from convert/architectures.yaml."""
+"""The architecture map: what relufy knows about each model_type, loaded from convert/architectures.yaml, and the
+FFN modules and down projections of a loaded model that it names (`ffn_modules`, `down_projections`)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .errors import UnsupportedArchitectureError
 from .paths import project_file
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -67,3 +75,23 @@ def architecture_of(config) -> Architecture:
     """The map entry for a config.json dict or a transformers config (by its model_type)."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return architecture_for(model_type)
+
+
+def ffn_modules(model: nn.Module, arch: Architecture | None = None) -> list[nn.Module]:
+    """Every FFN module of `model`, in layer order (as the architecture map names them)."""
+    arch = arch or architecture_for(getattr(model.config, "model_type", None))
+    found: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name.endswith(f".{arch.ffn}") and hasattr(module, arch.down):
+            match = _LAYER_INDEX.findall(name)
+            if match:
+                found.setdefault(int(match[-1]), module)
+    if not found:
+        raise ValueError(f"no FFN modules named '{arch.ffn}' with a '{arch.down}' in {type(model).__name__}")
+    return [found[index] for index in sorted(found)]
+
+
+def down_projections(model: nn.Module, arch: Architecture | None = None) -> list[nn.Module]:
+    """The down projection of every FFN in layer order; their input is x1."""
+    arch = arch or architecture_for(getattr(model.config, "model_type", None))
+    return [getattr(ffn, arch.down) for ffn in ffn_modules(model, arch)]

@@ -9,10 +9,13 @@ only with --force and only if relufy wrote it (an empty folder holds nothing to 
 `output_lock` lets one relufy process at a time write an output: a second one stops with a line
 naming the holder's PID and command, instead of racing the first one's rename.
 
-A folder is built in a hidden sibling `.<name>.<pid>.<random>.relufy-tmp` and renamed at the end.
-Anything that stops the process on the way (an error, Ctrl-C, SIGTERM: the CLI turns it into
-KeyboardInterrupt) removes it; one left by a process that was killed outright (kill -9, power
-loss) is swept by the next write of the same output, once its process is gone.
+Every complete-or-absent write, file or folder, goes through one temp-name and cleanup rule: it is
+built in a hidden sibling named by `temp_sibling` (`.<name>.<pid>.<random>.relufy-tmp`; a folder every
+rank of a distributed save writes into is `.<name>.relufy-tmp`, the one name all ranks agree on) and
+renamed at the end (`atomic_file`, `atomic_directory`, `replace_with`, `move_into`). Anything that
+stops the process on the way (an error, Ctrl-C, SIGTERM: the CLI turns it into KeyboardInterrupt)
+removes it (`discard`); one left by a process that was killed outright (kill -9, power loss) is swept
+by the next write of the same output, once its process is gone (`sweep_stale`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -183,38 +186,92 @@ def atomic_directory(out: Path, *, replace: bool, command: str) -> Iterator[Path
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=out.parent))
+        tmp = temp_sibling(out)
+        tmp.mkdir()
     except PermissionError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror} in {exc.filename or out.parent}; choose a "
                           "writable output location") from None
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps(output_record(command)) + "\n")
-        respect_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 would outlive the rename
         if reason := _refusal(out, force=replace, kind="dir"):
             raise OutputExistsError(reason)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_with(tmp, out)
     except BaseException:
+        discard(tmp)
+        raise
+
+
+def temp_sibling(path: Path, *, shared: bool = False) -> Path:
+    """The one name of a temporary that becomes `path`: `.<name>.<pid>.<random>.relufy-tmp` beside it, so
+    `sweep_stale` can tell a dead writer's leftover from a live one's. `shared`: `.<name>.relufy-tmp`, for
+    a folder every rank of a distributed save writes into (they must agree on it; the main rank empties it
+    before the save and removes it after)."""
+    if shared:
+        return path.with_name(f".{path.name}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temporary file or folder; nothing if it is already gone."""
+    if tmp.is_dir() and not tmp.is_symlink():
         shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def replace_with(tmp: Path, target: Path) -> None:
+    """The finished temporary folder `tmp` becomes `target` (an older `target` removed first), with the modes
+    a plain copy would have (a private temp's 0700 and safetensors' 0600 would outlive the rename)."""
+    respect_umask(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def move_into(tmp: Path, out_dir: Path, *, last: str = "config.json") -> None:
+    """Move every file of the finished temporary folder `tmp` into the existing `out_dir` (replacing files of
+    the same name), `last` at the end, so a reader that finds it finds the rest; then remove `tmp`. For a
+    model saved into a folder that holds other things (checkpoints, an adapter) and so cannot be replaced."""
+    respect_umask(tmp)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == last):
+        os.replace(path, out_dir / path.name)
+    tmp.rmdir()
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield the temporary sibling to write one file into; on success it replaces `path`, on failure it
+    vanishes. An unwritable location is one `OutputError`."""
+    tmp = temp_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        discard(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
         raise
 
 
 def sweep_stale(out: Path) -> list[Path]:
-    """Remove relufy temp folders of `out` whose process no longer runs; return what was removed."""
+    """Remove relufy temporaries (files or folders) of `out` whose process no longer runs; return what was
+    removed."""
     prefix = f".{out.name}."
     removed = []
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():
         name = entry.name
-        if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX) and entry.is_dir()):
+        if not (name.startswith(prefix) and name.endswith(TMP_SUFFIX)):
             continue
         pid = name[len(prefix):-len(TMP_SUFFIX)].split(".")[0]
         if pid.isdigit() and _running(int(pid)):
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        discard(entry)
         removed.append(entry)
     return removed
 
@@ -248,15 +305,6 @@ def respect_umask(path: Path) -> None:
 
 
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a text file complete or not at all (`atomic_file`)."""
+    with atomic_file(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write {path}: {exc.strerror}; choose a writable location") from None
-        raise

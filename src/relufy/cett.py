@@ -4,7 +4,7 @@ Neuron i of an FFN outputs n_i = x1_i * W_down[:, i], so ||n_i||_2 = |x1_i| * ||
 For a threshold eps, D = {i : ||n_i|| <= eps} and, per token, CETT = ||sum_{i in D} n_i|| / ||FFN(x)||
 (averaged over tokens). One CETT target is shared by all layers; each layer's eps comes from a
 binary search on cached dense activations (no forward pass). Zeroing the x1 entries in D (a
-pre-hook on each down projection, found through `relufy.probe.down_projections`) gives the
+pre-hook on each down projection, found through `relufy.architectures.down_projections`) gives the
 thresholded model; its sparsity is the fraction of x1 entries in D. An outer binary search on
 CETT (tolerance 1e-3) finds the largest CETT whose held-out perplexity stays within (1 + p%) of
 the dense perplexity. Works for any activation: `<=` makes exact zeros of ReLU count as inactive.
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .errors import DataError
 from .metrics import mean_token_loss, perplexity
-from .probe import SparsityProbe, down_projections
+from .architectures import down_projections
+from .probe import SparsityProbe
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class PPLSearch:
     # -- the dense pass: perplexity and cached x1 sample ---------------------------------------
     @torch.no_grad()
     def _calibrate(self) -> list[LayerCalibration]:
-        with SparsityProbe(self.model, keep_inputs=True) as probe:
+        with SparsityProbe.for_sampling(self.model) as probe:
             sample = X1Sample(probe.num_layers, self.calibration_tokens)
             loss = mean_token_loss(self.model, self.blocks, batch_size=self.batch_size,
                                    after_batch=lambda: sample.add(probe.last_inputs), desc="PPL-p% dense pass",

@@ -377,7 +377,8 @@ def _run_speed(args) -> int:
 
 
 def _speed(args, config) -> int:
-    from .speed import speed_of_checkpoint, speed_table
+    from .report import speed_table
+    from .speed import speed_of_checkpoint
 
     output = Path(args.output)
     result = speed_of_checkpoint(args.model, config, trust_remote_code=args.trust_remote_code)

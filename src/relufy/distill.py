@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import parse_activation, register_activations
-from .architectures import architecture_of
+from .architectures import architecture_of, ffn_modules
 from .errors import RecipeError, TrainingError
-from .probe import ffn_modules
 
 if TYPE_CHECKING:
     from .configs import ModelArguments, ProSparseConfig

@@ -103,7 +103,7 @@ def run_suite(model, tokenizer, plan: EvalPlan, manager, options: SuiteOptions) 
     The probe attaches last, so it counts what reaches the down projections: a caller that has
     already hooked them (`relufy matched`'s thresholds) gets the sparsity of its thresholded model.
     """
-    probe = SparsityProbe(model)
+    probe = SparsityProbe.for_measurement(model)
     quiet_lm_eval_logs()
     lm = probed_lm(model, tokenizer, probe, batch_size=options.batch_size, max_length=options.max_length)
     harness: dict = {"results": {}, "groups": {}, "n-shot": {}, "versions": {}, "n-samples": {},

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
 from .architectures import Architecture, architecture_for
-from .atomic import respect_umask
+from .atomic import discard, move_into, replace_with, temp_sibling
 from .errors import RecipeError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -143,16 +141,17 @@ def _normal(value):
 def save_adapter(trainer, output_dir: Path) -> Path:
     """Save the trained adapter (and tokenizer) to output_dir/adapter, replacing an older one atomically."""
     target = output_dir / ADAPTER_DIR
-    tmp = output_dir / f".{ADAPTER_DIR}.tmp"
-    if trainer.args.should_save and tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))  # every rank: DeepSpeed gathers the weights collectively
+    tmp = temp_sibling(target, shared=True)  # every rank saves: DeepSpeed gathers the weights collectively
     if trainer.args.should_save:
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing should need to load it
-        respect_umask(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        discard(tmp)
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing should need to load it
+            replace_with(tmp, target)
+    finally:
+        if trainer.args.should_save:
+            discard(tmp)
     return target
 
 
@@ -165,22 +164,16 @@ def merge_adapter(base_model: nn.Module, adapter_dir: Path) -> nn.Module:
 
 def save_merged(model: nn.Module, tokenizer, output_dir: Path) -> None:
     """save_pretrained into a temporary sibling, then move the files into output_dir."""
-    tmp = output_dir / ".merged.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temp_sibling(output_dir / "merged")
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    respect_umask(tmp)
-    for stale in output_dir.glob("model*.safetensors*"):
-        stale.unlink()
-    for path in sorted(tmp.iterdir()):
-        os.replace(path, output_dir / path.name)
-    tmp.rmdir()
+        for stale in output_dir.glob("model*.safetensors*"):
+            stale.unlink()
+        move_into(tmp, output_dir)
+    finally:
+        discard(tmp)
 
 
 def describe(args, model_type: str | None) -> dict:

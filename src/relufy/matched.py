@@ -107,7 +107,7 @@ def calibrate(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_si
     mask = NeuronMask(model)
     thresholds = [0.0] * len(mask.modules)
     for layer in range(len(thresholds)):
-        with mask, SparsityProbe(model, keep_inputs=True, count_zeros=False) as probe:  # probe after the mask
+        with mask, SparsityProbe.for_sampling(model, count_zeros=False) as probe:  # probe after the mask
             mask.set(thresholds)
             sample = X1Sample(probe.num_layers, blocks.numel(), layers={layer})
             for batch in batches(blocks, batch_size, device):

@@ -29,7 +29,7 @@ def measure_sparsity(model, blocks, *, threshold: float = 0.0, batch_size: int =
     if max_tokens is not None:
         count = min(count, max(1, max_tokens // block_size))
     input_ids = torch.tensor(blocks[:count]["input_ids"], dtype=torch.long)
-    with SparsityProbe(model, threshold=threshold) as probe:
+    with SparsityProbe.for_measurement(model, threshold=threshold) as probe:
         loss = mean_token_loss(model, input_ids, batch_size=batch_size, desc="measuring sparsity", progress=progress)
         result = probe.summary()
     result["loss"] = loss

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from .atomic import atomic_file
 from .errors import DataError
 
 # The metric that stands for a task, in order of preference (lm-eval keys are "metric,filter").
@@ -122,8 +122,6 @@ def evaluation_report(result: dict, plots: dict[str, str] | None = None) -> str:
         for layer in range(layers):
             lines.append(f"| {layer} | " + " | ".join(f"{entry['thresholds'][layer]:.3g}" for entry in ppl.values()) + " |")
     if result.get("speed"):
-        from .speed import speed_table
-
         lines += ["", "## Decode speed (dense vs sparse FFNs, `relufy speed`)", "", speed_table(result["speed"])]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
@@ -222,8 +220,77 @@ def write_training_plot(history: list[dict], path: Path) -> Path | None:
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle("ProSparse training")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
+
+
+def speed_table(result: dict) -> str:
+    """Markdown: decode tokens/s per batch size dense vs sparse, then generate, the bandwidth limit,
+    the FFNs alone and the decode sparsity, one line each; then zeros and unions per layer."""
+    lines = [result["note"], ""] if result.get("note") else []
+    lines += ["| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
+    for row in result["decode"]:
+        lines.append(f"| {row['batch_size']} | {row['dense_tokens_per_s']:.1f} | {_number(row['sparse_tokens_per_s'])} | "
+                     f"{_number(row['speedup'], '.2f', 'x')} | {_number(row['token_match'], '.2%')} |")
+    loop = "eager decode steps (no CUDA)"
+    if result.get("cuda_graph"):
+        loop = "one decode step" + (" (torch.compile)" if result.get("compiled") else "") + " captured as a CUDA graph"
+    lines += ["", f"Decode loop: static KV cache, {loop}, greedy; {result['config']['prompt_tokens']} prompt tokens, "
+              f"{result['config']['new_tokens']} new tokens; {result.get('gpu') or result.get('device')}, "
+              f"{result.get('dtype')}; {result.get('sparse_ffns', 0)} of {result.get('ffns', '?')} FFNs sparse."]
+    if result.get("generate"):
+        lines.append(_generate_line(result["generate"]))
+    fraction = result.get("dense_fraction_of_limit")
+    reached = f"; the dense loop reaches {fraction:.0%} of it" if fraction is not None else ""
+    lines.append(f"Weights-bandwidth limit at batch 1: {result['bandwidth_limit_tokens_per_s']:.1f} tok/s "
+                 f"({result['weight_bytes'] / 1e9:.2f} GB of weights at {result['copy_bandwidth_gb_per_s']:.0f} GB/s "
+                 f"copy bandwidth){reached}.")
+    for ffn in result.get("ffn", [])[:1]:
+        if ffn.get("sparse_us") is not None:
+            lines.append(f"FFNs alone (batch {ffn['batch_size']}, all layers, one step): dense {ffn['dense_us']:.1f} "
+                         f"us, sparse {ffn['sparse_us']:.1f} us ({ffn['speedup']:.2f}x); largest relative difference "
+                         f"of an FFN output, sparse vs dense: {ffn['max_rel_error']:.2e}.")
+    if result.get("sparsity"):
+        lines.append(f"Zero-ratio of x1 during decode: {result['sparsity']['overall']:.2%} "
+                     f"over {result['sparsity']['tokens']} tokens.")
+    return "\n".join(lines + _layer_table(result))
+
+
+def _number(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _generate_line(generate: dict) -> str:
+    """HF generate's median tokens/s with its range over the repeats, per arm."""
+    def arm(name: str) -> str:
+        if generate.get(f"{name}_tokens_per_s") is None:
+            return ""
+        low, high = generate.get(f"{name}_min_tokens_per_s"), generate.get(f"{name}_max_tokens_per_s")
+        spread = f" [{low:.1f}-{high:.1f}]" if low is not None else ""
+        return f"{name} {generate[f'{name}_tokens_per_s']:.1f} tok/s{spread}"
+
+    ratio = f" ({generate['speedup']:.2f}x)" if generate.get("speedup") is not None else ""
+    arms = ", ".join(filter(None, (arm("dense"), arm("sparse"))))
+    return (f"HF generate (batch {generate['batch_size']}, {generate['new_tokens']} new tokens, default cache, "
+            f"median [min-max] of {generate.get('repeats', 1)} alternated runs): {arms}{ratio}.")
+
+
+def _layer_table(result: dict) -> list[str]:
+    """Per layer: the zero-ratio of x1 at batch 1 and the union of active neurons at each union batch size."""
+    union, sparsity = result.get("union"), result.get("sparsity")
+    if not union or not sparsity:
+        return []
+    batches = union["batch_sizes"]
+    lines = ["", "Union of active neurons per decode step (the rows the kernels read), mean over layers: " +
+             ", ".join(f"{b} token{'s' * (b > 1)} {union['overall'][str(b)]:.1%}" for b in batches) + ".", "",
+             "| layer | zeros (batch 1) | " + " | ".join(f"union, {b} tok" for b in batches) + " |",
+             "| ---: | ---: |" + " ---: |" * len(batches)]
+    for layer, zeros in enumerate(sparsity["per_layer"]):
+        lines.append(f"| {layer} | {zeros:.1%} | " +
+                     " | ".join(f"{union['per_layer'][str(b)][layer]:.1%}" for b in batches) + " |")
+    return lines

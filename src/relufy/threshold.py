@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .activations import module_class, parse_activation
-from .architectures import architecture_of
+from .architectures import architecture_of, ffn_modules
 from .checkpoint import update_config
 from .errors import TrainingError
-from .probe import ffn_modules
 
 if TYPE_CHECKING:
     from .configs import ProSparseConfig

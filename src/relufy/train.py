@@ -1,7 +1,7 @@
 """`relufy train`: a recipe end to end (docs/training.md).
 
 The pipeline around `ProSparseTrainer` (relufy.trainer): check the recipe's inputs and output
-folder, convert (or dequantize) the base once, tokenize and pack the data, load the model (with
+folder, convert (or dequantize) the base once (relufy.train_base), tokenize and pack the data, load the model (with
 LoRA adapters in LoRA mode), train or resume, save the final model so that it is complete or
 absent, record the schedule in its config, plot the curves, and run the optional threshold shift
 (relufy.threshold). `train(recipe)` is the scripting entry point; it returns a `TrainResult`.
@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +21,20 @@ import torch
 
 from .activations import parse_activation
 from .architectures import architecture_of
-from .atomic import MARKER, TMP_SUFFIX, check_not_input, output_lock, output_record, respect_umask, written_by_relufy
+from .atomic import (MARKER, check_not_input, discard, move_into, output_lock, output_record, temp_sibling,
+                     write_text_atomically, written_by_relufy)
 from .checkpoint import update_config
-from .errors import DataError, RecipeError, TrainingError
+from .errors import DataError, TrainingError
 from .probe import SparsityProbe
 from .recipe import Recipe, check_inputs, resolve_model_path
 from .report import TRAINING_PLOT, write_training_plot
 from .resume import checked_checkpoint, fingerprint_files, recipe_fingerprint
 from .threshold import shift_threshold
+from .train_base import prepare_base
 from .trainer import CHECKPOINT_PREFIX, ProSparseTrainer, disk_full_stops_training, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
-FINAL_TMP = ".final-model" + TMP_SUFFIX  # the final model is written here, then moved into output_dir
 
 
 @dataclass
@@ -88,9 +88,9 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         training.resume_from_checkpoint = str(checkpoint)
     if training.should_save and not (output_dir / MARKER).exists():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / MARKER).write_text(json.dumps(output_record("relufy train")) + "\n")
+        write_text_atomically(output_dir / MARKER, json.dumps(output_record("relufy train")) + "\n")
 
-    base = _prepare_base(recipe)
+    base = prepare_base(recipe)
     _check_block_size(base, recipe)
     if resume:
         from .lora import check_resume_matches
@@ -106,7 +106,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
                             for flag in ("activation_checkpointing", "gradient_checkpointing"))
         model = wrap_with_lora(model, training, gradient_checkpointing=checkpointing, seed=training.seed)
     distiller = _build_distiller(recipe, base, model, tokenizer) if training.distill else None
-    probe = SparsityProbe(model, track_l1=True, replay_l1=True).attach()  # finds x1 through peft's wrappers
+    probe = SparsityProbe.for_training(model).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
@@ -203,73 +203,6 @@ def _force_non_reentrant_checkpointing(training) -> None:
         setattr(training, kwargs_name, {**kwargs, "use_reentrant": False})
 
 
-def _prepare_base(recipe: Recipe) -> str:
-    """The checkpoint training starts from: the base itself, or its conversion (made once, reused)."""
-    from accelerate import PartialState
-
-    from .activations import Activation
-    from .checkpoint import read_config, resolve_source
-    from .convert import convert_checkpoint
-
-    args = recipe.model
-    base = resolve_model_path(args.model_name_or_path)
-    if args.activation is None:
-        return _dequantized_base(recipe, base)
-    activation: Activation = parse_activation(args.activation)
-    source = resolve_source(base)
-    config = read_config(source)
-    current = architecture_of(config).activation_of(config)
-    if parse_activation(str(current)) == activation:
-        return base  # already converted: train it as it is
-    target = Path(args.converted_model_dir or Path(recipe.training.output_dir) / f"base-{activation.config_value}")
-    with PartialState().main_process_first():
-        if not _is_conversion_of(target, str(source), activation.config_value):
-            if target.exists():
-                raise RecipeError(f"converted_model_dir {target} exists but is not a '{activation.config_value}' "
-                                  f"conversion of {source}; remove it or choose another converted_model_dir")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("converting %s to %s in %s", source, activation.config_value, target)
-            convert_checkpoint(base, target, activation)
-    return str(target)
-
-
-def _dequantized_base(recipe: Recipe, base: str) -> str:
-    """A base trained with its own activation: as it is, or, for a GGUF file (which the Trainer refuses as
-    quantized), its plain safetensors copy in converted_model_dir (default <output_dir>/base-dequantized)."""
-    from accelerate import PartialState
-
-    from .checkpoint import resolve_source
-    from .convert import dequantize_checkpoint
-
-    source = resolve_source(base)
-    if not source.gguf_file:
-        return base
-    target = Path(recipe.model.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
-    with PartialState().main_process_first():
-        provenance = _provenance(target)
-        if not (provenance.get("dequantized") and provenance.get("source") == str(source)):
-            if target.exists():
-                raise RecipeError(f"converted_model_dir {target} exists but is not a dequantized copy of {source}; "
-                                  "remove it or choose another converted_model_dir")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            logger.info("dequantizing %s into %s (its activation kept)", source, target)
-            dequantize_checkpoint(base, target)
-    return str(target)
-
-
-def _provenance(target: Path) -> dict:
-    """The `relufy` entry of a checkpoint's config.json ({} when there is none)."""
-    try:
-        return json.loads((target / "config.json").read_text()).get("relufy", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
-    provenance = _provenance(target)
-    return provenance.get("source") == source and provenance.get("activation") == activation
-
-
 def _load_tokenizer(base: str, args):
     from .checkpoint import load_tokenizer
 
@@ -357,21 +290,19 @@ def collate_blocks(rows: list[dict]) -> dict:
 def _save_final(trainer: ProSparseTrainer, output_dir: Path) -> None:
     """Save the final model into output_dir/.final-model.relufy-tmp, then move its files into output_dir
     (config.json last): an error, Ctrl-C or SIGTERM leaves no half-written model.safetensors beside the checkpoints."""
-    tmp = output_dir / FINAL_TMP
+    tmp = temp_sibling(output_dir / "final-model", shared=True)  # every rank saves into it
     if trainer.args.should_save:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run that was killed outright
+        discard(tmp)  # left by a run that was killed outright
     trainer.accelerator.wait_for_everyone()
     try:
         with disk_full_stops_training(f"the final model to {output_dir}", output_dir):
             trainer.save_model(str(tmp))
             trainer.accelerator.wait_for_everyone()
             if trainer.args.should_save:
-                respect_umask(tmp)
-                for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-                    os.replace(path, output_dir / path.name)
+                move_into(tmp, output_dir)
     finally:
         if trainer.args.should_save:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
 
 
 def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path) -> None:

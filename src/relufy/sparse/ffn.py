@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from ..activations import parse_activation
-from ..architectures import Architecture, architecture_for
+from ..architectures import Architecture, architecture_for, ffn_modules
 from ..errors import DataError, UnsupportedArchitectureError
-from ..probe import ffn_modules
 from .routing import dense_above as calibrated_dense_above
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,112 @@
+"""The FFNs during decode, measured one by one: each FFN alone on its real decode input (dense against
+sparse, time and output error), and what the sparse kernels can skip there (the zero-ratio of x1 and
+the union of active neurons over a batch). `speed.py` puts these beside the end-to-end decode numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+
+import torch
+
+from .decode import DecodeLoop, random_prompts
+from .architectures import down_projections, ffn_modules
+from .probe import SparsityProbe
+from .timing import median_seconds
+
+
+def ffn_inputs(loop: DecodeLoop, prompt: torch.Tensor) -> list[torch.Tensor]:
+    """The input hidden state of every FFN at the first decode step after `prompt`."""
+    ffns = ffn_modules(loop.model)
+    inputs: list[torch.Tensor | None] = [None] * len(ffns)
+
+    def keep(index):
+        return lambda module, args: inputs.__setitem__(index, args[0].detach().clone())
+
+    handles = [ffn.register_forward_pre_hook(keep(i)) for i, ffn in enumerate(ffns)]
+    try:
+        loop.prefill(prompt)
+        loop.decode_one_token(eager=True)  # a compiled step would skip the hooks and leave the prompt's inputs here
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def ffn_times(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> list[float]:
+    """Median seconds of each FFN module alone on its decode input (CUDA-graph replays on a GPU)."""
+    device = inputs[0].device
+    repeats = repeats if device.type == "cuda" else min(repeats, 3)
+    return [median_seconds(functools.partial(ffn, x), device, repeats, warmup)
+            for ffn, x in zip(ffn_modules(model), inputs)]
+
+
+def ffn_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each FFN's output on its decode input, as float32."""
+    return [ffn(x).float() for ffn, x in zip(ffn_modules(model), inputs)]
+
+
+def relative_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
+    """max |sparse - dense| / max |dense|: how far the sparse FFN is from the dense one on real decode inputs."""
+    return ((sparse - dense).abs().max() / dense.abs().max().clamp_min(1e-30)).item()
+
+
+def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, repeats: int, warmup: int) -> dict:
+    """Each FFN alone on the first decode step's input, dense (inside `dense()`) then, with `sparse`,
+    as the model runs it: microseconds summed over layers and per layer, and the largest output error."""
+    batch = prompt.shape[0]
+    with dense():
+        inputs = ffn_inputs(loop, prompt)
+        dense_times, dense_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
+    if not sparse:
+        return {"batch_size": batch, "dense_us": 1e6 * sum(dense_times), "sparse_us": None, "speedup": None,
+                "max_rel_error": None, "per_layer": []}
+    sparse_times, sparse_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
+    per_layer = [{"layer": i, "dense_us": 1e6 * d, "sparse_us": 1e6 * s, "max_rel_error": relative_error(do, so)}
+                 for i, (d, s, do, so) in enumerate(zip(dense_times, sparse_times, dense_out, sparse_out))]
+    return {"batch_size": batch, "per_layer": per_layer, "dense_us": 1e6 * sum(dense_times),
+            "sparse_us": 1e6 * sum(sparse_times), "speedup": sum(dense_times) / sum(sparse_times),
+            "max_rel_error": max(layer["max_rel_error"] for layer in per_layer)}
+
+
+def decode_sparsity(loop: DecodeLoop, prompt: torch.Tensor) -> dict:
+    """Zero-ratio of x1 over the decode steps only (eager, the prompt not counted)."""
+    loop.prefill(prompt)
+    with SparsityProbe.for_measurement(loop.model) as probe:
+        for _ in range(loop.new_tokens):
+            loop.decode_one_token()
+    return probe.summary()
+
+
+def decode_unions(model, batches: tuple[int, ...], prompt_tokens: int, steps: int, seed: int) -> dict:
+    """Per layer, the fraction of FFN neurons active for at least one token of the batch, averaged over
+    `steps` eager decode steps, at each batch size of `batches`: the rows the sparse kernels must read."""
+    device = next(model.parameters()).device
+    modules = down_projections(model)
+    prompts = random_prompts(model, max(batches), prompt_tokens, seed, device)
+    result = {"steps": steps, "batch_sizes": list(batches), "per_layer": {}, "overall": {}}
+    for batch in batches:
+        totals = [torch.zeros((), device=device) for _ in modules]
+
+        def count(index):
+            def hook(module, args):
+                x1 = args[0].reshape(-1, args[0].shape[-1])
+                totals[index].add_((x1 != 0).any(0).float().mean())
+            return hook
+
+        handles = [module.register_forward_pre_hook(count(i)) for i, module in enumerate(modules)]
+        try:
+            loop = DecodeLoop(model, batch, prompt_tokens, steps)
+            loop.prefill(prompts[:batch])
+            for total in totals:
+                total.zero_()  # the prompt is not counted
+            for _ in range(steps):
+                loop.decode_one_token(eager=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_layer = [float(total) / steps for total in totals]
+        result["per_layer"][str(batch)] = per_layer
+        result["overall"][str(batch)] = statistics.mean(per_layer) if per_layer else float("nan")
+    return result

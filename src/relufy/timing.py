@@ -1,0 +1,89 @@
+"""relufy's one clock: device time of a block (CUDA events on a GPU, the host clock elsewhere), CUDA-graph
+capture, the median of repeated calls, and the copy bandwidth that bounds a decode step.
+
+Every measurement of relufy's and of bench/ goes through `Timer`, so a number in a JSON is always
+taken the same way: after the device finished the work, never from when the host queued it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+CPU_COPY_BYTES = 64 << 20  # the copy-bandwidth probe on a CPU stays small
+
+
+class Timer:
+    """Seconds of device work in a `with` block (or between `start()` and `stop()`): CUDA events on a
+    GPU, `time.perf_counter` elsewhere (no device, or a CPU one)."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        self.seconds = float("nan")
+
+    def start(self) -> "Timer":
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        """Wait for the device (on CUDA), then return and keep the seconds since `start`."""
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.begin.elapsed_time(self.end) / 1000
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return self.seconds
+
+    def __enter__(self) -> "Timer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def capture(fn, warmup: int) -> torch.cuda.CUDAGraph:
+    """`fn` captured as a CUDA graph, after `warmup` eager calls on a side stream (as PyTorch's docs require,
+    so lazy initialisations and allocator warm-up happen outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of one call of `fn`: CUDA-graph replays on a GPU (no launch overhead counted),
+    plain calls elsewhere, each timed alone."""
+    device = torch.device(device)
+    run = capture(fn, warmup).replay if device.type == "cuda" else fn
+    samples = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            run()
+        samples.append(timer.seconds)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
+    """Bytes per second moved by a large copy on `device`, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes, repeats = min(nbytes, CPU_COPY_BYTES), 3
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    with Timer(device) as timer:
+        for _ in range(repeats):
+            target.copy_(source)
+    return 2 * nbytes * repeats / timer.seconds

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,13 +17,12 @@ import torch
 from . import __version__
 from .atomic import atomic_directory, claim_output
 from .cett import ppl_p_sparsity
-from .checks import (block_fits_context, device_available, int_in_range, json_text, number_in_range, positive_int,
-                     supported_dtype)
+from .checks import block_fits_context, json_text
 from .errors import DataError, RelufyError
 from .harness import SuiteRun, run_suite
-from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
 from .options import EvalConfig
-from .suites import DEFAULT_HELDOUT, EvalPlan, task_manager, tasks_dir
+from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
+from .suites import DEFAULT_HELDOUT, EvalPlan, task_manager
 
 logger = logging.getLogger(__name__)
 

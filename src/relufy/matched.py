@@ -21,7 +21,7 @@ un-zeroed), so a sparse model may end above the target: the achieved zero-ratio 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,15 +29,14 @@ from torch import nn
 
 from . import __version__
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
-from .checks import (block_fits_context, device_available, int_in_range, number_in_range, positive_int,
-                     supported_dtype)
+from .checks import block_fits_context
 from .errors import DataError
-from .evaluate import DEFAULT_HELDOUT, activation_name, heldout_blocks, model_name
+from .evaluate import activation_name, heldout_blocks, model_name
 from .harness import run_suite
 from .metrics import batches
 from .probe import SparsityProbe
-from .report import group_averages
 from .options import MatchedConfig
+from .report import group_averages
 from .suites import task_manager
 
 

@@ -18,7 +18,7 @@ import functools
 import inspect
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

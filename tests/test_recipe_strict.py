@@ -48,7 +48,9 @@ PROBE = """
 import sys
 from relufy.cli import main
 code = main(["train", sys.argv[1]])
-print({"code": code, "loaded": sorted(m for m in ("torch", "transformers", "relufy.train") if m in sys.modules)})
+# the CLI's parser is transformers' HfArgumentParser (no torch); its model code must stay unloaded
+print({"code": code, "loaded": sorted(m for m in ("torch", "transformers.modeling_utils", "relufy.train")
+                                      if m in sys.modules)})
 """
 
 

@@ -175,8 +175,8 @@ def test_cli_reports_bad_batch_sizes_in_one_line(tmp_path, capsys):
 
 
 def test_evaluate_has_a_no_speed_flag():
-    assert build_parser().parse_args(["evaluate", "m", "-o", "out", "--no-speed"]).no_speed is True
-    assert build_parser().parse_args(["evaluate", "m", "-o", "out"]).no_speed is False
+    assert build_parser().parse_args(["evaluate", "m", "-o", "out", "--no-speed"]).speed is False
+    assert build_parser().parse_args(["evaluate", "m", "-o", "out"]).speed is True
 
 
 def test_report_and_model_card_show_the_speed_section(measured):

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from .errors import DataError
 from .metrics import mean_token_loss, perplexity
 from .architectures import down_projections
+from .options import DEFAULT_PS
 from .probe import SparsityProbe
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PS = (1.0, 5.0, 10.0)
 
 
 def down_matrix(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NewType
 
 from .errors import DataError, ResultError, SourceError
 
@@ -83,6 +84,34 @@ def device_available(device: str, name: str = "--device") -> str:
         raise DataError(f"{name} {device}: only {count} {parsed.type.upper()} device(s) are visible "
                         f"({parsed.type}:0 to {parsed.type}:{count - 1})")
     return device
+
+
+def resolve_device(device: str | None, name: str = "--device") -> str:
+    """`device` checked (`device_available`), or when None the default, chosen only now: cuda when torch sees
+    one, else cpu. Asking torch while a parser is built would make every command, --help too, import it."""
+    if device:
+        return device_available(device, name)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# A list option's type on the command line: its text ("1,4,16"), which the options dataclass's
+# `__post_init__` splits with `listed` (there the flag's name is known, so a bad item is one line
+# naming it); YAML and Python callers pass a list or tuple instead.
+CommaList = NewType("CommaList", str)
+
+
+def listed(name: str, value, convert: Callable = str, what: str = "") -> tuple:
+    """The items of a list option: a comma-separated string, or a sequence whose items may be such strings
+    too (an option given several times); blanks skipped. An item `convert` rejects is one line naming `name`."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    texts = [part.strip() if isinstance(part, str) else part
+             for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+    try:
+        return tuple(convert(item) for item in texts if not isinstance(item, str) or item)
+    except (TypeError, ValueError):
+        raise DataError(f"{name} must be {what or 'a comma-separated list'}, got '{value}'") from None
 
 
 def context_length(config: dict) -> int | None:

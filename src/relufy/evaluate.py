@@ -10,52 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .atomic import atomic_directory, claim_output
-from .cett import DEFAULT_PS, ppl_p_sparsity
-from .checks import (block_fits_context, device_available, int_in_range, json_text, number_in_range, positive_int,
-                     supported_dtype)
+from .cett import ppl_p_sparsity
+from .checks import block_fits_context, json_text
 from .errors import DataError, RelufyError
 from .harness import SuiteRun, run_suite
+from .options import EvalConfig
 from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
-from .suites import EvalPlan, SuiteOptions, task_manager, tasks_dir
+from .suites import DEFAULT_HELDOUT, EvalPlan, task_manager
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_HELDOUT = tasks_dir() / "data" / "heldout.jsonl"
-
-
-@dataclass
-class EvalConfig(SuiteOptions):
-    """What `relufy evaluate` measures: the lm-eval suite (`SuiteOptions`' fields), then PPL-p% sparsity on
-    held-out text, on the model loaded with `device`, `dtype` and `trust_remote_code`."""
-
-    ps: tuple[float, ...] = DEFAULT_PS  # PPL-p% values; empty: no PPL-p% sparsity
-    heldout: str | Path = DEFAULT_HELDOUT  # text file, folder or datasets name
-    heldout_tokens: int = 2048
-    block_size: int = 256
-    device: str = "cpu"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    speed: bool = True  # a short dense-vs-sparse decode measurement, on CUDA only
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.ps = tuple(number_in_range("--p (a perplexity rise in percent)", float(p), 0, 1000, low_open=True)
-                        for p in self.ps or ())
-        positive_int("--heldout-tokens", self.heldout_tokens)
-        int_in_range("--block-size", self.block_size, 2, 1 << 24)
-        supported_dtype("--dtype", self.dtype)
-        device_available(self.device)
-        if self.heldout_tokens < self.block_size:
-            raise DataError(f"--heldout-tokens ({self.heldout_tokens}) must be at least --block-size "
-                            f"({self.block_size})")
-
 
 def heldout_blocks(spec: str | Path, tokenizer, *, block_size: int, max_tokens: int) -> torch.Tensor:
     """Held-out text packed into (blocks x block_size) token ids, at most `max_tokens` tokens."""

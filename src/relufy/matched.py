@@ -21,7 +21,7 @@ un-zeroed), so a sparse model may end above the target: the achieved zero-ratio 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,60 +29,15 @@ from torch import nn
 
 from . import __version__
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
-from .checks import (block_fits_context, device_available, int_in_range, number_in_range, positive_int,
-                     supported_dtype)
+from .checks import block_fits_context
 from .errors import DataError
-from .evaluate import DEFAULT_HELDOUT, activation_name, heldout_blocks, model_name
+from .evaluate import activation_name, heldout_blocks, model_name
 from .harness import run_suite
 from .metrics import batches
 from .probe import SparsityProbe
+from .options import MatchedConfig
 from .report import group_averages
-from .suites import SuiteOptions, task_manager
-
-
-@dataclass
-class MatchedConfig:
-    """What `relufy matched` measures: the target zero-ratios, the texts, and the lm-eval suite."""
-
-    targets: tuple[float, ...]
-    heldout: str = str(DEFAULT_HELDOUT)  # perplexity text; also the calibration text unless `calibration` is set
-    heldout_tokens: int = 16384
-    calibration: str | None = None  # None: the held-out text's blocks after the perplexity blocks
-    calibration_tokens: int = 4096
-    block_size: int = 512
-    batch_size: int = 8
-    suite: str | None = None  # None with no `tasks`: relufy's offline suite
-    tasks: list[str] | None = None
-    run_suite: bool = True
-    limit: float | None = None
-    max_length: int | None = None
-    device: str = "cpu"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Refuse settings that cannot give a meaningful number, before anything is loaded."""
-        if not self.targets:
-            raise DataError("give at least one --target zero-ratio, e.g. --target 0.9")
-        for target in self.targets:
-            number_in_range("--target (a zero-ratio, e.g. 0.9)", target, 0, 1, low_open=True, high_open=True)
-        int_in_range("--block-size", self.block_size, 2, 1 << 24)
-        for name in ("heldout_tokens", "calibration_tokens"):
-            positive_int(f"--{name.replace('_', '-')}", getattr(self, name))
-            if getattr(self, name) < self.block_size:
-                raise DataError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be at least --block-size "
-                                f"({self.block_size})")
-        supported_dtype("--dtype", self.dtype)
-        device_available(self.device)
-        self.suite_options()  # --batch-size, --limit, --max-length
-
-    def suite_options(self) -> SuiteOptions:
-        """The lm-eval suite run at each target (checks --limit)."""
-        return SuiteOptions(tasks=self.tasks, suite=self.suite, limit=self.limit, batch_size=self.batch_size,
-                            max_length=self.max_length)
+from .suites import task_manager
 
 
 def magnitude_quantile(x1: torch.Tensor, target: float) -> float:

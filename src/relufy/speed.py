@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
@@ -22,41 +22,8 @@ from .architectures import ffn_modules
 from .decode import DecodeLoop, random_prompts, recompile_limit, weight_bytes
 from .errors import DataError
 from .ffn_speed import compare_ffns, decode_sparsity, decode_unions
+from .options import SpeedConfig
 from .timing import Timer, copy_bandwidth
-
-@dataclass
-class SpeedConfig:
-    """What `measure_speed` runs. Decode tokens/s counts the `new_tokens` graph replays only."""
-
-    batch_sizes: tuple[int, ...] = (1, 4, 16)
-    prompt_tokens: int = 128
-    new_tokens: int = 256
-    generate_tokens: int = 128  # HF generate at batch 1, default cache
-    generate_repeats: int = 3  # HF generate runs per arm, dense and sparse alternated
-    union_batch_sizes: tuple[int, ...] = (1, 4, 8)  # batches whose union of active neurons is reported
-    warmup: int = 3  # eager steps on a side stream before a capture (PyTorch's CUDA-graph rule)
-    ffn_repeats: int = 50  # timed replays per FFN; the median is reported
-    copy_bytes: int = 1 << 30  # size of the device-to-device copy that measures bandwidth
-    dtype: str = "bfloat16"  # how the CLI loads the model (recorded in the JSON)
-    device: str = "cuda"
-    seed: int = 0
-    compile: bool = True  # on CUDA, torch.compile the decode forward (fuses the small ops) inside the graph
-
-    def check(self) -> None:
-        from .checks import BATCH_LIMIT, DTYPES, int_in_range, positive_int, supported_dtype
-
-        self.batch_sizes = tuple(int(b) for b in self.batch_sizes)
-        if not self.batch_sizes:
-            raise DataError("--batch-sizes must name at least one batch size, e.g. 1,4,16")
-        for size in self.batch_sizes:
-            positive_int("--batch-sizes (each)", size, BATCH_LIMIT)
-        for name in ("prompt_tokens", "new_tokens", "generate_tokens", "warmup", "ffn_repeats", "copy_bytes"):
-            positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 1 << (40 if name == "copy_bytes" else 24))
-        supported_dtype("--dtype", self.dtype, DTYPES)
-        int_in_range("--seed", self.seed, 0, 2**32 - 1)
-        if self.warmup > self.new_tokens:
-            raise DataError(f"warmup ({self.warmup}) must not exceed new-tokens ({self.new_tokens}): the warm-up "
-                            "steps write into the same static cache")
 
 
 def generate_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .checks import BATCH_LIMIT, COUNT_LIMIT, int_in_range, number_in_range, positive_int
+from .checks import BATCH_LIMIT, COUNT_LIMIT, CommaList, int_in_range, listed, number_in_range, positive_int
 from .errors import DataError
 from .paths import project_file
 
@@ -31,6 +31,9 @@ def tasks_dir() -> Path:
     return project_file("evaluate/tasks")
 
 
+DEFAULT_HELDOUT = tasks_dir() / "data" / "heldout.jsonl"  # held-out text of PPL-p% and `relufy matched`
+
+
 @dataclass
 class EvalPlan:
     """What to run: lm-eval task names with few-shot counts (None: the task's own), and the benchmark groups they form."""
@@ -42,19 +45,32 @@ class EvalPlan:
 @dataclass
 class SuiteOptions:
     """Which lm-eval tasks run and how: names and/or a relufy suite, few-shot counts, examples per task,
-    batch and context, code execution, per-example records."""
+    batch and context, code execution, per-example records. The `help` of each field is its flag's help."""
 
-    tasks: list[str] | None = None  # lm-eval task or group names
-    suite: str | None = None  # a key of SUITES; with no `tasks` either: "offline"
-    num_fewshot: int | None = None  # replaces every task's few-shot count
-    include_path: list[Path] = field(default_factory=list)  # more lm-eval task folders
-    limit: float | None = None  # examples per task, or a fraction below 1
-    batch_size: int = 1
-    max_length: int | None = None  # lm-eval's context length (None: the model's)
-    confirm_run_unsafe_code: bool = False
-    log_samples: bool = False
+    tasks: CommaList | None = field(default=None, metadata={
+        "help": "comma-separated lm-eval task or group names (e.g. piqa,hellaswag,relufy_offline)"})
+    suite: str | None = field(default=None, metadata={
+        "choices": tuple(SUITES), "help": "preset: 'prosparse' = the ProSparse paper's benchmark groups (needs "
+                                          "network for data); 'offline' = relufy's own tasks"})
+    num_fewshot: int | None = field(default=None, metadata={"help": "override every task's few-shot count"})
+    include_path: list[Path] = field(default_factory=list, metadata={
+        "action": "append", "help": "extra lm-eval task folder (repeat it for several)"})
+    limit: float | None = field(default=None, metadata={
+        "help": "examples per task (int) or fraction (<1): a quick slice"})
+    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "context length for lm-eval (default: the model's)"})
+    confirm_run_unsafe_code: bool = field(default=False, metadata={
+        "help": "allow tasks that execute model-written code (HumanEval, MBPP)"})
+    log_samples: bool = field(default=False, metadata={
+        "help": "also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl"})
 
     def __post_init__(self) -> None:
+        if self.tasks is not None:
+            self.tasks = list(listed("--tasks", self.tasks))
+        # `--include-path` given several times arrives as one list per flag
+        self.include_path = [Path(p) for item in self.include_path
+                             for p in (item if isinstance(item, (list, tuple)) else [item])]
         positive_int("--batch-size", self.batch_size, BATCH_LIMIT)
         if self.limit is not None:
             number_in_range("--limit", self.limit, 0, COUNT_LIMIT, low_open=True)
@@ -62,6 +78,10 @@ class SuiteOptions:
             int_in_range("--num-fewshot", self.num_fewshot, 0, 1024)
         if self.max_length is not None:
             int_in_range("--max-length", self.max_length, 2, 1 << 24)
+
+    def suite_options(self) -> SuiteOptions:
+        """Only the lm-eval options, for a command's config that extends them."""
+        return SuiteOptions(**{f.name: getattr(self, f.name) for f in fields(SuiteOptions)})
 
     def plan(self) -> EvalPlan:
         return make_plan(self.tasks, self.suite, self.num_fewshot)

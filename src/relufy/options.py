@@ -43,7 +43,7 @@ class ConvertConfig:
     """`relufy convert`: which ReLU-family activation replaces the FFN's, and how the weights are written."""
 
     activation: str = field(default="relu", metadata=_help(
-        f"{', '.join(ACTIVATIONS)} (default relu), or parametrized as fatrelu_<t> / shifted_relu_<b>",
+        f"{', '.join(ACTIVATIONS)}, or parametrized as fatrelu_<t> / shifted_relu_<b>",
         aliases=["-a"]))
     threshold: float | None = field(default=None, metadata=_help(
         "FATReLU threshold t (x if x >= t else 0): --activation fatrelu --threshold t is fatrelu_<t>"))

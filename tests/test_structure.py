@@ -143,3 +143,31 @@ def test_bench_scripts_time_with_relufys_clock(path):
     assert not own and "perf_counter" not in source and "elapsed_time" not in source, \
         f"{path.name} times on its own clock ({', '.join(own) or 'perf_counter/CUDA events'}); use relufy.timing"
 
+
+
+def _reads_config_json(path: Path) -> list[int]:
+    """Lines of `path` that name "config.json" inside a call that reads a file (read_text, read_bytes, open,
+    json.load/loads): every such read belongs in relufy.checkpoint (read_config, read_provenance)."""
+    readers = {"read_text", "read_bytes", "open", "load", "loads"}
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name in readers and any(isinstance(inner, ast.Constant) and inner.value == "config.json"
+                                   for inner in ast.walk(node)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_checkpoint_module_reads_config_json():
+    readers = {f"{path.relative_to(PACKAGE)}:{line}" for path in PACKAGE.rglob("*.py")
+               if path.name != "checkpoint.py" or path.parent != PACKAGE for line in _reads_config_json(path)}
+    assert not readers, f"config.json read outside relufy.checkpoint (use read_config/read_provenance): {sorted(readers)}"
+
+
+def test_config_json_scan_sees_a_read(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('import json\nconfig = json.loads((folder / "config.json").read_text())\n'
+                      'ok = (folder / "config.json").is_file()\n')
+    assert _reads_config_json(sample) == [2, 2]

@@ -171,3 +171,33 @@ def test_config_json_scan_sees_a_read(tmp_path):
     sample.write_text('import json\nconfig = json.loads((folder / "config.json").read_text())\n'
                       'ok = (folder / "config.json").is_file()\n')
     assert _reads_config_json(sample) == [2, 2]
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private relufy names a test reaches: `from relufy.x import _y`, and `relufy.x._y` in code or in a
+    string (a script a test runs). A test goes through a module's public surface, so a refactor of its
+    insides does not break tests that check behaviour."""
+    import re
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "relufy":
+            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+        text = ast.unparse(node) if isinstance(node, ast.Attribute) else \
+            node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+        found += [f"{node.lineno}: {m}" for m in re.findall(r"\brelufy(?:\.[a-z_0-9]+)*\._[a-zA-Z]\w*", text)]
+    return found
+
+
+def test_tests_import_no_private_relufy_name():
+    found = [f"{path.name}:{use}" for path in sorted(TESTS.glob("*.py")) if path.name != Path(__file__).name
+             for use in _private_uses(path)]  # this file names private uses as its scan's samples
+    assert not found, f"tests reach private relufy names (make them public or test through the API): {found}"
+
+
+def test_private_use_scan_sees_one(tmp_path):
+    sample = tmp_path / "test_sample.py"
+    sample.write_text('from relufy.l1 import L1Tap, _add\nimport relufy.convert\nrelufy.convert._copy = 1\n'
+                      'SCRIPT = "relufy.convert._copy = copy"\nfrom relufy.train import train\n')
+    assert _private_uses(sample) == ["1: from relufy.l1 import _add", "3: relufy.convert._copy",
+                                     "4: relufy.convert._copy"]

@@ -56,7 +56,7 @@ def convert_checkpoint(
             if source.gguf_file:
                 _dequantize_gguf(source, tmp, arch, activation, dtype)
             else:
-                _copy_checkpoint(source.path, tmp, link)
+                copy_checkpoint(source.path, tmp, link)
             _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
             if activation.needs_relufy:
                 write_remote_code(tmp)
@@ -105,7 +105,7 @@ def _check_parent(out: Path) -> None:
         raise OutputExistsError(f"the parent directory of OUT ({out.parent}) does not exist; create it first")
 
 
-def _copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
+def copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
     """Copy the checkpoint's files but config.json (rewritten later); weights are never loaded.
 
     Subdirectories (training checkpoints, `original/` consolidated weights...) are not part of

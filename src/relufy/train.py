@@ -78,7 +78,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         if importlib.util.find_spec("liger_kernel") is None:
             raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
                                 "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
-        _keep_liger_loss_off_under_zero3(training)
+        keep_liger_loss_off_under_zero3(training)
     _force_non_reentrant_checkpointing(training)
     fingerprint = recipe_fingerprint(recipe)
     if allow_changes and not resume:
@@ -173,7 +173,7 @@ def _check_output_dir(output_dir: Path, resume: bool, force: bool, recipe: Recip
                 shutil.rmtree(old)
 
 
-def _keep_liger_loss_off_under_zero3(training) -> None:
+def keep_liger_loss_off_under_zero3(training) -> None:
     """Liger's fused linear cross-entropy reads lm_head.weight outside the head's forward, where ZeRO-3 keeps
     it partitioned (empty); under ZeRO-3 the loss stays transformers' own, Liger's norm and RoPE stay on."""
     from transformers.integrations import is_deepspeed_zero3_enabled

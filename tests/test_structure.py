@@ -1,7 +1,8 @@
 """The package's shape: no import cycles between relufy's modules, no function too long to read at once, no
-module too long to hold one job, one definition per test fixture, and one clock for every bench script.
+module too long to hold one job, one definition per test fixture, one clock for every bench script, one reader
+of config.json (relufy.checkpoint), and tests that use only relufy's public names.
 
-Both are read from the source (ast), so lazy imports inside functions count as edges too: a cycle that only
+All are read from the source (ast), so lazy imports inside functions count as edges too: a cycle that only
 works because one side imports late is still a cycle a reader has to untangle.
 """
 

@@ -226,3 +226,22 @@ def test_subdirectories_such_as_training_checkpoints_are_left_out(tmp_path):
     out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
     assert not (out / "checkpoint-100").exists()
     assert (out / "model.safetensors").is_file()
+
+
+def test_provenance_round_trips_and_keeps_keys_it_does_not_know(tmp_path):
+    """read_provenance/update_provenance are the one reader and writer of the `relufy` key: a change to one
+    field leaves the others, the rest of config.json, and keys a newer relufy wrote as they were."""
+    from relufy.checkpoint import Provenance, read_config, read_provenance, update_config, update_provenance
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = convert_checkpoint(src, tmp_path / "out", make_activation("relu"))
+    provenance = read_provenance(out)
+    assert (provenance.source, provenance.original_activation, provenance.activation) == (
+        str(src.resolve()), "silu", "relu")
+    assert not provenance.dequantized and provenance.training is None
+    update_config(out, lambda config: config["relufy"].update(future_key=[1, 2]))
+    update_provenance(out, training={"steps": 3})
+    config = read_config(out)
+    assert config["relufy"]["future_key"] == [1, 2] and config["relufy"]["training"] == {"steps": 3}
+    assert config["relufy"]["source"] == str(src.resolve()) and config["hidden_act"] == "relu"
+    assert read_provenance(tmp_path / "missing") == Provenance() and not read_provenance(src)

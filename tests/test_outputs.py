@@ -23,7 +23,7 @@ def copy(src, dst, link):
     print("copying", flush=True)
     signal.pause()
 
-relufy.convert._copy_checkpoint = copy
+relufy.convert.copy_checkpoint = copy
 from relufy.cli import main
 sys.exit(main(sys.argv[1:]))
 """

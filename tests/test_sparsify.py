@@ -183,3 +183,25 @@ def test_calibration_times_both_routes_at_each_union():
     assert [row["count"] for row in result["unions"]] == [round(f * 96) for f in UNIONS]
     assert all(row["sparse_us"] > 0 and row["dense_us"] > 0 for row in result["unions"])
     assert -1 <= result["dense_above"] <= 96
+
+
+@pytest.mark.parametrize("activation,attribute", [("fatrelu_0.05", "threshold"), ("shifted_relu_0.1", "shift")])
+def test_the_kernels_take_the_parameter_of_the_live_activation_module(activation, attribute):
+    """The dense path runs the module; the kernels must compute with the same threshold or shift."""
+    model = relu_model("llama", activation)
+    sparsify(model)
+    modules = [m for m in model.modules() if hasattr(m, attribute)]
+    assert [state.act_param for state in sparse_ffns(model)] == [getattr(m, attribute) for m in modules]
+    assert sparse_ffns(model)[0].act_param == float(activation.rpartition("_")[2])
+
+
+def test_a_threshold_the_module_and_config_disagree_on_is_refused_and_nothing_changes():
+    from relufy.errors import ActivationError
+
+    model = relu_model("llama", "fatrelu_0.05")
+    modules = [m for m in model.modules() if hasattr(m, "threshold")]
+    modules[-1].threshold = 0.2  # calibrated in place, config not rewritten
+    with pytest.raises(ActivationError, match=r"FFN 1's FATReLU has threshold 0.2 but the config says "
+                                              r"'fatrelu_0.05'; set config.hidden_act = 'fatrelu_0.2'"):
+        sparsify(model)
+    assert sparse_ffn_count(model) == 0, "a refused model must be left entirely dense"

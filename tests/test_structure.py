@@ -1,7 +1,8 @@
 """The package's shape: no import cycles between relufy's modules, no function too long to read at once, no
-module too long to hold one job, one definition per test fixture, and one clock for every bench script.
+module too long to hold one job, one definition per test fixture, one clock for every bench script, one reader
+of config.json (relufy.checkpoint), and tests that use only relufy's public names.
 
-Both are read from the source (ast), so lazy imports inside functions count as edges too: a cycle that only
+All are read from the source (ast), so lazy imports inside functions count as edges too: a cycle that only
 works because one side imports late is still a cycle a reader has to untangle.
 """
 
@@ -143,3 +144,61 @@ def test_bench_scripts_time_with_relufys_clock(path):
     assert not own and "perf_counter" not in source and "elapsed_time" not in source, \
         f"{path.name} times on its own clock ({', '.join(own) or 'perf_counter/CUDA events'}); use relufy.timing"
 
+
+
+def _reads_config_json(path: Path) -> list[int]:
+    """Lines of `path` that name "config.json" inside a call that reads a file (read_text, read_bytes, open,
+    json.load/loads): every such read belongs in relufy.checkpoint (read_config, read_provenance)."""
+    readers = {"read_text", "read_bytes", "open", "load", "loads"}
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name in readers and any(isinstance(inner, ast.Constant) and inner.value == "config.json"
+                                   for inner in ast.walk(node)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_checkpoint_module_reads_config_json():
+    readers = {f"{path.relative_to(PACKAGE)}:{line}" for path in PACKAGE.rglob("*.py")
+               if path.name != "checkpoint.py" or path.parent != PACKAGE for line in _reads_config_json(path)}
+    assert not readers, f"config.json read outside relufy.checkpoint (use read_config/read_provenance): {sorted(readers)}"
+
+
+def test_config_json_scan_sees_a_read(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('import json\nconfig = json.loads((folder / "config.json").read_text())\n'
+                      'ok = (folder / "config.json").is_file()\n')
+    assert _reads_config_json(sample) == [2, 2]
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private relufy names a test reaches: `from relufy.x import _y`, and `relufy.x._y` in code or in a
+    string (a script a test runs). A test goes through a module's public surface, so a refactor of its
+    insides does not break tests that check behaviour."""
+    import re
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "relufy":
+            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+        text = ast.unparse(node) if isinstance(node, ast.Attribute) else \
+            node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+        found += [f"{node.lineno}: {m}" for m in re.findall(r"\brelufy(?:\.[a-z_0-9]+)*\._[a-zA-Z]\w*", text)]
+    return found
+
+
+def test_tests_import_no_private_relufy_name():
+    found = [f"{path.name}:{use}" for path in sorted(TESTS.glob("*.py")) if path.name != Path(__file__).name
+             for use in _private_uses(path)]  # this file names private uses as its scan's samples
+    assert not found, f"tests reach private relufy names (make them public or test through the API): {found}"
+
+
+def test_private_use_scan_sees_one(tmp_path):
+    sample = tmp_path / "test_sample.py"
+    sample.write_text('from relufy.l1 import L1Tap, _add\nimport relufy.convert\nrelufy.convert._copy = 1\n'
+                      'SCRIPT = "relufy.convert._copy = copy"\nfrom relufy.train import train\n')
+    assert _private_uses(sample) == ["1: from relufy.l1 import _add", "3: relufy.convert._copy",
+                                     "4: relufy.convert._copy"]

@@ -364,11 +364,11 @@ def test_liger_without_liger_kernel_installed_is_refused_before_any_work(silu_ba
 def test_liger_fused_loss_is_turned_off_under_zero3_only(tmp_path, monkeypatch, zero3):
     import transformers.integrations
 
-    from relufy.train import _keep_liger_loss_off_under_zero3
+    from relufy.train import keep_liger_loss_off_under_zero3
 
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: zero3)
     training = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "use_liger_kernel=true"]).training
-    _keep_liger_loss_off_under_zero3(training)
+    keep_liger_loss_off_under_zero3(training)
     assert training.liger_kernel_config.get("fused_linear_cross_entropy", True) is not zero3
     assert training.liger_kernel_config["swiglu"] is False
 

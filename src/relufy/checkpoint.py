@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .atomic import write_text_atomically
@@ -157,8 +157,12 @@ def check_safetensors(path: Path) -> dict:
     return header
 
 
-def read_config(source: Source) -> dict:
-    """The source's config as a plain dict (GGUF: as transformers reads it from the metadata)."""
+def read_config(source: Source | str | os.PathLike) -> dict:
+    """The config of a Source or of a checkpoint folder on disk as a plain dict (GGUF: as transformers reads it
+    from the metadata). A folder is read as it is, without the weight checks of resolve_source: relufy's own
+    outputs (a fresh save, a temp dir) are read here too."""
+    if not isinstance(source, Source):
+        source = Source(Path(source).expanduser())
     if source.gguf_file is None:
         return json.loads((source.path / "config.json").read_text())
     from transformers import AutoConfig
@@ -168,6 +172,62 @@ def read_config(source: Source) -> dict:
     except Exception as exc:
         raise SourceError(f"{source} is not a readable GGUF model ({exc})") from None
     return finite_config(config, source)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The `relufy` key of a checkpoint's config.json: what relufy made the checkpoint from and did to it.
+
+    convert and dequantize write source/original_activation/activation/relufy_version (dequantize adds
+    `dequantized`), train adds `training`, threshold_shift adds `threshold_shift` and names the new activation.
+    A training run recognises its own earlier conversion by it; publish reads the base model and licence from
+    `source` and prints the rest on the card. Keys a newer relufy wrote are kept in `extra`, never dropped.
+    """
+
+    source: str | None = None
+    original_activation: str | None = None
+    activation: str | None = None
+    relufy_version: str | None = None
+    dequantized: bool = False
+    training: dict | None = None
+    threshold_shift: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: dict) -> Provenance:
+        """The provenance a config dict records (empty when it has no `relufy` key)."""
+        entry = dict(config.get("relufy") or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{key: entry.pop(key) for key in list(entry) if key in known}, extra=entry)
+
+    def to_dict(self) -> dict:
+        """The `relufy` entry as config.json holds it: set fields only, in declaration order, then `extra`."""
+        entry = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{key: value for key, value in entry.items() if value is not None and value is not False}, **self.extra}
+
+    def __bool__(self) -> bool:
+        return bool(self.to_dict())
+
+
+def read_provenance(folder: str | os.PathLike) -> Provenance:
+    """The provenance of a checkpoint folder; empty when it has no readable config.json or no `relufy` key."""
+    try:
+        return Provenance.of(read_config(folder))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return Provenance()
+
+
+def update_provenance(folder: str | os.PathLike, **changes) -> Provenance:
+    """Set `changes` (Provenance fields) in the folder's `relufy` entry, the rest of config.json untouched."""
+    updated = None
+
+    def change(config: dict) -> None:
+        nonlocal updated
+        updated = replace(Provenance.of(config), **changes)
+        config["relufy"] = updated.to_dict()
+
+    update_config(folder, change)
+    return updated
 
 
 def update_config(folder: str | os.PathLike, change) -> dict:
@@ -265,7 +325,7 @@ def model_identity(source: Source, activation: str) -> dict:
         config_hash = None
         files = [source.path / source.gguf_file]
     else:
-        config = json.loads((source.path / "config.json").read_text())
+        config = read_config(source)
         config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         files = sorted(p for p in source.path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     weights = hashlib.sha256()

@@ -16,7 +16,7 @@ from . import __version__
 from .activations import Activation, parse_activation
 from .architectures import Architecture, architecture_for
 from .atomic import MARKER, atomic_directory, claim_output
-from .checkpoint import Source, read_config, resolve_source, update_config
+from .checkpoint import Provenance, Source, read_config, resolve_source, update_config
 from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .portable import write_remote_code
 
@@ -50,17 +50,13 @@ def convert_checkpoint(
         if parse_activation(old_value) == activation and not force:
             raise AlreadyConvertedError(
                 f"{source} already uses '{old_value}'; nothing to convert (pass --force to write a copy anyway)")
-        provenance = {
-            "source": str(source),
-            "original_activation": old_value,
-            "activation": activation.config_value,
-            "relufy_version": __version__,
-        }
+        provenance = Provenance(source=str(source), original_activation=old_value,
+                                activation=activation.config_value, relufy_version=__version__)
         with atomic_directory(out, replace=force, command="relufy convert") as tmp:
             if source.gguf_file:
                 _dequantize_gguf(source, tmp, arch, activation, dtype)
             else:
-                _copy_checkpoint(source.path, tmp, link)
+                copy_checkpoint(source.path, tmp, link)
             _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
             if activation.needs_relufy:
                 write_remote_code(tmp)
@@ -83,12 +79,12 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
     config = read_config(source)
     arch = architecture_for(config.get("model_type"))
     activation = _current_activation(config, arch)
-    provenance = {"source": str(source), "original_activation": activation, "activation": activation,
-                  "dequantized": True, "relufy_version": __version__}
+    provenance = Provenance(source=str(source), original_activation=activation, activation=activation,
+                            dequantized=True, relufy_version=__version__)
     with claim_output(out, command="relufy train (dequantize)", force=False, inputs=[source.on_disk]), \
             atomic_directory(out, replace=False, command="relufy train (dequantize)") as tmp:
         _dequantize_gguf(source, tmp, arch, None, dtype)
-        update_config(tmp, lambda config: config.update(relufy=provenance))
+        update_config(tmp, lambda config: config.update(relufy=provenance.to_dict()))
     logger.info("dequantized %s (%s kept) into %s", source, activation, out)
     return out
 
@@ -109,7 +105,7 @@ def _check_parent(out: Path) -> None:
         raise OutputExistsError(f"the parent directory of OUT ({out.parent}) does not exist; create it first")
 
 
-def _copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
+def copy_checkpoint(src: Path, dst: Path, link: bool) -> None:
     """Copy the checkpoint's files but config.json (rewritten later); weights are never loaded.
 
     Subdirectories (training checkpoints, `original/` consolidated weights...) are not part of
@@ -150,7 +146,7 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: dict,
+def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: Provenance,
                     source_config: dict | None = None) -> None:
     """Write the converted config.json once: `source_config` (a directory source's config, which the copy
     leaves out) or the one the GGUF rebuild saved, with the new activation and the provenance."""
@@ -158,7 +154,7 @@ def _rewrite_config(directory: Path, arch: Architecture, activation: Activation,
     def change(config: dict) -> None:
         config.update(source_config or {})
         arch.with_activation(config, activation.config_value)
-        config["relufy"] = provenance
+        config["relufy"] = provenance.to_dict()
 
     update_config(directory, change)
 

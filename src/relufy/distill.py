@@ -298,14 +298,14 @@ def describe(training: ProSparseConfig) -> dict:
 def original_activation(base: str) -> tuple[str, str]:
     """(the activation `base` has, the one its teacher has): the base's own when it is not ReLU-family,
     else the `relufy.original_activation` its conversion recorded."""
-    from .checkpoint import read_config, resolve_source
+    from .checkpoint import Provenance, read_config, resolve_source
 
     source = resolve_source(base)
     config = read_config(source)
     current = architecture_of(config).activation_of(config)
     if parse_activation(str(current)) is None:
         return current, current
-    recorded = (config.get("relufy") or {}).get("original_activation")
+    recorded = Provenance.of(config).original_activation
     if recorded and parse_activation(str(recorded)) is None:
         return current, recorded
     raise RecipeError(f"distill: {source} already uses '{current}' and records no original activation (it was "

@@ -10,13 +10,12 @@ is enough and no remote code runs.
 from __future__ import annotations
 
 import inspect
-import json
 import textwrap
 from pathlib import Path
 
 from .activations import PARAMETRIZED, module_class, parse_activation
 from .architectures import architecture_of
-from .checkpoint import update_config
+from .checkpoint import read_config, update_config
 
 REMOTE_CODE_FILE = "modeling_relufy.py"
 
@@ -43,7 +42,7 @@ def write_remote_code(folder: Path) -> bool:
 
     from . import __version__
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     arch = architecture_of(config)
     activation = parse_activation(arch.activation_of(config) or "")
     if activation is None or not activation.needs_relufy:

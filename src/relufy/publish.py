@@ -7,7 +7,6 @@ from the source model), `tags` and a `model-index` holding the measured results 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from . import __version__
 from .atomic import MARKER, atomic_directory, claim_output
-from .checkpoint import check_model_dir, update_config
+from .checkpoint import Provenance, check_model_dir, read_provenance, update_config
 from .errors import DataError, RelufyError, SourceError
 from .portable import write_remote_code
 from .report import SCORE_METRICS, load_result, task_scores
@@ -38,8 +37,7 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
         results = load_result(results_path)
         _check_results_match(results, model_dir, results_path)
         weights, tokenizer_files = _checkpoint_files(model_dir)
-        config = json.loads((model_dir / "config.json").read_text())
-        provenance = config.get("relufy", {})
+        provenance = read_provenance(model_dir)
         base_model = base_model or _base_model_of(provenance)
         license_id = license_id or _license_of(provenance)
         if not license_id:
@@ -72,7 +70,7 @@ def _make_shareable(config: dict) -> None:
     """The published config: no auto_map of the local remote code (rewritten if needed), no local paths."""
     config.pop("auto_map", None)
     if "relufy" in config:
-        config["relufy"] = shareable(config["relufy"])
+        config["relufy"] = shareable(Provenance.of(config).to_dict())
 
 
 def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = False) -> str:
@@ -97,7 +95,7 @@ def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
     """Refuse an evaluation of another model: the identity recorded by `relufy evaluate` (config and weight
     fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
     from .architectures import architecture_of
-    from .checkpoint import WEIGHTS_HASHED, Source, model_identity
+    from .checkpoint import WEIGHTS_HASHED, Source, model_identity, read_config
 
     if "lm_eval" not in results or "model" not in results:
         raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
@@ -105,7 +103,7 @@ def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
     if not isinstance(recorded, dict) or recorded.get("weights_hashed") != WEIGHTS_HASHED:
         raise DataError(f"{results_path} records no fingerprint of every weight byte (written by an older "
                         f"relufy); evaluate {model_dir} again with `relufy evaluate` and pass that results.json")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     activation = str(architecture_of(config).activation_of(config))
     actual = model_identity(Source(model_dir), activation)
     differ = [f"{key} ({recorded.get(key)} evaluated, {actual[key]} here)" if key == "activation" else key
@@ -127,17 +125,19 @@ def shareable(value):
     return value
 
 
-def _base_model_of(provenance: dict) -> str | None:
-    source = str(provenance.get("source", ""))
+def _base_model_of(provenance: Provenance) -> str | None:
+    source = provenance.source or ""
     parts = source.split("/")
     if source and not Path(source).exists() and len(parts) == 2 and all(parts):
         return source
     return None
 
 
-def _license_of(provenance: dict) -> str | None:
+def _license_of(provenance: Provenance) -> str | None:
     """The source model's license: its README front matter, or a GGUF's general.license."""
-    source = Path(str(provenance.get("source", "")))
+    if not provenance.source:
+        return None
+    source = Path(provenance.source)
     if source.suffix == ".gguf" and source.is_file():
         try:
             from gguf import GGUFReader
@@ -147,11 +147,11 @@ def _license_of(provenance: dict) -> str | None:
         except Exception:  # unreadable metadata: fall through to --license
             return None
     readme = source / "README.md" if source.is_dir() else None
-    if readme is None and provenance.get("source"):
+    if readme is None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(str(provenance["source"]), "README.md")
+            cached = try_to_load_from_cache(provenance.source, "README.md")
             readme = Path(cached) if isinstance(cached, str) else None
         except Exception:
             readme = None
@@ -195,7 +195,7 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
     from .report import evaluation_report
 
     activation = architecture_of(config).activation_of(config) or "?"
-    provenance = config.get("relufy", {})
+    provenance = Provenance.of(config)
     name = repo_id.split("/")[-1]
     front = {"license": license_id, "library_name": "transformers", "pipeline_tag": "text-generation",
              "tags": TAGS + [activation.split("_")[0]] if activation.split("_")[0] not in TAGS else TAGS}
@@ -203,15 +203,15 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
         front["base_model"] = base_model
     front["model-index"] = _model_index(results, name)
     origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its source model"
-    if provenance.get("original_activation"):
+    if provenance.original_activation:
         summary = (f"A sparse-activation version of {origin} made with relufy {__version__}: the FFN activation "
-                   f"`{provenance['original_activation']}` was replaced by `{activation}` (ProSparse, arXiv "
+                   f"`{provenance.original_activation}` was replaced by `{activation}` (ProSparse, arXiv "
                    "2402.13516), so much of the FFN intermediate activation x1 is exactly zero.")
     else:
         summary = f"Evaluated with relufy {__version__}; FFN activation `{activation}`."
     body = [f"# {name}", "", summary, "", "## Results", "",
             evaluation_report(results).split("\n", 2)[2].replace("\n## ", "\n### "), "", "## Recipe", ""]
-    recipe = {key: value for key, value in provenance.items() if key != "relufy_version"}
+    recipe = {key: value for key, value in provenance.to_dict().items() if key != "relufy_version"}
     if recipe:
         body += ["Recorded by relufy in config.json (`relufy` key):", "", "```yaml",
                  yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]

@@ -4,6 +4,7 @@ held-out perplexity stays within a bound, found by bisection and written into th
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .activations import module_class, parse_activation
 from .architectures import architecture_of, ffn_modules
-from .checkpoint import update_config
+from .checkpoint import Provenance, update_config
 from .errors import TrainingError
 
 if TYPE_CHECKING:
@@ -97,9 +98,9 @@ def shift_threshold(output_dir: Path, held_out, config: ProSparseConfig, *, devi
 
     def record(config: dict) -> None:
         arch.with_activation(config, activation.config_value)
-        provenance = config.setdefault("relufy", {})
-        provenance["threshold_shift"] = result
-        provenance["activation"] = activation.config_value  # provenance names the activation in use
+        # provenance names the activation in use
+        config["relufy"] = replace(Provenance.of(config), threshold_shift=result,
+                                   activation=activation.config_value).to_dict()
 
     update_config(output_dir, record)
     write_remote_code(output_dir)

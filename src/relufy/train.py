@@ -23,7 +23,7 @@ from .activations import parse_activation
 from .architectures import architecture_of
 from .atomic import (MARKER, check_not_input, discard, move_into, output_lock, output_record, temp_sibling,
                      write_text_atomically, written_by_relufy)
-from .checkpoint import update_config
+from .checkpoint import read_config, update_provenance
 from .errors import DataError, TrainingError
 from .probe import SparsityProbe
 from .recipe import Recipe, check_inputs, resolve_model_path
@@ -78,7 +78,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         if importlib.util.find_spec("liger_kernel") is None:
             raise TrainingError("use_liger_kernel: true needs liger-kernel, which is not installed; "
                                 "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
-        _keep_liger_loss_off_under_zero3(training)
+        keep_liger_loss_off_under_zero3(training)
     _force_non_reentrant_checkpointing(training)
     fingerprint = recipe_fingerprint(recipe)
     if allow_changes and not resume:
@@ -173,7 +173,7 @@ def _check_output_dir(output_dir: Path, resume: bool, force: bool, recipe: Recip
                 shutil.rmtree(old)
 
 
-def _keep_liger_loss_off_under_zero3(training) -> None:
+def keep_liger_loss_off_under_zero3(training) -> None:
     """Liger's fused linear cross-entropy reads lm_head.weight outside the head's forward, where ZeRO-3 keeps
     it partitioned (empty); under ZeRO-3 the loss stays transformers' own, Liger's norm and RoPE stay on."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -210,14 +210,14 @@ def _load_tokenizer(base: str, args):
 
 
 def _model_type(base: str) -> str | None:
-    from .checkpoint import read_config, resolve_source
+    from .checkpoint import resolve_source
 
     return read_config(resolve_source(base)).get("model_type")
 
 
 def _check_block_size(base: str, recipe: Recipe) -> None:
     """block_size within the model's context (as model_config_overrides leave it), before the data and weights load."""
-    from .checkpoint import read_config, resolve_source
+    from .checkpoint import resolve_source
     from .checks import block_fits_context
 
     source = resolve_source(base)
@@ -228,7 +228,7 @@ def _check_block_size(base: str, recipe: Recipe) -> None:
 def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):
     """The base as the recipe loads it (dtype, config overrides; 4-bit in QLoRA when `quantize`); a base that
     is not ReLU-family is refused when a stage has lambda > 0, since L1 cannot make it sparse."""
-    from .checkpoint import load_model, read_config, resolve_source
+    from .checkpoint import load_model, resolve_source
     from .lora import quantization_config
 
     source = resolve_source(base)
@@ -339,13 +339,12 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
     if recipe.training.use_peft:
         from .lora import describe
 
-        training["lora"] = describe(recipe.training, json.loads((output_dir / "config.json").read_text())
-                                    .get("model_type"))
+        training["lora"] = describe(recipe.training, read_config(output_dir).get("model_type"))
     if recipe.training.distill:
         from .distill import describe as describe_distillation
 
         training["distill"] = describe_distillation(recipe.training)
-    update_config(output_dir, lambda config: config.setdefault("relufy", {}).update(training=training))
+    update_provenance(output_dir, training=training)
 
 
 def _last_logged(history: list[dict], key: str):

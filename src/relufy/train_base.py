@@ -5,12 +5,12 @@ a later run or a resume, recognised by the `relufy` provenance entry of its conf
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from .activations import parse_activation
 from .architectures import architecture_of
+from .checkpoint import read_provenance
 from .errors import RecipeError
 from .recipe import Recipe, resolve_model_path
 
@@ -60,8 +60,8 @@ def _dequantized_base(recipe: Recipe, base: str) -> str:
         return base
     target = Path(recipe.model.converted_model_dir or Path(recipe.training.output_dir) / "base-dequantized")
     with PartialState().main_process_first():
-        provenance = _provenance(target)
-        if not (provenance.get("dequantized") and provenance.get("source") == str(source)):
+        provenance = read_provenance(target)
+        if not (provenance.dequantized and provenance.source == str(source)):
             if target.exists():
                 raise RecipeError(f"converted_model_dir {target} exists but is not a dequantized copy of {source}; "
                                   "remove it or choose another converted_model_dir")
@@ -71,14 +71,6 @@ def _dequantized_base(recipe: Recipe, base: str) -> str:
     return str(target)
 
 
-def _provenance(target: Path) -> dict:
-    """The `relufy` entry of a checkpoint's config.json ({} when there is none)."""
-    try:
-        return json.loads((target / "config.json").read_text()).get("relufy", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _is_conversion_of(target: Path, source: str, activation: str) -> bool:
-    provenance = _provenance(target)
-    return provenance.get("source") == source and provenance.get("activation") == activation
+    provenance = read_provenance(target)
+    return provenance.source == source and provenance.activation == activation

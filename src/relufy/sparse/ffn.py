@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..activations import parse_activation
+from ..activations import PARAMETRIZED, Activation, module_class, parse_activation
 from ..architectures import Architecture, architecture_for, ffn_modules
-from ..errors import DataError, UnsupportedArchitectureError
+from ..errors import ActivationError, DataError, UnsupportedArchitectureError
 from .routing import dense_above as calibrated_dense_above
 
 logger = logging.getLogger(__name__)
@@ -109,12 +109,12 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
                                             device=w_down_t.device)
         return workspaces[shape]
 
-    for ffn in ffn_modules(model, arch):
-        if getattr(ffn, _ATTRIBUTE, None) is None:
-            state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], activation.param or 0.0,
-                                workspace_for, config)
-            setattr(ffn, _ATTRIBUTE, state)
-            ffn.forward = state.forward
+    todo = [ffn for ffn in ffn_modules(model, arch) if getattr(ffn, _ATTRIBUTE, None) is None]
+    params = [_live_param(ffn, index, arch, activation) for index, ffn in enumerate(todo)]  # all checked first
+    for ffn, param in zip(todo, params):
+        state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], param, workspace_for, config)
+        setattr(ffn, _ATTRIBUTE, state)
+        ffn.forward = state.forward
     return model
 
 
@@ -160,6 +160,30 @@ def why_dense(model: nn.Module) -> str | None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"relufy.sparse: the model is on {device.type}, and the sparse kernels need CUDA; the model runs dense"
     return None
+
+
+def _live_param(ffn: nn.Module, index: int, arch: Architecture, activation: Activation) -> float:
+    """The threshold (FATReLU) or shift (ShiftedReLU) this FFN's activation module computes with now.
+
+    The dense path runs the module, so the kernels must use its value, not the config string's: a
+    calibration or a hand edit may have changed one and not the other. When they disagree one of the
+    two is stale, and `sparsify` refuses rather than guess which.
+    """
+    if not activation.needs_relufy:
+        return 0.0
+    attribute, cls = PARAMETRIZED[activation.name], module_class(activation.name).__name__
+    # by name: a checkpoint loaded through its remote code (modeling_relufy.py) has its own copy of the class
+    held = [float(getattr(m, attribute)) for m in ffn.modules() if type(m).__name__ == cls and hasattr(m, attribute)]
+    if len(held) != 1:
+        raise ActivationError(f"relufy.sparse: FFN {index} ({type(ffn).__name__}) has {len(held)} {cls} modules, "
+                              f"expected one for '{activation.config_value}'; build the model from its config "
+                              "(from_pretrained) so each FFN holds its activation module")
+    if held[0] != activation.param:
+        wanted = Activation(activation.name, held[0]).config_value
+        raise ActivationError(f"relufy.sparse: FFN {index}'s {cls} has {attribute} {held[0]!r} but the config says "
+                              f"'{activation.config_value}'; set config.{arch.activation_key} = '{wanted}' (or the "
+                              f"module's {attribute} back) so both describe the activation the model runs")
+    return held[0]
 
 
 def _warn_once(message: str) -> None:

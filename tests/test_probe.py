@@ -95,21 +95,15 @@ def test_sparsity_command_bad_input(tmp_path, capsys, argv, mentions):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_sparsity_command_on_empty_data(tmp_path, capsys):
+@pytest.mark.parametrize("text,block_size,mentions", [
+    ("\n\n   \n", "32", "holds no text"),
+    ("a few words\n", "64", "shorter than one block"),
+])
+def test_sparsity_command_on_too_little_data(tmp_path, capsys, text, block_size, mentions):
     src = save_tiny_checkpoint("llama", tmp_path / "model", SAMPLE_TEXT, hidden_act="relu")
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n   \n")
+    data = tmp_path / "data.txt"
+    data.write_text(text)
     capsys.readouterr()
-    code = main(["sparsity", str(src), "--data", str(empty), "--block-size", "32"])
+    code = main(["sparsity", str(src), "--data", str(data), "--block-size", block_size])
     err = capsys.readouterr().err.strip()
-    assert code != 0 and "holds no text" in err
-
-
-def test_sparsity_command_on_data_shorter_than_one_block(tmp_path, capsys):
-    src = save_tiny_checkpoint("llama", tmp_path / "model", SAMPLE_TEXT, hidden_act="relu")
-    short = tmp_path / "short.txt"
-    short.write_text("a few words\n")
-    capsys.readouterr()
-    code = main(["sparsity", str(src), "--data", str(short), "--block-size", "64"])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and "shorter than one block" in err
+    assert code != 0 and mentions in err

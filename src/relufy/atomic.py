@@ -48,6 +48,11 @@ def output_record(command: str) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def mark_output(folder: Path, command: str) -> None:
+    """Write `folder`'s marker: the record that makes it relufy's output, which --force may replace."""
+    write_text_atomically(folder / MARKER, json.dumps(output_record(command)) + "\n")
+
+
 def signed(content: dict | str, command: str, *, what: str = "the output") -> str:
     """A single-file output's text with its signature: a JSON object gains a `relufy_output` key, other text
     (markdown) a last line `<!-- relufy_output: {...} -->` that renders as nothing. JSON goes through
@@ -193,7 +198,7 @@ def atomic_directory(out: Path, *, replace: bool, command: str) -> Iterator[Path
                           "writable output location") from None
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps(output_record(command)) + "\n")
+        mark_output(tmp, command)
         if reason := _refusal(out, force=replace, kind="dir"):
             raise OutputExistsError(reason)
         replace_with(tmp, out)

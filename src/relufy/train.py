@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import torch
 
 from .activations import parse_activation
 from .architectures import architecture_of
-from .atomic import (MARKER, check_not_input, discard, move_into, output_lock, output_record, temp_sibling,
-                     write_text_atomically, written_by_relufy)
+from .atomic import (MARKER, check_not_input, discard, mark_output, move_into, output_lock, temp_sibling,
+                     written_by_relufy)
 from .checkpoint import read_config, update_provenance
 from .errors import DataError, TrainingError
 from .probe import SparsityProbe
@@ -88,7 +87,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         training.resume_from_checkpoint = str(checkpoint)
     if training.should_save and not (output_dir / MARKER).exists():
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(output_dir / MARKER, json.dumps(output_record("relufy train")) + "\n")
+        mark_output(output_dir, "relufy train")
 
     base = prepare_base(recipe)
     _check_block_size(base, recipe)

@@ -315,9 +315,9 @@ def kernel_bytes(kernel: str, call: str, ffn: RandomFFN, union: int) -> float:
     element = torch.finfo(ffn.dtype).bits // 8
     matrix = ffn.inter * ffn.hidden * element
     row = ffn.hidden * element
-    if "_first_projection" in kernel:
+    if "first_projection_kernel" in kernel:
         return (0 if call == "cublas" else matrix) + union * row
-    if "_down_kernel" in kernel:
+    if "down_kernel" in kernel:
         return union * row
     if any(tag in kernel.lower() for tag in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma")):
         return matrix

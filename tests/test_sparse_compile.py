@@ -23,6 +23,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from relufy.sparse import kernels as K
+from relufy.sparse.kernels.down import down_kernel
+from relufy.sparse.kernels.gate_up import first_projection_kernel
 
 FP32, I32 = ("gate_sums_ptr", "acc_ptr"), ("index_ptr", "count_ptr", "state_ptr", "gate_arrivals_ptr", "routes_ptr")
 
@@ -48,12 +50,12 @@ def compile_for_hopper(kernel, constants, descriptor_block=None, warps=4, stages
 for batch in (1, 16):
     for variant in K.GATE_VARIANTS:
         t = K.with_gate(K.gpu_tiles(batch, 4096, 132), variant)
-        compile_for_hopper(K._first_projection_kernel, dict(
+        compile_for_hopper(first_projection_kernel, dict(
             GATED=True, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, GATE=K.GATES[t.gate], SPLIT_K=t.split_k,
             TMA=t.tma, BLOCK_B=t.block_b, BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_DOT=t.use_dot,
             PRECISION="tf32"), (t.block_n, t.block_k) if t.tma else None, t.warps_first, t.stages)
         print("compiled", batch, variant)
-    compile_for_hopper(K._down_kernel, dict(
+    compile_for_hopper(down_kernel, dict(
         SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
         USE_DOT=t.use_dot, PRECISION="tf32"), None, t.warps_down, t.stages)
     print("compiled", batch, "down")

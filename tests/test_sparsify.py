@@ -112,7 +112,7 @@ def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog, 
 def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_row(monkeypatch):
     """Without CUDA, `dense_above` is the default fraction of the neurons; a configured one is passed to the
     down kernel, which takes the dense route for a union above it and gives the dense FFN's result."""
-    import relufy.sparse.kernels as kernels
+    import relufy.sparse.kernels.launch as launch  # where the operator finds sparse_ffn
     from relufy.sparse.routing import DEFAULT_DENSE_FRACTION
 
     model = relu_model("llama", "relu")
@@ -121,8 +121,8 @@ def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_r
     assert {state.dense_above for state in sparse_ffns(defaults)} == {int(DEFAULT_DENSE_FRACTION * width)}
     sparsify(model, SparseConfig(dense_above=0))
     routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    original = kernels.sparse_ffn
-    monkeypatch.setattr(kernels, "sparse_ffn", lambda *args, **kwargs: original(*args, **kwargs, routes=routes))
+    original = launch.sparse_ffn
+    monkeypatch.setattr(launch, "sparse_ffn", lambda *args, **kwargs: original(*args, **kwargs, routes=routes))
     x = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     ffn = ffn_modules(model)[0]
     sparse = ffn(x)
@@ -154,16 +154,17 @@ def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
 @pytest.mark.parametrize("gate", ["fused_tma", "split_k", "cublas"])
 def test_every_gate_variant_runs_through_the_operator(gate, monkeypatch):
     import relufy.sparse.kernels as kernels
+    import relufy.sparse.kernels.launch as launch  # where the operator finds sparse_ffn
 
     model = sparsify(relu_model("llama", "relu"), SparseConfig(gate=gate))
     used = []
-    original = kernels.sparse_ffn
+    original = launch.sparse_ffn
 
     def recording(*args, **kwargs):
         used.append(args[10])  # the tiles the operator chose
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "sparse_ffn", recording)
+    monkeypatch.setattr(launch, "sparse_ffn", recording)
     ffn = ffn_modules(model)[0]
     x = torch.randn(1, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     sparse = ffn(x)

@@ -1,0 +1,25 @@
+"""Triton kernels for a ReLU-sparse FFN at decode: read only the weight rows of active neurons.
+
+A gated FFN computes y = (act(x W_gate^T) * (x W_up^T)) W_down^T. With a ReLU-family `act`,
+a neuron whose gate is zero contributes exactly nothing, so its W_up row and its W_down column
+need not be read. Fixed grids, and the active count kept on the device, so the whole call can be
+captured in a CUDA graph. One module per job:
+
+- `gate_up`: the first kernel (the gate in full by one of the gate variants, the activation, the
+  compact list of active neurons, their W_up rows);
+- `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
+- `tiles`: block sizes and gate variant per GPU and batch (`TILE_TABLE`, `GATE_VARIANTS`);
+- `launch`: the workspace, `sparse_ffn` (both launches) and the `relufy::sparse_ffn` operator.
+
+Rounding mirrors the dense PyTorch FFN: the gate and up projections are accumulated in fp32 and
+rounded to the input dtype before the activation and the product, so the set of zeros is the one
+the dense model sees (up to its different summation order; the "cublas" gate is the dense one).
+"""
+
+from .gate_up import ACTIVATION_CODES, FATRELU, GATES, RELU, RELU2, SHIFTED_RELU
+from .launch import sparse_ffn, sparse_ffn_op, workspace_size
+from .tiles import GATE_VARIANTS, TILE_TABLE, Tiles, choose_tiles, gpu_family, gpu_tiles, with_gate
+
+__all__ = ["ACTIVATION_CODES", "FATRELU", "GATES", "GATE_VARIANTS", "RELU", "RELU2", "SHIFTED_RELU", "TILE_TABLE",
+           "Tiles", "choose_tiles", "gpu_family", "gpu_tiles", "sparse_ffn", "sparse_ffn_op", "with_gate",
+           "workspace_size"]

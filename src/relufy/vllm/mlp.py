@@ -4,7 +4,8 @@ It adopts the MLP vLLM built (its MergedColumnParallelLinear `gate_up_proj` and 
 `down_proj`), so parameter names, weight loading, tensor-parallel sharding and quantization are
 vLLM's. Only the activation is relufy's: act(gate) * up on the merged gate_up output.
 
-The sparse path (`relufy::sparse_gated_ffn`, which picks sparse or dense per call by token count)
+The sparse path (`relufy::sparse_gated_ffn`, which picks sparse or dense per call by token count,
+and inside the kernels the dense route for a large union of active neurons, as `sparsify` does)
 is switched on by `prepare_sparse`, after the weights are loaded, only for unquantized linears on
 CUDA with Triton installed and `RELUFY_VLLM_SPARSE` not `0`; otherwise the reason is logged once
 and the MLP runs dense through vLLM's linears.
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..activations import Activation
 from ..sparse.ffn import DEFAULT_MAX_TOKENS
-from ..sparse.gated import activation_module, gated
+from ..sparse.gated import activation_module, gated, gated_dense_above
 
 logger = logging.getLogger(__name__)
 SWITCH = "RELUFY_VLLM_SPARSE"
@@ -55,6 +56,7 @@ class RelufyMLP(nn.Module):
         self.activation = activation
         # set by prepare_sparse when the sparse path is on; a buffer, so torch.compile sees a tensor input
         self.register_buffer("workspace", None, persistent=False)
+        self.dense_above = -2  # the calibrated route threshold, set by prepare_sparse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.workspace is not None:
@@ -68,7 +70,8 @@ class RelufyMLP(nn.Module):
         bias = down.bias if down.tp_rank == 0 and not down.skip_bias_add else None  # as RowParallelLinear
         out = torch.ops.relufy.sparse_gated_ffn(
             x.reshape(-1, x.shape[-1]), self.gate_up_proj.weight, self.gate_up_proj.bias, down.weight, bias,
-            self.workspace, self.activation.name, float(self.activation.param or 0.0), DEFAULT_MAX_TOKENS)
+            self.workspace, self.activation.name, float(self.activation.param or 0.0), DEFAULT_MAX_TOKENS, "",
+            self.dense_above)
         if down.reduce_results and down.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
@@ -79,7 +82,8 @@ class RelufyMLP(nn.Module):
         """Turn the sparse path on if it can run here (see the module docstring); True if it did.
 
         W_down is made row-major W_down^T under the same Parameter (its `.data` becomes a transposed
-        view), so vLLM's dense linear, weight reloads and the kernels share one copy.
+        view), so vLLM's dense linear, weight reloads and the kernels share one copy. The dense-route
+        threshold is calibrated here, before vLLM captures its CUDA graphs (once per shape and GPU).
         """
         reason = sparse_unavailable(self)
         if reason:
@@ -89,6 +93,7 @@ class RelufyMLP(nn.Module):
         if not weight.t().is_contiguous():
             weight.data = weight.data.t().contiguous().t()
         self.workspace = workspace_for(weight.shape[1], weight.shape[0], weight.device)  # N neurons, D outputs
+        self.dense_above = gated_dense_above(self.gate_up_proj.weight.detach(), weight.detach(), DEFAULT_MAX_TOKENS)
         return True
 
 

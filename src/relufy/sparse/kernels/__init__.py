@@ -9,7 +9,8 @@ captured in a CUDA graph. One module per job:
   compact list of active neurons, their W_up rows);
 - `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
 - `tiles`: block sizes and gate variant per GPU and batch (`TILE_TABLE`, `GATE_VARIANTS`);
-- `launch`: the workspace, `sparse_ffn` (both launches) and the `relufy::sparse_ffn` operator.
+- `launch`: the workspace, `sparse_ffn` (both launches), `routed_sparse_ffn` (tiles and route as
+  both operators choose them) and the `relufy::sparse_ffn` operator.
 
 Rounding mirrors the dense PyTorch FFN: the gate and up projections are accumulated in fp32 and
 rounded to the input dtype before the activation and the product, so the set of zeros is the one
@@ -17,9 +18,9 @@ the dense model sees (up to its different summation order; the "cublas" gate is 
 """
 
 from .gate_up import ACTIVATION_CODES, FATRELU, GATES, RELU, RELU2, SHIFTED_RELU
-from .launch import sparse_ffn, sparse_ffn_op, workspace_size
+from .launch import routed_sparse_ffn, sparse_ffn, sparse_ffn_op, workspace_size
 from .tiles import GATE_VARIANTS, TILE_TABLE, Tiles, choose_tiles, gpu_family, gpu_tiles, with_gate
 
 __all__ = ["ACTIVATION_CODES", "FATRELU", "GATES", "GATE_VARIANTS", "RELU", "RELU2", "SHIFTED_RELU", "TILE_TABLE",
-           "Tiles", "choose_tiles", "gpu_family", "gpu_tiles", "sparse_ffn", "sparse_ffn_op", "with_gate",
-           "workspace_size"]
+           "Tiles", "choose_tiles", "gpu_family", "gpu_tiles", "routed_sparse_ffn", "sparse_ffn", "sparse_ffn_op",
+           "with_gate", "workspace_size"]

@@ -92,19 +92,30 @@ def _first_projection(x, w_first, w_up, b_first, b_up, x1, index, workspace, act
         num_stages=tiles.stages)
 
 
+def routed_sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
+                      b_first: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
+                      workspace: torch.Tensor | None, activation: int, act_param: float, gate: str,
+                      dense_above: int) -> torch.Tensor:
+    """`sparse_ffn` with the tiles of gate variant `gate` for this GPU and batch ("": the table's) and
+    the dense route above `dense_above` active neurons (< -1: never): the one path of both operators,
+    `relufy::sparse_ffn` (sparsify) and `relufy::sparse_gated_ffn` (vLLM)."""
+    tiles = choose_tiles(x.shape[0], w_down_t.shape[0], w_down_t.shape[1], x.device, gate)
+    return sparse_ffn(x, w_first, w_up, w_down_t, activation, act_param, b_first, b_up, b_down, workspace, tiles,
+                      None if dense_above < -1 else dense_above)
+
+
 @torch.library.custom_op("relufy::sparse_ffn", mutates_args=())
 def sparse_ffn_op(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                   b_first: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
                   workspace: torch.Tensor | None, activation: int, act_param: float, gate: str = "",
                   dense_above: int = -2) -> torch.Tensor:
-    """`sparse_ffn` as an operator that torch.compile keeps whole (its kernels are opaque to Inductor).
+    """`routed_sparse_ffn` as an operator that torch.compile keeps whole (its kernels are opaque to Inductor).
 
     `gate` is a key of GATE_VARIANTS ("": the table's); `dense_above` < -1 means never dense. The
     workspace is not declared mutated: the kernels return it to all zeros before they end.
     """
-    tiles = choose_tiles(x.shape[0], w_down_t.shape[0], w_down_t.shape[1], x.device, gate)
-    return sparse_ffn(x, w_first, w_up, w_down_t, activation, act_param, b_first, b_up, b_down, workspace, tiles,
-                      None if dense_above < -1 else dense_above)
+    return routed_sparse_ffn(x, w_first, w_up, w_down_t, b_first, b_up, b_down, workspace, activation, act_param,
+                             gate, dense_above)
 
 
 @sparse_ffn_op.register_fake

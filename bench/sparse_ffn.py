@@ -3,13 +3,18 @@
 One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes (bf16, random weights):
 
 1. the copy bandwidth of the GPU (device-to-device copy, read + write);
-2. at 90% zeros and 1, 4 and 8 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the activation,
-   as a transformers MLP) and the sparse FFN with each gate variant of `kernels.GATE_VARIANTS`;
+2. at 90% zeros and 1, 4, 8 and 16 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the
+   activation, as a transformers MLP) and the sparse FFN with each gate variant of `kernels.GATE_VARIANTS`;
 3. at 50% zeros and 1, 4, 8 and 16 tokens: the same.
    Every sparse call routes as `sparsify` does: the dense route above the threshold
    `relufy.sparse.routing.calibrate` measures for the shape (its timings are in the JSON);
 4. for every case, the largest relative error max |sparse - dense| / max |dense| (bf16: <= 1e-2)
-   and which route the down kernel took.
+   and which route the down kernel took;
+5. per shape, each kernel of one dense call and of one call of each gate variant at 90% zeros
+   (torch.profiler): its device time and the bandwidth it reaches against the copy bandwidth.
+
+The JSON is rewritten (atomically) after every case, calibration, profile and sweep entry, so a run
+cut short by a time limit keeps everything that finished.
 
 Every time is a CUDA-graph replay of one FFN call on each of `--layers` copies of the weights in
 turn (so the active rows of one call are not in L2 for the next), divided by the layers; median of
@@ -17,10 +22,13 @@ turn (so the active rows of one call are not in L2 for the next), divided by the
 drawn independently per token, so a batch's union is what random activity gives. The floor is the
 bytes the sparse FFN must read (gate in full, up and down rows of the union) at the copy bandwidth.
 
-    python bench/sparse_ffn.py --output bench/out/sparse_ffn.json        # everything, one GPU, ~4 min
+    python bench/sparse_ffn.py --output bench/out/sparse_ffn.json        # everything, one GPU
     python bench/sparse_ffn.py --table bench/out/sparse_ffn.json         # its markdown tables again
     python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json
     python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
+
+The sweep compiles its tile candidates in `--compile-workers` processes first (Triton's on-disk
+cache then serves the timing process), since compiling, not timing, is most of its time.
 """
 
 from __future__ import annotations
@@ -43,13 +51,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
     parser.add_argument("--variants", default="", help="gate variants (default: all of kernels.GATE_VARIANTS)")
-    parser.add_argument("--batches", default="1,4,8", help="batch sizes at 90%% zeros")
+    parser.add_argument("--batches", default="1,4,8,16", help="batch sizes at 90%% zeros (and of the sweep)")
     parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
     parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case")
     parser.add_argument("--sweep-tiles", action="store_true",
                         help="instead: time tile variants at 90%% zeros on the first shape and profile each kernel")
+    parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes that compile the sweep's candidates ahead of timing (0: compile inline)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
     parser.add_argument("--table", type=Path, help="only print the markdown tables of a JSON this script wrote")
     parser.add_argument("--output", "-o", type=Path)
@@ -83,38 +93,55 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": bandwidth / 1e9,
               "replays": replays, "layers": layers, "variants": variants, "torch": torch.__version__,
-              "triton": __import__("triton").__version__}
+              "triton": __import__("triton").__version__, "complete": False}
+    save = functools.partial(write_json, args.output, result)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; writing {args.output} as it goes",
+          flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
     if args.sweep_tiles:
         ffn = RandomFFN(*next(iter(shapes.values())), layers, dtype, device)
-        result["sweep"] = sweep_tiles(ffn, [int(b) for b in args.batches.split(",")], variants, timer,
-                                      limit=2 if args.tiny else None)
-        result["profile"] = profile_kernels(ffn, [int(b) for b in args.batches.split(",")], variants, bandwidth)
+        result["profile"] = profile_kernels(ffn, batches, variants, bandwidth, save)
+        compiler = Precompiler(args.compile_workers, ffn) if args.compile_workers > 0 else None
+        result["sweep"] = sweep_tiles(ffn, batches, variants, timer, save, compiler, limit=2 if args.tiny else None)
     else:
-        result.update(measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+        measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth, result, save)
+    result["complete"] = True
+    save()
     if not args.sweep_tiles:
         print(markdown(result))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; wrote {args.output}")
     return 0
 
 
-def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth) -> dict:
-    """Rows at 90% and at 50% zeros, every variant, the dense route above the shape's calibrated threshold."""
+def write_json(path: Path, result: dict) -> None:
+    """The results so far, written whole or not at all: a run cut short keeps what finished."""
+    from relufy.atomic import write_text_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
+
+
+def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth, result, save) -> None:
+    """Rows at 90% and at 50% zeros, every variant, the dense route above the shape's calibrated
+    threshold; then each kernel's bandwidth at 90% zeros. `result` grows and is saved after each step."""
     from relufy.sparse.routing import calibrate
 
-    rows, calibration = [], {}
+    result.update(rows=[], calibration={}, profile={})
     for name, (hidden, inter) in shapes.items():
         ffn = RandomFFN(hidden, inter, layers, dtype, device)
         route = calibrate(ffn.w_gate[0], ffn.w_up[0], ffn.w_down_t[0], 8) if device.type == "cuda" else None
         dense_above = route["dense_above"] if route else inter // 2
-        calibration[name] = route
+        result["calibration"][name] = route
+        save()
         for sparsity, batches in ((0.9, args.batches), (0.5, args.routing_batches)):
             for batch in [int(b) for b in batches.split(",") if b]:
-                rows.append(ffn.case(name, sparsity, batch, variants, dense_above, timer, bandwidth))
-                print_row(rows[-1])
+                result["rows"].append(ffn.case(name, sparsity, batch, variants, dense_above, timer, bandwidth))
+                print_row(result["rows"][-1])
+                save()
+        result["profile"][name] = {}
+        profile_kernels(ffn, [int(b) for b in args.batches.split(",")], variants, bandwidth, save,
+                        result["profile"][name])
         del ffn
-    return {"rows": rows, "calibration": calibration}
 
 
 class RandomFFN:
@@ -200,10 +227,12 @@ def max_rel_error(result, reference) -> float:
     return float((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, limit: int | None = None) -> dict:
+def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, save, compiler=None,
+                limit: int | None = None) -> dict:
     """Time tile variants at 90% zeros for each gate variant: first-kernel tiles, then the down
     kernel's on the best of those (the first `limit` candidates of each, for a smoke run). Every
-    variant's time is kept, so TILE_TABLE can be read off it."""
+    variant's time is kept, so TILE_TABLE can be read off it; the JSON is saved after each gate
+    variant. `compiler` (a Precompiler) compiles each stage's candidates in parallel first."""
     from relufy.sparse.kernels import choose_tiles
 
     report = {}
@@ -224,15 +253,67 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, 
                 timings.append({**dataclasses.asdict(tiles), "us": us})
                 return us
 
-            best = min(first_tiles(base, batch)[:limit], key=time_tiles)
-            best = min([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
-                        itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit],
-                       key=time_tiles)
+            def fastest(candidates):
+                if compiler:
+                    compiler.compile(batch, candidates)
+                return min(candidates, key=time_tiles)
+
+            best = fastest(first_tiles(base, batch)[:limit])
+            best = fastest([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
+                            itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit])
             report[batch][variant] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
                                       "best": dataclasses.asdict(best), "variants": timings}
             print(f"batch {batch} {variant}: default {report[batch][variant]['default_us']:.1f} us, best "
-                  f"{report[batch][variant]['best_us']:.1f} us with {best}", flush=True)
+                  f"{report[batch][variant]['best_us']:.1f} us with {best} ({len(timings)} timed)", flush=True)
+            save()
+    if compiler:
+        compiler.close()
     return report
+
+
+class Precompiler:
+    """Compiles tile candidates in worker processes before the timing process runs them.
+
+    Each worker holds one layer of the same shape and runs each candidate once. That fills Triton's
+    on-disk cache with exactly the kernels the timed calls then load (same constants, and the same
+    argument values, so the same specialisation); compiling, not timing, is most of a sweep's time.
+    """
+
+    def __init__(self, workers: int, ffn: RandomFFN):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # the workers use CUDA
+        dtype = str(ffn.dtype).removeprefix("torch.")
+        self.pool = context.Pool(workers, initializer=_compile_worker_init,
+                                 initargs=(ffn.hidden, ffn.inter, dtype, str(ffn.device)))
+
+    def compile(self, batch: int, candidates: list) -> None:
+        self.pool.map(_compile_candidate, [(batch, tiles) for tiles in candidates], chunksize=1)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+_WORKER: dict = {}
+
+
+def _compile_worker_init(hidden: int, inter: int, dtype: str, device: str) -> None:
+    import torch
+
+    _WORKER["ffn"] = RandomFFN(hidden, inter, 1, getattr(torch, dtype), torch.device(device))
+
+
+def _compile_candidate(job) -> None:
+    """Run one candidate once (compiling it); a failure is left for the timing process to record."""
+    batch, tiles = job
+    ffn = _WORKER["ffn"]
+    try:
+        ffn.sparse(0, ffn.x_for(batch), 0.0, tiles)
+        if ffn.device.type == "cuda":
+            __import__("torch").cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def first_tiles(base, batch: int) -> list:
@@ -259,16 +340,18 @@ def pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], bandwidth: float) -> dict:
+def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], bandwidth: float, save,
+                    report: dict | None = None) -> dict:
     """Device time of each kernel of one dense call and one call of each gate variant at 90% zeros
-    (torch.profiler), and the bandwidth each kernel reaches, against the copy bandwidth of this run."""
+    (torch.profiler), and the bandwidth each kernel reaches, against the copy bandwidth of this run.
+    Entries go into `report` (saved after each)."""
     import torch
 
     from relufy.sparse.kernels import choose_tiles
 
+    report = {} if report is None else report
     if not torch.cuda.is_available() or ffn.device.type != "cuda":
-        return {}
-    report = {}
+        return report
     for batch in batches:
         x = ffn.x_for(batch)
         threshold = ffn.thresholds(x, 0.9)[0]
@@ -278,15 +361,20 @@ def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], ban
             tiles = choose_tiles(batch, ffn.inter, ffn.hidden, x.device, variant)
             calls[variant] = functools.partial(ffn.sparse, 0, x, threshold, tiles)
         for name, call in calls.items():
-            kernels = profile(call)
+            try:
+                kernels = profile(call)
+            except Exception as exc:  # noqa: BLE001  (a variant this GPU refuses; the timed cases say so too)
+                report[f"{name} batch {batch}"] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                continue
             for kernel in kernels:
                 kernel["gb_per_s"] = kernel_bytes(kernel["name"], name, ffn, union) / kernel["us_per_call"] / 1e3
                 kernel["of_copy_bandwidth"] = kernel["gb_per_s"] * 1e9 / bandwidth
             report[f"{name} batch {batch}"] = kernels
-            print(f"{name} batch {batch}: " + "; ".join(
+            print(f"{ffn.inter}x{ffn.hidden} {name} batch {batch}: " + "; ".join(
                 f"{k['name'][:40]} {k['us_per_call']:.1f} us x{k['calls_per_ffn']:g}"
                 + (f" {k['gb_per_s']:.0f} GB/s = {k['of_copy_bandwidth']:.0%} of copy" if k["gb_per_s"] else "")
                 for k in kernels), flush=True)
+            save()
     return report
 
 

@@ -7,6 +7,9 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
 
     python bench/decode_speed.py --output bench/out/decode_speed.json
     python bench/decode_speed.py --tiny --output /tmp/decode_speed.json   # CPU smoke run
+
+The JSON is rewritten (atomically) after every stage of the measurement, with "complete": false
+until the end, so a run cut short by a time limit keeps the batch sizes that finished.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
+    from relufy.atomic import write_text_atomically
     from relufy.report import speed_table
     from relufy.speed import SpeedConfig, measure_speed
     from relufy.sparse import SparseConfig, sparsify
@@ -67,11 +71,16 @@ def main(argv=None) -> int:
     if args.tiny:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu")
-    result = measure_speed(sparsify(model, SparseConfig(gate=args.gate)), config)
-    result.update(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
-                  target_sparsity=args.sparsity, gate=args.gate or "default")
+    about = dict(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
+                 target_sparsity=args.sparsity, gate=args.gate or "default")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save(partial: dict, complete: bool = False) -> None:
+        write_text_atomically(args.output, json.dumps({**partial, **about, "complete": complete}, indent=2) + "\n")
+
+    result = measure_speed(sparsify(model, SparseConfig(gate=args.gate)), config, on_update=save)
+    save(result, complete=True)
+    result.update(about)
     print(speed_table(result))
     print(f"FATReLU threshold {threshold:.4g} for {args.sparsity:.0%} zeros; wrote {args.output}")
     return 0

@@ -29,12 +29,31 @@ TINY = dict(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=6, generate_tokens=4
 
 
 @pytest.fixture(scope="module")
-def measured():
+def speed_run():
+    """measure_speed's result, and the JSON of each partial result it reported on the way."""
+    updates = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on for the session
         model = sparsify(build_tiny_model("llama", hidden_act="relu"))
         assert sparse_ffn_count(model) == 0
-        return measure_speed(model, SpeedConfig(**TINY), progress=False)
+        result = measure_speed(model, SpeedConfig(**TINY), progress=False,
+                               on_update=lambda partial: updates.append(json.dumps(partial)))
+    return result, [json.loads(update) for update in updates]
+
+
+@pytest.fixture(scope="module")
+def measured(speed_run):
+    return speed_run[0]
+
+
+def test_partial_results_are_reported_after_every_stage(speed_run):
+    """A bench saves each partial result, so a run cut short keeps the batch sizes that finished."""
+    result, updates = speed_run
+    assert "copy_bandwidth_gb_per_s" in updates[0] and updates[0]["decode"] == []
+    rows = [len(update["decode"]) for update in updates]
+    assert rows == sorted(rows) and 1 in rows and rows[-1] == 2  # a batch size's row as soon as it is done
+    assert "generate" not in updates[rows.index(1)]
+    assert updates[-1] == json.loads(json.dumps(result))
 
 
 def test_measure_speed_reports_every_section(measured):

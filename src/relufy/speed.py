@@ -62,11 +62,13 @@ def environment(device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def measure_speed(model, config: SpeedConfig | None = None, progress: bool = True) -> dict:
+def measure_speed(model, config: SpeedConfig | None = None, progress: bool = True, on_update=None) -> dict:
     """Decode speed of `model` (sparsified or not) dense against sparse, with the context to judge it.
 
     Every batch size decodes the same seeded prompts twice in one loop: with the sparse FFNs turned
     off (`sparse_enabled(model, False)`) and on. The JSON fields are described in docs/inference.md.
+    `on_update`, if given, is called with the result so far after every stage, so a caller can save
+    it and a run cut short keeps what finished.
     """
     from .sparse import sparse_enabled, sparse_ffn_count, why_dense
 
@@ -85,6 +87,8 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
         bar.set_description(f"relufy speed: {label}")
         yield
         bar.update(1)
+        if on_update:
+            on_update(result)
 
     result = {**environment(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "attention": getattr(model.config, "_attn_implementation", None),
@@ -94,9 +98,8 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
               "note": None if sparse else no_sparse_note(why_dense(model))}
     with stage("copy bandwidth"):
         bandwidth = copy_bandwidth(device, config.copy_bytes)
-    result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9)
-    result["bandwidth_limit_tokens_per_s"] = bandwidth / result["weight_bytes"]
-    result["decode"], result["ffn"] = [], []
+        result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9, decode=[], ffn=[])
+        result["bandwidth_limit_tokens_per_s"] = bandwidth / result["weight_bytes"]
     for batch in config.batch_sizes:
         loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile)
         with recompile_limit(2 * len(config.batch_sizes) + 2):
@@ -104,6 +107,8 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
         row["dense_fraction_of_limit"] = row["dense_tokens_per_s"] / batch / result["bandwidth_limit_tokens_per_s"]
         result["decode"].append(row)
         result["ffn"].append(ffn)
+        if on_update:
+            on_update(result)
     first = next((row for row in result["decode"] if row["batch_size"] == 1), None)
     result["dense_fraction_of_limit"] = first["dense_fraction_of_limit"] if first else None
     with stage("HF generate"):

@@ -34,7 +34,7 @@ class Command:
     name: str
     help: str
     description: str
-    config: type | None
+    config: type
     arguments: tuple = ()
 
 
@@ -101,13 +101,13 @@ def _sparsity(args: Namespace, config: options.SparsityConfig) -> int:
     return 0
 
 
-def run_train(args: Namespace, config: None) -> int:
+def run_train(args: Namespace, config: options.TrainConfig) -> int:
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # a missing or broken recipe fails before torch loads
+    recipe = load_recipe(args.recipe, config.overrides)  # a missing or broken recipe fails before torch loads
     from .train import train
 
-    result = train(recipe, resume=args.resume, force=args.force, allow_changes=args.allow_changes)
+    result = train(recipe, resume=config.resume, force=args.force, allow_changes=config.allow_changes)
     if recipe.training.process_index != 0:
         return 0
     if result.stopped_for_time:
@@ -227,15 +227,8 @@ COMMANDS = [
     Command("train", "ProSparse continual training: L1-regularized, sine-scheduled stages",
             "Train a (converted) ReLU model with the recipe's stages of L1 regularization on x1. Runs on one "
             "process, or distributed under `accelerate launch -m relufy train`. Its options are the recipe's "
-            "keys (docs/training.md).", None,
+            "keys (docs/training.md).", options.TrainConfig,
             ((("recipe",), {"help": "recipe YAML (see recipes/ and docs/training.md)"}),
-             (("--set",), {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE",
-                           "help": "override a recipe key, dotted for nesting: --set max_steps=100 "
-                                   "--set stages.1.lambda=0.01"}),
-             (("--resume",), {"action": "store_true", "help": "continue from the newest complete checkpoint in "
-                                                              "output_dir; refused if the recipe changed since"}),
-             (("--allow-changes",), {"action": "store_true", "help": "with --resume: continue even though training "
-                                                                     "keys of the recipe changed (each is logged)"}),
              (("--force",), {"action": "store_true", "help": "start over in an output_dir that holds checkpoints "
                                                              "(they are deleted)"}))),
     Command("evaluate", "lm-eval accuracy + x1 sparsity per task + PPL-p%% sparsity",

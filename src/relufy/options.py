@@ -1,5 +1,5 @@
-"""The options of every relufy command but `train` (whose options are its recipe, `configs.py`): one dataclass
-per command, whose fields are the command's flags.
+"""The options of every relufy command: one dataclass per command, whose fields are the command's flags
+(`train`'s are how its recipe is taken: overrides, resume; the recipe's own keys are `configs.py`'s).
 
 The CLI builds each subcommand's flags from its dataclass with `transformers.HfArgumentParser`, as TRL's
 `TrlParser` does: a field `block_size` is the flag `--block-size` (and `--block_size`), its default is
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NewType
 
 from .activations import ACTIVATIONS, Activation, make_activation, parse_activation
 from .checks import (BATCH_LIMIT, DTYPES, CommaList, int_in_range, listed, number_in_range, positive_int,
@@ -34,8 +34,31 @@ DEVICE_HELP = "cpu, cuda, cuda:1...; unset (None): cuda when available, else cpu
 BLOCK_LIMIT = 1 << 24
 
 
+Override = NewType("Override", str)
+"""The type of one `--set KEY=VALUE`, kept whole (a value may hold commas: `--set lora_target_modules=[a,b]`).
+A field of this type holds the list of them, one per flag (argparse's `append`, as `MatchedConfig.targets`):
+`HfArgumentParser` would turn a `list[...]` field into `nargs="+"`, which would swallow a RECIPE after it."""
+
+
 def _help(text: str, **metadata) -> dict:
     return {"help": text, **metadata}
+
+
+@dataclass
+class TrainConfig:
+    """`relufy train`: how the recipe (the positional RECIPE, whose keys are `configs.py`'s) is taken: keys
+    overridden on the command line, and whether an earlier run in its output_dir is continued."""
+
+    overrides: Override = field(default_factory=list, metadata=_help(
+        "override a recipe key, dotted for nesting: --set max_steps=100 --set stages.1.lambda=0.01",
+        aliases=["--set"], action="append", metavar="KEY=VALUE"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest complete checkpoint in output_dir; refused if the recipe changed since"))
+    allow_changes: bool = field(default=False, metadata=_help(
+        "with --resume: continue even though training keys of the recipe changed (each is logged)"))
+
+    def __post_init__(self) -> None:
+        self.overrides = [self.overrides] if isinstance(self.overrides, str) else list(self.overrides)
 
 
 @dataclass

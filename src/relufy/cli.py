@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from . import __version__, commands
+from . import __version__
 from .commands import COMMANDS, Command, toy_run_note  # noqa: F401 - toy_run_note: part of the CLI's API
 from .errors import DataError, RelufyError, is_disk_full
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         config = make_config(parser, args, sys.argv[1:] if argv is None else argv)
-        return getattr(commands, f"run_{args.command}")(args, config)
+        return args.command_spec.run(args, config)
     except RelufyError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

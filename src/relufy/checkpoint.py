@@ -59,9 +59,11 @@ def package_file(value: str) -> Path:
     return path
 
 
-def resolve_source(src: str | os.PathLike) -> Source:
+def resolve_source(src: str | os.PathLike | Source) -> Source:
     """Turn a user's SRC into a Source: a directory, a .gguf file, `pkg:<package>/<file>`, or a hub id
-    (fetched with huggingface_hub, cached)."""
+    (fetched with huggingface_hub, cached). A Source, resolved already, is returned as it is."""
+    if isinstance(src, Source):
+        return src
     if str(src).startswith(PACKAGE_PREFIX):
         src = package_file(str(src))
     path = Path(src).expanduser()

@@ -43,6 +43,14 @@ class Source:
         return self.hub_id or str(self.path / self.gguf_file if self.gguf_file else self.path)
 
 
+def model_name(source: Source) -> str:
+    """The hub id, GGUF file stem or folder name a results file calls the model by (a name, not a local path:
+    results and the cards made from them are meant for sharing)."""
+    if source.hub_id:
+        return source.hub_id
+    return Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
+
+
 PACKAGE_PREFIX = "pkg:"
 
 

@@ -79,7 +79,7 @@ def _sparsity(args: Namespace, config: options.SparsityConfig) -> int:
     from .checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from .checks import block_fits_context, finite_results
     from .data import load_text_dataset, pack_blocks
-    from .evaluate import activation_name
+    from .architectures import activation_name
     from .metrics import measure_sparsity
 
     source = resolve_source(args.model)

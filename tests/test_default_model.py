@@ -55,7 +55,7 @@ def test_training_the_gguf_with_its_own_activation_starts_from_a_dequantized_cop
         calls.append(activation)
         save_tiny_model("llama", dst)
 
-    monkeypatch.setattr(relufy.convert, "_dequantize_gguf", fake_dequantize)
+    monkeypatch.setattr(relufy.convert, "dequantize_gguf", fake_dequantize)
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "relu-only.yaml",
                          ["activation=null", f"model_name_or_path={default_gguf()}", f"output_dir={tmp_path / 'run'}",
                           "bf16=false", "use_cpu=true", "optim=adamw_torch"])

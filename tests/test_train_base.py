@@ -5,7 +5,7 @@ import relufy.resume
 import relufy.train_base
 from relufy.checkpoint import Source, resolve_source
 from relufy.train import build_trainer
-from test_train import tiny_recipe
+from tiny_runs import tiny_recipe
 
 
 def test_a_run_resolves_its_base_once_and_hashes_its_weights_once(silu_base, tmp_path, monkeypatch):

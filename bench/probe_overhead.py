@@ -27,11 +27,11 @@ def main() -> None:
 
     from relufy.cett import PPLSearch
     from relufy.checkpoint import load_model, load_tokenizer, resolve_source
-    from relufy.evaluate import DEFAULT_HELDOUT, heldout_blocks
+    from relufy.data import heldout_blocks
     from relufy.harness import evaluate_task, probed_lm
     from relufy.probe import SparsityProbe
     from relufy.recipe import resolve_model_path
-    from relufy.suites import SuiteOptions, task_manager
+    from relufy.suites import DEFAULT_HELDOUT, SuiteOptions, task_manager
     from relufy.timing import Timer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -35,14 +35,16 @@ def test_a_toy_recipe_says_its_perplexity_is_expected_to_be_useless():
 
 
 def test_an_unreadable_or_unwritable_file_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import dataclasses
     import errno
 
-    import relufy.commands
+    import relufy.cli
 
     def denied(args, config):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/locked.txt")
 
-    monkeypatch.setattr(relufy.commands, "run_compare", denied)
+    monkeypatch.setattr(relufy.cli, "COMMANDS", [dataclasses.replace(command, run=denied) if command.name == "compare"
+                                                 else command for command in relufy.cli.COMMANDS])
     assert main(["compare", "x"]) == 1
     assert capsys.readouterr().err.strip() == ("relufy compare: error: Permission denied (/data/locked.txt); check the "
                                                "path, its permissions and free space")

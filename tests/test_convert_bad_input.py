@@ -141,10 +141,11 @@ def test_failure_during_writing_leaves_no_temporary_directory(tmp_path, tiny, mo
     import relufy.convert as convert_module
     from relufy.activations import make_activation
 
-    def explode(*args, **kwargs):
+    def copy_half(src, dst, link):  # the weights half copied into the temp folder, then the disk fills up
+        (dst / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert_module, "_rewrite_config", explode)
+    monkeypatch.setattr(convert_module, "copy_checkpoint", copy_half)
     with pytest.raises(OSError):
         convert_module.convert_checkpoint(tiny, tmp_path / "out", make_activation("relu"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.relufy-lock", "src"]

@@ -55,16 +55,16 @@ def test_training_the_gguf_with_its_own_activation_starts_from_a_dequantized_cop
         calls.append(activation)
         save_tiny_model("llama", dst)
 
-    monkeypatch.setattr(relufy.convert, "_dequantize_gguf", fake_dequantize)
+    monkeypatch.setattr(relufy.convert, "dequantize_gguf", fake_dequantize)
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "relu-only.yaml",
                          ["activation=null", f"model_name_or_path={default_gguf()}", f"output_dir={tmp_path / 'run'}",
                           "bf16=false", "use_cpu=true", "optim=adamw_torch"])
-    base = Path(prepare_base(recipe))
+    base = prepare_base(recipe).source.path
     assert base == tmp_path / "run" / "base-dequantized" and calls == [None]  # None: the activation is kept
     config = json.loads((base / "config.json").read_text())
     assert config["hidden_act"] == "silu"
     assert config["relufy"]["dequantized"] and config["relufy"]["source"] == str(default_gguf())
-    assert Path(prepare_base(recipe)) == base and calls == [None]  # reused, not made again
+    assert prepare_base(recipe).source.path == base and calls == [None]  # reused, not made again
 
 
 def test_the_package_spelling_names_the_same_gguf():

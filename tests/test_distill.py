@@ -240,7 +240,7 @@ def test_a_lora_run_distills_from_its_own_base(silu_base, tmp_path):
 
 
 def test_resume_continues_a_distilled_run_exactly(silu_base, tmp_path):
-    from test_train import recorded_run
+    from tiny_runs import recorded_run
 
     settings = ["max_steps=4", "save_steps=2", "logging_steps=1", "stages=[{lambda: 0.01, end_step: 4}]"]
     full, full_logs = recorded_run(tiny_recipe(silu_base, tmp_path / "full", *settings))

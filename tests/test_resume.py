@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 from conftest import SAMPLE_TEXT
-from test_train import TINY_RECIPE, tiny_recipe
 from tiny_models import save_tiny_checkpoint
+from tiny_runs import TINY_RECIPE, recorded_run, tiny_recipe
 from transformers import TrainingArguments
 
 from relufy.cli import main
@@ -175,3 +175,46 @@ def test_a_deepspeed_checkpoint_is_complete_under_deepspeed_only(tmp_path):
     (folder / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     [partial] = missing_parts(folder, SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={})))
     assert "no model and optimizer states in its global_stepN folder" in partial
+
+
+# -- exact continuation ----------------------------------------------------------------------------
+def test_resume_continues_the_schedule_and_data_order_exactly(silu_base, tmp_path):
+    settings = ["max_steps=8", "save_steps=3", "logging_steps=1"]
+    full, full_logs = recorded_run(tiny_recipe(silu_base, tmp_path / "full", *settings))
+    first, _ = recorded_run(tiny_recipe(silu_base, tmp_path / "cut", *settings), stop_at=4)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "checkpoint-6").exists()
+    rest, rest_logs = recorded_run(tiny_recipe(silu_base, tmp_path / "cut", *settings), resume=True)
+
+    assert first == full[: len(first)]
+    assert rest[0][0] == 4  # resumed from checkpoint-3: step 4 is redone
+    assert rest == full[len(full) - len(rest):]
+    assert {step for step, _, _ in full} == set(range(1, 9))
+    assert [e["step"] for e in rest_logs] == [e["step"] for e in full_logs] == list(range(1, 9))
+    for resumed, uninterrupted in zip(rest_logs, full_logs):  # the checkpoint's history, then the resumed steps
+        assert resumed["l1_lambda"] == uninterrupted["l1_lambda"]
+        assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-4)
+
+
+def test_max_train_minutes_stops_with_a_checkpoint_that_resume_finishes_exactly(silu_base, tmp_path, capsys):
+    settings = ["max_steps=6", "logging_steps=2", "save_steps=100"]
+    full, _ = recorded_run(tiny_recipe(silu_base, tmp_path / "full", *settings))
+    cut = tmp_path / "cut"
+    overrides = [f"model_name_or_path={silu_base}", "model_config_overrides={}", "block_size=32", f"output_dir={cut}",
+                 "threshold_shift=false", *settings]
+    assert main(["train", str(TINY_RECIPE), *(f"--set={o}" for o in overrides), "--set=max_train_minutes=1e-9"]) == 0
+    assert "stopped at step 2 of 6" in capsys.readouterr().out  # the first logging step past the limit
+    assert (cut / "checkpoint-2").is_dir() and not (cut / "config.json").exists()  # no final model yet
+    rest, _ = recorded_run(tiny_recipe(silu_base, cut, *settings), resume=True)
+    assert rest[0][0] == 3 and rest == full[len(full) - len(rest):]
+    assert (cut / "config.json").exists()
+
+
+def test_resume_without_a_checkpoint_and_a_rerun_without_resume_are_refused(silu_base, tmp_path):
+    recipe = tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2")
+    with pytest.raises(TrainingError, match="holds no checkpoint-N"):
+        train(recipe, resume=True)
+    train(recipe)
+    with pytest.raises(TrainingError, match="pass --resume to continue"):
+        train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2"))
+    summary = train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_steps=2"), force=True)
+    assert summary.steps == 2

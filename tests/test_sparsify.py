@@ -83,11 +83,13 @@ def test_sparsify_twice_changes_nothing_more():
 
 
 @pytest.fixture
-def fresh_warnings(monkeypatch):
+def fresh_warnings():
     """`sparsify` warns once per process; earlier tests may have used that once."""
     import relufy.sparse.ffn
 
-    monkeypatch.setattr(relufy.sparse.ffn, "_warned", set())
+    relufy.sparse.ffn.warn_once.cache_clear()
+    yield
+    relufy.sparse.ffn.warn_once.cache_clear()
 
 
 def test_a_silu_model_is_left_alone_with_one_warning(caplog, fresh_warnings):

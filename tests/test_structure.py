@@ -172,19 +172,53 @@ def test_config_json_scan_sees_a_read(tmp_path):
 
 
 def _private_uses(path: Path) -> list[str]:
-    """Private relufy names a test reaches: `from relufy.x import _y`, and `relufy.x._y` in code or in a
-    string (a script a test runs). A test goes through a module's public surface, so a refactor of its
-    insides does not break tests that check behaviour."""
+    """Private relufy names a test reaches: `from relufy.x import _y`, `relufy.x._y` in code or in a string (a
+    script a test runs), and `setattr(relufy_module, "_y", ...)` / `monkeypatch.setattr(...)` and the other
+    attribute calls, whose name is a string. A test goes through a module's public surface, so a refactor of
+    its insides does not break tests that check behaviour."""
     import re
 
+    tree = ast.parse(path.read_text())
+    relufy_names = _relufy_names(tree)
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "relufy":
             found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
         text = ast.unparse(node) if isinstance(node, ast.Attribute) else \
             node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
         found += [f"{node.lineno}: {m}" for m in re.findall(r"\brelufy(?:\.[a-z_0-9]+)*\._[a-zA-Z]\w*", text)]
+        if _named_attribute_call(node) and _root_name(node.args[0]) in relufy_names:
+            name = node.args[1].value
+            if name.startswith("_") and not name.startswith("__"):
+                found.append(f"{node.lineno}: {ast.unparse(node.args[0])}.{name}")
     return found
+
+
+def _relufy_names(tree: ast.AST) -> set[str]:
+    """The names a test file binds to relufy modules or objects (`import relufy.x as y`, `from relufy.x import y`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or "relufy" for a in node.names if a.name.split(".")[0] == "relufy"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "relufy":
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _named_attribute_call(node: ast.AST) -> bool:
+    """`setattr(obj, "name", ...)`, `monkeypatch.setattr(obj, "name", ...)`, getattr/delattr/hasattr alike."""
+    if not isinstance(node, ast.Call) or len(node.args) < 2:
+        return False
+    func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+    name = node.args[1]
+    return func in {"setattr", "getattr", "delattr", "hasattr"} and isinstance(name, ast.Constant) \
+        and isinstance(name.value, str)
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Call, ast.Subscript)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def test_tests_import_no_private_relufy_name():
@@ -196,6 +230,9 @@ def test_tests_import_no_private_relufy_name():
 def test_private_use_scan_sees_one(tmp_path):
     sample = tmp_path / "test_sample.py"
     sample.write_text('from relufy.l1 import L1Tap, _add\nimport relufy.convert\nrelufy.convert._copy = 1\n'
-                      'SCRIPT = "relufy.convert._copy = copy"\nfrom relufy.train import train\n')
+                      'SCRIPT = "relufy.convert._copy = copy"\nfrom relufy.train import train\n'
+                      'import relufy.sparse.ffn as ffn\nmonkeypatch.setattr(ffn, "_warned", set())\n'
+                      'setattr(relufy.convert, "_copy", 1)\nmonkeypatch.setattr(torch, "_private", 1)\n'
+                      'getattr(ffn, "__name__")\n')
     assert _private_uses(sample) == ["1: from relufy.l1 import _add", "3: relufy.convert._copy",
-                                     "4: relufy.convert._copy"]
+                                     "4: relufy.convert._copy", "7: ffn._warned", "8: relufy.convert._copy"]

@@ -97,7 +97,7 @@ def test_training_starts_from_a_linked_base(cached_gguf, cached_folder, tmp_path
         recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [
             f"model_name_or_path={base}", f"activation={activation}", f"output_dir={tmp_path / name}",
             "model_config_overrides={}", "block_size=32"])
-        prepared = Path(prepare_base(recipe))
+        prepared = prepare_base(recipe).source.path
         config = json.loads((prepared / "config.json").read_text())
         assert config["relufy"]["source"] == str(resolve_source(base))
-        assert Path(prepare_base(recipe)) == prepared  # reused, not made again
+        assert prepare_base(recipe).source.path == prepared  # reused, not made again

@@ -130,3 +130,14 @@ def manual_x1(model, input_ids):
             else:
                 x1s.append(act(getattr(ffn, arch.up)(x)))
     return x1s
+
+
+def relu_model(seed=0):
+    """A tiny ReLU Llama in training mode (no tokenizer): for tests of the loss, the trainer and the threshold."""
+    return build_tiny_model("llama", seed=seed, hidden_act="relu").train()
+
+
+def batch(seed=0, size=(2, 16)):
+    """Seeded random token ids as a causal-LM batch (labels = inputs) for the tiny models' vocabulary."""
+    ids = torch.randint(0, VOCAB, size, generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}

@@ -77,6 +77,12 @@ def architecture_of(config) -> Architecture:
     return architecture_for(model_type)
 
 
+def activation_name(model) -> str:
+    """The FFN activation as a loaded model's config names it (silu, relu, fatrelu_0.01, ...): what results
+    files record."""
+    return str(architecture_of(model.config).activation_of(model.config))
+
+
 def ffn_modules(model: nn.Module, arch: Architecture | None = None) -> list[nn.Module]:
     """Every FFN module of `model`, in layer order (as the architecture map names them)."""
     arch = arch or architecture_for(getattr(model.config, "model_type", None))

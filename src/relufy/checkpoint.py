@@ -43,6 +43,14 @@ class Source:
         return self.hub_id or str(self.path / self.gguf_file if self.gguf_file else self.path)
 
 
+def model_name(source: Source) -> str:
+    """The hub id, GGUF file stem or folder name a results file calls the model by (a name, not a local path:
+    results and the cards made from them are meant for sharing)."""
+    if source.hub_id:
+        return source.hub_id
+    return Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
+
+
 PACKAGE_PREFIX = "pkg:"
 
 
@@ -59,9 +67,11 @@ def package_file(value: str) -> Path:
     return path
 
 
-def resolve_source(src: str | os.PathLike) -> Source:
+def resolve_source(src: str | os.PathLike | Source) -> Source:
     """Turn a user's SRC into a Source: a directory, a .gguf file, `pkg:<package>/<file>`, or a hub id
-    (fetched with huggingface_hub, cached)."""
+    (fetched with huggingface_hub, cached). A Source, resolved already, is returned as it is."""
+    if isinstance(src, Source):
+        return src
     if str(src).startswith(PACKAGE_PREFIX):
         src = package_file(str(src))
     path = Path(src).expanduser()

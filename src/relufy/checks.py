@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from typing import NewType
+from dataclasses import MISSING, field
+from typing import Any, NewType
 
 from .errors import DataError, ResultError, SourceError
 
@@ -99,6 +100,15 @@ def resolve_device(device: str | None, name: str = "--device") -> str:
 # A list option's type on the command line: its text ("1,4,16"), which the options dataclass's
 # `__post_init__` splits with `listed` (there the flag's name is known, so a bad item is one line
 # naming it); YAML and Python callers pass a list or tuple instead.
+def option(default: Any = MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field that is a command-line option or recipe key: `default` and `help` (what
+    `HfArgumentParser` shows), `default_factory` / `kw_only` as `dataclasses.field` takes them, and any other
+    keyword (`aliases`, `action`, `metavar`) into the metadata, which argparse receives as it is."""
+    field_keys = {"default_factory", "kw_only"}
+    metadata = {"help": help, **{key: value for key, value in kwargs.items() if key not in field_keys}}
+    return field(default=default, metadata=metadata, **{key: kwargs[key] for key in field_keys & kwargs.keys()})
+
+
 CommaList = NewType("CommaList", str)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from . import __version__, commands
+from . import __version__
 from .commands import COMMANDS, Command, toy_run_note  # noqa: F401 - toy_run_note: part of the CLI's API
 from .errors import DataError, RelufyError, is_disk_full
 
@@ -41,19 +41,17 @@ class _CommandParser(HfArgumentParser, _OneLineParser):
 
 
 def _add_command(sub, command: Command) -> None:
-    extra = {"dataclass_types": [command.config]} if command.config else {}
-    p = sub.add_parser(command.name, help=command.help, description=command.description, **extra)
+    p = sub.add_parser(command.name, help=command.help, description=command.description,
+                       dataclass_types=[command.config])
     for flags, kwargs in command.arguments:
         p.add_argument(*flags, **kwargs)
-    if command.config:
-        # an option the dataclass requires may come from --config: make_config asks for it once that is read
-        required = [action for action in p._actions if action.required and action.option_strings]
-        for action in required:
-            action.required = False
-        p.set_defaults(required_options=required)
-        p.add_argument("--config", metavar="FILE.yaml", help="read any of the options above from this YAML "
-                       "file (its keys are the option names, e.g. block_size: 512); flags given here override it")
-    p.set_defaults(command_spec=command, command_parser=p)
+    # an option the dataclass requires may come from --config: make_config asks for it once that is read
+    required = [action for action in p._actions if action.required and action.option_strings]
+    for action in required:
+        action.required = False
+    p.set_defaults(required_options=required, command_spec=command, command_parser=p)
+    p.add_argument("--config", metavar="FILE.yaml", help="read any of the options above from this YAML "
+                   "file (its keys are the option names, e.g. block_size: 512); flags given here override it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]):
-    """The command's checked options dataclass (None for `train`, whose options are its recipe). A `--config`
-    file's values become the subparser's defaults and the arguments are parsed again, so flags override it."""
+    """The command's checked options dataclass. A `--config` file's values become the subparser's defaults and
+    the arguments are parsed again, so flags override it."""
     spec = args.command_spec
-    if spec.config is None:
-        return None
     if args.config:
         subparser = args.command_parser
         values = _config_file(Path(args.config), spec.config)
@@ -143,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         config = make_config(parser, args, sys.argv[1:] if argv is None else argv)
-        return getattr(commands, f"run_{args.command}")(args, config)
+        return args.command_spec.run(args, config)
     except RelufyError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,6 +9,7 @@ no torch: each run imports what it needs.
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ MARKDOWN = (("--markdown",), {"help": "also write the table to this markdown fil
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help, its options dataclass, and the arguments naming its inputs and outputs."""
+    """One subcommand: its help, its options dataclass, its run (called with the parsed arguments and the checked
+    config), and the arguments naming its inputs and outputs."""
 
     name: str
     help: str
     description: str
-    config: type | None
+    config: type
+    run: Callable[[Namespace, object], int]
     arguments: tuple = ()
 
 
@@ -76,7 +79,7 @@ def _sparsity(args: Namespace, config: options.SparsityConfig) -> int:
     from .checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from .checks import block_fits_context, finite_results
     from .data import load_text_dataset, pack_blocks
-    from .evaluate import activation_name
+    from .architectures import activation_name
     from .metrics import measure_sparsity
 
     source = resolve_source(args.model)
@@ -101,13 +104,13 @@ def _sparsity(args: Namespace, config: options.SparsityConfig) -> int:
     return 0
 
 
-def run_train(args: Namespace, config: None) -> int:
+def run_train(args: Namespace, config: options.TrainConfig) -> int:
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)  # a missing or broken recipe fails before torch loads
+    recipe = load_recipe(args.recipe, config.overrides)  # a missing or broken recipe fails before torch loads
     from .train import train
 
-    result = train(recipe, resume=args.resume, force=args.force, allow_changes=args.allow_changes)
+    result = train(recipe, resume=config.resume, force=args.force, allow_changes=config.allow_changes)
     if recipe.training.process_index != 0:
         return 0
     if result.stopped_for_time:
@@ -215,60 +218,54 @@ def run_matched(args: Namespace, config: options.MatchedConfig) -> int:
 COMMANDS = [
     Command("convert", "swap the FFN activation of a checkpoint for ReLU (or a variant)",
             "Write a copy of SRC (directory, .gguf file or hub id) to OUT with a ReLU-family FFN activation. SRC is "
-            "never modified.", options.ConvertConfig,
+            "never modified.", options.ConvertConfig, run_convert,
             ((("src",), {"help": "checkpoint directory, .gguf file, or hub id (org/name)"}),
              (("out",), {"help": "output directory (must not exist unless --force)"}),
              (("--force",), {"action": "store_true",
                              "help": "replace OUT; convert even if SRC already uses the activation"}))),
     Command("sparsity", "measure the activation sparsity of x1 (FFN down-projection input)",
             "Run MODEL over text and report the fraction of exact zeros in the FFN intermediate activation, per "
-            "layer and overall, plus perplexity.", options.SparsityConfig,
+            "layer and overall, plus perplexity.", options.SparsityConfig, run_sparsity,
             (MODEL, output(False, "write the results as JSON here"), FORCE)),
     Command("train", "ProSparse continual training: L1-regularized, sine-scheduled stages",
             "Train a (converted) ReLU model with the recipe's stages of L1 regularization on x1. Runs on one "
             "process, or distributed under `accelerate launch -m relufy train`. Its options are the recipe's "
-            "keys (docs/training.md).", None,
+            "keys (docs/training.md).", options.TrainConfig, run_train,
             ((("recipe",), {"help": "recipe YAML (see recipes/ and docs/training.md)"}),
-             (("--set",), {"dest": "overrides", "action": "append", "default": [], "metavar": "KEY=VALUE",
-                           "help": "override a recipe key, dotted for nesting: --set max_steps=100 "
-                                   "--set stages.1.lambda=0.01"}),
-             (("--resume",), {"action": "store_true", "help": "continue from the newest complete checkpoint in "
-                                                              "output_dir; refused if the recipe changed since"}),
-             (("--allow-changes",), {"action": "store_true", "help": "with --resume: continue even though training "
-                                                                     "keys of the recipe changed (each is logged)"}),
              (("--force",), {"action": "store_true", "help": "start over in an output_dir that holds checkpoints "
                                                              "(they are deleted)"}))),
     Command("evaluate", "lm-eval accuracy + x1 sparsity per task + PPL-p%% sparsity",
             "Run lm-eval tasks in-process on MODEL (loaded once) while the probe records the zero-ratio of x1 per "
             "task and layer, then measure PPL-p% sparsity on held-out text. Writes OUTPUT/results.json, report.md "
             "and PNG plots. Without --tasks or --suite it runs relufy's offline suite (evaluate/tasks).",
-            options.EvalConfig, (MODEL, output(True, "directory for results.json, report.md, plots"), FORCE)),
+            options.EvalConfig, run_evaluate,
+            (MODEL, output(True, "directory for results.json, report.md, plots"), FORCE)),
     Command("matched", "threshold x1 to a target zero-ratio per layer, then perplexity + lm-eval",
             "Calibrate a magnitude threshold per layer on held-out text so that each layer's x1 (the "
             "down-projection input) is a TARGET fraction zeros, zero |x1| <= threshold during the forward, and "
             "report held-out perplexity, the achieved zero-ratio and the lm-eval suite at that sparsity: models "
             "trained differently, compared at the same sparsity. FATReLU-style on a ReLU model, TEAL/CATS-style "
-            "on a SiLU one.", options.MatchedConfig,
+            "on a SiLU one.", options.MatchedConfig, run_matched,
             (MODEL, output(True, "results JSON to write (must not exist unless --force)"), MARKDOWN, FORCE,
              (("--no-suite",), {"dest": "run_suite", "action": "store_false",
                                 "help": "perplexity and zero-ratio only, no lm-eval"}))),
     Command("compare", "side-by-side table of evaluation or sparsity results",
             "Print several `relufy evaluate` output directories side by side (accuracy per task and group, "
             "sparsity, PPL-p% sparsity), or several `relufy sparsity` JSONs (activation, zero-ratio, perplexity, "
-            "tokens).", options.CompareConfig,
+            "tokens).", options.CompareConfig, run_compare,
             ((("results",), {"nargs": "+", "help": "evaluation directories (or their results.json), or sparsity "
                                                    "JSONs"}), MARKDOWN, FORCE)),
     Command("publish", "checkpoint folder + model card (+ Hub upload)",
             "Write PUBLISH_DIR with MODEL_DIR's safetensors and tokenizer and a model card built from an "
             "evaluation's results.json; --push uploads it with huggingface_hub (token from HF_TOKEN or the login "
-            "cache).", options.PublishConfig,
+            "cache).", options.PublishConfig, run_publish,
             ((("model_dir",), {"help": "the trained/converted checkpoint directory"}),
              (("--out",), {"required": True, "help": "PUBLISH_DIR to create"}), FORCE)),
     Command("speed", "decode tokens/s dense vs sparse in a CUDA-graph decode loop, + HF generate",
             "Load MODEL, sparsify its FFNs, and measure greedy decode tokens/s with the sparse FFNs off and on, in "
             "one process and one loop: a static KV cache and one decode step captured as a CUDA graph (eager on a "
             "CPU). Also reports the weights-bandwidth limit, HF generate's tokens/s, each FFN timed alone and the "
-            "zero-ratio of x1 during decode.", options.SpeedConfig,
+            "zero-ratio of x1 during decode.", options.SpeedConfig, run_speed,
             (MODEL, output(True, "write the results as JSON here"), FORCE,
              (("--trust-remote-code",), {"action": "store_true", "help": "run the checkpoint's own modeling code"}))),
 ]

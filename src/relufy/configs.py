@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from transformers import TrainingArguments
 
 from . import checks
 from .activations import ACTIVATIONS, parse_activation
+from .checks import option
 from .errors import RecipeError, RelufyError
 from .schedule import Schedule
 
@@ -45,18 +46,20 @@ def _as_recipe_error():
 class ModelArguments:
     """Which checkpoint training starts from, and how it is converted and loaded."""
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "base checkpoint: directory, .gguf file, hub id, or pkg:<python package>/<file> for a file shipped "
-                "in an installed package"})
-    activation: str | None = field(default=None, metadata={
-        "help": "convert the base to this activation first (relu, relu2, fatrelu_<t>, shifted_relu_<b>); "
-                "leave empty when the base is already converted"})
-    converted_model_dir: str | None = field(default=None, metadata={
-        "help": "where the conversion is written (default: <output_dir>/base-<activation>); reused when present"})
-    model_config_overrides: dict = field(default_factory=dict, metadata={
-        "help": "config values applied when loading the base, e.g. {num_hidden_layers: 2} keeps the first layers"})
-    model_dtype: str = field(default="float32", metadata={
-        "help": "dtype the weights are loaded in (float32 keeps fp32 master weights; use bf16: true for mixed precision)"})
+    model_name_or_path: str | None = option(
+        None, "base checkpoint: directory, .gguf file, hub id, or pkg:<python package>/<file> for a file shipped "
+        "in an installed package")
+    activation: str | None = option(
+        None, "convert the base to this activation first (relu, relu2, fatrelu_<t>, shifted_relu_<b>); leave empty "
+        "when the base is already converted")
+    converted_model_dir: str | None = option(
+        None, "where the conversion is written (default: <output_dir>/base-<activation>); reused when present")
+    model_config_overrides: dict = option(
+        help="config values applied when loading the base, e.g. {num_hidden_layers: 2} keeps the first layers",
+        default_factory=dict)
+    model_dtype: str = option(
+        "float32", "dtype the weights are loaded in (float32 keeps fp32 master weights; use bf16: true for mixed "
+        "precision)")
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -75,20 +78,20 @@ class ModelArguments:
 class DataArguments:
     """The training text, its held-out part, and how both are packed into blocks."""
 
-    data: str | None = field(default=None, metadata={"help": ".txt/.jsonl file, folder of .txt files, or datasets name"})
-    data_hint: str | None = field(default=None, metadata={
-        "help": "how to get `data` / `held_out_data` when they are missing (e.g. the command that builds them); "
-                "shown in the error"})
+    data: str | None = option(None, ".txt/.jsonl file, folder of .txt files, or datasets name")
+    data_hint: str | None = option(
+        None, "how to get `data` / `held_out_data` when they are missing (e.g. the command that builds them); "
+        "shown in the error")
     data_split: str = "train"
     text_column: str = "text"
-    block_size: int = field(default=1024, metadata={"help": "tokens per packed training sequence"})
-    held_out_fraction: float = field(default=0.05, metadata={
-        "help": "fraction of documents kept out of training (split with held_out_seed before packing)"})
+    block_size: int = option(1024, "tokens per packed training sequence")
+    held_out_fraction: float = option(
+        0.05, "fraction of documents kept out of training (split with held_out_seed before packing)")
     held_out_seed: int = 1234
-    held_out_data: str | None = field(default=None, metadata={
-        "help": "separate held-out text (file, folder or datasets name); when set, `data` is not split"})
-    max_train_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for datasets.map"})
+    held_out_data: str | None = option(
+        None, "separate held-out text (file, folder or datasets name); when set, `data` is not split")
+    max_train_blocks: int | None = option(None, "use at most this many training blocks")
+    preprocessing_num_workers: int | None = option(None, "processes for datasets.map")
 
     def __post_init__(self):
         with _as_recipe_error():
@@ -105,49 +108,48 @@ class ProSparseConfig(TrainingArguments):
     """The Trainer's arguments plus what relufy's training adds: the L1 schedule, a wall-clock limit, the
     threshold shift after training, and LoRA mode."""
 
-    stages: list[dict] = field(default_factory=list, metadata={
-        "help": "the L1 schedule: a list of {lambda, end_step} (cumulative optimizer steps); a "
-                "relufy.schedule.Schedule once the config is built"})
-    max_train_minutes: float | None = field(default=None, metadata={
-        "help": "stop cleanly after this many minutes of training (checkpoint at the next logging step, no final "
-                "model); continue with --resume. For jobs with a wall-clock limit"})
-    threshold_shift: bool = field(default=False, metadata={
-        "help": "after training, switch to FATReLU with the largest threshold whose held-out perplexity increase "
-                "stays under threshold_max_ppl_increase"})
-    threshold_max_ppl_increase: float = field(default=0.01, metadata={
-        "help": "relative perplexity increase allowed by the threshold shift (0.01 = 1%)"})
-    threshold_max: float = field(default=0.05, metadata={"help": "largest threshold the search tries"})
-    threshold_search_steps: int = field(default=6, metadata={"help": "bisection steps of the threshold search"})
-    threshold_eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens per perplexity measurement"})
+    stages: list[dict] = option(
+        help="the L1 schedule: a list of {lambda, end_step} (cumulative optimizer steps); a relufy.schedule.Schedule "
+        "once the config is built", default_factory=list)
+    max_train_minutes: float | None = option(
+        None, "stop cleanly after this many minutes of training (checkpoint at the next logging step, no final "
+        "model); continue with --resume. For jobs with a wall-clock limit")
+    threshold_shift: bool = option(
+        False, "after training, switch to FATReLU with the largest threshold whose held-out perplexity increase "
+        "stays under threshold_max_ppl_increase")
+    threshold_max_ppl_increase: float = option(
+        0.01, "relative perplexity increase allowed by the threshold shift (0.01 = 1%)")
+    threshold_max: float = option(0.05, "largest threshold the search tries")
+    threshold_search_steps: int = option(6, "bisection steps of the threshold search")
+    threshold_eval_tokens: int = option(8192, "held-out tokens per perplexity measurement")
     # -- parameter-efficient mode (peft LoRA); see docs/training.md "LoRA mode" ------------------
-    use_peft: bool = field(default=False, metadata={
-        "help": "train LoRA adapters (peft) instead of all weights; merged into the base at the end"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is alpha/r * B A)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input"})
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "module names (last name component) that get adapters, or ['all-linear']; default: the FFN "
-                "projections of the architecture (gate, up, down)"})
-    lora_modules_to_save: list[str] | None = field(default=None, metadata={
-        "help": "modules trained in full next to the adapters (e.g. [gate_proj] or [input_layernorm, "
-                "post_attention_layernorm])"})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "QLoRA: load the frozen base in 4-bit (needs bitsandbytes and a CUDA GPU; use_peft only)"})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4"})
-    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "double quantization of the 4-bit scales"})
+    use_peft: bool = option(False, "train LoRA adapters (peft) instead of all weights; merged into the base at the end")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA scaling numerator (the update is alpha/r * B A)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA branch's input")
+    lora_target_modules: list[str] | None = option(
+        None, "module names (last name component) that get adapters, or ['all-linear']; default: the FFN "
+        "projections of the architecture (gate, up, down)")
+    lora_modules_to_save: list[str] | None = option(
+        None, "modules trained in full next to the adapters (e.g. [gate_proj] or [input_layernorm, "
+        "post_attention_layernorm])")
+    load_in_4bit: bool = option(
+        False, "QLoRA: load the frozen base in 4-bit (needs bitsandbytes and a CUDA GPU; use_peft only)")
+    bnb_4bit_quant_type: str = option("nf4", "4-bit data type: nf4 or fp4")
+    use_bnb_nested_quant: bool = option(False, "double quantization of the 4-bit scales")
     # -- distillation from the unconverted model; see docs/training.md "Distillation" --------------
-    distill: bool = field(default=False, metadata={
-        "help": "add a distillation term from a frozen teacher: by default the source model with its original "
-                "activation (in LoRA mode the same base, adapters disabled, original activation restored)"})
-    distill_alpha: float = field(default=0.5, metadata={
-        "help": "weight of the distillation term: alpha * T^2 * D(teacher || student) + (1 - alpha) * LM"})
-    distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature T of both models (> 0)"})
-    distill_loss: Literal["kl", "jsd"] = field(default="kl", metadata={
-        "help": "kl: forward KL(teacher || student); jsd: GKD's generalized Jensen-Shannon divergence"})
-    distill_jsd_beta: float = field(default=0.5, metadata={
-        "help": "beta of the generalized JSD (0 = forward KL, 1 = reverse KL), distill_loss: jsd only"})
-    distill_teacher: str | None = field(default=None, metadata={
-        "help": "another teacher checkpoint (same vocabulary and tokenizer); default: the source model"})
+    distill: bool = option(
+        False, "add a distillation term from a frozen teacher: by default the source model with its original "
+        "activation (in LoRA mode the same base, adapters disabled, original activation restored)")
+    distill_alpha: float = option(
+        0.5, "weight of the distillation term: alpha * T^2 * D(teacher || student) + (1 - alpha) * LM")
+    distill_temperature: float = option(1.0, "softmax temperature T of both models (> 0)")
+    distill_loss: Literal["kl", "jsd"] = option(
+        "kl", "kl: forward KL(teacher || student); jsd: GKD's generalized Jensen-Shannon divergence")
+    distill_jsd_beta: float = option(
+        0.5, "beta of the generalized JSD (0 = forward KL, 1 = reverse KL), distill_loss: jsd only")
+    distill_teacher: str | None = option(
+        None, "another teacher checkpoint (same vocabulary and tokenizer); default: the source model")
 
     def __post_init__(self):
         if not isinstance(self.stages, Schedule):  # built once; dataclasses.replace passes the Schedule on

@@ -54,7 +54,7 @@ def convert_checkpoint(
                                 activation=activation.config_value, relufy_version=__version__)
         with atomic_directory(out, replace=force, command="relufy convert") as tmp:
             if source.gguf_file:
-                _dequantize_gguf(source, tmp, arch, activation, dtype)
+                dequantize_gguf(source, tmp, arch, activation, dtype)
             else:
                 copy_checkpoint(source.path, tmp, link)
             _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
@@ -83,7 +83,7 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
                             dequantized=True, relufy_version=__version__)
     with claim_output(out, command="relufy train (dequantize)", force=False, inputs=[source.on_disk]), \
             atomic_directory(out, replace=False, command="relufy train (dequantize)") as tmp:
-        _dequantize_gguf(source, tmp, arch, None, dtype)
+        dequantize_gguf(source, tmp, arch, None, dtype)
         update_config(tmp, lambda config: config.update(relufy=provenance.to_dict()))
     logger.info("dequantized %s (%s kept) into %s", source, activation, out)
     return out
@@ -159,9 +159,10 @@ def _rewrite_config(directory: Path, arch: Architecture, activation: Activation,
     update_config(directory, change)
 
 
-def _dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation | None,
+def dequantize_gguf(source: Source, dst: Path, arch: Architecture, activation: Activation | None,
                      dtype: str) -> None:
-    """Load the GGUF once (dequantizing), rebuild a plain model with the new activation (None: its own), save it."""
+    """Load the GGUF once (dequantizing), rebuild a plain model with the new activation (None: its own), save it
+    into `dst`: the weights step of `convert_checkpoint` and `dequantize_checkpoint` on a GGUF source."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSON_SUFFIXES = {".json", ".jsonl"}
@@ -100,3 +104,19 @@ def require_tokens(blocks, needed: int, what: str) -> None:
     if have < needed:
         raise DataError(f"{what}: the data yields {have} tokens in full blocks but {needed} are needed; "
                         "add text or lower the block size")
+
+
+def heldout_blocks(spec: str | Path, tokenizer, *, block_size: int, max_tokens: int) -> torch.Tensor:
+    """Held-out text packed into (blocks x block_size) token ids, at most `max_tokens` tokens: what `evaluate`
+    (PPL-p%) and `matched` (perplexity, calibration) measure on."""
+    import torch
+
+    path = Path(spec)
+    if path.is_file() and not path.read_text(errors="replace").strip():
+        raise DataError(f"held-out text '{spec}' is empty; pass a file with text to --heldout")
+    blocks = pack_blocks(load_text_dataset(str(spec)), tokenizer, block_size)
+    count = min(len(blocks), max(1, max_tokens // block_size))
+    if len(blocks) == 0:
+        raise DataError(f"held-out text '{spec}' is shorter than one block of {block_size} tokens; "
+                        "add text or lower --block-size")
+    return torch.tensor(blocks[:count]["input_ids"], dtype=torch.long)

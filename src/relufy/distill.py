@@ -41,7 +41,9 @@ from .architectures import architecture_of, ffn_modules
 from .errors import RecipeError, TrainingError
 
 if TYPE_CHECKING:
+    from .checkpoint import Source
     from .configs import ModelArguments, ProSparseConfig
+    from .train_base import Base
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +254,12 @@ class Distiller:
 
 
 # -- building the teacher from a recipe ------------------------------------------------------------------
-def build_distiller(training: ProSparseConfig, args: ModelArguments, base: str, student: nn.Module,
+def build_distiller(training: ProSparseConfig, args: ModelArguments, base: Base, student: nn.Module,
                     tokenizer) -> Distiller:
     """The Distiller a recipe asks for, every check made before any step runs.
 
-    `base` is the checkpoint the student was loaded from (the conversion, when the recipe converts),
-    `student` the loaded model (a peft model in LoRA mode), `tokenizer` the student's.
+    `base` is the checkpoint the student was loaded from (the conversion, when the recipe converts; resolved
+    and read once by the run), `student` the loaded model (a peft model in LoRA mode), `tokenizer` the student's.
     """
     loss = DistillLoss.from_config(training)
     fused = _use_fused_loss(training, student)
@@ -269,8 +271,9 @@ def build_distiller(training: ProSparseConfig, args: ModelArguments, base: str, 
             swap = ActivationSwap(student, current, original) if current != original else None
             return Distiller(loss, swap=swap, fused=fused)
         key = architecture_of(student.config).activation_key
-        teacher = _load(base, args, {**args.model_config_overrides, key: original}, "the distillation teacher")
-    logger.info("distillation teacher: %s (%s)", training.distill_teacher or base,
+        teacher = _load(base.source, args, {**args.model_config_overrides, key: original},
+                        "the distillation teacher")
+    logger.info("distillation teacher: %s (%s)", training.distill_teacher or base.source,
                 "Liger fused linear JSD" if fused else "logits, torch")
     return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config)
 
@@ -295,20 +298,18 @@ def describe(training: ProSparseConfig) -> dict:
     return described
 
 
-def original_activation(base: str) -> tuple[str, str]:
+def original_activation(base: Base) -> tuple[str, str]:
     """(the activation `base` has, the one its teacher has): the base's own when it is not ReLU-family,
     else the `relufy.original_activation` its conversion recorded."""
-    from .checkpoint import Provenance, read_config, resolve_source
+    from .checkpoint import Provenance
 
-    source = resolve_source(base)
-    config = read_config(source)
-    current = architecture_of(config).activation_of(config)
+    current = base.activation
     if parse_activation(str(current)) is None:
         return current, current
-    recorded = Provenance.of(config).original_activation
+    recorded = Provenance.of(base.config).original_activation
     if recorded and parse_activation(str(recorded)) is None:
         return current, recorded
-    raise RecipeError(f"distill: {source} already uses '{current}' and records no original activation (it was "
+    raise RecipeError(f"distill: {base.source} already uses '{current}' and records no original activation (it was "
                       "not converted by relufy), so there is no unconverted teacher to restore; set "
                       "distill_teacher to the model it came from, or distill: false")
 
@@ -349,7 +350,7 @@ def _load_named_teacher(path: str, args: ModelArguments, student: nn.Module, tok
     return teacher
 
 
-def _load(path: str, args: ModelArguments, overrides: dict, what: str) -> nn.Module:
+def _load(path: str | Source, args: ModelArguments, overrides: dict, what: str) -> nn.Module:
     """Load a teacher as the recipe loads its base (dtype, remote code), outside any DeepSpeed ZeRO-3 init:
     the teacher is never handed to DeepSpeed, so its weights must not be partitioned."""
     from transformers.integrations import deepspeed

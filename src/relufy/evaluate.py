@@ -15,31 +15,18 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .architectures import activation_name
 from .atomic import atomic_directory, claim_output
 from .cett import ppl_p_sparsity
 from .checks import block_fits_context, json_text
-from .errors import DataError, RelufyError
+from .data import heldout_blocks
+from .errors import RelufyError
 from .harness import SuiteRun, run_suite
 from .options import EvalConfig
 from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
 from .suites import DEFAULT_HELDOUT, EvalPlan, task_manager
 
 logger = logging.getLogger(__name__)
-
-def heldout_blocks(spec: str | Path, tokenizer, *, block_size: int, max_tokens: int) -> torch.Tensor:
-    """Held-out text packed into (blocks x block_size) token ids, at most `max_tokens` tokens."""
-    from .data import load_text_dataset, pack_blocks
-
-    path = Path(spec)
-    if path.is_file() and not path.read_text(errors="replace").strip():
-        raise DataError(f"held-out text '{spec}' is empty; pass a file with text to --heldout")
-    blocks = pack_blocks(load_text_dataset(str(spec)), tokenizer, block_size)
-    count = min(len(blocks), max(1, max_tokens // block_size))
-    if len(blocks) == 0:
-        raise DataError(f"held-out text '{spec}' is shorter than one block of {block_size} tokens; "
-                        "add text or lower --block-size")
-    return torch.tensor(blocks[:count]["input_ids"], dtype=torch.long)
-
 
 def evaluate_model(model_src: str, output: str | Path, config: EvalConfig, *, force: bool = False) -> dict:
     """Run lm-eval + probe + PPL-p% on one model and write results.json, report.md and plots to `output`.
@@ -88,7 +75,7 @@ def _measure(source, config: EvalConfig) -> tuple[dict, dict[str, list]]:
 
 def _results(source, model, plan: EvalPlan, suite: SuiteRun, ppl: dict, config: EvalConfig) -> dict:
     """results.json's content. Names, not local paths: results and the cards made from them are meant for sharing."""
-    from .checkpoint import model_identity
+    from .checkpoint import model_identity, model_name
 
     return {
         "model": model_name(source),
@@ -145,17 +132,4 @@ def _data_name(spec: str | Path) -> str:
         return "evaluate/tasks/data/heldout.jsonl"
     return path.name if path.exists() else str(spec)
 
-
-def model_name(source) -> str:
-    """The hub id, GGUF file stem or folder name a results file calls the model by."""
-    if source.hub_id:
-        return source.hub_id
-    return Path(source.gguf_file).stem if source.gguf_file else Path(source.path).name
-
-
-def activation_name(model) -> str:
-    """The FFN activation as the model's config names it (silu, relu, fatrelu_0.01, ...)."""
-    from .architectures import architecture_of
-
-    return str(architecture_of(model.config).activation_of(model.config))
 

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .architectures import activation_name
 from .cett import NeuronMask, X1Sample, thresholded_perplexity
+from .checkpoint import model_name
 from .checks import block_fits_context
+from .data import heldout_blocks
 from .errors import DataError
-from .evaluate import activation_name, heldout_blocks, model_name
 from .harness import run_suite
 from .metrics import batches
 from .probe import SparsityProbe

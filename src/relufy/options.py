@@ -1,5 +1,5 @@
-"""The options of every relufy command but `train` (whose options are its recipe, `configs.py`): one dataclass
-per command, whose fields are the command's flags.
+"""The options of every relufy command: one dataclass per command, whose fields are the command's flags
+(`train`'s are how its recipe is taken: overrides, resume; the recipe's own keys are `configs.py`'s).
 
 The CLI builds each subcommand's flags from its dataclass with `transformers.HfArgumentParser`, as TRL's
 `TrlParser` does: a field `block_size` is the flag `--block-size` (and `--block_size`), its default is
@@ -20,11 +20,11 @@ which asks torch, only when a config is made.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NewType
 
 from .activations import ACTIVATIONS, Activation, make_activation, parse_activation
-from .checks import (BATCH_LIMIT, DTYPES, CommaList, int_in_range, listed, number_in_range, positive_int,
+from .checks import (BATCH_LIMIT, DTYPES, CommaList, int_in_range, listed, number_in_range, option, positive_int,
                      resolve_device, supported_dtype)
 from .errors import ActivationError, DataError
 from .suites import DEFAULT_HELDOUT, SuiteOptions
@@ -34,25 +34,41 @@ DEVICE_HELP = "cpu, cuda, cuda:1...; unset (None): cuda when available, else cpu
 BLOCK_LIMIT = 1 << 24
 
 
-def _help(text: str, **metadata) -> dict:
-    return {"help": text, **metadata}
+Override = NewType("Override", str)
+"""The type of one `--set KEY=VALUE`, kept whole (a value may hold commas: `--set lora_target_modules=[a,b]`).
+A field of this type holds the list of them, one per flag (argparse's `append`, as `MatchedConfig.targets`):
+`HfArgumentParser` would turn a `list[...]` field into `nargs="+"`, which would swallow a RECIPE after it."""
+
+
+@dataclass
+class TrainConfig:
+    """`relufy train`: how the recipe (the positional RECIPE, whose keys are `configs.py`'s) is taken: keys
+    overridden on the command line, and whether an earlier run in its output_dir is continued."""
+
+    overrides: Override = option(
+        help="override a recipe key, dotted for nesting: --set max_steps=100 --set stages.1.lambda=0.01",
+        default_factory=list, aliases=["--set"], action="append", metavar="KEY=VALUE")
+    resume: bool = option(
+        False, "continue from the newest complete checkpoint in output_dir; refused if the recipe changed since")
+    allow_changes: bool = option(
+        False, "with --resume: continue even though training keys of the recipe changed (each is logged)")
+
+    def __post_init__(self) -> None:
+        self.overrides = [self.overrides] if isinstance(self.overrides, str) else list(self.overrides)
 
 
 @dataclass
 class ConvertConfig:
     """`relufy convert`: which ReLU-family activation replaces the FFN's, and how the weights are written."""
 
-    activation: str = field(default="relu", metadata=_help(
-        f"{', '.join(ACTIVATIONS)}, or parametrized as fatrelu_<t> / shifted_relu_<b>",
-        aliases=["-a"]))
-    threshold: float | None = field(default=None, metadata=_help(
-        "FATReLU threshold t (x if x >= t else 0): --activation fatrelu --threshold t is fatrelu_<t>"))
-    shift: float | None = field(default=None, metadata=_help(
-        "shifted ReLU offset b (max(x - b, 0)): --activation shifted_relu --shift b is shifted_relu_<b>"))
-    link: bool = field(default=False, metadata=_help(
-        "hard-link weight files instead of copying (same filesystem)"))
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata=_help(
-        "weight dtype when dequantizing a GGUF source"))
+    activation: str = option(
+        "relu", f"{', '.join(ACTIVATIONS)}, or parametrized as fatrelu_<t> / shifted_relu_<b>", aliases=["-a"])
+    threshold: float | None = option(
+        None, "FATReLU threshold t (x if x >= t else 0): --activation fatrelu --threshold t is fatrelu_<t>")
+    shift: float | None = option(
+        None, "shifted ReLU offset b (max(x - b, 0)): --activation shifted_relu --shift b is shifted_relu_<b>")
+    link: bool = option(False, "hard-link weight files instead of copying (same filesystem)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weight dtype when dequantizing a GGUF source")
 
     def __post_init__(self) -> None:
         supported_dtype("--dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -76,17 +92,16 @@ class ConvertConfig:
 class SparsityConfig:
     """`relufy sparsity`: the text, how much of it, and how the model is loaded."""
 
-    data: str = field(metadata=_help(".txt/.jsonl file, folder of .txt files, or a datasets name"))
-    split: str = field(default="train", metadata=_help("dataset split for a datasets name"))
-    text_column: str = field(default="text", metadata=_help("the text column of a datasets name or .jsonl"))
-    max_tokens: int = field(default=16384, metadata=_help("tokens to run"))
-    block_size: int = field(default=512, metadata=_help("tokens per sequence"))
-    batch_size: int = field(default=4, metadata=_help("sequences per forward pass"))
-    threshold: float = field(default=0.0, metadata=_help(
-        "also report the fraction with |x1| <= threshold (any activation)"))
-    dtype: str = field(default="auto", metadata=_help(f"dtype the model is loaded in ({', '.join(DTYPES)})"))
-    device: str | None = field(default=None, metadata=_help(DEVICE_HELP))
-    trust_remote_code: bool = field(default=False, metadata=_help("run the checkpoint's own modeling code"))
+    data: str = option(help=".txt/.jsonl file, folder of .txt files, or a datasets name")
+    split: str = option("train", "dataset split for a datasets name")
+    text_column: str = option("text", "the text column of a datasets name or .jsonl")
+    max_tokens: int = option(16384, "tokens to run")
+    block_size: int = option(512, "tokens per sequence")
+    batch_size: int = option(4, "sequences per forward pass")
+    threshold: float = option(0.0, "also report the fraction with |x1| <= threshold (any activation)")
+    dtype: str = option("auto", f"dtype the model is loaded in ({', '.join(DTYPES)})")
+    device: str | None = option(None, DEVICE_HELP)
+    trust_remote_code: bool = option(False, "run the checkpoint's own modeling code")
 
     def __post_init__(self) -> None:
         number_in_range("--threshold", self.threshold, 0, math.inf, high_open=True)
@@ -102,17 +117,17 @@ class EvalConfig(SuiteOptions):
     """`relufy evaluate`: the lm-eval suite (`SuiteOptions`' fields), then PPL-p% sparsity on held-out text,
     on the model loaded with `device`, `dtype` and `trust_remote_code`."""
 
-    ps: CommaList = field(default=DEFAULT_PS, metadata=_help(
-        "PPL-p%% values, comma-separated (default 1,5,10); 'none' skips PPL-p%%", aliases=["--p"]))
-    heldout: str = field(default=str(DEFAULT_HELDOUT), metadata=_help(
-        "held-out text for PPL-p%% (.txt/.jsonl/folder/datasets name; default: evaluate/tasks/data/heldout.jsonl)"))
-    heldout_tokens: int = field(default=2048, metadata=_help("held-out tokens for PPL-p%%"))
-    block_size: int = field(default=256, metadata=_help("tokens per held-out block"))
-    device: str | None = field(default=None, metadata=_help(DEVICE_HELP))
-    dtype: str = field(default="auto", metadata=_help(f"dtype the model is loaded in ({', '.join(DTYPES)})"))
-    trust_remote_code: bool = field(default=False, metadata=_help("run the checkpoint's own modeling code"))
-    speed: bool = field(default=True, metadata=_help(
-        "a short dense-vs-sparse decode speed measurement, on CUDA only (--no-speed skips it)"))
+    ps: CommaList = option(
+        DEFAULT_PS, "PPL-p%% values, comma-separated (default 1,5,10); 'none' skips PPL-p%%", aliases=["--p"])
+    heldout: str = option(
+        str(DEFAULT_HELDOUT), "held-out text for PPL-p%% (.txt/.jsonl/folder/datasets name; default: "
+        "evaluate/tasks/data/heldout.jsonl)")
+    heldout_tokens: int = option(2048, "held-out tokens for PPL-p%%")
+    block_size: int = option(256, "tokens per held-out block")
+    device: str | None = option(None, DEVICE_HELP)
+    dtype: str = option("auto", f"dtype the model is loaded in ({', '.join(DTYPES)})")
+    trust_remote_code: bool = option(False, "run the checkpoint's own modeling code")
+    speed: bool = option(True, "a short dense-vs-sparse decode speed measurement, on CUDA only (--no-speed skips it)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,23 +148,22 @@ class EvalConfig(SuiteOptions):
 class MatchedConfig(SuiteOptions):
     """`relufy matched`: the target zero-ratios, the texts, and the lm-eval suite (`SuiteOptions`' fields)."""
 
-    targets: CommaList = field(kw_only=True, metadata=_help(
-        "zero-ratio of x1 to reach in every layer, in (0, 1); repeat it or separate by commas "
-        "(--target 0.869 --target 0.9)", aliases=["--target", "-t"], action="append", metavar="ZERO_RATIO"))
-    batch_size: int = field(default=8, metadata=_help("sequences per forward pass, and lm-eval's batch size"))
-    heldout: str = field(default=str(DEFAULT_HELDOUT), metadata=_help(
-        "perplexity text (default: evaluate/tasks/data/heldout.jsonl); also the calibration text, on separate "
-        "blocks, unless --calibration is given"))
-    heldout_tokens: int = field(default=16384, metadata=_help("perplexity tokens"))
-    calibration: str | None = field(default=None, metadata=_help(
-        "text to calibrate the thresholds on (default: the held-out text's blocks after the perplexity ones)"))
-    calibration_tokens: int = field(default=4096, metadata=_help("calibration tokens"))
-    block_size: int = field(default=512, metadata=_help("tokens per block"))
-    run_suite: bool = field(default=True, metadata=_help(
-        "run the lm-eval suite at each target (--no-suite: perplexity and zero-ratio only)"))
-    device: str | None = field(default=None, metadata=_help(DEVICE_HELP))
-    dtype: str = field(default="auto", metadata=_help(f"dtype the model is loaded in ({', '.join(DTYPES)})"))
-    trust_remote_code: bool = field(default=False, metadata=_help("run the checkpoint's own modeling code"))
+    targets: CommaList = option(
+        help="zero-ratio of x1 to reach in every layer, in (0, 1); repeat it or separate by commas (--target 0.869 "
+        "--target 0.9)", kw_only=True, aliases=["--target", "-t"], action="append", metavar="ZERO_RATIO")
+    batch_size: int = option(8, "sequences per forward pass, and lm-eval's batch size")
+    heldout: str = option(
+        str(DEFAULT_HELDOUT), "perplexity text (default: evaluate/tasks/data/heldout.jsonl); also the calibration "
+        "text, on separate blocks, unless --calibration is given")
+    heldout_tokens: int = option(16384, "perplexity tokens")
+    calibration: str | None = option(
+        None, "text to calibrate the thresholds on (default: the held-out text's blocks after the perplexity ones)")
+    calibration_tokens: int = option(4096, "calibration tokens")
+    block_size: int = option(512, "tokens per block")
+    run_suite: bool = option(True, "run the lm-eval suite at each target (--no-suite: perplexity and zero-ratio only)")
+    device: str | None = option(None, DEVICE_HELP)
+    dtype: str = option("auto", f"dtype the model is loaded in ({', '.join(DTYPES)})")
+    trust_remote_code: bool = option(False, "run the checkpoint's own modeling code")
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot give a meaningful number, before anything is loaded."""
@@ -177,26 +191,23 @@ class MatchedConfig(SuiteOptions):
 class SpeedConfig:
     """`relufy speed` and `measure_speed`. Decode tokens/s counts the `new_tokens` graph replays only."""
 
-    batch_sizes: CommaList = field(default=(1, 4, 16), metadata=_help("comma-separated decode batch sizes"))
-    prompt_tokens: int = field(default=128, metadata=_help("random prompt tokens per sequence"))
-    new_tokens: int = field(default=256, metadata=_help("decode steps timed per run"))
-    generate_tokens: int = field(default=128, metadata=_help("new tokens of the HF generate run (batch 1)"))
-    generate_repeats: int = field(default=3, metadata=_help(
-        "HF generate runs per arm, dense and sparse alternated"))
-    union_batch_sizes: CommaList = field(default=(1, 4, 8), metadata=_help(
-        "comma-separated batch sizes whose union of active neurons is reported"))
-    warmup: int = field(default=3, metadata=_help(
-        "eager steps on a side stream before a capture (PyTorch's CUDA-graph rule)"))
-    ffn_repeats: int = field(default=50, metadata=_help("timed replays per FFN; the median is reported"))
-    copy_bytes: int = field(default=1 << 30, metadata=_help(
-        "size of the device-to-device copy that measures bandwidth"))
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = field(default="bfloat16", metadata=_help(
-        "dtype the model is loaded in (recorded in the JSON)"))
-    device: str | None = field(default=None, metadata=_help(DEVICE_HELP))
-    seed: int = field(default=0, metadata=_help("seed of the random prompts"))
-    compile: bool = field(default=True, metadata=_help(
-        "on CUDA, torch.compile the decode step inside the graph, as gpt-fast does (--no-compile captures the "
-        "plain eager step)"))
+    batch_sizes: CommaList = option((1, 4, 16), "comma-separated decode batch sizes")
+    prompt_tokens: int = option(128, "random prompt tokens per sequence")
+    new_tokens: int = option(256, "decode steps timed per run")
+    generate_tokens: int = option(128, "new tokens of the HF generate run (batch 1)")
+    generate_repeats: int = option(3, "HF generate runs per arm, dense and sparse alternated")
+    union_batch_sizes: CommaList = option(
+        (1, 4, 8), "comma-separated batch sizes whose union of active neurons is reported")
+    warmup: int = option(3, "eager steps on a side stream before a capture (PyTorch's CUDA-graph rule)")
+    ffn_repeats: int = option(50, "timed replays per FFN; the median is reported")
+    copy_bytes: int = option(1 << 30, "size of the device-to-device copy that measures bandwidth")
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = option(
+        "bfloat16", "dtype the model is loaded in (recorded in the JSON)")
+    device: str | None = option(None, DEVICE_HELP)
+    seed: int = option(0, "seed of the random prompts")
+    compile: bool = option(
+        True, "on CUDA, torch.compile the decode step inside the graph, as gpt-fast does (--no-compile captures the "
+        "plain eager step)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -223,8 +234,8 @@ class SpeedConfig:
 class CompareConfig:
     """`relufy compare`: how the columns are named."""
 
-    names: CommaList | None = field(default=None, metadata=_help(
-        "comma-separated column names (default: each directory's or JSON file's name)"))
+    names: CommaList | None = option(
+        None, "comma-separated column names (default: each directory's or JSON file's name)")
 
     def __post_init__(self) -> None:
         if self.names is not None:
@@ -235,11 +246,9 @@ class CompareConfig:
 class PublishConfig:
     """`relufy publish`: the evaluation the card reports, and the Hub repository."""
 
-    results: str = field(metadata=_help("results.json written by `relufy evaluate` for this model"))
-    repo_id: str | None = field(default=None, metadata=_help("Hub repository id (org/name) for the card and --push"))
-    base_model: str | None = field(default=None, metadata=_help(
-        "hub id of the original model (default: read from the checkpoint)"))
-    license: str | None = field(default=None, metadata=_help(
-        "license id (default: carried over from the source model)"))
-    push: bool = field(default=False, metadata=_help("upload PUBLISH_DIR to --repo-id"))
-    private: bool = field(default=False, metadata=_help("create the Hub repository as private"))
+    results: str = option(help="results.json written by `relufy evaluate` for this model")
+    repo_id: str | None = option(None, "Hub repository id (org/name) for the card and --push")
+    base_model: str | None = option(None, "hub id of the original model (default: read from the checkpoint)")
+    license: str | None = option(None, "license id (default: carried over from the source model)")
+    push: bool = option(False, "upload PUBLISH_DIR to --repo-id")
+    private: bool = option(False, "create the Hub repository as private")

@@ -27,10 +27,11 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from . import __version__
-from .checkpoint import PACKAGE_PREFIX, model_identity, read_config, resolve_source
+from .checkpoint import PACKAGE_PREFIX, Source, model_identity
 from .configs import DataArguments, ModelArguments, ProSparseConfig
 from .errors import TrainingError
-from .recipe import Recipe, resolve_model_path
+from .recipe import Recipe
+from .train_base import Base
 from .trainer import CHECKPOINT_PREFIX, INCOMPLETE
 
 logger = logging.getLogger(__name__)
@@ -82,13 +83,14 @@ def compared_keys() -> list[str]:
     return own + list(TRAINER_KEYS)
 
 
-def recipe_fingerprint(recipe: Recipe) -> dict:
-    """{key: JSON value} for every compared recipe key, the base model's identity and the process count."""
+def recipe_fingerprint(recipe: Recipe, base: Base) -> dict:
+    """{key: JSON value} for every compared recipe key, the identity of the recipe's `base` (resolved once by
+    the run) and the process count."""
     values = dataclasses.asdict(recipe.model) | dataclasses.asdict(recipe.data) | recipe.training.to_dict()
     fields = {key: _plain(values[key]) for key in compared_keys() if key in values}
     for key in PATH_KEYS:
         fields[key] = _absolute(fields[key])
-    fields |= _base_identity(recipe.model.model_name_or_path)
+    fields |= _base_identity(base)
     fields["world_size"] = recipe.training.world_size  # processes: the batch each step sees
     return fields
 
@@ -100,16 +102,25 @@ def fingerprint_files(recipe: Recipe, fields: dict) -> dict[str, str]:
     return {FINGERPRINT_FILE: json.dumps(payload, indent=2, sort_keys=True) + "\n"}
 
 
-def _base_identity(value: str) -> dict:
+def _base_identity(base: Base) -> dict:
     """The base as a reader would tell models apart: a digest of its weight files, and for a model folder its
     architecture and sizes (a GGUF file's metadata takes seconds to parse; its digest identifies it alone)."""
-    source = resolve_source(resolve_model_path(value))
-    identity = {"base.weights_sha256": model_identity(source, "")["weights_sha256"]}
-    if source.gguf_file:
+    identity = {"base.weights_sha256": _weights_digest(base.source)}
+    if base.source.gguf_file:
         return identity
-    config = read_config(source)
+    config = base.config
     sizes = config if "hidden_size" in config else (config.get("text_config") or {})  # multimodal: the LM's
     return {f"base.{key}": _plain(sizes.get(key, config.get(key))) for key in BASE_CONFIG_KEYS} | identity
+
+
+def _weights_digest(source: Source) -> str:
+    """sha256 of the base's weight files, read by the main process alone and sent to the others: every byte of
+    a multi-GB base is read once per run, not once per rank, and every rank compares the same fingerprint."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    digest = [model_identity(source, "")["weights_sha256"] if PartialState().is_main_process else None]
+    return broadcast_object_list(digest, from_process=0)[0]
 
 
 def _plain(value):

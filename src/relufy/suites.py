@@ -15,7 +15,8 @@ import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .checks import BATCH_LIMIT, COUNT_LIMIT, CommaList, int_in_range, listed, number_in_range, positive_int
+from .checks import (BATCH_LIMIT, COUNT_LIMIT, CommaList, int_in_range, listed, number_in_range, option,
+                     positive_int)
 from .errors import DataError
 from .paths import project_file
 
@@ -47,23 +48,20 @@ class SuiteOptions:
     """Which lm-eval tasks run and how: names and/or a relufy suite, few-shot counts, examples per task,
     batch and context, code execution, per-example records. The `help` of each field is its flag's help."""
 
-    tasks: CommaList | None = field(default=None, metadata={
-        "help": "comma-separated lm-eval task or group names (e.g. piqa,hellaswag,relufy_offline)"})
-    suite: str | None = field(default=None, metadata={
-        "choices": tuple(SUITES), "help": "preset: 'prosparse' = the ProSparse paper's benchmark groups (needs "
-                                          "network for data); 'offline' = relufy's own tasks"})
-    num_fewshot: int | None = field(default=None, metadata={"help": "override every task's few-shot count"})
-    include_path: list[Path] = field(default_factory=list, metadata={
-        "action": "append", "help": "extra lm-eval task folder (repeat it for several)"})
-    limit: float | None = field(default=None, metadata={
-        "help": "examples per task (int) or fraction (<1): a quick slice"})
-    batch_size: int = field(default=1, metadata={"help": "lm-eval batch size"})
-    max_length: int | None = field(default=None, metadata={
-        "help": "context length for lm-eval (default: the model's)"})
-    confirm_run_unsafe_code: bool = field(default=False, metadata={
-        "help": "allow tasks that execute model-written code (HumanEval, MBPP)"})
-    log_samples: bool = field(default=False, metadata={
-        "help": "also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl"})
+    tasks: CommaList | None = option(
+        None, "comma-separated lm-eval task or group names (e.g. piqa,hellaswag,relufy_offline)")
+    suite: str | None = option(
+        None, "preset: 'prosparse' = the ProSparse paper's benchmark groups (needs network for data); 'offline' = "
+        "relufy's own tasks", choices=tuple(SUITES))
+    num_fewshot: int | None = option(None, "override every task's few-shot count")
+    include_path: list[Path] = option(
+        help="extra lm-eval task folder (repeat it for several)", default_factory=list, action="append")
+    limit: float | None = option(None, "examples per task (int) or fraction (<1): a quick slice")
+    batch_size: int = option(1, "lm-eval batch size")
+    max_length: int | None = option(None, "context length for lm-eval (default: the model's)")
+    confirm_run_unsafe_code: bool = option(False, "allow tasks that execute model-written code (HumanEval, MBPP)")
+    log_samples: bool = option(
+        False, "also write lm-eval's per-example records (inputs, answers, scores) to OUTPUT/samples_TASK.jsonl")
 
     def __post_init__(self) -> None:
         if self.tasks is not None:

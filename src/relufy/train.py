@@ -19,17 +19,16 @@ from pathlib import Path
 import torch
 
 from .activations import parse_activation
-from .architectures import architecture_of
 from .atomic import (MARKER, check_not_input, discard, mark_output, move_into, output_lock, temp_sibling,
                      written_by_relufy)
-from .checkpoint import read_config, update_provenance
+from .checkpoint import Source, load_tokenizer, read_config, update_provenance
 from .errors import DataError, TrainingError
 from .probe import SparsityProbe
 from .recipe import Recipe, check_inputs, resolve_model_path
 from .report import TRAINING_PLOT, write_training_plot
 from .resume import checked_checkpoint, fingerprint_files, recipe_fingerprint
 from .threshold import shift_threshold
-from .train_base import prepare_base
+from .train_base import Base, prepare_base
 from .trainer import CHECKPOINT_PREFIX, ProSparseTrainer, disk_full_stops_training, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -79,9 +78,10 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
                                 "pip install 'relufy[liger]' (CUDA GPUs only) or set use_liger_kernel: false")
         keep_liger_loss_off_under_zero3(training)
     _force_non_reentrant_checkpointing(training)
-    fingerprint = recipe_fingerprint(recipe)
     if allow_changes and not resume:
         raise TrainingError("--allow-changes only applies with --resume")
+    recipe_base = Base.resolve(recipe.model.model_name_or_path)  # the one resolve and config read of the run
+    fingerprint = recipe_fingerprint(recipe, recipe_base)
     if resume:  # TrainingArguments' field for scripts: run_training resumes from it
         checkpoint = checked_checkpoint(output_dir, training, fingerprint, allow_changes=allow_changes)
         training.resume_from_checkpoint = str(checkpoint)
@@ -89,15 +89,16 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
         output_dir.mkdir(parents=True, exist_ok=True)
         mark_output(output_dir, "relufy train")
 
-    base = prepare_base(recipe)
+    base = prepare_base(recipe, recipe_base)
     _check_block_size(base, recipe)
+    _check_trainable(base, recipe)
     if resume:
         from .lora import check_resume_matches
 
-        check_resume_matches(checkpoint, training, _model_type(base))
-    tokenizer = _load_tokenizer(base, recipe.model)
+        check_resume_matches(checkpoint, training, base.model_type)
+    tokenizer = load_tokenizer(base.source, trust_remote_code=recipe.model.trust_remote_code)
     train_blocks, held_out = _prepare_data(recipe, tokenizer)
-    model = _load_model(base, recipe)
+    model = _load_model(base.source, recipe)
     if training.use_peft:
         from .lora import wrap_with_lora
 
@@ -110,7 +111,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
-        probe=probe, base_checkpoint=base, distiller=distiller,
+        probe=probe, base_checkpoint=base.source, distiller=distiller,
         checkpoint_files=fingerprint_files(recipe, fingerprint),
     )
     return trainer, held_out
@@ -202,41 +203,27 @@ def _force_non_reentrant_checkpointing(training) -> None:
         setattr(training, kwargs_name, {**kwargs, "use_reentrant": False})
 
 
-def _load_tokenizer(base: str, args):
-    from .checkpoint import load_tokenizer
-
-    return load_tokenizer(base, trust_remote_code=args.trust_remote_code)
-
-
-def _model_type(base: str) -> str | None:
-    from .checkpoint import resolve_source
-
-    return read_config(resolve_source(base)).get("model_type")
-
-
-def _check_block_size(base: str, recipe: Recipe) -> None:
+def _check_block_size(base: Base, recipe: Recipe) -> None:
     """block_size within the model's context (as model_config_overrides leave it), before the data and weights load."""
-    from .checkpoint import resolve_source
     from .checks import block_fits_context
 
-    source = resolve_source(base)
-    config = {**read_config(source), **recipe.model.model_config_overrides}
-    block_fits_context("block_size", recipe.data.block_size, config, source)
+    config = {**base.config, **recipe.model.model_config_overrides}
+    block_fits_context("block_size", recipe.data.block_size, config, base.source)
 
 
-def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):
-    """The base as the recipe loads it (dtype, config overrides; 4-bit in QLoRA when `quantize`); a base that
-    is not ReLU-family is refused when a stage has lambda > 0, since L1 cannot make it sparse."""
-    from .checkpoint import load_model, resolve_source
+def _check_trainable(base: Base, recipe: Recipe) -> None:
+    """A base that is not ReLU-family is refused when a stage has lambda > 0, since L1 cannot make it sparse."""
+    if recipe.schedule.max_lambda > 0 and parse_activation(str(base.activation)) is None:
+        raise TrainingError(f"{base.source} uses '{base.activation}', not a ReLU-family activation, so the L1 "
+                            "regularization cannot make it sparse; set 'activation: relu' in the recipe (it converts "
+                            f"first) or run 'relufy convert {base.source} OUT' and train OUT")
+
+
+def _load_model(source: Source, recipe: Recipe, *, quantize: bool = True):
+    """The base as the recipe loads it (dtype, config overrides; 4-bit in QLoRA when `quantize`)."""
+    from .checkpoint import load_model
     from .lora import quantization_config
 
-    source = resolve_source(base)
-    config = read_config(source)
-    value = architecture_of(config).activation_of(config)
-    if recipe.schedule.max_lambda > 0 and parse_activation(str(value)) is None:
-        raise TrainingError(f"{source} uses '{value}', not a ReLU-family activation, so the L1 regularization "
-                            "cannot make it sparse; set 'activation: relu' in the recipe (it converts first) or run "
-                            f"'relufy convert {base} OUT' and train OUT")
     args = recipe.model
     model = load_model(source, dtype=args.model_dtype, trust_remote_code=args.trust_remote_code,
                        config_overrides=args.model_config_overrides,
@@ -245,7 +232,7 @@ def _load_model(base: str, recipe: Recipe, *, quantize: bool = True):
     return model
 
 
-def _build_distiller(recipe: Recipe, base: str, model, tokenizer):
+def _build_distiller(recipe: Recipe, base: Base, model, tokenizer):
     """distill: true: the teacher (relufy.distill), loaded and checked before any step runs."""
     from .distill import build_distiller
 

@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .atomic import respect_umask
+from .checkpoint import Source
 from .configs import ProSparseConfig
 from .errors import TrainingError, is_disk_full
 from .probe import SparsityProbe
@@ -50,7 +51,7 @@ class ProSparseTrainer(Trainer):
     """
 
     def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
-                 base_checkpoint: str | None = None, distiller=None,
+                 base_checkpoint: str | Source | None = None, distiller=None,
                  checkpoint_files: dict[str, str] | None = None, **kwargs):
         """`probe` is attached to the model. With a `ProSparseConfig` as `args`, the schedule and
         max_train_minutes are its own; plain `TrainingArguments` need `schedule`. `base_checkpoint` is where

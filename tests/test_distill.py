@@ -256,8 +256,10 @@ def test_resume_continues_a_distilled_run_exactly(silu_base, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("distill_alpha=1.5", "distill_alpha must be in [0, 1]"),
     ("distill_alpha=-0.1", "distill_alpha must be in [0, 1]"),
+    ("distill_alpha=.nan", "distill_alpha must be in [0, 1]"),
     ("distill_temperature=0", "distill_temperature must be a finite number > 0"),
     ("distill_temperature=-1", "distill_temperature must be a finite number > 0"),
+    ("distill_temperature=.inf", "distill_temperature must be a finite number > 0"),
     ("distill_jsd_beta=2", "distill_jsd_beta must be in [0, 1]"),
     ("distill_loss=mse", "distill_loss must be kl or jsd"),
 ])

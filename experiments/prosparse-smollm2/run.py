@@ -215,21 +215,26 @@ ROUTES = {
     "original": (None, "the original SiLU model, training-free thresholding"),
     "fixed-l1": ("fixed-l1", "the fixed-lambda arm, thresholded"),
     "prosparse+shift": ("prosparse", "ProSparse with its threshold shift, thresholded further where needed"),
+    "relu-kd": ("relu-kd", "the ReLU arm trained with distillation, thresholded as relu"),
+    "prosparse-kd+shift": ("prosparse-kd", "ProSparse with distillation and its threshold shift, as prosparse+shift"),
 }
 MATCHED_ALSO = 0.90  # the second matched zero-ratio, beside the ProSparse arm's own
 CURVE = (0.5, 0.7, 0.8, 0.95)  # perplexity-only points that draw each route's zero-ratio/perplexity curve
 
 
 def prosparse_zero_ratio(s: argparse.Namespace) -> str:
-    """The ProSparse arm's zero-ratio on the lm-eval tokens (from its evaluation), or --match-zero-ratio."""
+    """The ProSparse arm's zero-ratio on the lm-eval tokens (from its evaluation; the KD arm's when only that
+    one ran), or --match-zero-ratio."""
     if s.match_zero_ratio is not None:
         return f"{s.match_zero_ratio:g}"
-    results = s.out_dir / "eval" / "prosparse+shift" / "results.json"
-    if results.exists():
-        return f"{json.loads(results.read_text())['sparsity']['overall']:.4f}"
+    candidates = [s.out_dir / "eval" / name / "results.json" for name in ("prosparse+shift", "prosparse-kd+shift")]
+    for results in candidates:
+        if results.exists():
+            return f"{json.loads(results.read_text())['sparsity']['overall']:.4f}"
     if s.dry_run:
         return "PROSPARSE_ZERO_RATIO"
-    raise SystemExit(f"{results} does not exist: run the prosparse arm first, or pass --match-zero-ratio")
+    raise SystemExit(f"neither {candidates[0]} nor {candidates[1].parent.name} exists: run the prosparse (or "
+                     "prosparse-kd) arm first, or pass --match-zero-ratio")
 
 
 def run_matched(s: argparse.Namespace) -> None:
@@ -270,7 +275,9 @@ def record_settings(s: argparse.Namespace) -> None:
 def collect(s: argparse.Namespace) -> None:
     """Copy each evaluation's small files (no per-example samples) and its arm's training log into DEST,
     then write DEST/compare.md with `relufy compare`, in the order the arms are defined."""
-    evaluations = sorted((s.out_dir / "eval").iterdir(), key=lambda path: evaluation_order(path.name))
+    evaluations = sorted((path for path in (s.out_dir / "eval").iterdir()  # not relufy's hidden locks and temps
+                          if path.is_dir() and not path.name.startswith(".")),
+                         key=lambda path: evaluation_order(path.name))
     for source in evaluations:
         target = s.dest / source.name
         target.mkdir(parents=True, exist_ok=True)
@@ -378,7 +385,8 @@ def _add_matched(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the original model (the 'original' route)")
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with heldout.txt")
     p.add_argument("--match-zero-ratio", type=float,
-                   help="default: the prosparse+shift evaluation's zero-ratio on the lm-eval tokens")
+                   help="default: the prosparse+shift (else prosparse-kd+shift) evaluation's zero-ratio on the "
+                        "lm-eval tokens")
     p.add_argument("--heldout-tokens", type=int, default=16384, help="perplexity tokens")
     p.add_argument("--calibration-tokens", type=int, default=4096,
                    help="calibration tokens (held-out blocks after the perplexity ones)")

@@ -163,6 +163,18 @@ def test_matched_matches_the_kd_arm_when_it_is_the_only_prosparse_arm(driver, ca
     assert command[command.index("--target") + 1] == "0.8812,0.9"
 
 
+def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(driver, tmp_path):
+    evaluations = tmp_path / "out" / "eval"
+    for name in ("prosparse-kd+shift", "relu-kd", "prosparse-kd", "relu"):
+        (evaluations / name).mkdir(parents=True)
+        (evaluations / name / "results.json").write_text(json.dumps({
+            "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5}, "scores": {"average": 40.0}}))
+        (evaluations / f".{name}.relufy-lock").write_text("")  # what `relufy evaluate --force` leaves beside it
+    driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])
+    header = (tmp_path / "dest" / "compare.md").read_text().splitlines()[0]
+    assert header == "| | relu | relu-kd | prosparse-kd | prosparse-kd+shift |"
+
+
 @pytest.fixture(scope="module")
 def plots():
     spec = importlib.util.spec_from_file_location("prosparse_smollm2_plots", DRIVER.with_name("plots.py"))

@@ -134,6 +134,17 @@ def test_token_budgets_give_each_budget_its_folder_steps_and_stage0(driver, caps
         {"output_dir", "max_steps", "stages", "lr_scheduler_kwargs"}
 
 
+def test_grad_accum_keeps_the_tokens_per_step_in_smaller_micro_batches(driver, capsys, tmp_path):
+    plain = dry_run(driver, capsys, tmp_path, "prosparse-kd", flags=("--tokens", "30M"))["30M/prosparse-kd"]
+    split = dry_run(driver, capsys, tmp_path, "prosparse-kd", flags=("--tokens", "30M", "--batch", "4",
+                                                                     "--grad-accum", "4"))["30M/prosparse-kd"]
+    plain, split = (dict(o.split("=", 1) for o in overrides(command)) for command in (plain, split))
+    assert "gradient_accumulation_steps" not in plain  # without the flag the commands are what they were
+    assert {k for k in split if split[k] != plain.get(k)} == {"per_device_train_batch_size",
+                                                              "gradient_accumulation_steps"}
+    assert split["max_steps"] == plain["max_steps"] == "1831" and split["gradient_accumulation_steps"] == "4"
+
+
 def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_path):
     driver.main(["matched", str(tmp_path / "out"), "--corpus", str(tmp_path), "--match-zero-ratio", "0.869",
                  "--dry-run"])

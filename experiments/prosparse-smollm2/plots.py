@@ -179,7 +179,7 @@ def budget_tokens(directory: Path) -> int:
     """Training tokens per arm of one collected budget (every arm of a budget shares steps, batch and block)."""
     settings = json.loads((directory / "settings.json").read_text())
     arm = settings.get("prosparse") or next(iter(settings.values()))
-    return arm["steps"] * arm["batch"] * arm["block"]
+    return arm["steps"] * arm["batch"] * arm.get("grad_accum", 1) * arm["block"]
 
 
 def ratio_series(directories: list[Path]) -> dict[str, dict]:
@@ -188,7 +188,7 @@ def ratio_series(directories: list[Path]) -> dict[str, dict]:
     for key, label, sparse, dense in RATIO_SERIES:
         rows = [{"run": str(d), "tokens": budget_tokens(d),
                  "ppl_ratio": measures(d / sparse)[1] / measures(d / dense)[1]}
-                for d in directories if (d / sparse / "results.json").exists() and (d / dense / "results.json").exists()]
+                for d in directories if all((d / arm / "results.json").exists() for arm in (sparse, dense))]
         rows.sort(key=lambda row: row["tokens"])
         if rows:
             fit = fit_trend([r["tokens"] for r in rows], [r["ppl_ratio"] for r in rows]) if len(rows) > 1 else {}

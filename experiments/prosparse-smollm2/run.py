@@ -119,6 +119,8 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
         sets["lr_scheduler_kwargs"] = flow({"num_decay_steps": decay, "min_lr_ratio": s.min_lr_ratio})
     if arm.lora:
         sets.update(use_peft="true", lora_r=s.lora_rank, lora_alpha=2 * s.lora_rank)
+    if s.grad_accum > 1:  # the same tokens per optimizer step in smaller micro-batches
+        sets["gradient_accumulation_steps"] = s.grad_accum
     if arm.distill:
         sets.update(distill="true", distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature)
     if s.liger:
@@ -163,11 +165,11 @@ def run_arms(s: argparse.Namespace) -> None:
         return run_budget(s, Runner(s.out_dir, s.dry_run))
     for label, tokens in s.tokens:
         budget = argparse.Namespace(**vars(s))
-        budget.steps = max(1, round(tokens / (s.batch * s.block)))
+        budget.steps = max(1, round(tokens / (s.batch * s.block * s.grad_accum)))
         budget.stage0 = round(budget.steps * STAGE0_FRACTION)
         budget.out_dir = s.out_dir / label
-        print(f"== budget {label}: {budget.steps} steps of {s.batch} x {s.block} tokens, stage 0 to step "
-              f"{budget.stage0}", flush=True)
+        print(f"== budget {label}: {budget.steps} steps of {s.grad_accum * s.batch} x {s.block} tokens, stage 0 to "
+              f"step {budget.stage0}", flush=True)
         run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/"))
 
 
@@ -342,7 +344,10 @@ def _add_run(sub) -> None:
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"),
                    help="folder with train.txt.gz and heldout.txt (python scripts/build_corpus.py --out DIR)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of every trained arm")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch", type=int, default=16, help="sequences per micro-batch (per step without --grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (e.g. --batch 4 --grad-accum 4: the tokens of 16 "
+                        "sequences per step where 16 do not fit, as Gemma 3's 262k-token vocabulary with KD)")
     p.add_argument("--block", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--scheduler", default="cosine",
@@ -371,8 +376,8 @@ def _add_run(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer CPU smoke run: " +
                    ", ".join(f"{k}={v}" for k, v in TINY.items()))
     p.add_argument("--tokens", type=budgets, help="comma-separated token budgets (e.g. 10M,30M,90M): the arms run "
-                   "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x block) and stage 0 "
-                   f"{STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
+                   "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x grad-accum x block) and "
+                   f"stage 0 {STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_arms)
 

@@ -1,5 +1,7 @@
 """ProSparse at small scale: SmolLM2-135M-Instruct, the paper's arms, relufy's own commands only.
 
+The base is the SmolLM2 GGUF unless --model names another (README.md runs Gemma 3 270M the same way).
+
 Every trained arm gets the same data, steps, batch, seed and optimizer; only the activation (ReLU,
 or SiLU for the control) and the L1 regularization differ, so the arms compare those and nothing
 else. The arms are defined once, in ARMS below; each runs end to end as `relufy

@@ -229,6 +229,23 @@ def test_a_run_keeps_the_teacher_frozen_and_logs_the_distillation_loss(silu_base
     assert recorded == {"alpha": 0.5, "temperature": 2.0, "loss": "kl", "teacher": "source"}
 
 
+def test_a_gemma3_run_cut_to_fewer_layers_distills_from_gelu_tanh_and_saves(tmp_path):
+    """Gemma 3 (GELU-tanh, per-layer attention types), as the frontier's smoke runs train it: a shallower cut
+    of the base, converted to ReLU, distilled from the GELU-tanh original, saved (its layer_types cut too)."""
+    base = save_tiny_checkpoint("gemma3_text", tmp_path / "gemma3", SAMPLE_TEXT, num_hidden_layers=3,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    recipe = tiny_recipe(base, tmp_path / "run", "model_config_overrides={num_hidden_layers: 2}", "max_steps=2",
+                         "stages=[{lambda: 0.01, end_step: 2}]")
+    trainer, held_out = build_trainer(recipe)
+    teacher = trainer.distiller.teacher
+    assert teacher.config.hidden_activation == "gelu_pytorch_tanh" and len(teacher.model.layers) == 2
+    assert trainer.model.config.hidden_activation == "relu"
+    run_training(trainer, recipe, held_out)
+    assert all(entry["distill_loss"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 2 and saved["layer_types"] == ["sliding_attention"] * 2
+
+
 def test_a_lora_run_distills_from_its_own_base(silu_base, tmp_path):
     recipe = tiny_recipe(silu_base, tmp_path / "lora", "use_peft=true", "max_steps=2",
                          "stages=[{lambda: 0.01, end_step: 2}]", "distill_loss=jsd")
@@ -256,8 +273,10 @@ def test_resume_continues_a_distilled_run_exactly(silu_base, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("distill_alpha=1.5", "distill_alpha must be in [0, 1]"),
     ("distill_alpha=-0.1", "distill_alpha must be in [0, 1]"),
+    ("distill_alpha=.nan", "distill_alpha must be in [0, 1]"),
     ("distill_temperature=0", "distill_temperature must be a finite number > 0"),
     ("distill_temperature=-1", "distill_temperature must be a finite number > 0"),
+    ("distill_temperature=.inf", "distill_temperature must be a finite number > 0"),
     ("distill_jsd_beta=2", "distill_jsd_beta must be in [0, 1]"),
     ("distill_loss=mse", "distill_loss must be kl or jsd"),
 ])

@@ -134,13 +134,25 @@ def test_token_budgets_give_each_budget_its_folder_steps_and_stage0(driver, caps
         {"output_dir", "max_steps", "stages", "lr_scheduler_kwargs"}
 
 
+def test_grad_accum_keeps_the_tokens_per_step_in_smaller_micro_batches(driver, capsys, tmp_path):
+    plain = dry_run(driver, capsys, tmp_path, "prosparse-kd", flags=("--tokens", "30M"))["30M/prosparse-kd"]
+    split = dry_run(driver, capsys, tmp_path, "prosparse-kd", flags=("--tokens", "30M", "--batch", "4",
+                                                                     "--grad-accum", "4"))["30M/prosparse-kd"]
+    plain, split = (dict(o.split("=", 1) for o in overrides(command)) for command in (plain, split))
+    assert "gradient_accumulation_steps" not in plain  # without the flag the commands are what they were
+    assert {k for k in split if split[k] != plain.get(k)} == {"per_device_train_batch_size",
+                                                              "gradient_accumulation_steps"}
+    assert split["max_steps"] == plain["max_steps"] == "1831" and split["gradient_accumulation_steps"] == "4"
+
+
 def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_path):
     driver.main(["matched", str(tmp_path / "out"), "--corpus", str(tmp_path), "--match-zero-ratio", "0.869",
                  "--dry-run"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
     commands = {line[3:].split(":", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines}
-    assert list(commands) == [f"{route}-{kind}" for route in ("relu", "silu", "original", "fixed-l1",
-                                                              "prosparse+shift") for kind in ("matched", "curve")]
+    assert list(commands) == [f"{route}-{kind}" for route in ("relu", "silu", "original", "fixed-l1", "prosparse+shift",
+                                                              "relu-kd", "prosparse-kd+shift")
+                              for kind in ("matched", "curve")]
     from relufy.cli import build_parser
 
     for step, command in commands.items():
@@ -149,6 +161,29 @@ def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_pat
             ".json" if step.endswith("matched") else "-curve.json"))
     assert commands["relu-matched"][6] == "0.869,0.9" and "--no-suite" in commands["relu-curve"]
     assert commands["prosparse+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse")
+    assert commands["prosparse-kd+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse-kd")
+    assert commands["relu-kd-matched"][4] == str(tmp_path / "out" / "train" / "relu-kd")
+
+
+def test_matched_matches_the_kd_arm_when_it_is_the_only_prosparse_arm(driver, capsys, tmp_path):
+    evaluation = tmp_path / "out" / "eval" / "prosparse-kd+shift"
+    evaluation.mkdir(parents=True)
+    (evaluation / "results.json").write_text(json.dumps({"sparsity": {"overall": 0.8812345}}))
+    driver.main(["matched", str(tmp_path / "out"), "relu-kd", "--corpus", str(tmp_path), "--dry-run"])
+    command = shlex.split(capsys.readouterr().out.splitlines()[0].split(": ", 1)[1])
+    assert command[command.index("--target") + 1] == "0.8812,0.9"
+
+
+def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(driver, tmp_path):
+    evaluations = tmp_path / "out" / "eval"
+    for name in ("prosparse-kd+shift", "relu-kd", "prosparse-kd", "relu"):
+        (evaluations / name).mkdir(parents=True)
+        (evaluations / name / "results.json").write_text(json.dumps({
+            "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5}, "scores": {"average": 40.0}}))
+        (evaluations / f".{name}.relufy-lock").write_text("")  # what `relufy evaluate --force` leaves beside it
+    driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])
+    header = (tmp_path / "dest" / "compare.md").read_text().splitlines()[0]
+    assert header == "| | relu | relu-kd | prosparse-kd | prosparse-kd+shift |"
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +207,18 @@ def test_figures_read_collected_runs(plots, tmp_path):
                 "targets": [{"target": t, "zero_ratio": t, "ppl": ppl * (1 + t)} for t in (0.869, 0.9)]}
 
     (tmp_path / "matched").mkdir()
-    for name, result in (("relu", route(0.6, 20)), ("silu", route(0.0, 18)), ("silu-curve", route(0.0, 18))):
+    for name, result in (("relu", route(0.6, 20)), ("silu", route(0.0, 18)), ("silu-curve", route(0.0, 18)),
+                         ("relu-kd", route(0.6, 19))):
         (tmp_path / "matched" / f"{name}.json").write_text(json.dumps(result))
     assert plots.route_points(tmp_path, "silu") == [(0.0, 18), (0.869, 18 * 1.869), (0.9, 18 * 1.9)]
     plots.matched_figure(tmp_path, tmp_path / "matched.png")
     runs = []
-    for steps, ratio in ((610, 1.5), (1831, 1.4), (5493, 1.3)):
+    for steps, ratio, kd_ratio in ((610, 1.5, 1.3), (1831, 1.4, 1.15), (5493, 1.3, None)):
         run = tmp_path / str(steps)
-        for arm, ppl in (("relu", 20.0), ("prosparse+shift", 20.0 * ratio)):
+        arms = {"relu": 20.0, "prosparse+shift": 20.0 * ratio}
+        if kd_ratio:  # the KD arms ran at two budgets only
+            arms.update({"relu-kd": 18.0, "prosparse-kd+shift": 18.0 * kd_ratio})
+        for arm, ppl in arms.items():
             (run / arm).mkdir(parents=True)
             (run / arm / "results.json").write_text(json.dumps({
                 "ppl_p_sparsity": {"1": {"ppl_dense": ppl}}, "sparsity": {"overall": 0.5}, "scores": {"average": 50}}))
@@ -188,6 +227,9 @@ def test_figures_read_collected_runs(plots, tmp_path):
     summary = plots.tokens_figure(runs, tmp_path / "tokens.png")
     assert [row["ppl_ratio"] for row in summary["points"]] == pytest.approx([1.5, 1.4, 1.3])
     assert summary["slope_per_decade"] < 0 and summary["tokens_at_goal"] > 5493 * 16 * 1024
-    assert json.loads((tmp_path / "tokens.json").read_text())["monotonic_decrease"]
+    assert [row["ppl_ratio"] for row in summary["kd"]["points"]] == pytest.approx([1.3, 1.15])
+    assert summary["kd"]["slope_per_decade"] < summary["slope_per_decade"]  # KD's ratio falls faster here
+    written = json.loads((tmp_path / "tokens.json").read_text())
+    assert written["monotonic_decrease"] and written["kd"]["label"] == "ProSparse-KD / ReLU-KD"
     for png in ("matched.png", "tokens.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

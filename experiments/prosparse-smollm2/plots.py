@@ -9,11 +9,13 @@
         same LABEL (e.g. several --peak values) form one line.
     python experiments/prosparse-smollm2/plots.py matched DEST [--out DEST/matched.png]
         every route of `run.py matched`: x1 zero-ratio on the held-out text against held-out perplexity,
-        one curve per route (its dense model, the CURVE points and the matched ones), matched zero-ratios marked.
+        one curve per route (its dense model, the CURVE points and the matched ones), matched zero-ratios
+        marked; a distilled route (-kd) is dashed, in its undistilled route's colour.
     python experiments/prosparse-smollm2/plots.py tokens --out tokens.png DEST_10M DEST_30M DEST_90M
-        the ProSparse (+shift) / ReLU held-out perplexity ratio against training tokens, with the fit
-        ratio = a + b log10(tokens), its slope b (per tenfold tokens) and the token count where the fitted
-        line reaches 1.05x; the numbers also go to the same name with .json.
+        left, each arm's held-out perplexity (relu, prosparse+shift and their -kd arms) against training
+        tokens; right, the ProSparse (+shift) / ReLU held-out perplexity ratio, and ProSparse-KD / ReLU-KD,
+        each with the fit ratio = a + b log10(tokens), its slope b (per tenfold tokens) and the token count
+        where the fitted line reaches 1.05x; the numbers also go to the same name with .json.
 
 The arms are found by their folders: a folder with trainer_state.json was trained, one with
 results.json was evaluated (the names are run.py's).
@@ -133,9 +135,13 @@ def matched_figure(directory: Path, out: Path) -> None:
     routes = sorted({path.name.removesuffix(".json").removesuffix("-curve")
                      for path in (directory / "matched").glob("*.json")})
     fig, axis = plt.subplots(figsize=(8, 5))
-    for route in routes:
+    colours: dict[str, str] = {}  # a -kd route takes its route's colour, dashed
+    for route in sorted(routes, key=lambda name: ("-kd" in name, name)):
         zeros, ppl = zip(*route_points(directory, route))
-        axis.plot([100 * z for z in zeros], ppl, "o-", label=route)
+        plain = route.replace("-kd", "")
+        line = axis.plot([100 * z for z in zeros], ppl, "s--" if plain != route else "o-", label=route,
+                         color=colours.get(plain))
+        colours.setdefault(plain, line[0].get_color())
         matched = directory / "matched" / f"{route}.json"
         for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
             axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
@@ -163,29 +169,69 @@ def fit_trend(tokens: list[float], ratios: list[float], goal: float = TARGET_PPL
             "monotonic_decrease": all(b < a for a, b in zip(ratios, ratios[1:]))}
 
 
+# The tokens figure's ratios: (key in tokens.json, label, sparse arm, its dense baseline trained the same way)
+RATIO_SERIES = (("plain", "ProSparse / ReLU", "prosparse+shift", "relu"),
+                ("kd", "ProSparse-KD / ReLU-KD", "prosparse-kd+shift", "relu-kd"))
+TOKEN_ARMS = ("relu", "relu-kd", "prosparse+shift", "prosparse-kd+shift")  # the left panel's perplexities
+
+
+def budget_tokens(directory: Path) -> int:
+    """Training tokens per arm of one collected budget (every arm of a budget shares steps, batch and block)."""
+    settings = json.loads((directory / "settings.json").read_text())
+    arm = settings.get("prosparse") or next(iter(settings.values()))
+    return arm["steps"] * arm["batch"] * arm.get("grad_accum", 1) * arm["block"]
+
+
+def ratio_series(directories: list[Path]) -> dict[str, dict]:
+    """Each RATIO_SERIES with both its arms in at least one budget: its points and, from two budgets on, the fit."""
+    series = {}
+    for key, label, sparse, dense in RATIO_SERIES:
+        rows = [{"run": str(d), "tokens": budget_tokens(d),
+                 "ppl_ratio": measures(d / sparse)[1] / measures(d / dense)[1]}
+                for d in directories if all((d / arm / "results.json").exists() for arm in (sparse, dense))]
+        rows.sort(key=lambda row: row["tokens"])
+        if rows:
+            fit = fit_trend([r["tokens"] for r in rows], [r["ppl_ratio"] for r in rows]) if len(rows) > 1 else {}
+            series[key] = {"label": label, "points": rows, **fit}
+    if not series:
+        raise SystemExit("no budget has both relu and prosparse+shift (or relu-kd and prosparse-kd+shift) evaluated")
+    return series
+
+
 def tokens_figure(directories: list[Path], out: Path) -> dict:
-    """The ProSparse/ReLU perplexity ratio of each budget's collected run, the fit, and the 1.05x crossing."""
-    rows = []
-    for directory in directories:
-        settings = json.loads((directory / "settings.json").read_text())["prosparse"]
-        tokens = settings["steps"] * settings["batch"] * settings["block"]
-        _, ppl, _ = measures(directory / "prosparse+shift")
-        _, relu_ppl, _ = measures(directory / "relu")
-        rows.append({"run": str(directory), "tokens": tokens, "ppl_ratio": ppl / relu_ppl})
-    rows.sort(key=lambda row: row["tokens"])
-    fit = fit_trend([row["tokens"] for row in rows], [row["ppl_ratio"] for row in rows])
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    axis.plot([row["tokens"] for row in rows], [row["ppl_ratio"] for row in rows], "o", label="measured")
-    end = max(rows[-1]["tokens"], fit["tokens_at_goal"] or 0)
-    line = [rows[0]["tokens"] * (end / rows[0]["tokens"]) ** (i / 50) for i in range(51)]
-    axis.plot(line, [fit["intercept"] + fit["slope_per_decade"] * math.log10(t) for t in line], "--",
-              label=f"fit: {fit['slope_per_decade']:+.3f} per 10x tokens")
-    axis.axhline(TARGET_PPL_RATIO, color="green", alpha=0.5, label=f"{TARGET_PPL_RATIO}x")
-    axis.set_xscale("log")
-    axis.set_xlabel("training tokens per arm")
-    axis.set_ylabel("held-out perplexity: ProSparse (+shift) / ReLU")
-    save(fig, axis, out)
-    summary = {"points": rows, **fit}
+    """Left: each arm's held-out perplexity against training tokens (with and without KD, one curve each).
+    Right: the ProSparse/ReLU perplexity ratio of each budget, with and without KD, each with its fit and
+    the 1.05x crossing. tokens.json: the plain series at the top level, the KD series under "kd"."""
+    series = ratio_series(directories)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colours: dict[str, str] = {}  # a -kd arm takes its arm's colour, dashed
+    for arm in TOKEN_ARMS:
+        points = sorted((budget_tokens(d), measures(d / arm)[1]) for d in directories
+                        if (d / arm / "results.json").exists())
+        if points:
+            plain = arm.replace("-kd", "")
+            line = left.plot(*zip(*points), "s--" if plain != arm else "o-", label=arm, color=colours.get(plain))
+            colours.setdefault(plain, line[0].get_color())
+    for key, part in series.items():
+        tokens = [row["tokens"] for row in part["points"]]
+        shown = right.plot(tokens, [row["ppl_ratio"] for row in part["points"]], "s" if key == "kd" else "o",
+                           label=part["label"])
+        if "slope_per_decade" in part:
+            end = max(tokens[-1], part["tokens_at_goal"] or 0)
+            line = [tokens[0] * (end / tokens[0]) ** (i / 50) for i in range(51)]
+            right.plot(line, [part["intercept"] + part["slope_per_decade"] * math.log10(t) for t in line], "--",
+                       color=shown[0].get_color(), label=f"fit: {part['slope_per_decade']:+.3f} per 10x tokens")
+    right.axhline(TARGET_PPL_RATIO, color="green", alpha=0.5, label=f"{TARGET_PPL_RATIO}x")
+    for axis in (left, right):
+        axis.set_xscale("log")
+        axis.set_xlabel("training tokens per arm")
+    left.set_yscale("log")
+    left.set_ylabel("held-out perplexity")
+    right.set_ylabel("held-out perplexity: ProSparse (+shift) / ReLU")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    save(fig, right, out)
+    summary = {**series.get("plain", {}), **({"kd": series["kd"]} if "kd" in series else {})}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return summary

@@ -1,5 +1,7 @@
 """ProSparse at small scale: SmolLM2-135M-Instruct, the paper's arms, relufy's own commands only.
 
+The base is the SmolLM2 GGUF unless --model names another (README.md runs Gemma 3 270M the same way).
+
 Every trained arm gets the same data, steps, batch, seed and optimizer; only the activation (ReLU,
 or SiLU for the control) and the L1 regularization differ, so the arms compare those and nothing
 else. The arms are defined once, in ARMS below; each runs end to end as `relufy
@@ -119,6 +121,8 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
         sets["lr_scheduler_kwargs"] = flow({"num_decay_steps": decay, "min_lr_ratio": s.min_lr_ratio})
     if arm.lora:
         sets.update(use_peft="true", lora_r=s.lora_rank, lora_alpha=2 * s.lora_rank)
+    if s.grad_accum > 1:  # the same tokens per optimizer step in smaller micro-batches
+        sets["gradient_accumulation_steps"] = s.grad_accum
     if arm.distill:
         sets.update(distill="true", distill_alpha=s.distill_alpha, distill_temperature=s.distill_temperature)
     if s.liger:
@@ -163,11 +167,11 @@ def run_arms(s: argparse.Namespace) -> None:
         return run_budget(s, Runner(s.out_dir, s.dry_run))
     for label, tokens in s.tokens:
         budget = argparse.Namespace(**vars(s))
-        budget.steps = max(1, round(tokens / (s.batch * s.block)))
+        budget.steps = max(1, round(tokens / (s.batch * s.block * s.grad_accum)))
         budget.stage0 = round(budget.steps * STAGE0_FRACTION)
         budget.out_dir = s.out_dir / label
-        print(f"== budget {label}: {budget.steps} steps of {s.batch} x {s.block} tokens, stage 0 to step "
-              f"{budget.stage0}", flush=True)
+        print(f"== budget {label}: {budget.steps} steps of {s.grad_accum * s.batch} x {s.block} tokens, stage 0 to "
+              f"step {budget.stage0}", flush=True)
         run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/"))
 
 
@@ -215,21 +219,26 @@ ROUTES = {
     "original": (None, "the original SiLU model, training-free thresholding"),
     "fixed-l1": ("fixed-l1", "the fixed-lambda arm, thresholded"),
     "prosparse+shift": ("prosparse", "ProSparse with its threshold shift, thresholded further where needed"),
+    "relu-kd": ("relu-kd", "the ReLU arm trained with distillation, thresholded as relu"),
+    "prosparse-kd+shift": ("prosparse-kd", "ProSparse with distillation and its threshold shift, as prosparse+shift"),
 }
 MATCHED_ALSO = 0.90  # the second matched zero-ratio, beside the ProSparse arm's own
 CURVE = (0.5, 0.7, 0.8, 0.95)  # perplexity-only points that draw each route's zero-ratio/perplexity curve
 
 
 def prosparse_zero_ratio(s: argparse.Namespace) -> str:
-    """The ProSparse arm's zero-ratio on the lm-eval tokens (from its evaluation), or --match-zero-ratio."""
+    """The ProSparse arm's zero-ratio on the lm-eval tokens (from its evaluation; the KD arm's when only that
+    one ran), or --match-zero-ratio."""
     if s.match_zero_ratio is not None:
         return f"{s.match_zero_ratio:g}"
-    results = s.out_dir / "eval" / "prosparse+shift" / "results.json"
-    if results.exists():
-        return f"{json.loads(results.read_text())['sparsity']['overall']:.4f}"
+    candidates = [s.out_dir / "eval" / name / "results.json" for name in ("prosparse+shift", "prosparse-kd+shift")]
+    for results in candidates:
+        if results.exists():
+            return f"{json.loads(results.read_text())['sparsity']['overall']:.4f}"
     if s.dry_run:
         return "PROSPARSE_ZERO_RATIO"
-    raise SystemExit(f"{results} does not exist: run the prosparse arm first, or pass --match-zero-ratio")
+    raise SystemExit(f"neither {candidates[0]} nor {candidates[1].parent.name} exists: run the prosparse (or "
+                     "prosparse-kd) arm first, or pass --match-zero-ratio")
 
 
 def run_matched(s: argparse.Namespace) -> None:
@@ -270,7 +279,9 @@ def record_settings(s: argparse.Namespace) -> None:
 def collect(s: argparse.Namespace) -> None:
     """Copy each evaluation's small files (no per-example samples) and its arm's training log into DEST,
     then write DEST/compare.md with `relufy compare`, in the order the arms are defined."""
-    evaluations = sorted((s.out_dir / "eval").iterdir(), key=lambda path: evaluation_order(path.name))
+    evaluations = sorted((path for path in (s.out_dir / "eval").iterdir()  # not relufy's hidden locks and temps
+                          if path.is_dir() and not path.name.startswith(".")),
+                         key=lambda path: evaluation_order(path.name))
     for source in evaluations:
         target = s.dest / source.name
         target.mkdir(parents=True, exist_ok=True)
@@ -335,7 +346,10 @@ def _add_run(sub) -> None:
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"),
                    help="folder with train.txt.gz and heldout.txt (python scripts/build_corpus.py --out DIR)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of every trained arm")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch", type=int, default=16, help="sequences per micro-batch (per step without --grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (e.g. --batch 4 --grad-accum 4: the tokens of 16 "
+                        "sequences per step where 16 do not fit, as Gemma 3's 262k-token vocabulary with KD)")
     p.add_argument("--block", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--scheduler", default="cosine",
@@ -364,8 +378,8 @@ def _add_run(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-layer CPU smoke run: " +
                    ", ".join(f"{k}={v}" for k, v in TINY.items()))
     p.add_argument("--tokens", type=budgets, help="comma-separated token budgets (e.g. 10M,30M,90M): the arms run "
-                   "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x block) and stage 0 "
-                   f"{STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
+                   "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x grad-accum x block) and "
+                   f"stage 0 {STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_arms)
 
@@ -378,7 +392,8 @@ def _add_matched(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the original model (the 'original' route)")
     p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with heldout.txt")
     p.add_argument("--match-zero-ratio", type=float,
-                   help="default: the prosparse+shift evaluation's zero-ratio on the lm-eval tokens")
+                   help="default: the prosparse+shift (else prosparse-kd+shift) evaluation's zero-ratio on the "
+                        "lm-eval tokens")
     p.add_argument("--heldout-tokens", type=int, default=16384, help="perplexity tokens")
     p.add_argument("--calibration-tokens", type=int, default=4096,
                    help="calibration tokens (held-out blocks after the perplexity ones)")

@@ -277,9 +277,18 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
             source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.load_kwargs(), **quantized,
             **overrides)
     if cut:
+        _cut_layer_types(model.config, overrides)
         logger.info("kept the first %s decoder layers of %s (model_config_overrides)", overrides["num_hidden_layers"],
                     source)
     return model
+
+
+def _cut_layer_types(config, overrides: dict) -> None:
+    """Keep the per-layer `layer_types` (Gemma 3's and Qwen3's sliding/full attention pattern) of the layers
+    kept: transformers builds only the first N, but refuses to save a config whose list is longer than N."""
+    kept, types = overrides["num_hidden_layers"], getattr(config, "layer_types", None)
+    if "layer_types" not in overrides and isinstance(types, list) and len(types) > kept:
+        config.layer_types = types[:kept]
 
 
 class _UnloadedLayersReport(logging.Filter):

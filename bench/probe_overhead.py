@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from relufy.cett import PPLSearch
+    from relufy.cett import PPLSearch, SearchSettings
     from relufy.checkpoint import load_model, load_tokenizer, resolve_source
     from relufy.data import heldout_blocks
     from relufy.harness import evaluate_task, probed_lm
@@ -78,7 +78,7 @@ def main() -> None:
 
     blocks = heldout_blocks(DEFAULT_HELDOUT, tokenizer, block_size=args.block_size, max_tokens=args.heldout_tokens)
     total = Timer(args.device).start()
-    search = PPLSearch(model, blocks.to(args.device), batch_size=args.batch_size)
+    search = PPLSearch(model, blocks.to(args.device), SearchSettings(batch_size=args.batch_size))
     searches = {}
     for p in (1.0, 5.0, 10.0):
         result = searches[f"{p:g}"] = search.search(p)

@@ -193,21 +193,28 @@ class X1Sample:
         return [torch.cat(chunks) if chunks else None for chunks in self.chunks]
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """How `PPLSearch` spends its forward passes: the batch size of every pass, how many x1 rows per layer the
+    dense pass keeps for calibration, when the bisection over CETT stops (interval width `tolerance`, or
+    `max_passes_per_p` full passes for one p), and whether each pass shows a progress bar."""
+
+    batch_size: int = 4
+    calibration_tokens: int = 256
+    tolerance: float = 1e-3
+    max_passes_per_p: int = 15
+    progress: bool = False
+
+
 class PPLSearch:
     """PPL-p% sparsity for one model over held-out token blocks; counts its full forward passes."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 4,
-                 calibration_tokens: int = 256, tolerance: float = 1e-3, max_passes_per_p: int = 15,
-                 progress: bool = False):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, settings: SearchSettings = SearchSettings()):
         if blocks.numel() == 0:
             raise DataError("the held-out text is empty; PPL-p% sparsity needs at least one block of tokens")
         self.model = model.eval()
         self.blocks = blocks
-        self.batch_size = batch_size
-        self.calibration_tokens = calibration_tokens
-        self.tolerance = tolerance
-        self.max_passes_per_p = max_passes_per_p
-        self.progress = progress
+        self.settings = settings
         self._bar = None  # the current p's progress bar, advanced by every full pass
         self.forward_passes = 0
         self._memo: dict[float, Evaluation] = {}
@@ -218,10 +225,10 @@ class PPLSearch:
     @torch.no_grad()
     def _calibrate(self) -> list[LayerCalibration]:
         with SparsityProbe.for_sampling(self.model) as probe:
-            sample = X1Sample(probe.num_layers, self.calibration_tokens)
-            loss = mean_token_loss(self.model, self.blocks, batch_size=self.batch_size,
+            sample = X1Sample(probe.num_layers, self.settings.calibration_tokens)
+            loss = mean_token_loss(self.model, self.blocks, batch_size=self.settings.batch_size,
                                    after_batch=lambda: sample.add(probe.last_inputs), desc="PPL-p% dense pass",
-                                   progress=self.progress)
+                                   progress=self.settings.progress)
             zeros = probe.zero_ratio_per_layer()
         self.forward_passes += 1
         self.ppl_dense = perplexity(loss)
@@ -248,8 +255,8 @@ class PPLSearch:
             return self._memo[key]
         thresholds = self.thresholds_for(cett)
         ppl, per_layer = thresholded_perplexity(self.model, self.blocks, self._mask, thresholds,
-                                                batch_size=self.batch_size, desc=f"CETT {cett:.4f}",
-                                                progress=self.progress)
+                                                batch_size=self.settings.batch_size, desc=f"CETT {cett:.4f}",
+                                                progress=self.settings.progress)
         self.forward_passes += 1
         if self._bar is not None:
             self._bar.update(1)
@@ -268,12 +275,13 @@ class PPLSearch:
         before = self.forward_passes
         lo, hi = 0.0, 1.0
         best = self.evaluate(0.0)
+        settings = self.settings
         # One bar per p, one step per full pass over the held-out blocks (at most max_passes_per_p).
-        with tqdm(total=self.max_passes_per_p, desc=f"PPL-{p:g}% sparsity search", unit="pass",
-                  disable=not self.progress) as bar:
+        with tqdm(total=settings.max_passes_per_p, desc=f"PPL-{p:g}% sparsity search", unit="pass",
+                  disable=not settings.progress) as bar:
             self._bar = bar
             try:
-                while hi - lo > self.tolerance and self.forward_passes - before < self.max_passes_per_p:
+                while hi - lo > settings.tolerance and self.forward_passes - before < settings.max_passes_per_p:
                     mid = 0.5 * (lo + hi)
                     result = self.evaluate(mid)
                     if result.ppl <= target:
@@ -289,13 +297,14 @@ class PPLSearch:
                 "per_layer_sparsity": best.per_layer, "forward_passes": self.forward_passes - before}
 
 
-def ppl_p_sparsity(model: nn.Module, blocks: torch.Tensor, ps=DEFAULT_PS, **kwargs) -> dict:
+def ppl_p_sparsity(model: nn.Module, blocks: torch.Tensor, ps=DEFAULT_PS,
+                   settings: SearchSettings = SearchSettings()) -> dict:
     """PPL-p% sparsity for every p: {str(p): {...}} plus `forward_passes` in total (dense pass included)."""
     ps = [float(p) for p in ps]
     bad = [p for p in ps if not p > 0]
     if bad:
         raise DataError(f"p must be > 0 (perplexity rise in percent), got {bad[0]}")
-    search = PPLSearch(model, blocks, **kwargs)
+    search = PPLSearch(model, blocks, settings)
     results = {_p_key(p): search.search(p) for p in ps}
     return {"results": results, "forward_passes": search.forward_passes, "ppl_dense": search.ppl_dense,
             "tokens": int(blocks.numel())}

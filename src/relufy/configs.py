@@ -27,6 +27,7 @@ from .activations import ACTIVATIONS, parse_activation
 from .checks import option
 from .errors import RecipeError, RelufyError
 from .schedule import Schedule
+from .threshold import ThresholdSearch
 
 # Liger Kernel options that swap a model's whole MLP for a fused kernel with a hard-coded activation
 # (SiLU, GELU, ReLU^2): they would silently undo the conversion, so relufy keeps them off.
@@ -118,10 +119,10 @@ class ProSparseConfig(TrainingArguments):
         False, "after training, switch to FATReLU with the largest threshold whose held-out perplexity increase "
         "stays under threshold_max_ppl_increase")
     threshold_max_ppl_increase: float = option(
-        0.01, "relative perplexity increase allowed by the threshold shift (0.01 = 1%)")
-    threshold_max: float = option(0.05, "largest threshold the search tries")
-    threshold_search_steps: int = option(6, "bisection steps of the threshold search")
-    threshold_eval_tokens: int = option(8192, "held-out tokens per perplexity measurement")
+        ThresholdSearch.max_ppl_increase, "relative perplexity increase allowed by the threshold shift (0.01 = 1%)")
+    threshold_max: float = option(ThresholdSearch.threshold_max, "largest threshold the search tries")
+    threshold_search_steps: int = option(ThresholdSearch.steps, "bisection steps of the threshold search")
+    threshold_eval_tokens: int = option(ThresholdSearch.max_tokens, "held-out tokens per perplexity measurement")
     # -- parameter-efficient mode (peft LoRA); see docs/training.md "LoRA mode" ------------------
     use_peft: bool = option(False, "train LoRA adapters (peft) instead of all weights; merged into the base at the end")
     lora_r: int = option(16, "LoRA rank")
@@ -167,6 +168,12 @@ class ProSparseConfig(TrainingArguments):
         self._check_peft()
         self._check_distill()
         self._keep_liger_off_the_mlp()
+
+    @property
+    def threshold_search(self) -> ThresholdSearch:
+        """The threshold_* keys as the search after training takes them."""
+        return ThresholdSearch(self.threshold_max_ppl_increase, self.threshold_max, self.threshold_search_steps,
+                               self.threshold_eval_tokens)
 
     def to_dict(self) -> dict:
         """The Trainer's JSON view (TensorBoard's args text, trackers): the stages as plain mappings."""

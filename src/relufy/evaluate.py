@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .architectures import activation_name
 from .atomic import atomic_directory, claim_output
-from .cett import ppl_p_sparsity
+from .cett import SearchSettings, ppl_p_sparsity
 from .checks import block_fits_context, json_text
 from .data import heldout_blocks
 from .errors import RelufyError
@@ -63,8 +63,8 @@ def _measure(source, config: EvalConfig) -> tuple[dict, dict[str, list]]:
     suite = run_suite(model, tokenizer, plan, manager, config)
     ppl = {"results": {}, "forward_passes": 0, "tokens": 0}
     if config.ps:
-        ppl = ppl_p_sparsity(model, blocks.to(config.device), ps=config.ps, batch_size=config.batch_size,
-                             progress=True)
+        ppl = ppl_p_sparsity(model, blocks.to(config.device), ps=config.ps,
+                             settings=SearchSettings(batch_size=config.batch_size, progress=True))
     results = _results(source, model, plan, suite, ppl, config)
     if config.speed and torch.device(config.device).type == "cuda":
         measured = _decode_speed(model)

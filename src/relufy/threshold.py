@@ -4,9 +4,8 @@ held-out perplexity stays within a bound, found by bisection and written into th
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -15,8 +14,17 @@ from .architectures import architecture_of, ffn_modules
 from .checkpoint import Provenance, update_config
 from .errors import TrainingError
 
-if TYPE_CHECKING:
-    from .configs import ProSparseConfig
+
+@dataclass(frozen=True)
+class ThresholdSearch:
+    """What the search after training may spend and accept: the relative perplexity increase allowed, the
+    largest threshold tried, the bisection steps and the held-out tokens per measurement. A recipe spells
+    these as its threshold_* keys, whose defaults are these (`ProSparseConfig.threshold_search`)."""
+
+    max_ppl_increase: float = 0.01
+    threshold_max: float = 0.05
+    steps: int = 6
+    max_tokens: int = 8192
 
 
 def set_threshold(model: nn.Module, threshold: float) -> int:
@@ -31,8 +39,7 @@ def set_threshold(model: nn.Module, threshold: float) -> int:
     return swapped
 
 
-def calibrate_threshold(model: nn.Module, blocks, *, max_ppl_increase: float, threshold_max: float,
-                        steps: int, max_tokens: int) -> dict:
+def calibrate_threshold(model: nn.Module, blocks, search: ThresholdSearch) -> dict:
     """Largest FATReLU threshold in [0, threshold_max] whose held-out perplexity stays within the bound.
 
     Perplexity is assumed to grow with the threshold: the search tries `threshold_max`, then
@@ -40,10 +47,12 @@ def calibrate_threshold(model: nn.Module, blocks, *, max_ppl_increase: float, th
     """
     from .metrics import measure_sparsity
 
+    max_ppl_increase, threshold_max = search.max_ppl_increase, search.threshold_max
+
     def measure(threshold: float) -> dict:
         if threshold > 0 and set_threshold(model, threshold) == 0:
             raise TrainingError("threshold shift needs a ReLU or FATReLU model; this one has neither in its FFNs")
-        result = measure_sparsity(model, blocks, max_tokens=max_tokens, progress=False)
+        result = measure_sparsity(model, blocks, max_tokens=search.max_tokens, progress=False)
         tried.append({"threshold": threshold, "perplexity": result["perplexity"], "sparsity": result["overall"]})
         return result
 
@@ -54,7 +63,7 @@ def calibrate_threshold(model: nn.Module, blocks, *, max_ppl_increase: float, th
         best = threshold_max
     else:
         low, high = 0.0, threshold_max
-        for _ in range(steps):
+        for _ in range(search.steps):
             middle = (low + high) / 2
             low, high = (middle, high) if measure(middle)["perplexity"] <= bound else (low, middle)
         best = _round_down(low)
@@ -74,9 +83,9 @@ def _round_down(value: float, digits: int = 2) -> float:
     return math.floor(value * scale) / scale
 
 
-def shift_threshold(output_dir: Path, held_out, config: ProSparseConfig, *, device,
+def shift_threshold(output_dir: Path, held_out, search: ThresholdSearch, *, device,
                     trust_remote_code: bool = False) -> dict:
-    """Calibrate the threshold on the saved model in `output_dir` with the config's threshold_* keys, and
+    """Calibrate the threshold on the saved model in `output_dir` with `search` (a recipe's threshold_* keys), and
     record it there (the activation, and the search under `relufy.threshold_shift`)."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -91,9 +100,7 @@ def shift_threshold(output_dir: Path, held_out, config: ProSparseConfig, *, devi
     if current is None or current.name not in ("relu", "fatrelu"):
         raise TrainingError(f"threshold_shift needs a relu or fatrelu model, this one uses "
                             f"'{arch.activation_of(model.config)}'; set threshold_shift: false")
-    result = calibrate_threshold(model, held_out, max_ppl_increase=config.threshold_max_ppl_increase,
-                                 threshold_max=config.threshold_max, steps=config.threshold_search_steps,
-                                 max_tokens=config.threshold_eval_tokens)
+    result = calibrate_threshold(model, held_out, search)
     activation = Activation("fatrelu", result["threshold"]) if result["threshold"] > 0 else current
 
     def record(config: dict) -> None:

@@ -144,7 +144,8 @@ def run_training(trainer: ProSparseTrainer, recipe: Recipe, held_out, *, resume:
         _record_training(output_dir, recipe, trainer.state.global_step)
         write_training_plot(history, output_dir / TRAINING_PLOT)
         if recipe.training.threshold_shift:
-            result.threshold_shift = shift_threshold(output_dir, held_out, recipe.training, device=trainer.args.device,
+            result.threshold_shift = shift_threshold(output_dir, held_out, recipe.training.threshold_search,
+                                                     device=trainer.args.device,
                                                      trust_remote_code=recipe.model.trust_remote_code)
     trainer.accelerator.wait_for_everyone()
     return result

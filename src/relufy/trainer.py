@@ -50,6 +50,10 @@ class ProSparseTrainer(Trainer):
     and with a distiller `distill_loss` (the divergence from the teacher before alpha and T^2).
     """
 
+    # compute_loss returns a per-micro-batch mean, not a sum over the GA window: training_step divides it by the
+    # gradient-accumulation steps (the switch the Trainer leaves to subclasses that compute their own loss).
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
                  base_checkpoint: str | Source | None = None, distiller=None,
                  checkpoint_files: dict[str, str] | None = None, **kwargs):
@@ -69,9 +73,9 @@ class ProSparseTrainer(Trainer):
         self.base_checkpoint = base_checkpoint
         self.distiller = distiller
         probe.enabled = False
-        # Per-micro-batch means for both terms; training_step divides the sum by the GA steps.
+        # The model must not normalise its LM loss by the GA window's token count (num_items_in_batch): both
+        # terms stay per-micro-batch means over the same tokens. Trainer.__init__ sets this from the model.
         self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
         self._window = _LogWindow()
         self._finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._first_bad_step: torch.Tensor | None = None

@@ -159,13 +159,11 @@ class KernelProfile(TrainerCallback):
 def time_regularized_steps(model, blocks, args, **extra) -> float:
     """Mean step time of ProSparseTrainer with a constant lambda = args.lam (probe attached as in training);
     `extra` goes to the trainer too (e.g. a distiller)."""
-    from relufy.probe import SparsityProbe
     from relufy.schedule import Schedule
     from relufy.trainer import ProSparseTrainer
 
-    probe = SparsityProbe.for_training(model).attach()
     schedule = Schedule.from_config([{"lambda": args.lam, "end_step": args.warmup + args.steps}])
-    return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, "probe": probe, **extra})
+    return time_steps(ProSparseTrainer, model, blocks, args, {"schedule": schedule, **extra})
 
 
 def bench(name: str, args) -> dict:

@@ -38,9 +38,8 @@ def batch(seed=0, size=(2, 16)):
 
 def make_trainer(model, tmp_path, lam, distiller=None) -> ProSparseTrainer:
     training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    probe = SparsityProbe.for_training(model).attach()
     return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config([{"lambda": lam, "end_step": 9}]),
-                            probe=probe, distiller=distiller)
+                            distiller=distiller)
 
 
 def loss_and_grads(trainer, inputs):

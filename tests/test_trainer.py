@@ -21,11 +21,8 @@ from relufy.train import build_trainer, run_training, train
 from relufy.trainer import ProSparseTrainer, last_checkpoint
 
 def make_trainer(model, tmp_path, stages, **args) -> ProSparseTrainer:
-    from relufy.probe import SparsityProbe
-
     training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **args)
-    probe = SparsityProbe.for_training(model).attach()
-    return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config(stages), probe=probe)
+    return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config(stages))
 
 
 def grads(model):

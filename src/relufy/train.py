@@ -23,7 +23,6 @@ from .atomic import (MARKER, check_not_input, discard, mark_output, move_into, o
                      written_by_relufy)
 from .checkpoint import Source, load_tokenizer, read_config, update_provenance
 from .errors import DataError, TrainingError
-from .probe import SparsityProbe
 from .recipe import Recipe, check_inputs, resolve_model_path
 from .report import TRAINING_PLOT, write_training_plot
 from .resume import checked_checkpoint, fingerprint_files, recipe_fingerprint
@@ -106,12 +105,11 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, force: bool = False, 
                             for flag in ("activation_checkpointing", "gradient_checkpointing"))
         model = wrap_with_lora(model, training, gradient_checkpointing=checkpointing, seed=training.seed)
     distiller = _build_distiller(recipe, base, model, tokenizer) if training.distill else None
-    probe = SparsityProbe.for_training(model).attach()  # finds x1 through peft's wrappers
     eval_blocks = held_out if training.eval_strategy != "no" else None
     trainer = ProSparseTrainer(
         model=model, args=training, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, callbacks=callbacks,
-        probe=probe, base_checkpoint=base.source, distiller=distiller,
+        schedule=training.stages, base_checkpoint=base.source, distiller=distiller,
         checkpoint_files=fingerprint_files(recipe, fingerprint),
     )
     return trainer, held_out

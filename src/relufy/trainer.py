@@ -54,11 +54,12 @@ class ProSparseTrainer(Trainer):
     # gradient-accumulation steps (the switch the Trainer leaves to subclasses that compute their own loss).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, probe: SparsityProbe, schedule: Schedule | None = None,
-                 base_checkpoint: str | Source | None = None, distiller=None,
+    def __init__(self, *args, schedule: Schedule, base_checkpoint: str | Source | None = None, distiller=None,
                  checkpoint_files: dict[str, str] | None = None, **kwargs):
-        """`probe` is attached to the model. With a `ProSparseConfig` as `args`, the schedule and
-        max_train_minutes are its own; plain `TrainingArguments` need `schedule`. `base_checkpoint` is where
+        """`schedule` gives lambda per step (a recipe's `stages`). The trainer attaches its own probe
+        (`SparsityProbe.for_training`) to the model it is given, so the L1 term and the zero counts always
+        tap the model that trains; `relufy train` detaches it after saving. With a `ProSparseConfig` as
+        `args`, `max_train_minutes` applies. `base_checkpoint` is where
         the model was loaded from (LoRA mode merges its adapter into it). `distiller` (a
         `relufy.distill.Distiller`) adds the distillation term; its teacher stays outside the Trainer's model.
         `checkpoint_files` ({name: text}) are written into every checkpoint before it counts as complete (the
@@ -66,10 +67,8 @@ class ProSparseTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.checkpoint_files = dict(checkpoint_files or {})
         config = self.args if isinstance(self.args, ProSparseConfig) else None
-        if schedule is None and config is None:
-            raise TypeError("ProSparseTrainer needs schedule= when its args are not a relufy ProSparseConfig")
-        self.schedule = schedule if schedule is not None else config.stages
-        self.probe = probe
+        self.schedule = schedule
+        probe = self.probe = SparsityProbe.for_training(self.model).attach()  # finds x1 through peft's wrappers
         self.base_checkpoint = base_checkpoint
         self.distiller = distiller
         probe.enabled = False

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import REPO, SAMPLE_TEXT
-from tiny_models import build_tiny_model, save_tiny_checkpoint, save_tiny_model, tiny_tokenizer
+from tiny_models import (VOCAB, assert_grads_close, batch, build_tiny_model, save_tiny_checkpoint, save_tiny_model,
+                         tiny_tokenizer)
 from transformers import TrainingArguments
 
 from relufy.cli import main
@@ -29,11 +31,6 @@ def tiny_recipe(base: Path, out: Path, *overrides: str):
     return load_recipe(TINY_RECIPE, [
         f"model_name_or_path={base}", "model_config_overrides={}", "block_size=32", f"output_dir={out}",
         "threshold_shift=false", "distill=true", *overrides])
-
-
-def batch(seed=0, size=(2, 16)):
-    ids = torch.randint(0, 384, size, generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids.clone()}
 
 
 def make_trainer(model, tmp_path, lam, distiller=None) -> ProSparseTrainer:
@@ -111,9 +108,13 @@ def test_liger_fused_linear_jsd_matches_the_logits_path(kind):
         divergence.backward()
         results.append((divergence.item(), {n: p.grad.clone() for n, p in student.named_parameters()}))
     (plain, grads), (fused, fused_grads) = results
-    assert plain > 1e-4 and fused == pytest.approx(plain, rel=1e-4)
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    # Both paths sum float32 terms of the size of the entropies (log V nats) that cancel down to the divergence:
+    # the JSD as beta P log P + (1 - beta) Q log Q - M log M (Liger) or through a logsumexp mixture (torch), so
+    # their rounding is absolute, about eps * log V, not relative to a divergence of 1e-3. (Against float64,
+    # the torch path is the one further off.) The forward KL cancels less and stays within rel 1e-4.
+    rounding = torch.finfo(torch.float32).eps * math.log(VOCAB) if kind == "jsd" else 0.0
+    assert plain > 1e-4 and fused == pytest.approx(plain, rel=1e-4, abs=rounding)
+    assert_grads_close(fused_grads, grads)
 
 
 # -- the loss inside the Trainer -------------------------------------------------------------------------------

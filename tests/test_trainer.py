@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from tiny_models import batch, relu_model
+from tiny_models import assert_grads_close, batch, relu_model
 from tiny_runs import TINY_RECIPE, tiny_recipe
 from transformers import TrainerCallback, TrainingArguments
 
@@ -101,8 +101,8 @@ def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():
     (loss, l1, zeros, expected), (loss_c, l1_c, zeros_c, compiled_grads) = results
     assert l1 > 0 and l1_c == pytest.approx(l1, rel=1e-5) and loss_c == pytest.approx(loss, rel=1e-5)
     assert zeros_c == zeros
-    for name, grad in expected.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # inductor's backward sums in its own order (fused, vectorised, split across threads): equal up to that
+    assert_grads_close(compiled_grads, expected)
 
 
 def test_torch_compile_training_compiles_two_graphs_however_many_steps_and_logs(tmp_path):

@@ -141,3 +141,22 @@ def batch(seed=0, size=(2, 16)):
     """Seeded random token ids as a causal-LM batch (labels = inputs) for the tiny models' vocabulary."""
     ids = torch.randint(0, VOCAB, size, generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def assert_grads_close(actual: dict, expected: dict, *, terms: int = VOCAB) -> None:
+    """Every gradient in `actual` equals `expected`'s up to float32 summation order, tensor by tensor.
+
+    Two correct computations of a gradient (eager against compiled, fused against unfused) sum the same
+    float32 terms in another order: the difference of a sum of n terms is bounded by about n * eps times
+    the terms' size, whatever the size of the result. So the tolerance is absolute, n * eps * max|grad|
+    of each tensor, with n the longest reduction of the backward (for the tiny models, the LM head's, over
+    the vocabulary): an element near zero that is the difference of large terms is judged against the
+    tensor's scale, not against itself, and a tensor of tiny gradients is not waved through by a fixed atol.
+    """
+    assert actual.keys() == expected.keys()
+    eps = torch.finfo(torch.float32).eps
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name  # a zero gradient would make the comparison empty
+        torch.testing.assert_close(actual[name], grad, rtol=0, atol=terms * eps * scale,
+                                   msg=lambda text, name=name: f"{name}: {text}")

@@ -9,6 +9,7 @@ ratio, fastest against fastest and median against median.
 
     python bench/distill_overhead.py                                  # SmolLM2-135M shape, KL, bf16 autocast
     python bench/distill_overhead.py --liger --json out.json          # Liger: the fused linear JSD (CUDA)
+    python bench/distill_overhead.py --liger --compile                # torch_compile: student and teacher compiled
     python bench/distill_overhead.py --loss jsd --temperature 2
     python bench/distill_overhead.py --tiny                           # CPU smoke run
 
@@ -44,7 +45,8 @@ def run(kind: str, args, blocks) -> dict:
         loss = DistillLoss(args.alpha, args.temperature, args.loss, args.jsd_beta)
         teacher = build_model(args.model, dtype, hidden_act="silu")
         extra["distiller"] = separate_teacher(loss, teacher, fused=args.liger,
-                                              liger_kernel_config=dict.fromkeys(LIGER_MLP_KERNELS, False))
+                                              liger_kernel_config=dict.fromkeys(LIGER_MLP_KERNELS, False),
+                                              compile_options={} if args.compile else None)
     mean = time_regularized_steps(model, blocks, args, **extra)
     result = {"kind": kind, "step_s": mean, "tokens_per_s": args.batch_size * args.seq_len / mean,
               "peak_mem_gib": peak_memory_gib()}
@@ -55,7 +57,8 @@ def run(kind: str, args, blocks) -> dict:
 def summarize(runs: dict[str, list[dict]], args) -> dict:
     summary = {"device": device_name(), "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
                "dtype": args.dtype, "lambda": args.lam, "alpha": args.alpha, "temperature": args.temperature,
-               "loss": args.loss, "liger": args.liger, "fused": args.liger, "grad_ckpt": args.grad_ckpt, "runs": runs,
+               "loss": args.loss, "liger": args.liger, "fused": args.liger, "grad_ckpt": args.grad_ckpt,
+               "compile": args.compile, "runs": runs,
                "ratio": None, "ratio_median": None, "memory_ratio": None}
     steps = {kind: [r["step_s"] for r in runs.get(kind, [])] for kind in KINDS}
     if all(steps.values()):
@@ -71,7 +74,7 @@ def report(summary: dict, args) -> None:
     print(f"{args.model}, batch {args.batch_size} x {args.seq_len}, {args.dtype} weights"
           f"{' + bf16 autocast' if ON_GPU else ''}, lambda {args.lam:g}, {args.loss} alpha {args.alpha:g} "
           f"T {args.temperature:g}{', Liger fused linear JSD' if args.liger else ', torch logits path'}"
-          f"{', grad ckpt' if args.grad_ckpt else ''} on {summary['device']}:")
+          f"{', grad ckpt' if args.grad_ckpt else ''}{', compiled' if args.compile else ''} on {summary['device']}:")
     for kind in KINDS:
         runs = summary["runs"].get(kind, [])
         if not runs:
@@ -105,6 +108,9 @@ def main() -> int:
     parser.add_argument("--liger", action="store_true",
                         help="use_liger_kernel=True: Liger's fused cross-entropy and the fused linear JSD (CUDA)")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch_compile=True for both kinds of run; the teacher's forward is compiled too "
+                             "(torch.compile, default mode), as a recipe's torch_compile: true does")
     parser.add_argument("--order", nargs="+", choices=KINDS, default=list(KINDS) * 3,
                         help="run order; ratios use the fastest run of each kind (and the medians)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: --model tiny --steps 2 --warmup 1")
@@ -116,7 +122,7 @@ def main() -> int:
         parser.error("--liger needs a CUDA GPU")
     batch, seq = DEFAULT_BATCH[args.model]
     args.batch_size, args.seq_len = args.batch_size or batch, args.seq_len or seq
-    args.compile = args.profile = False  # train_overhead.time_steps options this bench does not offer
+    args.profile = False  # a train_overhead.time_steps option this bench does not offer
     blocks = random_blocks((args.warmup + args.steps) * args.batch_size, args.seq_len, CONFIGS[args.model]["vocab_size"])
     runs: dict[str, list[dict]] = {}
     for kind in args.order:

@@ -68,25 +68,27 @@ def test_kl_and_generalized_jsd_match_float64_references(beta):
 
 
 @pytest.mark.parametrize("kind", ["kl", "jsd"])
-def test_the_divergence_is_the_mean_over_labelled_shifted_positions_at_temperature(kind):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_divergence_is_the_mean_over_labelled_shifted_positions_at_temperature(kind, temperature, dtype):
     generator = torch.Generator().manual_seed(1)
-    student, teacher = (torch.randn(2, 6, 40, generator=generator) for _ in range(2))
+    student, teacher = (torch.randn(2, 6, 40, generator=generator).to(dtype) for _ in range(2))
     labels = torch.randint(0, 40, (2, 6), generator=generator)
     labels[0, 3] = labels[1, 1] = -100  # these targets have no loss: positions 2 (row 0) and 0 (row 1) drop out
-    loss = DistillLoss(alpha=0.5, temperature=2.0, kind=kind, beta=0.3)
+    loss = DistillLoss(alpha=0.5, temperature=temperature, kind=kind, beta=0.3)
     per_position = []
     for row, position in [(r, i) for r in range(2) for i in range(5)]:
         if labels[row, position + 1] == -100:
             continue
-        q = (student[row, position].double() / 2.0).softmax(-1)
-        p = (teacher[row, position].double() / 2.0).softmax(-1)
+        q = (student[row, position].double() / temperature).softmax(-1)
+        p = (teacher[row, position].double() / temperature).softmax(-1)
         m = 0.3 * p + 0.7 * q
         per_position.append(reference_kl(p, q) if kind == "kl" else 0.3 * reference_kl(p, m) + 0.7 * reference_kl(q, m))
     expected = torch.stack(per_position).mean()
     assert len(per_position) == 8
     torch.testing.assert_close(loss.from_logits(student, teacher, labels).double(), expected, rtol=1e-5, atol=1e-7)
     lm = torch.tensor(3.0)
-    assert loss.combine(lm, expected).item() == pytest.approx(0.5 * 3.0 + 0.5 * 4 * expected.item())
+    assert loss.combine(lm, expected).item() == pytest.approx(0.5 * 3.0 + 0.5 * temperature**2 * expected.item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
@@ -186,7 +188,11 @@ def test_the_lora_teacher_is_the_base_model_with_its_original_activation():
     inputs = batch()
     probe = SparsityProbe.for_training(student).attach()
     probe.enabled = False  # as ProSparseTrainer keeps it outside the student's forward
+    assert student.config.use_cache  # the student's config asks for a KV cache; the teacher's forward makes none
+    caches = []
+    student.get_decoder().register_forward_hook(lambda _m, _a, out: caches.append(out.past_key_values))
     logits = distiller.teacher_outputs(student, inputs)
+    assert caches == [None]
     silu = build_tiny_model("llama", seed=0)
     torch.testing.assert_close(logits, silu(input_ids=inputs["input_ids"]).logits, rtol=1e-5, atol=1e-6)
     assert not logits.requires_grad and probe.l1.value().item() == 0.0 and probe.layers[0].elements == 0
@@ -204,6 +210,42 @@ def test_the_activation_swap_is_undone_when_the_teacher_forward_fails():
     layers = student.base_model.model.model.layers
     assert all(isinstance(layer.mlp.act_fn, torch.nn.ReLU) for layer in layers)
     assert student.training
+
+
+# -- the compiled teacher -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_compiled_teacher_gives_the_eager_teachers_outputs_from_one_graph(fused):
+    """compile_options compile the separate teacher's forward (its decoder when the fused loss only needs the
+    hidden states): the same outputs, one graph however many batches, no graph breaks. The eager backend traces
+    what inductor would compile, in a fraction of the time; the GPU runs use inductor."""
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    student = build_tiny_model("llama", seed=0, hidden_act="relu")
+    eager = Distiller(DistillLoss(), teacher=build_tiny_model("llama", seed=1), fused=fused)
+    compiled = Distiller(DistillLoss(), teacher=build_tiny_model("llama", seed=1), fused=fused,
+                         compile_options={"backend": "eager"})
+    assert isinstance(compiled.teacher_body, torch._dynamo.eval_frame.OptimizedModule)
+    for seed in (0, 1):
+        expected, got = (d.teacher_outputs(student, batch(seed)) for d in (eager, compiled))
+        if fused:
+            assert torch.equal(got.hidden, expected.hidden) and got.weight is compiled.teacher.lm_head.weight
+            assert got.hidden.shape == (2, 16, 32)
+        else:
+            assert torch.equal(got, expected) and got.shape == (2, 16, 384)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_a_recipe_with_torch_compile_compiles_the_separate_teacher_only(silu_base, tmp_path):
+    trainer, _ = build_trainer(tiny_recipe(silu_base, tmp_path / "run", "torch_compile=true"))
+    body = trainer.distiller.teacher_body
+    assert isinstance(body, torch._dynamo.eval_frame.OptimizedModule) and body._orig_mod is trainer.distiller.teacher
+    trainer, _ = build_trainer(tiny_recipe(silu_base, tmp_path / "plain"))
+    assert trainer.distiller.teacher_body is trainer.distiller.teacher
+    trainer, _ = build_trainer(tiny_recipe(silu_base, tmp_path / "lora", "torch_compile=true", "use_peft=true"))
+    assert trainer.distiller.teacher is None and trainer.distiller.teacher_body is None
 
 
 # -- whole runs -------------------------------------------------------------------------------------------------

@@ -113,13 +113,20 @@ class DistillLoss:
         every position whose next label is IGNORE_INDEX are left out.
         """
         keep = (labels[:, 1:] != IGNORE_INDEX).to(torch.float32)
-        student = torch.log_softmax(student_logits[:, :-1].float() / self.temperature, dim=-1)
-        teacher = torch.log_softmax(teacher_logits[:, :-1].float() / self.temperature, dim=-1)
+        student, teacher = (self._log_probs(logits) for logits in (student_logits, teacher_logits))
         if self.kind == "kl":
             per_position = kl_divergence(student, teacher)
         else:
             per_position = generalized_jsd(student, teacher, self.beta)
         return (per_position * keep).sum() / keep.sum().clamp_min(1)
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 log-softmax at temperature T of every position but the last. At T = 1 the cast is
+        log_softmax's own (`dtype=`), so no separate float32 copy of the (batch x seq x vocab) logits is made;
+        the values are those of `logits.float()` (the cast is exact, and x / 1 is x)."""
+        if self.temperature == 1:
+            return torch.log_softmax(logits[:, :-1], dim=-1, dtype=torch.float32)
+        return torch.log_softmax(logits[:, :-1].float() / self.temperature, dim=-1)
 
     def fused(self, student: HeadInput, teacher: HeadInput, labels: torch.Tensor) -> torch.Tensor:
         """The same D through Liger's fused linear JSD (CUDA): the logits are computed chunk by chunk and never
@@ -190,16 +197,23 @@ class Distiller:
 
     `teacher` is a separate frozen model, or None for the LoRA teacher (the student's base, adapters
     disabled, with `swap` restoring the original activation when the conversion changed it). `fused`
-    selects Liger's fused linear JSD over the logits path.
+    selects Liger's fused linear JSD over the logits path. `compile_options` (torch.compile's keyword
+    arguments, as the recipe's `torch_compile` gives the student) compile the separate teacher's forward:
+    at the 135M shape an eager step is bound by the host launching kernels, and the teacher's forward is a
+    third of a step. The LoRA teacher is not compiled: disabling the adapters and swapping the activation
+    change the module tree for its forward, which a compiled graph would guard on and recompile for.
     """
 
     def __init__(self, loss: DistillLoss, *, teacher: nn.Module | None = None, swap: ActivationSwap | None = None,
-                 fused: bool = False):
+                 fused: bool = False, compile_options: dict | None = None):
         self.loss, self.teacher, self.swap, self.fused = loss, teacher, swap, fused
+        self.teacher_body = None  # what runs the separate teacher: its decoder (fused) or the whole model
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
             teacher.config.use_cache = False
+            body = teacher.get_decoder() if fused else teacher
+            self.teacher_body = torch.compile(body, **compile_options) if compile_options is not None else body
 
     def teacher_outputs(self, model: nn.Module, inputs: dict, autocast=None):
         """The teacher's logits (or, fused, its HeadInput) for a batch, without gradients.
@@ -207,25 +221,28 @@ class Distiller:
         `model` is the unwrapped student (a peft model in LoRA mode); `autocast` the Trainer's mixed-precision
         context (accelerate puts it around the student's forward only). Run it before the probe is enabled:
         under no_grad the probe neither counts nor taps, so the teacher's x1 never reaches the L1 term.
+        `use_cache=False`: a training forward has no use for a KV cache (the LoRA teacher is the student,
+        whose config may ask for one).
         """
         features = {key: value for key, value in inputs.items() if key != "labels"}
+        features["use_cache"] = False
         with torch.no_grad(), autocast or contextlib.nullcontext():
             if self.teacher is not None:
                 self._place(features["input_ids"].device)
-                return self._run(self.teacher, features)
+                return self._run(self.teacher, self.teacher_body, features)
             with model.disable_adapter(), self.swap.restored() if self.swap else contextlib.nullcontext(), \
                     _eval_mode(model):
-                return self._run(model, features)
+                return self._run(model, model.get_decoder() if self.fused else model, features)
 
     def _place(self, device: torch.device) -> None:
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
 
-    def _run(self, model: nn.Module, features: dict):
+    def _run(self, model: nn.Module, body, features: dict):
+        """`body` (the model, or with the fused loss its decoder, either maybe compiled) on `features`."""
         if not self.fused:
-            return model(**features).logits
-        hidden = model.get_decoder()(**features)[0]
-        return HeadInput(hidden, model.get_output_embeddings().weight)
+            return body(**features).logits
+        return HeadInput(body(**features)[0], model.get_output_embeddings().weight)
 
     @contextlib.contextmanager
     def watch_student(self, model: nn.Module):
@@ -275,18 +292,27 @@ def build_distiller(training: ProSparseConfig, args: ModelArguments, base: Base,
                         "the distillation teacher")
     logger.info("distillation teacher: %s (%s)", training.distill_teacher or base.source,
                 "Liger fused linear JSD" if fused else "logits, torch")
-    return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config)
+    return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config,
+                            compile_options=teacher_compile_options(training))
 
 
-def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool,
-                     liger_kernel_config: dict | None = None) -> Distiller:
+def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool, liger_kernel_config: dict | None = None,
+                     compile_options: dict | None = None) -> Distiller:
     """A Distiller around a separate teacher; with the fused loss the teacher gets the student's Liger kernels
     (its norms and RoPE; its decoder is all the fused loss runs)."""
     if fused:
         from transformers.integrations.liger import apply_liger_kernel
 
         apply_liger_kernel(teacher, liger_kernel_config)
-    return Distiller(loss, teacher=teacher, fused=fused)
+    return Distiller(loss, teacher=teacher, fused=fused, compile_options=compile_options)
+
+
+def teacher_compile_options(training: ProSparseConfig) -> dict | None:
+    """torch.compile's arguments for the teacher when the recipe compiles the student (`torch_compile`, with its
+    backend and mode), else None."""
+    if not training.torch_compile:
+        return None
+    return {"backend": training.torch_compile_backend or "inductor", "mode": training.torch_compile_mode}
 
 
 def describe(training: ProSparseConfig) -> dict:

@@ -44,8 +44,6 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
-    parser.add_argument("--gate", default="", help="gate variant of relufy.sparse.kernels.GATE_VARIANTS "
-                                                   "(default: the tile table's for the GPU)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
     from relufy.atomic import write_text_atomically
     from relufy.report import speed_table
     from relufy.speed import SpeedConfig, measure_speed
-    from relufy.sparse import SparseConfig, sparsify
+    from relufy.sparse import sparsify
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -84,13 +82,13 @@ def main(argv=None) -> int:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu")
     about = dict(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
-                 target_sparsity=args.sparsity, gate=args.gate or "default")
+                 target_sparsity=args.sparsity)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
     def save(partial: dict, complete: bool = False) -> None:
         write_text_atomically(args.output, json.dumps({**partial, **about, "complete": complete}, indent=2) + "\n")
 
-    result = measure_speed(sparsify(model, SparseConfig(gate=args.gate)), config, on_update=save)
+    result = measure_speed(sparsify(model), config, on_update=save)
     save(result, complete=True)
     result.update(about)
     print(speed_table(result))

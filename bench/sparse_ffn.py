@@ -4,14 +4,14 @@ One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes (bf16
 
 1. the copy bandwidth of the GPU (device-to-device copy, read + write);
 2. at 90% zeros and 1, 4, 8 and 16 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the
-   activation, as a transformers MLP) and the sparse FFN with each gate variant of `kernels.GATE_VARIANTS`;
+   activation, as a transformers MLP) and the sparse FFN (`relufy.sparse.kernels.sparse_ffn`);
 3. at 50% zeros and 1, 4, 8 and 16 tokens: the same.
    Every sparse call routes as `sparsify` does: the dense route above the threshold
    `relufy.sparse.routing.calibrate` measures for the shape (its timings are in the JSON);
 4. for every case, the largest relative error max |sparse - dense| / max |dense| (bf16: <= 1e-2)
    and which route the down kernel took;
-5. per shape, each kernel of one dense call and of one call of each gate variant at 90% zeros
-   (torch.profiler): its device time and the bandwidth it reaches against the copy bandwidth.
+5. per shape, each kernel of one dense call and of one sparse call at 90% zeros (torch.profiler):
+   its device time and the bandwidth it reaches against the copy bandwidth.
 
 The JSON is rewritten (atomically) after every case, calibration, profile and sweep entry, so a run
 cut short by a time limit keeps everything that finished.
@@ -50,14 +50,13 @@ MAX_REL_ERROR = 1e-2  # bf16 against the dense FFN
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
-    parser.add_argument("--variants", default="", help="gate variants (default: all of kernels.GATE_VARIANTS)")
     parser.add_argument("--batches", default="1,4,8,16", help="batch sizes at 90%% zeros (and of the sweep)")
     parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
     parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case")
     parser.add_argument("--sweep-tiles", action="store_true",
-                        help="instead: time tile variants at 90%% zeros on the first shape and profile each kernel")
+                        help="instead: time tile candidates at 90%% zeros on the first shape and profile each kernel")
     parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the sweep's candidates ahead of timing (0: compile inline)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
@@ -78,13 +77,11 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.sparse.kernels import GATE_VARIANTS
     from relufy.timing import copy_bandwidth, median_seconds
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
     shapes = {"tiny": (64, 96)} if args.tiny else {name: SHAPES[name] for name in args.shapes.split(",")}
-    variants = args.variants.split(",") if args.variants else list(GATE_VARIANTS)
     layers = 2 if args.tiny else args.layers
     bandwidth = copy_bandwidth(device, 1 << 30)  # eager: a copy inside a CUDA graph runs on the copy engine
     replays = 3 if args.tiny else args.replays
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
     timer = functools.partial(median_seconds, device=device, repeats=replays)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "replays": replays, "layers": layers, "variants": variants, "torch": torch.__version__,
+              "replays": replays, "layers": layers, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "complete": False}
     save = functools.partial(write_json, args.output, result)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; writing {args.output} as it goes",
@@ -100,11 +97,11 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     if args.sweep_tiles:
         ffn = RandomFFN(*next(iter(shapes.values())), layers, dtype, device)
-        result["profile"] = profile_kernels(ffn, batches, variants, bandwidth, save)
+        result["profile"] = profile_kernels(ffn, batches, bandwidth, save)
         compiler = Precompiler(args.compile_workers, ffn) if args.compile_workers > 0 else None
-        result["sweep"] = sweep_tiles(ffn, batches, variants, timer, save, compiler, limit=2 if args.tiny else None)
+        result["sweep"] = sweep_tiles(ffn, batches, timer, save, compiler, limit=2 if args.tiny else None)
     else:
-        measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth, result, save)
+        measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save)
     result["complete"] = True
     save()
     if not args.sweep_tiles:
@@ -121,8 +118,8 @@ def write_json(path: Path, result: dict) -> None:
     write_text_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
-def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwidth, result, save) -> None:
-    """Rows at 90% and at 50% zeros, every variant, the dense route above the shape's calibrated
+def measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save) -> None:
+    """Rows at 90% and at 50% zeros, the dense route above the shape's calibrated
     threshold; then each kernel's bandwidth at 90% zeros. `result` grows and is saved after each step."""
     from relufy.sparse.routing import calibrate
 
@@ -135,12 +132,11 @@ def measure_shapes(shapes, variants, args, layers, dtype, device, timer, bandwid
         save()
         for sparsity, batches in ((0.9, args.batches), (0.5, args.routing_batches)):
             for batch in [int(b) for b in batches.split(",") if b]:
-                result["rows"].append(ffn.case(name, sparsity, batch, variants, dense_above, timer, bandwidth))
+                result["rows"].append(ffn.case(name, sparsity, batch, dense_above, timer, bandwidth))
                 print_row(result["rows"][-1])
                 save()
         result["profile"][name] = {}
-        profile_kernels(ffn, [int(b) for b in args.batches.split(",")], variants, bandwidth, save,
-                        result["profile"][name])
+        profile_kernels(ffn, [int(b) for b in args.batches.split(",")], bandwidth, save, result["profile"][name])
         del ffn
 
 
@@ -187,8 +183,8 @@ class RandomFFN:
         return [float(torch.quantile(torch.nn.functional.linear(x, w).float().flatten().cpu(), sparsity))
                 for w in self.w_gate]
 
-    def case(self, name, sparsity, batch, variants, dense_above, timer, bandwidth) -> dict:
-        """Dense and every gate variant on the same inputs: times, error, route, union, floor."""
+    def case(self, name, sparsity, batch, dense_above, timer, bandwidth) -> dict:
+        """Dense and sparse on the same inputs: times, error, route, union, floor."""
         import torch
 
         from relufy.sparse.kernels import choose_tiles
@@ -203,23 +199,14 @@ class RandomFFN:
         floor_bytes = element * (self.inter * self.hidden + 2 * union * self.hidden)
         row = {"shape": name, "hidden": self.hidden, "intermediate": self.inter, "sparsity": sparsity, "batch": batch,
                "union_active": union / self.inter, "dense_above": dense_above, "floor_us": floor_bytes / bandwidth * 1e6,
-               "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e6 / len(layers),
-               "variants": {}}
-        references = [self.dense(i, x, thresholds[i]).float() for i in layers]
-        for variant in variants:
-            tiles = choose_tiles(batch, self.inter, self.hidden, x.device, variant)
-            routes = torch.zeros(2, dtype=torch.int32, device=x.device)
-            try:  # a variant that fails to compile or launch on this GPU is reported, and the run goes on
-                errors = [max_rel_error(self.sparse(i, x, thresholds[i], tiles, dense_above, routes).float(),
-                                        references[i]) for i in layers]
-                us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e6
-            except Exception as exc:  # noqa: BLE001
-                row["variants"][variant] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                print(f"{variant} failed: {row['variants'][variant]['failed']}", flush=True)
-                continue
-            row["variants"][variant] = {"sparse_us": us / len(layers), "sparse_over_dense": us / len(layers) /
-                                        row["dense_us"], "max_rel_error": max(errors),
-                                        "dense_route_calls": int(routes[1]), "calls": len(layers)}
+               "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e6 / len(layers)}
+        tiles = choose_tiles(batch, self.inter, self.hidden, x.device)
+        routes = torch.zeros(2, dtype=torch.int32, device=x.device)
+        errors = [max_rel_error(self.sparse(i, x, thresholds[i], tiles, dense_above, routes).float(),
+                                self.dense(i, x, thresholds[i]).float()) for i in layers]
+        us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e6 / len(layers)
+        row.update(sparse_us=us, sparse_over_dense=us / row["dense_us"], max_rel_error=max(errors),
+                   dense_route_calls=int(routes[1]), calls=len(layers))
         return row
 
 
@@ -227,12 +214,11 @@ def max_rel_error(result, reference) -> float:
     return float((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, save, compiler=None,
-                limit: int | None = None) -> dict:
-    """Time tile variants at 90% zeros for each gate variant: first-kernel tiles, then the down
-    kernel's on the best of those (the first `limit` candidates of each, for a smoke run). Every
-    variant's time is kept, so TILE_TABLE can be read off it; the JSON is saved after each gate
-    variant. `compiler` (a Precompiler) compiles each stage's candidates in parallel first."""
+def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
+    """Time tile candidates at 90% zeros: first-kernel tiles, then the down kernel's on the best of
+    those (the first `limit` candidates of each, for a smoke run). Every candidate's time is kept,
+    so TILE_TABLE can be read off it; the JSON is saved after each batch size. `compiler` (a
+    Precompiler) compiles each stage's candidates in parallel first."""
     from relufy.sparse.kernels import choose_tiles
 
     report = {}
@@ -240,32 +226,30 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], variants: list[str], timer, 
         x = ffn.x_for(batch)
         thresholds = ffn.thresholds(x, 0.9)
         layers = range(len(ffn.w_gate))
-        report[batch] = {}
-        for variant in variants:
-            base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device, variant)
-            timings = []
+        base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device)
+        timings = []
 
-            def time_tiles(tiles):
-                try:
-                    us = 1e6 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
-                except Exception:  # noqa: BLE001  (out of resources, or a TMA box this GPU refuses)
-                    us = float("inf")
-                timings.append({**dataclasses.asdict(tiles), "us": us})
-                return us
+        def time_tiles(tiles):
+            try:
+                us = 1e6 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
+            except Exception:  # noqa: BLE001  (out of resources on this GPU)
+                us = float("inf")
+            timings.append({**dataclasses.asdict(tiles), "us": us})
+            return us
 
-            def fastest(candidates):
-                if compiler:
-                    compiler.compile(batch, candidates)
-                return min(candidates, key=time_tiles)
+        def fastest(candidates):
+            if compiler:
+                compiler.compile(batch, candidates)
+            return min(candidates, key=time_tiles)
 
-            best = fastest(first_tiles(base, batch)[:limit])
-            best = fastest([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
-                            itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit])
-            report[batch][variant] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
-                                      "best": dataclasses.asdict(best), "variants": timings}
-            print(f"batch {batch} {variant}: default {report[batch][variant]['default_us']:.1f} us, best "
-                  f"{report[batch][variant]['best_us']:.1f} us with {best} ({len(timings)} timed)", flush=True)
-            save()
+        best = fastest(first_tiles(base, batch)[:limit])
+        best = fastest([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
+                        itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit])
+        report[batch] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
+                         "best": dataclasses.asdict(best), "candidates": timings}
+        print(f"batch {batch}: default {report[batch]['default_us']:.1f} us, best {report[batch]['best_us']:.1f} us "
+              f"with {best} ({len(timings)} timed)", flush=True)
+        save()
     if compiler:
         compiler.close()
     return report
@@ -317,22 +301,17 @@ def _compile_candidate(job) -> None:
 
 
 def first_tiles(base, batch: int) -> list:
-    """The first kernel's candidates around `base`: rows per program, K step, warps, stages (and the
-    split over K for the split-K gate, up to one K step per program as TEAL's GEMV does); broadcast
-    tiles up to 4 tokens, tensor cores above 1."""
-    split = base.gate == "split_k"
-    splits = (4, 8, 16, 32) if split else (base.split_k,)
-    widths = (64, 128, 256) if base.tma or split else (256, 512, 1024)
+    """The first kernel's candidates around `base`: rows per program, K step, warps, stages;
+    broadcast tiles up to 4 tokens, tensor cores above 1."""
     candidates = []
     if batch <= 4:
         candidates += [dataclasses.replace(base, block_b=pow2(batch), use_dot=False, block_n=n, block_k=k,
-                                           warps_first=w, stages=st, split_k=sk)
-                       for n, k, w, st, sk in itertools.product((16, 32, 64) if split else (4, 8, 16, 32), widths,
-                                                                (4,) if split else (4, 8), (1, 3), splits)]
+                                           warps_first=w, stages=st)
+                       for n, k, w, st in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3))]
     if batch > 1:
         candidates += [dataclasses.replace(base, block_b=max(16, pow2(batch)), use_dot=True, block_n=n, block_k=k,
-                                           warps_first=w, stages=st, split_k=sk)
-                       for n, k, w, st, sk in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4), splits)]
+                                           warps_first=w, stages=st)
+                       for n, k, w, st in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4))]
     return candidates
 
 
@@ -340,11 +319,10 @@ def pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], bandwidth: float, save,
-                    report: dict | None = None) -> dict:
-    """Device time of each kernel of one dense call and one call of each gate variant at 90% zeros
-    (torch.profiler), and the bandwidth each kernel reaches, against the copy bandwidth of this run.
-    Entries go into `report` (saved after each)."""
+def profile_kernels(ffn: RandomFFN, batches: list[int], bandwidth: float, save, report: dict | None = None) -> dict:
+    """Device time of each kernel of one dense and one sparse call at 90% zeros (torch.profiler), and
+    the bandwidth each kernel reaches, against the copy bandwidth of this run. Entries go into
+    `report` (saved after each)."""
     import torch
 
     from relufy.sparse.kernels import choose_tiles
@@ -356,18 +334,13 @@ def profile_kernels(ffn: RandomFFN, batches: list[int], variants: list[str], ban
         x = ffn.x_for(batch)
         threshold = ffn.thresholds(x, 0.9)[0]
         union = int((torch.nn.functional.linear(x, ffn.w_gate[0]).float() >= threshold).any(0).sum())
-        calls = {"dense": lambda: ffn.dense(0, x, threshold)}
-        for variant in variants:
-            tiles = choose_tiles(batch, ffn.inter, ffn.hidden, x.device, variant)
-            calls[variant] = functools.partial(ffn.sparse, 0, x, threshold, tiles)
+        tiles = choose_tiles(batch, ffn.inter, ffn.hidden, x.device)
+        calls = {"dense": lambda: ffn.dense(0, x, threshold),
+                 "sparse": functools.partial(ffn.sparse, 0, x, threshold, tiles)}
         for name, call in calls.items():
-            try:
-                kernels = profile(call)
-            except Exception as exc:  # noqa: BLE001  (a variant this GPU refuses; the timed cases say so too)
-                report[f"{name} batch {batch}"] = {"failed": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                continue
+            kernels = profile(call)
             for kernel in kernels:
-                kernel["gb_per_s"] = kernel_bytes(kernel["name"], name, ffn, union) / kernel["us_per_call"] / 1e3
+                kernel["gb_per_s"] = kernel_bytes(kernel["name"], ffn, union) / kernel["us_per_call"] / 1e3
                 kernel["of_copy_bandwidth"] = kernel["gb_per_s"] * 1e9 / bandwidth
             report[f"{name} batch {batch}"] = kernels
             print(f"{ffn.inter}x{ffn.hidden} {name} batch {batch}: " + "; ".join(
@@ -394,17 +367,17 @@ def profile(call, iterations: int = 20) -> list[dict]:
             for event in profiler.key_averages() if event.self_device_time_total > 0]
 
 
-def kernel_bytes(kernel: str, call: str, ffn: RandomFFN, union: int) -> float:
+def kernel_bytes(kernel: str, ffn: RandomFFN, union: int) -> float:
     """Bytes one launch of `kernel` must read (0 for small elementwise kernels): a cuBLAS GEMV reads
-    its whole matrix, the first kernel the gate (unless cuBLAS read it) and the union's up rows, the
-    down kernel the union's down rows."""
+    its whole matrix, the first kernel the gate and the union's up rows, the down kernel the union's
+    down rows."""
     import torch
 
     element = torch.finfo(ffn.dtype).bits // 8
     matrix = ffn.inter * ffn.hidden * element
     row = ffn.hidden * element
     if "first_projection_kernel" in kernel:
-        return (0 if call == "cublas" else matrix) + union * row
+        return matrix + union * row
     if "down_kernel" in kernel:
         return union * row
     if any(tag in kernel.lower() for tag in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma")):
@@ -413,43 +386,32 @@ def kernel_bytes(kernel: str, call: str, ffn: RandomFFN, union: int) -> float:
 
 
 def print_row(row: dict) -> None:
-    cells = "  ".join(f"{v} failed" if "failed" in r else f"{v} {r['sparse_over_dense']:.3f}x (err "
-                      f"{r['max_rel_error']:.1e}, dense route {r['dense_route_calls']}/{r['calls']})"
-                      for v, r in row["variants"].items())
     print(f"{row['shape']:>10} zeros={row['sparsity']:.2f} B={row['batch']:>2} union={row['union_active']:.2f}  "
-          f"dense {row['dense_us']:7.1f} us  floor {row['floor_us']:6.1f} us  {cells}", flush=True)
+          f"dense {row['dense_us']:7.1f} us  floor {row['floor_us']:6.1f} us  sparse {row['sparse_us']:7.1f} us = "
+          f"{row['sparse_over_dense']:.3f}x (err {row['max_rel_error']:.1e}, dense route "
+          f"{row['dense_route_calls']}/{row['calls']})", flush=True)
 
 
 def markdown(result: dict) -> str:
-    """The tables docs/inference.md shows: sparse / dense per case and gate variant, errors, routes."""
-    variants = result["variants"]
-    head = ("| shape | zeros | batch | union | dense us | floor us | " + " | ".join(variants) + " |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(variants))
+    """The table docs/inference.md shows: sparse / dense per case, errors, routes."""
     lines = [f"{result['device']}, {result['dtype']}, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s; "
-             f"sparse us / dense us per gate variant (median of {result['replays']} timed CUDA-graph replays, "
-             f"{result['layers']} weight copies in turn). `*`: the dense route was taken.", "", head]
-    worst = 0.0
+             f"median of {result['replays']} timed CUDA-graph replays, {result['layers']} weight copies in turn. "
+             "`*`: the dense route was taken.", "",
+             "| shape | zeros | batch | union | dense us | sparse us | floor us | sparse / dense | max rel. error |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["rows"]:
-        cells = []
-        for variant in variants:
-            cell = row["variants"][variant]
-            if "failed" in cell:
-                cells.append("failed")
-                continue
-            worst = max(worst, cell["max_rel_error"])
-            cells.append(f"{cell['sparse_over_dense']:.2f}" + ("*" if cell["dense_route_calls"] else ""))
         lines.append(f"| {row['shape']} | {row['sparsity']:.0%} | {row['batch']} | {row['union_active']:.0%} | "
-                     f"{row['dense_us']:.1f} | {row['floor_us']:.1f} | " + " | ".join(cells) + " |")
+                     f"{row['dense_us']:.1f} | {row['sparse_us']:.1f} | {row['floor_us']:.1f} | "
+                     f"{row['sparse_over_dense']:.2f}{'*' if row['dense_route_calls'] else ''} | "
+                     f"{row['max_rel_error']:.1e} |")
+    worst = max((row["max_rel_error"] for row in result["rows"]), default=0.0)
+    routed = [row["sparse_over_dense"] for row in result["rows"] if row["sparsity"] == 0.5]
+    single = [row["sparse_over_dense"] for row in result["rows"] if row["sparsity"] == 0.9 and row["batch"] == 1]
     routes = [f"{name} {route['dense_above']}" for name, route in result.get("calibration", {}).items() if route]
     lines += ["", f"Largest max |sparse - dense| / max |dense| of any case: {worst:.1e} "
-              f"({'within' if worst <= MAX_REL_ERROR else 'ABOVE'} {MAX_REL_ERROR:g})."]
-    for variant in variants:
-        cells = [(row, row["variants"][variant]) for row in result["rows"] if "failed" not in row["variants"][variant]]
-        routed = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.5]
-        single = [cell["sparse_over_dense"] for row, cell in cells if row["sparsity"] == 0.9 and row["batch"] == 1]
-        lines.append(f"{variant}: 90% zeros, batch 1: {_span(single)} of dense time (goal <= 0.45); "
-                     f"50% zeros: at most {max(routed, default=float('nan')):.2f} "
-                     "(goal <= 1.02, i.e. >= 0.98x dense speed).")
+              f"({'within' if worst <= MAX_REL_ERROR else 'ABOVE'} {MAX_REL_ERROR:g}).",
+              f"90% zeros, batch 1: {_span(single)} of dense time (goal <= 0.45); 50% zeros: at most "
+              f"{max(routed, default=float('nan')):.2f} (goal <= 1.02, i.e. >= 0.98x dense speed)."]
     if routes:
         lines.append("Dense route above this many active neurons (calibrated at 8 tokens): " + ", ".join(routes) + ".")
     return "\n".join(lines)

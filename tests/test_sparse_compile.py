@@ -1,8 +1,8 @@
-"""Every gate variant of the sparse kernels compiles for a Hopper GPU (sm_90), on a machine without one.
+"""The sparse kernels compile for a Hopper GPU (sm_90) with the tiles it runs, on a machine without one.
 
 Triton's CPU interpreter runs the kernels as Python, so it accepts code the GPU compiler rejects
-(an unsupported construct, a layout a TMA descriptor cannot take). Compiling the real kernels for
-sm_90 here, in a subprocess with the interpreter off, catches those before a GPU run does.
+(an unsupported construct, a layout it cannot lower). Compiling the real kernels for sm_90 here,
+in a subprocess with the interpreter off, catches those before a GPU run does.
 """
 
 from __future__ import annotations
@@ -26,17 +26,14 @@ from relufy.sparse import kernels as K
 from relufy.sparse.kernels.down import down_kernel
 from relufy.sparse.kernels.gate_up import first_projection_kernel
 
-FP32, I32 = ("gate_sums_ptr", "acc_ptr"), ("index_ptr", "count_ptr", "state_ptr", "gate_arrivals_ptr", "routes_ptr")
+FP32, I32 = ("acc_ptr",), ("index_ptr", "count_ptr", "state_ptr", "routes_ptr")
 
 
-def compile_for_hopper(kernel, constants, descriptor_block=None, warps=4, stages=3):
+def compile_for_hopper(kernel, constants, warps=4, stages=3):
     signature = {}
     for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name.endswith("_desc"):
-            signature[name] = f"tensordesc<bf16[{descriptor_block[0]}, {descriptor_block[1]}]>" if descriptor_block \
-                else "*bf16"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in FP32 else "*i32" if name in I32 else "*bf16"
         else:
@@ -47,22 +44,20 @@ def compile_for_hopper(kernel, constants, descriptor_block=None, warps=4, stages
     triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-for batch in (1, 16):
-    for variant in K.GATE_VARIANTS:
-        t = K.with_gate(K.gpu_tiles(batch, 4096, 132), variant)
-        compile_for_hopper(first_projection_kernel, dict(
-            GATED=True, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, GATE=K.GATES[t.gate], SPLIT_K=t.split_k,
-            TMA=t.tma, BLOCK_B=t.block_b, BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_DOT=t.use_dot,
-            PRECISION="tf32"), (t.block_n, t.block_k) if t.tma else None, t.warps_first, t.stages)
-        print("compiled", batch, variant)
+for batch in (1, 4, 16):  # every row of the tile table
+    t = K.gpu_tiles(batch, 4096, 132)
+    compile_for_hopper(first_projection_kernel, dict(
+        GATED=True, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, BLOCK_B=t.block_b, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, USE_DOT=t.use_dot, PRECISION="tf32"), t.warps_first, t.stages)
+    print("compiled", batch, "first")
     compile_for_hopper(down_kernel, dict(
         SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
-        USE_DOT=t.use_dot, PRECISION="tf32"), None, t.warps_down, t.stages)
+        USE_DOT=t.use_dot, PRECISION="tf32"), t.warps_down, t.stages)
     print("compiled", batch, "down")
 """
 
 
-def test_every_gate_variant_and_the_down_kernel_compile_for_sm90(tmp_path):
+def test_both_kernels_compile_for_sm90_with_every_row_of_the_tile_table(tmp_path):
     from triton.backends import backends
 
     if "nvidia" not in backends:
@@ -72,4 +67,4 @@ def test_every_gate_variant_and_the_down_kernel_compile_for_sm90(tmp_path):
                PYTHONPATH=os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled") == 12
+    assert done.stdout.count("compiled") == 6

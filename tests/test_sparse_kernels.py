@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
-    ACTIVATION_CODES, FATRELU, GATE_VARIANTS, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles,
-    sparse_ffn, with_gate, workspace_size)
+    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles, sparse_ffn,
+    workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
@@ -188,17 +188,11 @@ def poison_allocator(device, nbytes=1 << 22):
     torch.full((nbytes // 4,), float("nan"), device=device)
 
 
-def split_k_tiles(batch, variant="split_k"):
-    """Tiles whose split over K really splits a tiny K: 16-wide steps, 4 slices."""
-    tiles = with_gate(choose_tiles(batch, 96, 48, DEVICE), variant)
-    return dataclasses.replace(tiles, block_k=16, split_k=4)
-
-
-@pytest.mark.parametrize("variant", list(GATE_VARIANTS))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_every_gate_variant_matches_the_dense_ffn(variant, batch):
-    """Fresh inputs per case, biases, an odd width, several calls on one workspace, which stays zero."""
-    tiles = with_gate(choose_tiles(batch, 101, 37, DEVICE), variant)
+def test_fresh_inputs_on_a_poisoned_allocator_match_the_dense_ffn(batch):
+    """Fresh inputs per case, biases, an odd width, several calls on one workspace, which stays zero;
+    memory the outputs may reuse holds NaN, so an output the kernels fail to write cannot pass."""
+    tiles = choose_tiles(batch, 101, 37, DEVICE)
     workspace = torch.zeros(workspace_size(batch, 101, 37), dtype=torch.int32, device=DEVICE)
     for seed in range(2):
         x, weights = random_ffn(batch, k=72, n=101, d=37, bias=True, seed=10 * seed + batch)
@@ -211,22 +205,13 @@ def test_every_gate_variant_matches_the_dense_ffn(variant, batch):
         assert not workspace.any()
 
 
-@pytest.mark.parametrize("variant", ["split_k", "split_k_tma"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_split_k_gate_adds_its_slices_and_the_last_program_finishes(variant, batch):
-    x, weights = random_ffn(batch, k=72, bias=True, seed=5)
-    check(x, weights, "fatrelu", torch.float32, split_k_tiles(batch, variant))
-
-
-@pytest.mark.parametrize("variant", list(GATE_VARIANTS))
-def test_every_gate_variant_in_bfloat16(variant):
+def test_bfloat16_on_the_tiles_of_one_token():
     """bfloat16 on the broadcast tiles (batch 1), within the dense FFN's own bf16 rounding."""
     x, weights = random_ffn(1, k=128, n=96, d=48, dtype=torch.bfloat16, seed=7)
-    check(x, weights, "fatrelu", torch.bfloat16, with_gate(choose_tiles(1, 96, 48, DEVICE), variant))
+    check(x, weights, "fatrelu", torch.bfloat16, choose_tiles(1, 96, 48, DEVICE))
 
 
-@pytest.mark.parametrize("variant", ["fused", "split_k", "cublas"])
-def test_a_union_above_the_threshold_takes_the_dense_route(variant):
+def test_a_union_above_the_threshold_takes_the_dense_route():
     """`dense_above` below the active count: the down kernel reads every row and says so in `routes`;
     at or above it, the list. Both give the dense FFN's result."""
     x, weights = random_ffn(4, seed=3)
@@ -234,7 +219,7 @@ def test_a_union_above_the_threshold_takes_the_dense_route(variant):
     union = int((torch.nn.functional.linear(x, weights["w_first"]) > 0).any(0).sum())
     assert 0 < union < 96
     reference = dense_ffn(x.double(), *(t.double() for t in tensors), "relu", 0.0)
-    tiles = split_k_tiles(4) if variant == "split_k" else with_gate(choose_tiles(4, 96, 48, DEVICE), variant)
+    tiles = choose_tiles(4, 96, 48, DEVICE)
     for dense_above, route in ((union - 1, 1), (union, 0), (None, 0), (-1, 1)):
         routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
         poison_allocator(DEVICE)
@@ -250,7 +235,6 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
         tiles = gpu_tiles(batch, 4096, 132, "H100")
         row = TILE_TABLE["H100"][min(b for b in TILE_TABLE["H100"] if batch <= b)]
         assert all(getattr(tiles, key) == value for key, value in row.items())
-    assert with_gate(gpu_tiles(1, 4096, 132), "fused_tma").block_k <= 256  # a TMA box is at most 256 wide
 
 
 def test_mismatched_shapes_are_refused():

@@ -111,16 +111,45 @@ def test_a_cpu_model_without_the_interpreter_is_left_alone(monkeypatch, caplog, 
     assert any("need CUDA" in r.getMessage() for r in caplog.records)
 
 
-def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_row(monkeypatch):
-    """Without CUDA, `dense_above` is the default fraction of the neurons; a configured one is passed to the
-    down kernel, which takes the dense route for a union above it and gives the dense FFN's result."""
-    import relufy.sparse.kernels.launch as launch  # where the operator finds sparse_ffn
-    from relufy.sparse.routing import DEFAULT_DENSE_FRACTION
+def test_a_cpu_model_on_a_cuda_machine_is_left_alone_when_the_kernels_are_compiled(monkeypatch, caplog,
+                                                                                 fresh_warnings):
+    """TRITON_INTERPRET=1 set after Triton compiled the kernels for the GPU does not make them take CPU
+    tensors (a launch would fail in Triton's GPU launcher): the model stays dense, and no calibration runs."""
+    import relufy.sparse.kernels.launch as launch
+    from relufy.sparse import routing
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "interpreted", lambda: False)  # as on a GPU machine: compiled kernels
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated a CPU model")
+
+    monkeypatch.setattr(routing, "calibrate", no_calibration)
+    model = build_tiny_model("llama", hidden_act="relu")
+    with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):
+        sparsify(model)
+    assert sparse_ffn_count(model) == 0
+    assert any("need CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_row(monkeypatch, tmp_path):
+    """By default `dense_above` is the routing's for each FFN's weights (calibrated and cached on CUDA, the
+    default fraction of the neurons without it); a configured one is passed to the down kernel, which takes
+    the dense route for a union above it and gives the dense FFN's result."""
+    import relufy.sparse.kernels.launch as launch  # where the operator finds sparse_ffn
+    from relufy.sparse import routing
+
+    monkeypatch.setenv("RELUFY_CACHE", str(tmp_path))
     model = relu_model("llama", "relu")
     width = model.config.intermediate_size
-    defaults = sparsify(relu_model("llama", "relu"))
-    assert {state.dense_above for state in sparse_ffns(defaults)} == {int(DEFAULT_DENSE_FRACTION * width)}
+    states = sparse_ffns(sparsify(relu_model("llama", "relu")))
+    if DEVICE == "cpu":
+        assert {state.dense_above for state in states} == {int(routing.DEFAULT_DENSE_FRACTION * width)}
+    else:  # calibrated once for the shape, then read from the cache
+        assert routing.cache_file().exists()
+        assert [state.dense_above for state in states] == [
+            routing.dense_above(state.w_first, state.w_up, state.w_down_t, SparseConfig().max_tokens) for state in states]
     sparsify(model, SparseConfig(dense_above=0))
     routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     original = launch.sparse_ffn
@@ -134,13 +163,6 @@ def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_r
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
-def test_an_unknown_gate_variant_is_refused():
-    from relufy.errors import DataError
-
-    with pytest.raises(DataError, match="unknown gate variant 'fast'"):
-        sparsify(relu_model("llama", "relu"), SparseConfig(gate="fast"))
-
-
 def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
     from relufy.sparse.routing import threshold_from
 
@@ -151,29 +173,6 @@ def test_the_calibrated_threshold_is_the_last_count_where_the_list_won():
     assert threshold_from(rows("list", "list", "dense", "list"), 100) == 20  # the first dense win decides
     assert threshold_from(rows("list", "list"), 100) == 100  # never dense
     assert threshold_from(rows("dense", "dense"), 100) == 9  # dense from the smallest count on
-
-
-@pytest.mark.parametrize("gate", ["fused_tma", "split_k", "cublas"])
-def test_every_gate_variant_runs_through_the_operator(gate, monkeypatch):
-    import relufy.sparse.kernels as kernels
-    import relufy.sparse.kernels.launch as launch  # where the operator finds sparse_ffn
-
-    model = sparsify(relu_model("llama", "relu"), SparseConfig(gate=gate))
-    used = []
-    original = launch.sparse_ffn
-
-    def recording(*args, **kwargs):
-        used.append(args[10])  # the tiles the operator chose
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(launch, "sparse_ffn", recording)
-    ffn = ffn_modules(model)[0]
-    x = torch.randn(1, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    sparse = ffn(x)
-    with sparse_enabled(model, False):
-        dense = ffn(x)
-    assert [(t.gate, t.tma) for t in used] == [(kernels.GATE_VARIANTS[gate]["gate"], gate.endswith("tma"))]
-    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_times_both_routes_at_each_union():

@@ -94,12 +94,16 @@ def test_a_model_with_nothing_to_skip_reports_no_speedup(tmp_path, capsys):
 
 
 def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
-    """With the kernels on (interpreter), both arms run; generate runs each arm once to warm up, then
-    `generate_repeats` times, dense and sparse alternated, and reports the median and range."""
+    """With the kernels on (the interpreter on CPU, compiled on CUDA), both arms run; generate runs each
+    arm once to warm up, then `generate_repeats` times, dense and sparse alternated, and reports the
+    median and range."""
     import relufy.speed as speed
+    from relufy.sparse.kernels import interpreted
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = sparsify(build_tiny_model("llama", hidden_act="relu"))
+    device = "cpu" if interpreted() else "cuda"  # compiled kernels take CUDA tensors only
+    if interpreted():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the speed_run fixture may have turned it off
+    model = sparsify(build_tiny_model("llama", hidden_act="relu").to(device))
     assert sparse_ffn_count(model) == 2
     order = []
     rates = iter([5.0, 50.0, 1.0, 10.0, 3.0, 30.0, 2.0, 20.0])
@@ -109,7 +113,8 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
         return next(rates)
 
     monkeypatch.setattr(speed, "generate_speed", fake_generate)
-    config = dict(TINY, batch_sizes=(1,), new_tokens=3, warmup=1, generate_repeats=3, union_batch_sizes=(1,))
+    config = dict(TINY, batch_sizes=(1,), new_tokens=3, warmup=1, generate_repeats=3, union_batch_sizes=(1,),
+                  device=device, compile=False)
     result = measure_speed(model, SpeedConfig(**config), progress=False)
     assert order == [False, True] * 4
     generate = result["generate"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import types
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ from torch import nn
 
 from ..activations import PARAMETRIZED, Activation, module_class, parse_activation
 from ..architectures import Architecture, architecture_for, ffn_modules
-from ..errors import ActivationError, DataError, UnsupportedArchitectureError
+from ..errors import ActivationError, UnsupportedArchitectureError
+from .device import kernels_run_on
 from .routing import dense_above as calibrated_dense_above
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class SparseFFN:
             return self.dense_forward(x)
         y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
                                         self.b_first, self.b_up, self.b_down, self.workspace, self.activation,
-                                        self.act_param, self.config.gate, self.dense_above)
+                                        self.act_param, self.dense_above)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -83,7 +83,8 @@ _ATTRIBUTE = "_relufy_sparse"
 def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     """Swap the forward of every converted FFN of `model` for the sparse kernels; return `model`.
 
-    Needs CUDA (or Triton's interpreter, `TRITON_INTERPRET=1`, as the CPU tests use) and a
+    Needs a CUDA model (or Triton's interpreter, `TRITON_INTERPRET=1` before the kernels are
+    imported, as the CPU tests use) and a
     ReLU-family activation (relu, fatrelu_t, shifted_relu_b, relu2); otherwise the model is left
     unchanged and a warning says why, once. Calling it again changes nothing. Move and cast the
     model first: the kernels keep references to the weights as they are now.
@@ -93,10 +94,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     if reason:
         warn_once(reason)
         return model
-    from .kernels import ACTIVATION_CODES, GATE_VARIANTS, workspace_size
+    from .kernels import ACTIVATION_CODES, workspace_size
 
-    if config.gate and config.gate not in GATE_VARIANTS:
-        raise DataError(f"unknown gate variant '{config.gate}'; choose one of {', '.join(GATE_VARIANTS)}")
     arch = architecture_for(model.config.model_type)
     activation = parse_activation(arch.activation_of(model.config))
     workspaces: dict[tuple[int, ...], torch.Tensor] = {}
@@ -157,8 +156,9 @@ def why_dense(model: nn.Module) -> str | None:
         return (f"relufy.sparse: the FFN activation is '{value}', not a ReLU-family one (relu, fatrelu_t, "
                 "shifted_relu_b, relu2), so it has no exact zeros to skip; convert it first. The model runs dense")
     device = next(model.parameters()).device
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"relufy.sparse: the model is on {device.type}, and the sparse kernels need CUDA; the model runs dense"
+    if not kernels_run_on(device):
+        return (f"relufy.sparse: the model is on {device.type}, and the sparse kernels need CUDA (or Triton's "
+                "interpreter, TRITON_INTERPRET=1 before they are imported); the model runs dense")
     return None
 
 
@@ -215,7 +215,7 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
     w_first, w_up = w_first.detach(), None if w_up is None else w_up.detach()
     dense_above = config.dense_above
     if dense_above is None:
-        dense_above = calibrated_dense_above(w_first, w_up, w_down_t, config.max_tokens, config.gate)
+        dense_above = calibrated_dense_above(w_first, w_up, w_down_t, config.max_tokens)
     return SparseFFN(w_first=w_first, w_up=w_up, w_down_t=w_down_t, b_first=_detached(b_first), b_up=_detached(b_up),
                      b_down=_detached(down.bias), activation=activation, act_param=float(act_param),
                      workspace=workspace_for(w_down_t), dense_forward=ffn.forward, config=config,

@@ -5,8 +5,9 @@ in order (no list, no gather) is faster. The decision is taken on the device, fr
 first kernel leaves there, so a call stays CUDA-graph capturable. The threshold is measured, not
 guessed: on CUDA, `dense_above` times one FFN's own weights with the route forced each way at a few
 union sizes and keeps the largest count where the list still wins. Results are cached per GPU,
-shape, dtype, batch and gate variant in `~/.cache/relufy/dense_route.json` (`RELUFY_CACHE` moves
-it), so a model's layers and later runs pay once. Without CUDA the default fraction applies.
+shape, dtype and batch in `~/.cache/relufy/dense_route.json` (`RELUFY_CACHE` moves it), so a
+model's layers and later runs pay once. Weights off CUDA, or kernels under Triton's interpreter
+(whose timings say nothing about a GPU), get the default fraction without timing anything.
 """
 
 from __future__ import annotations
@@ -31,27 +32,31 @@ def cache_file() -> Path:
     return Path(os.environ.get("RELUFY_CACHE", Path.home() / ".cache" / "relufy")) / "dense_route.json"
 
 
-def dense_above(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor, tokens: int,
-                gate: str = "") -> int:
-    """The active count above which calls of `tokens` tokens take the dense route (cached on CUDA)."""
+def dense_above(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor, tokens: int) -> int:
+    """The active count above which calls of `tokens` tokens take the dense route (calibrated and
+    cached for compiled kernels on CUDA; else the default fraction)."""
     n, d = w_down_t.shape
     if w_first.device.type != "cuda":
         return int(DEFAULT_DENSE_FRACTION * n)
+    from .kernels import interpreted
+
+    if interpreted():
+        return int(DEFAULT_DENSE_FRACTION * n)
     key = (f"{torch.cuda.get_device_name(w_first.device)}|{n}x{w_first.shape[1]}x{d}|{w_first.dtype}|"
-           f"{'gated' if w_up is not None else 'plain'}|{tokens}|{gate or 'default'}")
+           f"{'gated' if w_up is not None else 'plain'}|{tokens}")
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         cache = json.loads(path.read_text()) if path.exists() else {}
         if key not in cache:
-            cache[key] = calibrate(w_first, w_up, w_down_t, tokens, gate)["dense_above"]
+            cache[key] = calibrate(w_first, w_up, w_down_t, tokens)["dense_above"]
             write_text_atomically(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     return int(cache[key])
 
 
 @torch.no_grad()
 def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor, tokens: int,
-              gate: str = "", replays: int = REPLAYS) -> dict:
+              replays: int = REPLAYS) -> dict:
     """Time both routes at each union of UNIONS (CUDA-graph replays, median of `replays`; plain calls
     without CUDA).
 
@@ -66,7 +71,7 @@ def calibrate(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.
     x = torch.randn(tokens, w_first.shape[1], generator=generator, device=w_first.device).to(w_first.dtype)
     peaks = torch.nn.functional.linear(x, w_first).float().amax(0).sort(descending=True).values.tolist()
     workspace = torch.zeros(workspace_size(tokens, n, d), dtype=torch.int32, device=x.device)
-    tiles = choose_tiles(tokens, n, d, x.device, gate)
+    tiles = choose_tiles(tokens, n, d, x.device)
     rows = []
     for fraction in UNIONS:
         count = max(1, round(fraction * n))

@@ -70,7 +70,7 @@ class RelufyMLP(nn.Module):
         bias = down.bias if down.tp_rank == 0 and not down.skip_bias_add else None  # as RowParallelLinear
         out = torch.ops.relufy.sparse_gated_ffn(
             x.reshape(-1, x.shape[-1]), self.gate_up_proj.weight, self.gate_up_proj.bias, down.weight, bias,
-            self.workspace, self.activation.name, float(self.activation.param or 0.0), DEFAULT_MAX_TOKENS, "",
+            self.workspace, self.activation.name, float(self.activation.param or 0.0), DEFAULT_MAX_TOKENS,
             self.dense_above)
         if down.reduce_results and down.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce

@@ -5,22 +5,23 @@ a neuron whose gate is zero contributes exactly nothing, so its W_up row and its
 need not be read. Fixed grids, and the active count kept on the device, so the whole call can be
 captured in a CUDA graph. One module per job:
 
-- `gate_up`: the first kernel (the gate in full by one of the gate variants, the activation, the
-  compact list of active neurons, their W_up rows);
+- `gate_up`: the first kernel (the gate rows read in full, the activation, the compact list of
+  active neurons, their W_up rows);
 - `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
-- `tiles`: block sizes and gate variant per GPU and batch (`TILE_TABLE`, `GATE_VARIANTS`);
+- `tiles`: block sizes per GPU and batch (`TILE_TABLE`);
 - `launch`: the workspace, `sparse_ffn` (both launches), `routed_sparse_ffn` (tiles and route as
-  both operators choose them) and the `relufy::sparse_ffn` operator.
+  both operators choose them), the `relufy::sparse_ffn` operator, and `runs_on` (whether the
+  kernels, compiled or interpreted, can take a device's tensors).
 
 Rounding mirrors the dense PyTorch FFN: the gate and up projections are accumulated in fp32 and
 rounded to the input dtype before the activation and the product, so the set of zeros is the one
-the dense model sees (up to its different summation order; the "cublas" gate is the dense one).
+the dense model sees (up to its different summation order).
 """
 
-from .gate_up import ACTIVATION_CODES, FATRELU, GATES, RELU, RELU2, SHIFTED_RELU
-from .launch import routed_sparse_ffn, sparse_ffn, sparse_ffn_op, workspace_size
-from .tiles import GATE_VARIANTS, TILE_TABLE, Tiles, choose_tiles, gpu_family, gpu_tiles, with_gate
+from .gate_up import ACTIVATION_CODES, FATRELU, RELU, RELU2, SHIFTED_RELU
+from .launch import interpreted, routed_sparse_ffn, runs_on, sparse_ffn, sparse_ffn_op, workspace_size
+from .tiles import TILE_TABLE, Tiles, choose_tiles, gpu_family, gpu_tiles
 
-__all__ = ["ACTIVATION_CODES", "FATRELU", "GATES", "GATE_VARIANTS", "RELU", "RELU2", "SHIFTED_RELU", "TILE_TABLE",
-           "Tiles", "choose_tiles", "gpu_family", "gpu_tiles", "routed_sparse_ffn", "sparse_ffn", "sparse_ffn_op",
-           "with_gate", "workspace_size"]
+__all__ = ["ACTIVATION_CODES", "FATRELU", "RELU", "RELU2", "SHIFTED_RELU", "TILE_TABLE", "Tiles", "choose_tiles",
+           "gpu_family", "gpu_tiles", "interpreted", "routed_sparse_ffn", "runs_on", "sparse_ffn", "sparse_ffn_op",
+           "workspace_size"]

@@ -5,28 +5,38 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+from triton.runtime.interpreter import InterpretedFunction
 
 from .down import down_kernel
-from .gate_up import GATES, first_projection_kernel
+from .gate_up import first_projection_kernel
 from .tiles import Tiles, choose_tiles
 
 MIN_BLOCK_D = 16  # the narrowest column block of the down kernel: bounds its arrival counters
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
+def interpreted() -> bool:
+    """Whether these kernels run under Triton's CPU interpreter: Triton decided it when they were
+    defined (TRITON_INTERPRET=1 at import), and setting the variable later changes nothing."""
+    return isinstance(first_projection_kernel, InterpretedFunction)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can take tensors on `device`: compiled kernels need CUDA tensors (a CPU
+    tensor would reach the GPU launcher), interpreted ones run on any device."""
+    return interpreted() or device.type == "cuda"
+
+
 def workspace_size(tokens: int, n: int, d: int) -> int:
-    """int32 words of a workspace for `tokens` x `d` outputs of an FFN with `n` neurons."""
-    return _layout(tokens, n, d)[-1]
+    """int32 words of a workspace for `tokens` x `d` outputs of an FFN with `n` neurons (the state
+    words and arrival counters, then fp32 sums of the outputs; `n` does not enter the layout)."""
+    return _down_sums(d) + tokens * d
 
 
-def _layout(tokens: int, n: int, d: int) -> tuple[int, int, int, int]:
-    """Word offsets: the gate's arrival counters (after the count, the finish counter and the down
-    kernel's arrival counters), the down sums, the gate sums (fp32), and the end."""
-    gate_arrivals = 2 + triton.cdiv(d, MIN_BLOCK_D)
-    down_sums = 4 * triton.cdiv(gate_arrivals + n, 4)  # 16-byte aligned
-    gate_sums = down_sums + tokens * d
-    return gate_arrivals, down_sums, gate_sums, gate_sums + tokens * n
+def _down_sums(d: int) -> int:
+    """Word offset of the down kernel's fp32 sums: after the count, the finish counter and the down
+    kernel's arrival counters, 16-byte aligned."""
+    return 4 * triton.cdiv(2 + triton.cdiv(d, MIN_BLOCK_D), 4)
 
 
 def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
@@ -58,48 +68,29 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     tiles = tiles or choose_tiles(tokens, n, d, x.device)
     x1 = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
-    gate_arrivals, down_sums, gate_sums, _ = _layout(tokens, n, d)
-    _first_projection(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation, act_param, tiles,
-                      workspace[gate_arrivals:], workspace[gate_sums:].view(torch.float32))
-    out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
+        x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
+        float(act_param), GATED=w_up is not None, HAS_BIAS=b_first is not None, ACT=activation,
+        DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
+    out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     down_kernel[(tiles.split, triton.cdiv(d, tiles.block_d))](
-        x1, index, workspace, w_down_t, b_down, workspace[down_sums:].view(torch.float32), out, routes,
+        x1, index, workspace, w_down_t, b_down, workspace[_down_sums(d):].view(torch.float32), out, routes,
         tokens, n, d, n if dense_above is None else int(dense_above), SPLIT=tiles.split, HAS_BIAS=b_down is not None,
         HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_D=tiles.block_d,
         USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages)
     return out
 
 
-def _first_projection(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation, act_param, tiles,
-                      gate_arrivals, gate_sums) -> None:
-    """Launch the first kernel with `tiles.gate`: the gate from cuBLAS first, or read by the kernel
-    (split over K, through a TMA descriptor where the row stride allows one)."""
-    tokens, k = x.shape
-    n = w_first.shape[0]
-    gate = torch.nn.functional.linear(x, w_first, b_first) if tiles.gate == "cublas" else x1
-    tma = tiles.tma and (k * x.element_size()) % 16 == 0 and w_first.is_contiguous()
-    descriptor = TensorDescriptor.from_tensor(w_first, [tiles.block_n, tiles.block_k]) if tma else w_first
-    split_k = tiles.split_k if tiles.gate == "split_k" else 1
-    k_slice = tiles.block_k * triton.cdiv(triton.cdiv(k, split_k), tiles.block_k)  # whole K steps per slice
-    first_projection_kernel[(triton.cdiv(n, tiles.block_n), split_k)](
-        x, w_first, descriptor, w_up if w_up is not None else w_first, b_first, b_up, gate,
-        gate_sums, gate_arrivals, x1, index, workspace, tokens, n, k,
-        k_slice, float(act_param), GATED=w_up is not None, HAS_BIAS=b_first is not None, ACT=activation,
-        DTYPE=_TL_DTYPES[x.dtype], GATE=GATES[tiles.gate], SPLIT_K=split_k, TMA=tma, BLOCK_B=tiles.block_b,
-        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=tiles.warps_first,
-        num_stages=tiles.stages)
-
-
 def routed_sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                       b_first: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
-                      workspace: torch.Tensor | None, activation: int, act_param: float, gate: str,
+                      workspace: torch.Tensor | None, activation: int, act_param: float,
                       dense_above: int) -> torch.Tensor:
-    """`sparse_ffn` with the tiles of gate variant `gate` for this GPU and batch ("": the table's) and
-    the dense route above `dense_above` active neurons (< -1: never): the one path of both operators,
-    `relufy::sparse_ffn` (sparsify) and `relufy::sparse_gated_ffn` (vLLM)."""
-    tiles = choose_tiles(x.shape[0], w_down_t.shape[0], w_down_t.shape[1], x.device, gate)
+    """`sparse_ffn` with the tiles for this GPU and batch and the dense route above `dense_above`
+    active neurons (< -1: never): the one path of both operators, `relufy::sparse_ffn` (sparsify)
+    and `relufy::sparse_gated_ffn` (vLLM)."""
+    tiles = choose_tiles(x.shape[0], w_down_t.shape[0], w_down_t.shape[1], x.device)
     return sparse_ffn(x, w_first, w_up, w_down_t, activation, act_param, b_first, b_up, b_down, workspace, tiles,
                       None if dense_above < -1 else dense_above)
 
@@ -107,17 +98,17 @@ def routed_sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor
 @torch.library.custom_op("relufy::sparse_ffn", mutates_args=())
 def sparse_ffn_op(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                   b_first: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
-                  workspace: torch.Tensor | None, activation: int, act_param: float, gate: str = "",
+                  workspace: torch.Tensor | None, activation: int, act_param: float,
                   dense_above: int = -2) -> torch.Tensor:
     """`routed_sparse_ffn` as an operator that torch.compile keeps whole (its kernels are opaque to Inductor).
 
-    `gate` is a key of GATE_VARIANTS ("": the table's); `dense_above` < -1 means never dense. The
-    workspace is not declared mutated: the kernels return it to all zeros before they end.
+    `dense_above` < -1 means never dense. The workspace is not declared mutated: the kernels return
+    it to all zeros before they end.
     """
     return routed_sparse_ffn(x, w_first, w_up, w_down_t, b_first, b_up, b_down, workspace, activation, act_param,
-                             gate, dense_above)
+                             dense_above)
 
 
 @sparse_ffn_op.register_fake
-def _(x, w_first, w_up, w_down_t, b_first, b_up, b_down, workspace, activation, act_param, gate="", dense_above=-2):
+def _(x, w_first, w_up, w_down_t, b_first, b_up, b_down, workspace, activation, act_param, dense_above=-2):
     return x.new_empty(x.shape[0], w_down_t.shape[1])

@@ -1,4 +1,4 @@
-"""Block sizes, launch shape and gate variant of a sparse FFN call, per GPU and batch size."""
+"""Block sizes and launch shape of a sparse FFN call, per GPU and batch size."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 
 @dataclass(frozen=True)
 class Tiles:
-    """Block sizes, launch shape and gate variant of one call (`choose_tiles` picks them per GPU and batch)."""
+    """Block sizes and launch shape of one call (`choose_tiles` picks them per GPU and batch)."""
 
     block_b: int
     block_n: int
@@ -23,9 +23,6 @@ class Tiles:
     warps_first: int = 4
     warps_down: int = 4
     stages: int = 3
-    gate: str = "fused"  # a key of GATES
-    split_k: int = 1  # programs per row block with the "split_k" gate
-    tma: bool = False  # read the gate rows through a TMA tensor descriptor ("fused" and "split_k")
 
 
 # The first kernel's tiles per GPU and batch class (largest batch of the class), read off
@@ -39,14 +36,6 @@ TILE_TABLE = {
              1 << 30: dict(block_n=32, block_k=128, use_dot=True, stages=4)},
 }
 TILE_TABLE["H100"] = TILE_TABLE["H200"]
-# The gate variants the bench compares (`with_gate`): changes to the table's tiles.
-GATE_VARIANTS = {
-    "fused": dict(gate="fused"),
-    "fused_tma": dict(gate="fused", tma=True),
-    "split_k": dict(gate="split_k", split_k=8),
-    "split_k_tma": dict(gate="split_k", split_k=8, tma=True),
-    "cublas": dict(gate="cublas"),
-}
 
 
 def gpu_family(name: str) -> str:
@@ -54,17 +43,14 @@ def gpu_family(name: str) -> str:
     return next((family for family in TILE_TABLE if family in name), "H200")
 
 
-def choose_tiles(batch: int, n: int, d: int, device: torch.device, gate: str = "") -> Tiles:
-    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter),
-    with the gate variant `gate` (a key of GATE_VARIANTS; "" keeps the table's)."""
+def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
+    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter)."""
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        tiles = gpu_tiles(batch, d, properties.multi_processor_count, gpu_family(properties.name))
-    else:
-        tiles = gpu_tiles(batch, d, multiprocessors=4)
-        # Triton's CPU interpreter runs programs one by one: fewer, larger ones
-        tiles = dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
-    return with_gate(tiles, gate) if gate else tiles
+        return gpu_tiles(batch, d, properties.multi_processor_count, gpu_family(properties.name))
+    tiles = gpu_tiles(batch, d, multiprocessors=4)
+    # Triton's CPU interpreter runs programs one by one: fewer, larger ones
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
 
 
 def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") -> Tiles:
@@ -76,18 +62,3 @@ def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") ->
     per_processor = 4 if batch == 1 else 8
     return Tiles(block_b=1 if batch == 1 else max(16, triton.next_power_of_2(batch)), chunk=32, block_d=128,
                  split=max(1, min(64, (per_processor * multiprocessors) // column_blocks)), **first)
-
-
-def with_gate(tiles: Tiles, variant: str) -> Tiles:
-    """`tiles` with the gate variant `variant`. Split-K programs own at least 32 rows in short K
-    steps (many rows in flight per load, one program in eight finishing); a TMA box is at most 256
-    elements wide."""
-    changes = dict(GATE_VARIANTS[variant])
-    if changes["gate"] == "split_k":
-        changes["block_n"] = max(32, tiles.block_n)
-        changes["block_k"] = min(tiles.block_k, 256)
-    if changes.get("tma"):
-        changes["block_k"] = min(changes.get("block_k", tiles.block_k), 256)
-        changes["stages"] = max(tiles.stages, 3)
-    return dataclasses.replace(tiles, **{"split_k": 1, "tma": False, **changes})
-

@@ -119,6 +119,36 @@ def test_liger_fused_linear_jsd_matches_the_logits_path(kind):
     assert_grads_close(fused_grads, grads)
 
 
+liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+
+
+@liger
+@pytest.mark.parametrize("kind", ["kl", "jsd"])
+def test_the_one_pass_loss_is_the_two_pass_loss_without_the_models_own_head(tmp_path, kind):
+    """With Liger, one pass of Liger's chunked JSD loss over the student's head gives the two-pass loss (the
+    model's cross-entropy, then the fused linear JSD), its logged terms and its gradients; on the one-pass path
+    the model's own LM head runs on no position (it makes no logits and no loss of its own)."""
+    inputs = batch()
+    inputs["labels"][0, 5:9] = -100
+    results, head_rows = [], []
+    for one_pass in (False, True):
+        student = build_tiny_model("llama", seed=0, hidden_act="relu").train()
+        student.lm_head.register_forward_hook(lambda _m, args, _out: head_rows.append((one_pass, args[0].shape[1])))
+        distiller = Distiller(DistillLoss(alpha=0.7, temperature=2.0, kind=kind, beta=0.3),
+                              teacher=build_tiny_model("llama", seed=1), fused=True, one_pass=one_pass)
+        trainer = make_trainer(student, tmp_path / str(one_pass), 0.05, distiller)
+        loss, grads = loss_and_grads(trainer, inputs)
+        window = trainer._window
+        results.append((loss.item(), float(window.lm), float(window.distill), float(window.l1), grads))
+    (loss, lm, kd, l1, grads), (one_loss, one_lm, one_kd, one_l1, one_grads) = results
+    assert head_rows == [(False, 16), (True, 0)]
+    assert kd > 1e-4 and one_kd == pytest.approx(kd, rel=1e-4, abs=torch.finfo(torch.float32).eps * math.log(VOCAB))
+    assert one_lm == pytest.approx(lm, rel=1e-6) and one_l1 == l1
+    assert one_loss == pytest.approx(loss, rel=1e-5)
+    assert one_loss == pytest.approx(0.3 * one_lm + 0.7 * 4 * one_kd + 0.05 * one_l1, rel=1e-6)
+    assert_grads_close(one_grads, grads)
+
+
 # -- the loss inside the Trainer -------------------------------------------------------------------------------
 def test_alpha_zero_reproduces_the_loss_and_gradients_bit_for_bit(tmp_path):
     teacher = build_tiny_model("llama", seed=0)  # SiLU

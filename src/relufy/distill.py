@@ -28,6 +28,7 @@ on the log-softmaxed logits, and `generalized_jsd` below for the JSD.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -140,6 +141,34 @@ class DistillLoss:
                     labels[:, 1:].reshape(-1))
 
 
+    def one_pass(self, student: HeadInput, teacher: HeadInput, labels: torch.Tensor) -> OnePassLoss:
+        """alpha * T^2 * D + (1 - alpha) * LM in one pass over the student's LM head: Liger's chunked
+        `LigerFusedLinearJSDLoss` computes each chunk's student logits once and takes both the cross-entropy at
+        T = 1 (its hard loss, weight 1 - alpha) and D at temperature T (its soft loss, weight alpha * T^2) from
+        them, each a mean over the positions whose shifted label is not IGNORE_INDEX, as the LM loss and
+        `from_logits` average. Its JSD is relufy's `generalized_jsd` (M = beta P + (1 - beta) Q, beta 0 the
+        forward KL), so every kind, beta and T maps exactly. Its chunk loop is torch.compile'd on CUDA (Liger's
+        default) and eager elsewhere."""
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=1 - self.alpha, weight_soft_loss=self.alpha * self.temperature ** 2,
+                                       beta=self.liger_beta, ignore_index=IGNORE_INDEX, temperature=self.temperature,
+                                       compiled=student.hidden.is_cuda, return_soft_hard_loss=True)
+        total, divergence, lm = loss(student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1]), student.weight,
+                                     teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
+                                     labels[:, 1:].reshape(-1))
+        return OnePassLoss(total, lm.detach(), divergence.detach())
+
+
+@dataclass
+class OnePassLoss:
+    """What `DistillLoss.one_pass` gives: the combined loss (with gradients) and its two terms (detached, to log)."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    divergence: torch.Tensor
+
+
 @dataclass
 class HeadInput:
     """A model's last hidden states (the LM head's input) and its head weight: the fused loss's inputs."""
@@ -197,7 +226,9 @@ class Distiller:
 
     `teacher` is a separate frozen model, or None for the LoRA teacher (the student's base, adapters
     disabled, with `swap` restoring the original activation when the conversion changed it). `fused`
-    selects Liger's fused linear JSD over the logits path. `compile_options` (torch.compile's keyword
+    selects Liger's fused linear JSD over the logits path; `one_pass` (with `fused`) computes the LM loss and D
+together in one pass over the student's LM head (`DistillLoss.one_pass`), the student run without labels and
+without logits, so that the model's own fused cross-entropy does not run the head a second time. `compile_options` (torch.compile's keyword
     arguments, as the recipe's `torch_compile` gives the student) compile the separate teacher's forward:
     at the 135M shape an eager step is bound by the host launching kernels, and the teacher's forward is a
     third of a step. The LoRA teacher is not compiled: disabling the adapters and swapping the activation
@@ -205,8 +236,9 @@ class Distiller:
     """
 
     def __init__(self, loss: DistillLoss, *, teacher: nn.Module | None = None, swap: ActivationSwap | None = None,
-                 fused: bool = False, compile_options: dict | None = None):
+                 fused: bool = False, one_pass: bool = False, compile_options: dict | None = None):
         self.loss, self.teacher, self.swap, self.fused = loss, teacher, swap, fused
+        self.one_pass = fused and one_pass
         self.teacher_body = None  # what runs the separate teacher: its decoder (fused) or the whole model
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -261,13 +293,29 @@ class Distiller:
     def divergence(self, model: nn.Module, outputs, caught: dict, teacher, labels: torch.Tensor) -> torch.Tensor:
         """D(teacher || student) of the micro-batch, averaged over its labelled positions."""
         if self.fused:
-            student = HeadInput(caught["hidden"], model.get_output_embeddings().weight)
-            return self.loss.fused(student, teacher, labels)
+            return self.loss.fused(_student_head(model, caught), teacher, labels)
         logits = getattr(outputs, "logits", None)
         if logits is None:
             raise TrainingError("distillation needs the student's logits, which this forward did not return; set "
                                 "liger_kernel_config.fused_linear_cross_entropy: false or use_liger_kernel: false")
         return self.loss.from_logits(logits, teacher, labels)
+
+
+    @staticmethod
+    def student_features(inputs: dict) -> dict:
+        """The student's inputs on the one-pass path: no labels, so the model computes no loss of its own, and
+        `logits_to_keep` an empty index, so its LM head runs on zero positions and no logits are made."""
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        features["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        return features
+
+    def one_pass_loss(self, model: nn.Module, caught: dict, teacher: HeadInput, labels: torch.Tensor) -> OnePassLoss:
+        """alpha * T^2 * D + (1 - alpha) * LM of the micro-batch from the student's caught hidden states."""
+        return self.loss.one_pass(_student_head(model, caught), teacher, labels)
+
+
+def _student_head(model: nn.Module, caught: dict) -> HeadInput:
+    return HeadInput(caught["hidden"], model.get_output_embeddings().weight)
 
 
 # -- building the teacher from a recipe ------------------------------------------------------------------
@@ -280,31 +328,34 @@ def build_distiller(training: ProSparseConfig, args: ModelArguments, base: Base,
     """
     loss = DistillLoss.from_config(training)
     fused = _use_fused_loss(training, student)
+    one_pass = fused and _one_pass_fits(training, student)
     if training.distill_teacher:
         teacher = _load_named_teacher(training.distill_teacher, args, student, tokenizer)
     else:
         current, original = original_activation(base)
         if training.use_peft:  # the same weights: no second copy, only the activation put back per forward
             swap = ActivationSwap(student, current, original) if current != original else None
-            return Distiller(loss, swap=swap, fused=fused)
+            return Distiller(loss, swap=swap, fused=fused, one_pass=one_pass)
         key = architecture_of(student.config).activation_key
         teacher = _load(base.source, args, {**args.model_config_overrides, key: original},
                         "the distillation teacher")
     logger.info("distillation teacher: %s (%s)", training.distill_teacher or base.source,
+                "Liger, LM loss and divergence in one pass" if one_pass else
                 "Liger fused linear JSD" if fused else "logits, torch")
-    return separate_teacher(loss, teacher, fused=fused, liger_kernel_config=training.liger_kernel_config,
+    return separate_teacher(loss, teacher, fused=fused, one_pass=one_pass,
+                            liger_kernel_config=training.liger_kernel_config,
                             compile_options=teacher_compile_options(training))
 
 
-def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool, liger_kernel_config: dict | None = None,
-                     compile_options: dict | None = None) -> Distiller:
+def separate_teacher(loss: DistillLoss, teacher: nn.Module, *, fused: bool, one_pass: bool = False,
+                     liger_kernel_config: dict | None = None, compile_options: dict | None = None) -> Distiller:
     """A Distiller around a separate teacher; with the fused loss the teacher gets the student's Liger kernels
     (its norms and RoPE; its decoder is all the fused loss runs)."""
     if fused:
         from transformers.integrations.liger import apply_liger_kernel
 
         apply_liger_kernel(teacher, liger_kernel_config)
-    return Distiller(loss, teacher=teacher, fused=fused, compile_options=compile_options)
+    return Distiller(loss, teacher=teacher, fused=fused, one_pass=one_pass, compile_options=compile_options)
 
 
 def teacher_compile_options(training: ProSparseConfig) -> dict | None:
@@ -352,6 +403,16 @@ def _use_fused_loss(training: ProSparseConfig, student: nn.Module) -> bool:
                        "losses leave out; Liger's fused cross-entropy is off, the loss uses the logits")
         return False
     return True
+
+
+def _one_pass_fits(training: ProSparseConfig, student: nn.Module) -> bool:
+    """Whether the fused path can compute the LM loss itself, in the pass that computes D: the LM loss must be
+    the plain cross-entropy (no label smoothing) and the model must take `logits_to_keep` (transformers' causal
+    LMs and Liger's forwards of them do), so that it can run without making logits."""
+    if training.label_smoothing_factor:
+        return False
+    model = student.get_base_model() if hasattr(student, "get_base_model") else student
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _load_named_teacher(path: str, args: ModelArguments, student: nn.Module, tokenizer) -> nn.Module:

@@ -97,20 +97,36 @@ class ProSparseTrainer(Trainer):
         teacher = distiller.teacher_outputs(unwrapped, inputs, self.accelerator.autocast()) if distiller else None
         self.probe.count_zeros = self._logs_step(self.state.global_step + 1)
         self.probe.enabled = True
+        one_pass = distiller is not None and distiller.one_pass and self.label_smoother is None
         try:
             with distiller.watch_student(unwrapped) if distiller else contextlib.nullcontext() as caught:
-                lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            l1 = self.probe.pop_l1().to(lm_loss.device)
+                if one_pass:  # the model computes neither logits nor a loss; the one-pass loss below does both
+                    lm_loss, outputs = None, model(**distiller.student_features(inputs))
+                else:
+                    lm_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            l1 = self.probe.pop_l1()
         finally:
             self.probe.enabled = False  # backward's recomputation (checkpointing) must not count again
-        loss = lm_loss
-        if distiller:
-            kd = distiller.divergence(unwrapped, outputs, caught, teacher, inputs["labels"])
-            loss = distiller.loss.combine(lm_loss, kd)
-            self._window.add_distill(kd.detach())
+        loss, lm_loss = self._distilled(unwrapped, lm_loss, outputs, caught, teacher, inputs["labels"]) \
+            if distiller else (lm_loss, lm_loss)
+        l1 = l1.to(loss.device)
         loss = loss + lam * l1 if lam > 0 else loss
         self._window.add(lm_loss.detach(), l1.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _distilled(self, unwrapped, lm_loss, outputs, caught: dict, teacher, labels) -> tuple:
+        """(alpha * T^2 * D + (1 - alpha) * LM, the LM loss) with the distiller. `lm_loss` None: the one-pass path,
+        where Liger's loss computes both terms from the caught hidden states, under the autocast the student's
+        forward (and its fused cross-entropy, on the two-pass path) runs in."""
+        distiller = self.distiller
+        if lm_loss is None:
+            with self.accelerator.autocast():
+                terms = distiller.one_pass_loss(unwrapped, caught, teacher, labels)
+            self._window.add_distill(terms.divergence)
+            return terms.total, terms.lm
+        kd = distiller.divergence(unwrapped, outputs, caught, teacher, labels)
+        self._window.add_distill(kd.detach())
+        return distiller.loss.combine(lm_loss, kd), lm_loss
 
     def _logs_step(self, step: int) -> bool:
         """Whether the Trainer will log at `step` (zeros are only counted on those steps' batches)."""

@@ -8,7 +8,8 @@ alternate in the given order. Prints the step-time ratio (goal <= 1.35) and the 
 ratio, fastest against fastest and median against median.
 
     python bench/distill_overhead.py                                  # SmolLM2-135M shape, KL, bf16 autocast
-    python bench/distill_overhead.py --liger --json out.json          # Liger: the fused linear JSD (CUDA)
+    python bench/distill_overhead.py --liger --json out.json          # Liger: LM loss and divergence in one pass (CUDA)
+    python bench/distill_overhead.py --liger --two-pass               # Liger: fused CE, then the fused linear JSD
     python bench/distill_overhead.py --liger --compile                # torch_compile: student and teacher compiled
     python bench/distill_overhead.py --loss jsd --temperature 2
     python bench/distill_overhead.py --tiny                           # CPU smoke run
@@ -44,7 +45,7 @@ def run(kind: str, args, blocks) -> dict:
     if kind == "distill":
         loss = DistillLoss(args.alpha, args.temperature, args.loss, args.jsd_beta)
         teacher = build_model(args.model, dtype, hidden_act="silu")
-        extra["distiller"] = separate_teacher(loss, teacher, fused=args.liger,
+        extra["distiller"] = separate_teacher(loss, teacher, fused=args.liger, one_pass=not args.two_pass,
                                               liger_kernel_config=dict.fromkeys(LIGER_MLP_KERNELS, False),
                                               compile_options={} if args.compile else None)
     mean = time_regularized_steps(model, blocks, args, **extra)
@@ -57,7 +58,8 @@ def run(kind: str, args, blocks) -> dict:
 def summarize(runs: dict[str, list[dict]], args) -> dict:
     summary = {"device": device_name(), "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
                "dtype": args.dtype, "lambda": args.lam, "alpha": args.alpha, "temperature": args.temperature,
-               "loss": args.loss, "liger": args.liger, "fused": args.liger, "grad_ckpt": args.grad_ckpt,
+               "loss": args.loss, "liger": args.liger, "fused": args.liger,
+               "one_pass": args.liger and not args.two_pass, "grad_ckpt": args.grad_ckpt,
                "compile": args.compile, "runs": runs,
                "ratio": None, "ratio_median": None, "memory_ratio": None}
     steps = {kind: [r["step_s"] for r in runs.get(kind, [])] for kind in KINDS}
@@ -73,7 +75,7 @@ def summarize(runs: dict[str, list[dict]], args) -> dict:
 def report(summary: dict, args) -> None:
     print(f"{args.model}, batch {args.batch_size} x {args.seq_len}, {args.dtype} weights"
           f"{' + bf16 autocast' if ON_GPU else ''}, lambda {args.lam:g}, {args.loss} alpha {args.alpha:g} "
-          f"T {args.temperature:g}{', Liger fused linear JSD' if args.liger else ', torch logits path'}"
+          f"T {args.temperature:g}{liger_path(args) if args.liger else ', torch logits path'}"
           f"{', grad ckpt' if args.grad_ckpt else ''}{', compiled' if args.compile else ''} on {summary['device']}:")
     for kind in KINDS:
         runs = summary["runs"].get(kind, [])
@@ -91,6 +93,10 @@ def report(summary: dict, args) -> None:
         print(f"  peak memory distill / plain: {summary['memory_ratio']:.3f}")
 
 
+def liger_path(args) -> str:
+    return ", Liger fused CE + fused linear JSD" if args.two_pass else ", Liger one pass (LM loss and divergence)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=list(CONFIGS), default="smollm2-135m")
@@ -106,7 +112,11 @@ def main() -> int:
     parser.add_argument("--loss", choices=["kl", "jsd"], default="kl")
     parser.add_argument("--jsd-beta", type=float, default=0.5)
     parser.add_argument("--liger", action="store_true",
-                        help="use_liger_kernel=True: Liger's fused cross-entropy and the fused linear JSD (CUDA)")
+                        help="use_liger_kernel=True: Liger's kernels; the LM loss and divergence in one pass of Liger's "
+                             "chunked JSD loss (CUDA)")
+    parser.add_argument("--two-pass", action="store_true",
+                        help="with --liger: the model's fused cross-entropy, then the fused linear JSD (the student's "
+                             "LM head computed twice) instead of the one-pass loss")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     parser.add_argument("--compile", action="store_true",
                         help="torch_compile=True for both kinds of run; the teacher's forward is compiled too "

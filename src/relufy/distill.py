@@ -22,7 +22,10 @@ The teacher is one of:
 The divergence runs in one of two implementations: with Liger Kernel's fused linear cross-entropy
 on (CUDA, `use_liger_kernel: true`), Liger's `LigerFusedLinearJSD`, which takes both models' last
 hidden states and head weights and never materializes the logits; otherwise `torch.nn.functional.kl_div`
-on the log-softmaxed logits, and `generalized_jsd` below for the JSD.
+on the log-softmaxed logits, and `generalized_jsd` below for the JSD. With Liger, where the LM loss is the plain
+cross-entropy and the model takes `logits_to_keep`, the student runs without labels and without logits and
+Liger's chunked `LigerFusedLinearJSDLoss` computes the LM loss and D in one pass over its LM head
+(`DistillLoss.one_pass`) instead of the model's fused cross-entropy followed by the fused linear JSD.
 """
 
 from __future__ import annotations

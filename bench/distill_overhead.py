@@ -36,7 +36,8 @@ KINDS = ("plain", "distill")
 def run(kind: str, args, blocks) -> dict:
     """One run: mean step time and peak allocated GPU memory (teacher included) of `kind`."""
     from relufy.configs import LIGER_MLP_KERNELS
-    from relufy.distill import DistillLoss, separate_teacher
+    from relufy.distill import separate_teacher
+    from relufy.divergence import DistillLoss
 
     reset_peak_memory()
     dtype = getattr(torch, args.dtype)

@@ -16,7 +16,8 @@ from tiny_models import (VOCAB, assert_grads_close, batch, build_tiny_model, sav
 from transformers import TrainingArguments
 
 from relufy.cli import main
-from relufy.distill import ActivationSwap, Distiller, DistillLoss, generalized_jsd, kl_divergence
+from relufy.distill import ActivationSwap, Distiller
+from relufy.divergence import DistillLoss, generalized_jsd, kl_divergence
 from relufy.errors import RecipeError
 from relufy.probe import SparsityProbe
 from relufy.recipe import load_recipe

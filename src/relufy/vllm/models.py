@@ -4,8 +4,8 @@ vLLM's MLP classes refuse any `hidden_act` but silu when they are built. Each cl
 vLLM's own model with `hidden_act` set to silu for the duration of the constructor (the MLPs are
 the only readers of that key), puts the config's value back, and then gives each decoder layer a
 `RelufyMLP` that adopts the layer's gate_up_proj and down_proj. With any other activation the
-class is exactly vLLM's. After the weights are loaded, `process_weights_after_loading` turns the
-sparse decode path on where it can run (`RelufyMLP.prepare_sparse`).
+class is exactly vLLM's. After the weights are loaded, `load_weights` turns the sparse decode path
+on where it can run (`RelufyMLP.prepare_sparse`).
 """
 
 from __future__ import annotations
@@ -55,14 +55,20 @@ class _RelufyModelMixin:
         if activation is not None:
             _adopt_mlps(self, activation)
 
-    def process_weights_after_loading(self) -> None:
-        parent = getattr(super(), "process_weights_after_loading", None)
-        if parent is not None:
-            parent()
+    def load_weights(self, weights):
+        """vLLM's loading, then the sparse path where it can run.
+
+        The model's `load_weights` is the post-load hook every supported vLLM release calls (0.32 also
+        calls a model's `process_weights_after_loading`, 0.26 does not). It runs before the linears'
+        quant methods post-process their weights; `prepare_sparse` only reads unquantized weights,
+        which that step leaves as they are on CUDA. A reload (`load_weights` again) recalibrates.
+        """
+        loaded = super().load_weights(weights)
         workspace_for = workspace_allocator()
         for module in self.modules():
             if isinstance(module, RelufyMLP):
                 module.prepare_sparse(workspace_for)
+        return loaded
 
 
 class ReluLlamaForCausalLM(_RelufyModelMixin, LlamaForCausalLM):

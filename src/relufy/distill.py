@@ -100,10 +100,11 @@ class Distiller:
 
     `teacher` is a separate frozen model, or None for the LoRA teacher (the student's base, adapters
     disabled, with `swap` restoring the original activation when the conversion changed it). `fused`
-    selects Liger's fused linear JSD over the logits path; `one_pass` (with `fused`) computes the LM loss and D
-together in one pass over the student's LM head (`DistillLoss.one_pass`), the student run without labels and
-without logits, so that the model's own fused cross-entropy does not run the head a second time. `compile_options` (torch.compile's keyword
-    arguments, as the recipe's `torch_compile` gives the student) compile the separate teacher's forward:
+    selects Liger's fused linear JSD over the logits path; `one_pass` (with `fused`) computes the LM loss
+    and D together in one pass over the student's LM head (`DistillLoss.one_pass`), the student run
+    without labels and without logits, so that the model's own fused cross-entropy does not run the head
+    a second time. `compile_options` (torch.compile's keyword arguments, as the recipe's `torch_compile`
+    gives the student) compile the separate teacher's forward:
     at the 135M shape an eager step is bound by the host launching kernels, and the teacher's forward is a
     third of a step. The LoRA teacher is not compiled: disabling the adapters and swapping the activation
     change the module tree for its forward, which a compiled graph would guard on and recompile for.
@@ -130,7 +131,7 @@ without logits, so that the model's own fused cross-entropy does not run the hea
         `use_cache=False`: a training forward has no use for a KV cache (the LoRA teacher is the student,
         whose config may ask for one).
         """
-        features = {key: value for key, value in inputs.items() if key != "labels"}
+        features = _without_labels(inputs)
         features["use_cache"] = False
         with torch.no_grad(), autocast or contextlib.nullcontext():
             if self.teacher is not None:
@@ -174,18 +175,22 @@ without logits, so that the model's own fused cross-entropy does not run the hea
                                 "liger_kernel_config.fused_linear_cross_entropy: false or use_liger_kernel: false")
         return self.loss.from_logits(logits, teacher, labels)
 
-
     @staticmethod
     def student_features(inputs: dict) -> dict:
         """The student's inputs on the one-pass path: no labels, so the model computes no loss of its own, and
         `logits_to_keep` an empty index, so its LM head runs on zero positions and no logits are made."""
-        features = {key: value for key, value in inputs.items() if key != "labels"}
+        features = _without_labels(inputs)
         features["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
         return features
 
     def one_pass_loss(self, model: nn.Module, caught: dict, teacher: HeadInput, labels: torch.Tensor) -> OnePassLoss:
         """alpha * T^2 * D + (1 - alpha) * LM of the micro-batch from the student's caught hidden states."""
         return self.loss.one_pass(_student_head(model, caught), teacher, labels)
+
+
+def _without_labels(inputs: dict) -> dict:
+    """A batch's model inputs without its labels: a forward given labels computes a loss of its own."""
+    return {key: value for key, value in inputs.items() if key != "labels"}
 
 
 def _student_head(model: nn.Module, caught: dict) -> HeadInput:

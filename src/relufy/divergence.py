@@ -102,12 +102,8 @@ class DistillLoss:
         stored; Liger averages over the positions whose shifted label is not IGNORE_INDEX."""
         from liger_kernel.transformers import LigerFusedLinearJSD
 
-        width = student.hidden.shape[-1]
         loss = LigerFusedLinearJSD(jsd_beta=self.liger_beta, ignore_index=IGNORE_INDEX, temperature=self.temperature)
-        return loss(student.hidden[:, :-1].reshape(-1, width), student.weight,
-                    teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
-                    labels[:, 1:].reshape(-1))
-
+        return loss(*_shifted_head_inputs(student, teacher, labels))
 
     def one_pass(self, student: HeadInput, teacher: HeadInput, labels: torch.Tensor) -> OnePassLoss:
         """alpha * T^2 * D + (1 - alpha) * LM in one pass over the student's LM head: Liger's chunked
@@ -119,12 +115,11 @@ class DistillLoss:
         default) and eager elsewhere."""
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        loss = LigerFusedLinearJSDLoss(weight_hard_loss=1 - self.alpha, weight_soft_loss=self.alpha * self.temperature ** 2,
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=1 - self.alpha,
+                                       weight_soft_loss=self.alpha * self.temperature ** 2,
                                        beta=self.liger_beta, ignore_index=IGNORE_INDEX, temperature=self.temperature,
                                        compiled=student.hidden.is_cuda, return_soft_hard_loss=True)
-        total, divergence, lm = loss(student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1]), student.weight,
-                                     teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
-                                     labels[:, 1:].reshape(-1))
+        total, divergence, lm = loss(*_shifted_head_inputs(student, teacher, labels))
         return OnePassLoss(total, lm.detach(), divergence.detach())
 
 
@@ -143,3 +138,10 @@ class HeadInput:
 
     hidden: torch.Tensor
     weight: torch.Tensor
+
+
+def _shifted_head_inputs(student: HeadInput, teacher: HeadInput, labels: torch.Tensor) -> tuple:
+    """Liger's fused-linear arguments: both models' hidden states at every position but the last, flattened to
+    (positions x width), their head weights, and the labels shifted by one (position i predicts token i + 1)."""
+    return (student.hidden[:, :-1].reshape(-1, student.hidden.shape[-1]), student.weight,
+            teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]), teacher.weight, labels[:, 1:].reshape(-1))

@@ -278,11 +278,12 @@ def record_settings(s: argparse.Namespace) -> None:
 
 def collect(s: argparse.Namespace) -> None:
     """Copy each evaluation's small files (no per-example samples) and its arm's training log into DEST,
-    then write DEST/compare.md with `relufy compare`, in the order the arms are defined."""
-    evaluations = sorted((path for path in (s.out_dir / "eval").iterdir()  # not relufy's hidden locks and temps
-                          if path.is_dir() and not path.name.startswith(".")),
-                         key=lambda path: evaluation_order(path.name))
-    for source in evaluations:
+    then write DEST/compare.md and DEST/matched.md from everything DEST holds: arms trained in separate
+    runs, on machines that are gone by now, collect into one folder and one table."""
+    s.dest.mkdir(parents=True, exist_ok=True)
+    evaluations = (s.out_dir / "eval").iterdir() if (s.out_dir / "eval").is_dir() else ()
+    for source in (path for path in evaluations if path.is_dir() and not path.name.startswith(".")):
+        # not relufy's hidden locks and temps
         target = s.dest / source.name
         target.mkdir(parents=True, exist_ok=True)
         for path in source.iterdir():
@@ -297,28 +298,44 @@ def collect(s: argparse.Namespace) -> None:
             provenance = json.loads(config.read_text()).get("relufy", {})
             (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"{source} -> {target}")
-    for name in ("timings.tsv", "settings.json"):
-        if (s.out_dir / name).exists():
-            shutil.copy2(s.out_dir / name, s.dest / name)
-    collect_matched(s.out_dir / "matched", s.dest)
-    (s.dest / "compare.md").unlink(missing_ok=True)  # this driver's own table, rewritten from the copies above
-    subprocess.run([sys.executable, "-m", "relufy", "compare", *(s.dest / e.name for e in evaluations),
-                    "--markdown", s.dest / "compare.md"], check=True)
+    merge_run_records(s.out_dir, s.dest)
+    if (s.out_dir / "matched").is_dir():
+        (s.dest / "matched").mkdir(parents=True, exist_ok=True)
+        for path in (s.out_dir / "matched").glob("*.json"):
+            shutil.copy2(path, s.dest / "matched" / path.name)
+    write_tables(s.dest)
 
 
-def collect_matched(source: Path, dest: Path) -> None:
-    """Copy matched/*.json into DEST/matched/ and write DEST/matched.md: every route at the matched zero-ratios."""
-    if not source.is_dir():
-        return
-    from relufy.matched import matched_table
+def merge_run_records(source: Path, dest: Path) -> None:
+    """DEST/timings.tsv gains SOURCE's rows it lacks; DEST/settings.json gains SOURCE's arms (theirs win)."""
+    timings = source / "timings.tsv"
+    if timings.exists():
+        known = (dest / "timings.tsv").read_text().splitlines() if (dest / "timings.tsv").exists() else []
+        rows = known + [row for row in timings.read_text().splitlines() if row not in known]
+        (dest / "timings.tsv").write_text("".join(row + "\n" for row in rows))
+    settings = source / "settings.json"
+    if settings.exists():
+        merged = json.loads((dest / "settings.json").read_text()) if (dest / "settings.json").exists() else {}
+        merged.update(json.loads(settings.read_text()))
+        (dest / "settings.json").write_text(json.dumps(merged, indent=2) + "\n")
 
-    (dest / "matched").mkdir(parents=True, exist_ok=True)
-    for path in source.glob("*.json"):
-        shutil.copy2(path, dest / "matched" / path.name)
-    routes = [route for route in ROUTES if (source / f"{route}.json").exists()]
-    results = [json.loads((source / f"{route}.json").read_text()) for route in routes]
-    (dest / "matched.md").write_text(matched_table(results, routes) + "\n")
-    print(f"{source} -> {dest / 'matched'}, {dest / 'matched.md'}")
+
+def write_tables(dest: Path) -> None:
+    """DEST/compare.md (`relufy compare` of every collected evaluation, in the order the arms are defined) and
+    DEST/matched.md (every collected route at the matched zero-ratios)."""
+    evaluations = sorted((path for path in dest.iterdir() if (path / "results.json").exists()),
+                         key=lambda path: evaluation_order(path.name))
+    (dest / "compare.md").unlink(missing_ok=True)  # this driver's own table, rewritten from the copies
+    if evaluations:
+        subprocess.run([sys.executable, "-m", "relufy", "compare", *evaluations, "--markdown", dest / "compare.md"],
+                       check=True)
+    routes = [route for route in ROUTES if (dest / "matched" / f"{route}.json").exists()]
+    if routes:
+        from relufy.matched import matched_table
+
+        results = [json.loads((dest / "matched" / f"{route}.json").read_text()) for route in routes]
+        (dest / "matched.md").write_text(matched_table(results, routes) + "\n")
+        print(f"{dest / 'matched.md'}: {', '.join(routes)}")
 
 
 def evaluation_order(name: str) -> tuple[int, str]:

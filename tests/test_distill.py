@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +36,7 @@ def tiny_recipe(base: Path, out: Path, *overrides: str):
 
 
 def make_trainer(model, tmp_path, lam, distiller=None) -> ProSparseTrainer:
-    training = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    training = TrainingArguments(output_dir=str(tmp_path), use_cpu=model.device.type == "cpu", report_to=[])
     return ProSparseTrainer(model=model, args=training, schedule=Schedule.from_config([{"lambda": lam, "end_step": 9}]),
                             distiller=distiller)
 
@@ -121,6 +122,8 @@ def test_liger_fused_linear_jsd_matches_the_logits_path(kind):
 
 
 liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+# Liger's Triton kernels run under the CPU interpreter (CI) or compiled on CUDA tensors (RELUFY_TEST_CUDA=1)
+LIGER_DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 
 
 @liger
@@ -129,14 +132,15 @@ def test_the_one_pass_loss_is_the_two_pass_loss_without_the_models_own_head(tmp_
     """With Liger, one pass of Liger's chunked JSD loss over the student's head gives the two-pass loss (the
     model's cross-entropy, then the fused linear JSD), its logged terms and its gradients; on the one-pass path
     the model's own LM head runs on no position (it makes no logits and no loss of its own)."""
-    inputs = batch()
+    inputs = {key: value.to(LIGER_DEVICE) for key, value in batch().items()}
     inputs["labels"][0, 5:9] = -100
     results, head_rows = [], []
     for one_pass in (False, True):
-        student = build_tiny_model("llama", seed=0, hidden_act="relu").train()
+        student = build_tiny_model("llama", seed=0, hidden_act="relu").to(LIGER_DEVICE).train()
         student.lm_head.register_forward_hook(lambda _m, args, _out: head_rows.append((one_pass, args[0].shape[1])))
         distiller = Distiller(DistillLoss(alpha=0.7, temperature=2.0, kind=kind, beta=0.3),
-                              teacher=build_tiny_model("llama", seed=1), fused=True, one_pass=one_pass)
+                              teacher=build_tiny_model("llama", seed=1).to(LIGER_DEVICE), fused=True,
+                              one_pass=one_pass)
         trainer = make_trainer(student, tmp_path / str(one_pass), 0.05, distiller)
         loss, grads = loss_and_grads(trainer, inputs)
         window = trainer._window

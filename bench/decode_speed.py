@@ -7,6 +7,10 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
 
     python bench/decode_speed.py --output bench/out/decode_speed.json
     python bench/decode_speed.py --tiny --output /tmp/decode_speed.json   # CPU smoke run
+    python bench/decode_speed.py --batch-sizes 1 --new-tokens 64 --profile-steps 3 --output bench/out/decode-profile.json
+
+`--profile-steps N` adds, per batch size, the profile of N decode steps of each arm, kernel by kernel
+(`relufy.step_profile`), to the JSON (`profile`) and the printed report.
 
 The JSON is rewritten (atomically) after every stage of the measurement, with "complete": false
 until the end, so a run cut short by a time limit keeps the batch sizes that finished.
@@ -44,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many decode steps of each arm per batch size (torch.profiler; 0: off)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -77,10 +83,11 @@ def main(argv=None) -> int:
         return 0
     config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                          prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                         generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device)
+                         generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device,
+                         profile_steps=args.profile_steps)
     if args.tiny:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
-                             ffn_repeats=1, dtype="float32", device="cpu")
+                             ffn_repeats=1, dtype="float32", device="cpu", profile_steps=args.profile_steps)
     about = dict(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
                  target_sparsity=args.sparsity)
     args.output.parent.mkdir(parents=True, exist_ok=True)

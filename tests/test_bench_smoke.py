@@ -117,13 +117,15 @@ def test_sparse_ffn_tiny(tmp_path):
 
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"
-    stdout = run_bench("decode_speed.py", "--tiny", "--output", str(out))
+    stdout = run_bench("decode_speed.py", "--tiny", "--profile-steps", "2", "--output", str(out))
     result = json.loads(out.read_text())
     assert {"decode", "generate", "ffn", "sparsity", "fatrelu_threshold", "bandwidth_limit_tokens_per_s"} <= result.keys()
     assert [row["batch_size"] for row in result["decode"]] == [1, 2]
     assert result["sparse_ffns"] == 2 and all(row["token_match"] == 1.0 for row in result["decode"])
     assert 0.8 < result["sparsity"]["overall"] < 1.0  # the threshold was set for 90% zeros
-    assert "sparse/dense" in stdout
+    assert [entry["batch_size"] for entry in result["profile"]] == [1, 2] and result["config"]["profile_steps"] == 2
+    assert all(entry["sparse"]["kernels_per_step"] > 0 and entry["diff"] for entry in result["profile"])
+    assert "sparse/dense" in stdout and "Kernels whose time per step differs most, batch 2" in stdout
 
 
 def test_decode_speed_saves_the_model_for_serving(tmp_path):

@@ -36,7 +36,7 @@ def speed_run():
         patch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on for the session
         model = sparsify(build_tiny_model("llama", hidden_act="relu"))
         assert sparse_ffn_count(model) == 0
-        result = measure_speed(model, SpeedConfig(**TINY), progress=False,
+        result = measure_speed(model, SpeedConfig(**TINY, profile_steps=2), progress=False,
                                on_update=lambda partial: updates.append(json.dumps(partial)))
     return result, [json.loads(update) for update in updates]
 
@@ -114,15 +114,67 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
 
     monkeypatch.setattr(speed, "generate_speed", fake_generate)
     config = dict(TINY, batch_sizes=(1,), new_tokens=3, warmup=1, generate_repeats=3, union_batch_sizes=(1,),
-                  device=device, compile=False)
+                  device=device, compile=False, profile_steps=2)
     result = measure_speed(model, SpeedConfig(**config), progress=False)
     assert order == [False, True] * 4
+    _assert_the_profile_sees_the_sparse_operator(result, model)
     generate = result["generate"]
     assert (generate["dense_tokens_per_s"], generate["dense_min_tokens_per_s"], generate["dense_max_tokens_per_s"]) \
         == (2.0, 1.0, 3.0)
     assert generate["sparse_tokens_per_s"] == 20.0 and generate["speedup"] == 10.0  # the warm-up round is dropped
     assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
     assert "[1.0-3.0]" in speed_table(result)
+
+
+def _linears(model) -> int:
+    return sum(isinstance(module, torch.nn.Linear) for module in model.modules())
+
+
+def _assert_the_profile_sees_the_sparse_operator(result, model):
+    """Both arms profiled; the sparse arm calls relufy's operator once per FFN and per step instead of the
+    FFNs' three linears, and the difference table says so."""
+    (profile,) = result["profile"]
+    dense, sparse = ({row["name"]: row for row in profile[arm]["kernels"]} for arm in ("dense", "sparse"))
+    assert "relufy::sparse_ffn" not in dense and sparse["relufy::sparse_ffn"]["count_per_step"] == 2
+    assert dense["aten::linear"]["count_per_step"] == _linears(model)
+    assert sparse["aten::linear"]["count_per_step"] == _linears(model) - 3 * 2
+    diff = {row["name"]: row for row in profile["diff"]}
+    assert diff.keys() == dense.keys() | sparse.keys()
+    assert (diff["relufy::sparse_ffn"]["dense_count_per_step"], diff["relufy::sparse_ffn"]["sparse_count_per_step"]) \
+        == (0, 2)
+    deltas = [abs(row["delta_us_per_step"]) for row in profile["diff"]]
+    assert deltas == sorted(deltas, reverse=True)
+    table = speed_table(result)
+    assert "| sparse | " in table and "Kernels whose time per step differs most, batch 1" in table
+
+
+def test_profile_counts_each_kernel_per_step(measured):
+    """Without sparse FFNs only the dense arm is profiled, once per batch size; on a CPU its kernels are the
+    CPU ops, each nn.Linear one aten::linear per step, and the step's times add up."""
+    model = build_tiny_model("llama", hidden_act="relu")
+    assert [entry["batch_size"] for entry in measured["profile"]] == [1, 2]
+    for entry in measured["profile"]:
+        assert entry["steps"] == 2 and entry["sparse"] is None and entry["diff"] is None
+        dense = entry["dense"]
+        assert dense["method"].startswith("eager steps on the CPU")
+        counts = {row["name"]: row["count_per_step"] for row in dense["kernels"]}
+        assert counts["aten::linear"] == _linears(model)
+        assert dense["kernels_per_step"] == sum(counts.values())
+        assert 0 < dense["busy_us_per_step"] <= dense["wall_us_per_step"]
+        assert dense["idle_us_per_step"] == pytest.approx(dense["wall_us_per_step"] - dense["busy_us_per_step"])
+        assert dense["kernel_us_per_step"] == pytest.approx(sum(row["us_per_step"] for row in dense["kernels"]))
+        times = [row["us_per_step"] for row in dense["kernels"]]
+        assert times == sorted(times, reverse=True)
+
+
+def test_profile_tables_cut_long_kernel_names_but_the_json_keeps_them(measured):
+    result = json.loads(json.dumps(measured))
+    long_name = "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_" * 4
+    result["profile"][0]["dense"]["kernels"][0]["name"] = long_name
+    table = speed_table(result)
+    assert "Profile of 2 decode steps per arm at batch 1" in table and "Top kernels, dense" in table
+    assert long_name not in table and f"| {long_name[:61]}... |" in table
+    assert "Kernels whose time per step differs most" not in table  # no sparse arm to compare with
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -196,6 +248,15 @@ def test_cli_reports_bad_batch_sizes_in_one_line(tmp_path, capsys):
     assert "--batch-sizes" in capsys.readouterr().err
     assert main(["speed", model, "--output", str(tmp_path / "s.json"), "--batch-sizes", "0"]) == 2
     assert "--batch-sizes (each) must be an integer from 1 to 65536, got 0" in capsys.readouterr().err
+
+
+def test_cli_refuses_more_profile_steps_than_the_cache_holds(tmp_path, capsys):
+    model = str(tmp_path / "model")
+    args = ["speed", model, "--output", str(tmp_path / "s.json"), "--new-tokens", "4"]
+    assert main(args + ["--profile-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "profile-steps (5) must not exceed new-tokens (4)" in err and "\n" not in err.strip()
+    assert build_parser().parse_args(["speed", model, "-o", "s.json", "--profile_steps", "3"]).profile_steps == 3
 
 
 def test_evaluate_has_a_no_speed_flag():

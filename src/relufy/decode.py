@@ -4,7 +4,8 @@ HF `generate` spends more host time per token than a sparse FFN saves, so its nu
 savings. Like gpt-fast, relufy decodes in its own loop, in gpt-fast's shape: `prefill` runs the
 prompt eagerly, `decode_one_token` is one step (forward, greedy argmax, next token and position
 written back on the device) and `decode_n_tokens` captures that step as a CUDA graph and replays it
-once per new token, timed. `speed.py` measures with it; nothing here knows about sparse FFNs.
+once per new token, timed (`step_runner` is that captured step, also what `step_profile.py`
+profiles). `speed.py` measures with it; nothing here knows about sparse FFNs.
 """
 
 from __future__ import annotations
@@ -95,18 +96,21 @@ class DecodeLoop:
         self.position.add_(1)
         self.step_index.add_(1)
 
-    def decode_n_tokens(self, prompt: torch.Tensor, warmup: int = 3) -> tuple[torch.Tensor, float]:
-        """(tokens [batch, new_tokens + 1] on the CPU, seconds of the `new_tokens` decode steps).
-
-        On CUDA the step is captured as a graph and replayed; the warm-up steps advanced the cache,
-        so the prompt is prefilled again before the timed replays. Elsewhere the step runs eagerly.
-        """
+    def step_runner(self, prompt: torch.Tensor, warmup: int = 3):
+        """The decode step ready to run `new_tokens` times from `prompt`: on CUDA the replay of its graph,
+        elsewhere the eager step. The warm-up steps of a capture advanced the cache, so the prompt is
+        prefilled again after it."""
         self.prefill(prompt)
-        graph = None
-        if self.device.type == "cuda":
-            graph = capture(self.decode_one_token, warmup)
-            self.prefill(prompt)
-        run = graph.replay if graph is not None else self.decode_one_token
+        if self.device.type != "cuda":
+            return self.decode_one_token
+        graph = capture(self.decode_one_token, warmup)
+        self.prefill(prompt)
+        return graph.replay
+
+    def decode_n_tokens(self, prompt: torch.Tensor, warmup: int = 3) -> tuple[torch.Tensor, float]:
+        """(tokens [batch, new_tokens + 1] on the CPU, seconds of the `new_tokens` decode steps), the step
+        captured as a CUDA graph and replayed on CUDA, run eagerly elsewhere (`step_runner`)."""
+        run = self.step_runner(prompt, warmup)
         with Timer(self.device) as timer:
             for _ in range(self.new_tokens):
                 run()

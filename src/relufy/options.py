@@ -208,6 +208,10 @@ class SpeedConfig:
     compile: bool = option(
         True, "on CUDA, torch.compile the decode step inside the graph, as gpt-fast does (--no-compile captures the "
         "plain eager step)")
+    profile_steps: int = option(
+        0, "after each batch size's timed runs, profile this many steps of each arm with torch.profiler: the "
+        "time and count of every kernel per step, the step's idle time, and the kernels whose time differs most "
+        "between dense and sparse (0: off)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -224,9 +228,11 @@ class SpeedConfig:
             positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 1 << (40 if name == "copy_bytes" else 24))
         supported_dtype("--dtype", self.dtype, DTYPES)
         int_in_range("--seed", self.seed, 0, 2**32 - 1)
-        if self.warmup > self.new_tokens:
-            raise DataError(f"warmup ({self.warmup}) must not exceed new-tokens ({self.new_tokens}): the warm-up "
-                            "steps write into the same static cache")
+        int_in_range("--profile-steps", self.profile_steps, 0, 1 << 24)
+        for name in ("warmup", "profile_steps"):
+            if getattr(self, name) > self.new_tokens:
+                raise DataError(f"{name.replace('_', '-')} ({getattr(self, name)}) must not exceed new-tokens "
+                                f"({self.new_tokens}): those steps write into the same static cache")
         self.device = resolve_device(self.device)
 
 

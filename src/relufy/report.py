@@ -14,6 +14,7 @@ from .errors import DataError
 SCORE_METRICS = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "em")
 LOSS_METRICS = ("word_perplexity", "perplexity", "bits_per_byte")
 TRAINING_PLOT = "training_curves.png"  # beside the trained model in output_dir
+PROFILE_NAME_WIDTH, PROFILE_ROWS = 64, 10  # kernel names cut to this width in a table; rows per kernel table
 
 
 def load_result(path: str | Path) -> dict:
@@ -258,7 +259,7 @@ def speed_table(result: dict) -> str:
     if result.get("sparsity"):
         lines.append(f"Zero-ratio of x1 during decode: {result['sparsity']['overall']:.2%} "
                      f"over {result['sparsity']['tokens']} tokens.")
-    return "\n".join(lines + _layer_table(result))
+    return "\n".join(lines + _layer_table(result) + profile_tables(result))
 
 
 def _number(value, spec: str = ".1f", suffix: str = "") -> str:
@@ -294,3 +295,60 @@ def _layer_table(result: dict) -> list[str]:
         lines.append(f"| {layer} | {zeros:.1%} | " +
                      " | ".join(f"{union['per_layer'][str(b)][layer]:.1%}" for b in batches) + " |")
     return lines
+
+
+def profile_tables(result: dict) -> list[str]:
+    """`relufy speed --profile-steps`: per profiled batch size, each arm's step (timed, then under the
+    profiler: wall, kernel, busy and idle time, kernels), each arm's top kernels, and the kernels whose
+    time per step differs most between the arms. Kernel names are cut to `PROFILE_NAME_WIDTH` here; the
+    JSON has them in full."""
+    lines = []
+    for entry in result.get("profile") or []:
+        lines += _profile_summary(entry, result)
+        for arm in ("dense", "sparse"):
+            if entry[arm]:
+                lines += _top_kernels(arm, entry[arm])
+        if entry.get("diff"):
+            lines += ["", f"Kernels whose time per step differs most, batch {entry['batch_size']} (sparse - dense):", "",
+                      "| kernel | dense us | sparse us | sparse - dense us | dense calls | sparse calls |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {_kernel_name(row['name'])} | {row['dense_us_per_step']:.1f} | {row['sparse_us_per_step']:.1f} | "
+                      f"{row['delta_us_per_step']:+.1f} | {row['dense_count_per_step']:g} | "
+                      f"{row['sparse_count_per_step']:g} |" for row in entry["diff"][:PROFILE_ROWS]]
+    return lines
+
+
+def _profile_summary(entry: dict, result: dict) -> list[str]:
+    """One row per arm: the timed step and the FFNs alone of the same batch size beside the profile."""
+    batch = entry["batch_size"]
+    row = next((row for row in result.get("decode", []) if row["batch_size"] == batch), {})
+    ffn = next((ffn for ffn in result.get("ffn", []) if ffn["batch_size"] == batch), {})
+    methods = "; ".join(dict.fromkeys(entry[arm]["method"] for arm in ("dense", "sparse") if entry[arm]))
+    lines = ["", f"Profile of {entry['steps']} decode steps per arm at batch {batch} (torch.profiler: {methods}); "
+             "per step, idle = profiled step - busy (time when no kernel ran):", "",
+             "| arm | timed step us | FFNs alone us | profiled step us | kernel us | busy us | idle us | kernels |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in ("dense", "sparse"):
+        if profile := entry[arm]:
+            timed = row.get(f"{arm}_ms_per_step")
+            lines.append(f"| {arm} | {_number(timed and 1e3 * timed)} | {_number(ffn.get(f'{arm}_us'))} | "
+                         f"{profile['wall_us_per_step']:.1f} | {profile['kernel_us_per_step']:.1f} | "
+                         f"{profile['busy_us_per_step']:.1f} | {profile['idle_us_per_step']:.1f} | "
+                         f"{profile['kernels_per_step']:g} |")
+    return lines
+
+
+def _top_kernels(arm: str, profile: dict) -> list[str]:
+    total = profile["kernel_us_per_step"]
+    lines = ["", f"Top kernels, {arm} (of {len(profile['kernels'])} names, {profile['kernels_per_step']:g} "
+             f"per step):", "", "| kernel | us per step | calls per step | share of kernel time |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {_kernel_name(row['name'])} | {row['us_per_step']:.1f} | {row['count_per_step']:g} | "
+              f"{_number(total and row['us_per_step'] / total, '.1%')} |" for row in profile["kernels"][:PROFILE_ROWS]]
+    return lines
+
+
+def _kernel_name(name: str) -> str:
+    """A kernel name for a Markdown cell: no pipe, no leading `void `, cut to `PROFILE_NAME_WIDTH`."""
+    name = " ".join(name.replace("|", "/").split()).removeprefix("void ")
+    return name if len(name) <= PROFILE_NAME_WIDTH else name[:PROFILE_NAME_WIDTH - 3] + "..."

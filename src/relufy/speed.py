@@ -23,6 +23,7 @@ from .decode import DecodeLoop, random_prompts, recompile_limit, weight_bytes
 from .errors import DataError
 from .ffn_speed import compare_ffns, decode_sparsity, decode_unions
 from .options import SpeedConfig
+from .step_profile import profile_decode
 from .timing import Timer, copy_bandwidth
 
 
@@ -80,7 +81,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     prompts = random_prompts(model, max(config.batch_sizes), config.prompt_tokens, config.seed, device)
     dense = functools.partial(sparse_enabled, model, False)
     sparse = sparse_ffn_count(model) > 0
-    bar = tqdm(total=(3 if sparse else 2) * len(config.batch_sizes) + 4, desc="relufy speed", unit="run", disable=not progress)
+    bar = tqdm(total=(2 + sparse + bool(config.profile_steps)) * len(config.batch_sizes) + 4, unit="run", disable=not progress)
 
     @contextlib.contextmanager
     def stage(label: str):
@@ -98,15 +99,16 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
               "note": None if sparse else no_sparse_note(why_dense(model))}
     with stage("copy bandwidth"):
         bandwidth = copy_bandwidth(device, config.copy_bytes)
-        result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9, decode=[], ffn=[])
+        result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9, decode=[], ffn=[], profile=[])
         result["bandwidth_limit_tokens_per_s"] = bandwidth / result["weight_bytes"]
     for batch in config.batch_sizes:
         loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile)
         with recompile_limit(2 * len(config.batch_sizes) + 2):
-            row, ffn = _batch_measurements(loop, prompts[:batch], config, dense, stage, sparse)
+            row, ffn, profile = _batch_measurements(loop, prompts[:batch], config, dense, stage, sparse)
         row["dense_fraction_of_limit"] = row["dense_tokens_per_s"] / batch / result["bandwidth_limit_tokens_per_s"]
         result["decode"].append(row)
         result["ffn"].append(ffn)
+        result["profile"] += [profile] if profile else []
         if on_update:
             on_update(result)
     first = next((row for row in result["decode"] if row["batch_size"] == 1), None)
@@ -146,9 +148,10 @@ def _check_length(model, config: SpeedConfig) -> None:
 
 
 def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedConfig, dense, stage,
-                        sparse: bool) -> tuple[dict, dict]:
-    """One batch size: the decode loop dense then sparse, then each FFN alone dense then sparse. Without
-    a sparse FFN the sparse arm is the dense one again: it is not run, and no speed-up is reported."""
+                        sparse: bool) -> tuple[dict, dict, dict | None]:
+    """One batch size: the decode loop dense then sparse, then each FFN alone dense then sparse, then with
+    `profile_steps` the profile of both arms' steps (`step_profile.py`). Without a sparse FFN the sparse
+    arm is the dense one again: it is not run, and no speed-up is reported."""
     batch = prompt.shape[0]
     with stage(f"decode batch {batch}, dense"), dense():
         dense_tokens, dense_seconds = loop.decode_n_tokens(prompt, config.warmup)
@@ -165,7 +168,10 @@ def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedCon
                    speedup=dense_seconds / sparse_seconds)
     with stage(f"FFN per layer, batch {batch}"):
         ffn = compare_ffns(loop, prompt, dense, sparse, config.ffn_repeats, config.warmup)
-    return row, ffn
+    if not config.profile_steps:
+        return row, ffn, None
+    with stage(f"profile batch {batch}"):
+        return row, ffn, profile_decode(loop, prompt, config.profile_steps, config.warmup, dense, sparse)
 
 
 def _generate_row(model, prompt: torch.Tensor, config: SpeedConfig, dense, sparse: bool) -> dict:

@@ -40,6 +40,30 @@ def test_the_compiled_l1_backward_matches_the_eager_one():
     torch.testing.assert_close(add_l1_gradient(grad, x, per_token), eager)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA's autocast computes vector_norm in float32; CPU's does not"))])
+def test_the_l1_gradient_survives_torch_compile(device):
+    """In float32 (and under CUDA's bf16 autocast, whose vector_norm returns float32) a norm converted
+    with `.float()` is the norm tensor itself, and torch 2.11's dynamo hands that output's gradient to the
+    aliased intermediate: the compiled L1 gradient was zero, the compiled forward's L1 value right."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 8, generator=generator).to(device).requires_grad_()
+    inputs = torch.randn(4, 16, generator=generator).to(device)
+
+    def loss(x):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            tapped, per_token = L1Tap.apply(x @ weight)
+        return tapped.float().sum() + per_token.mean()
+
+    grads = []
+    for forward in (loss, torch.compile(loss)):
+        weight.grad = None
+        forward(inputs).backward()
+        grads.append(weight.grad)
+    tolerance = 1e-2 if device == "cuda" else 1e-5  # bf16 matmuls, summed in another order when compiled
+    torch.testing.assert_close(grads[1], grads[0], rtol=tolerance, atol=tolerance)
+
+
 def test_l1_term_is_sum_over_layers_of_mean_token_l1():
     model = build_tiny_model("llama", hidden_act="relu")
     input_ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))

@@ -56,15 +56,19 @@ class L1Tap(torch.autograd.Function):
     projection inside this backward, in one fused pass on CUDA (`add_l1_gradient`), instead of
     flowing through a second autograd branch that autograd then sums into x1's gradient. Saves
     only x1, which the down projection saves anyway; the forward is one read of x1 (float32
-    accumulation inside the kernel, per-token result rounded to x1's dtype before the float32
-    mean: ~0.4% for bf16, unbiased; the gradient does not depend on it).
+    accumulation and result, bf16 read as such on CUDA: no float32 copy of x1).
+
+    The norm is asked for in float32 (`dtype=`), not converted after: on a float32 x1 (float32
+    training, or CUDA autocast, which computes vector_norm in float32) `.float()` returns the norm
+    tensor itself, and torch 2.11's dynamo then gives this output's gradient to the norm
+    intermediate it aliases, which nothing reads: under torch.compile the L1 gradient would be zero.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x)
         ctx.set_materialize_grads(False)
-        return x.view_as(x), torch.linalg.vector_norm(x, ord=1, dim=-1).float()
+        return x.view_as(x), torch.linalg.vector_norm(x, ord=1, dim=-1, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor | None, grad_l1: torch.Tensor | None) -> torch.Tensor | None:

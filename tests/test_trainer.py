@@ -105,6 +105,36 @@ def test_the_l1_term_and_zero_counts_are_the_same_under_torch_compile():
     assert_grads_close(compiled_grads, expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="Liger Kernel's Triton kernels run on CUDA only")
+def test_liger_kernels_under_torch_compile_keep_every_gradient(tmp_path, monkeypatch):
+    """The real runs' settings (`--liger --compile`): Liger's RMSNorm, RoPE and fused cross-entropy, the probe's
+    L1 tap and torch.compile together give the eager gradients. Liger's kernels are autograd Functions, the
+    kind a torch 2.11 dynamo bug fed a wrong (zero) gradient when an output aliased an intermediate."""
+    from transformers.integrations.liger import apply_liger_kernel
+    from transformers.models.llama import modeling_llama
+
+    from relufy.probe import SparsityProbe
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # Liger patches the module globally
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    config = load_recipe(TINY_RECIPE, [f"output_dir={tmp_path}", "use_liger_kernel=true"]).training.liger_kernel_config
+    inputs = {key: value.cuda() for key, value in batch().items()}
+    results = []
+    for compiled in (False, True):
+        model = relu_model().cuda()
+        apply_liger_kernel(model, config)
+        probe = SparsityProbe.for_training(model).attach()
+        out = (torch.compile(model) if compiled else model)(**inputs)
+        l1 = probe.pop_l1()
+        (out.loss + 0.05 * l1).backward()
+        results.append((out.loss.item(), l1.item(), grads(model)))
+    (loss, l1, expected), (loss_c, l1_c, compiled_grads) = results
+    assert l1 > 0 and l1_c == pytest.approx(l1, rel=1e-4) and loss_c == pytest.approx(loss, rel=1e-4)
+    assert "model.norm.weight" in expected and expected["model.norm.weight"].abs().max() > 0  # Liger's RMSNorm learns
+    assert_grads_close(compiled_grads, expected)
+
+
 def test_torch_compile_training_compiles_two_graphs_however_many_steps_and_logs(tmp_path):
     """torch_compile: true compiles the plain step and the logging step (zeros counted) once each; a guard on
     anything that changes per step (lambda, counts, the step) would recompile every step instead."""

@@ -117,7 +117,7 @@ def test_the_tiles_an_h100_and_an_h200_run(family, batch):
 
 # (block_d, chunk, split) of the down kernel: many column blocks and several steps per share; a share
 # that fits one step (one index load, every row in flight at once); one column block wider than D
-DOWN_TILES = [(16, 16, 5), (64, 128, 3), (256, 32, 1)]
+DOWN_TILES = [(16, 16, 5), (64, 64, 4), (256, 32, 1)]
 
 
 @pytest.mark.parametrize("block_d, chunk, split", DOWN_TILES)

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the sweep's candidates ahead of timing (0: compile inline)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
-    parser.add_argument("--table", type=Path, help="only print the markdown tables (or a sweep's TILE_TABLE rows) of a JSON this script wrote")
+    parser.add_argument("--table", type=Path,
+                        help="only print the markdown tables (or a sweep's TILE_TABLE rows) of a JSON this script wrote")
     parser.add_argument("--output", "-o", type=Path)
     args = parser.parse_args(argv)
     if args.table is None and args.output is None:

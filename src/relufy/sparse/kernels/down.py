@@ -10,8 +10,8 @@ x's dtype; the kernels leave their workspace zero for the next call.
 At decode the kernel reads few bytes (at one token, ~10% of W_down), so its time is a chain of
 memory round trips, not bandwidth. Each step of a program's walk is two dependent loads (list
 entries, then their weight rows), so a share of at most CHUNK rows is one index load and one wave
-of weight loads all in flight together. The partial sums are relaxed atomics and the finishing
-protocol holds the only fences (see `_finish_column_block`).
+of weight loads all in flight together. The partial sums are relaxed atomics; a program's one
+fence is its arrival in the finishing protocol (see `_finish_column_block`).
 """
 
 from __future__ import annotations

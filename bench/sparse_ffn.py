@@ -24,11 +24,15 @@ bytes the sparse FFN must read (gate in full, up and down rows of the union) at 
 
     python bench/sparse_ffn.py --output bench/out/sparse_ffn.json        # everything, one GPU
     python bench/sparse_ffn.py --table bench/out/sparse_ffn.json         # its markdown tables again
-    python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json
+    python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,8,16 --output sweep.json
+    python bench/sparse_ffn.py --table sweep.json                        # the sweep's TILE_TABLE rows again
     python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
 
-The sweep compiles its tile candidates in `--compile-workers` processes first (Triton's on-disk
-cache then serves the timing process), since compiling, not timing, is most of its time.
+The sweep times TILE_TABLE rows: the first kernel's candidates, then the down kernel's on the best
+of those; it ends by printing the rows of its GPU family, one batch class per swept batch size,
+ready to paste into src/relufy/sparse/kernels/tiles.py. It compiles its candidates in
+`--compile-workers` processes first (Triton's on-disk cache then serves the timing process), since
+compiling, not timing, is most of its time.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that compile the sweep's candidates ahead of timing (0: compile inline)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
-    parser.add_argument("--table", type=Path, help="only print the markdown tables of a JSON this script wrote")
+    parser.add_argument("--table", type=Path,
+                        help="only print the markdown tables (or a sweep's TILE_TABLE rows) of a JSON this script wrote")
     parser.add_argument("--output", "-o", type=Path)
     args = parser.parse_args(argv)
     if args.table is None and args.output is None:
@@ -71,7 +76,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.table:
-        print(markdown(json.loads(args.table.read_text())))
+        result = json.loads(args.table.read_text())
+        print(tile_table_text(result) if "sweep" in result else markdown(result))
         return 0
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -99,13 +105,13 @@ def main(argv=None) -> int:
         ffn = RandomFFN(*next(iter(shapes.values())), layers, dtype, device)
         result["profile"] = profile_kernels(ffn, batches, bandwidth, save)
         compiler = Precompiler(args.compile_workers, ffn) if args.compile_workers > 0 else None
+        result["tile_family"] = tile_family(result["device"])
         result["sweep"] = sweep_tiles(ffn, batches, timer, save, compiler, limit=2 if args.tiny else None)
     else:
         measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save)
     result["complete"] = True
     save()
-    if not args.sweep_tiles:
-        print(markdown(result))
+    print(tile_table_text(result) if args.sweep_tiles else markdown(result))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; wrote {args.output}")
     return 0
 
@@ -215,38 +221,45 @@ def max_rel_error(result, reference) -> float:
 
 
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
-    """Time tile candidates at 90% zeros: first-kernel tiles, then the down kernel's on the best of
-    those (the first `limit` candidates of each, for a smoke run). Every candidate's time is kept,
-    so TILE_TABLE can be read off it; the JSON is saved after each batch size. `compiler` (a
-    Precompiler) compiles each stage's candidates in parallel first."""
-    from relufy.sparse.kernels import choose_tiles
+    """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates, then the down kernel's on the
+    best of those (the first `limit` candidates of each, for a smoke run). Every candidate's time is
+    kept; the JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's
+    candidates in parallel first."""
+    from relufy.sparse.kernels import choose_tiles, family_and_multiprocessors, row_tiles, table_row
 
+    family, multiprocessors = family_and_multiprocessors(ffn.device)
     report = {}
     for batch in batches:
         x = ffn.x_for(batch)
         thresholds = ffn.thresholds(x, 0.9)
         layers = range(len(ffn.w_gate))
-        base = choose_tiles(batch, ffn.inter, ffn.hidden, x.device)
         timings = []
 
-        def time_tiles(tiles):
+        def tiles_of(row):
+            return row_tiles(row, batch, ffn.hidden, multiprocessors)
+
+        def time_tiles(tiles, row=None):
             try:
                 us = 1e6 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
             except Exception:  # noqa: BLE001  (out of resources on this GPU)
                 us = float("inf")
-            timings.append({**dataclasses.asdict(tiles), "us": us})
+            timings.append({**(row or {}), **dataclasses.asdict(tiles), "us": us})
             return us
 
-        def fastest(candidates):
+        def fastest(rows):
+            launches = {}  # rows that give the same launch (the split's cap) are timed once
+            for row in rows:
+                launches.setdefault(tiles_of(row), row)
+            rows = list(launches.values())
             if compiler:
-                compiler.compile(batch, candidates)
-            return min(candidates, key=time_tiles)
+                compiler.compile(batch, [tiles_of(row) for row in rows])
+            return min(rows, key=lambda row: time_tiles(tiles_of(row), row))
 
-        best = fastest(first_tiles(base, batch)[:limit])
-        best = fastest([dataclasses.replace(best, split=sp, chunk=c, block_d=bd) for sp, c, bd in
-                        itertools.product((best.split, best.split * 2), (16, 32), (64, 128, 256))][:limit])
-        report[batch] = {"default_us": time_tiles(base), "best_us": time_tiles(best),
-                         "best": dataclasses.asdict(best), "candidates": timings}
+        best = fastest(first_rows(table_row(family, batch), batch)[:limit])
+        best = fastest(down_rows(best, batch)[:limit])
+        report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
+                         "best_us": time_tiles(tiles_of(best), best), "best": best,
+                         "best_tiles": dataclasses.asdict(tiles_of(best)), "candidates": timings}
         print(f"batch {batch}: default {report[batch]['default_us']:.1f} us, best {report[batch]['best_us']:.1f} us "
               f"with {best} ({len(timings)} timed)", flush=True)
         save()
@@ -300,19 +313,54 @@ def _compile_candidate(job) -> None:
         pass
 
 
-def first_tiles(base, batch: int) -> list:
-    """The first kernel's candidates around `base`: rows per program, K step, warps, stages;
-    broadcast tiles up to 4 tokens, tensor cores above 1."""
+def first_rows(base: dict, batch: int) -> list[dict]:
+    """The first kernel's candidates around TILE_TABLE row `base`: rows per program, K step, warps,
+    stages; broadcast tiles up to 4 tokens, tensor cores above 1."""
     candidates = []
     if batch <= 4:
-        candidates += [dataclasses.replace(base, block_b=pow2(batch), use_dot=False, block_n=n, block_k=k,
-                                           warps_first=w, stages=st)
+        candidates += [{**base, "use_dot": False, "block_n": n, "block_k": k, "warps_first": w, "stages": st}
                        for n, k, w, st in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3))]
     if batch > 1:
-        candidates += [dataclasses.replace(base, block_b=max(16, pow2(batch)), use_dot=True, block_n=n, block_k=k,
-                                           warps_first=w, stages=st)
+        candidates += [{**base, "use_dot": True, "block_n": n, "block_k": k, "warps_first": w, "stages": st}
                        for n, k, w, st in itertools.product((16, 32, 64), (64, 128), (4, 8), (3, 4))]
     return candidates
+
+
+def down_rows(best: dict, batch: int) -> list[dict]:
+    """The down kernel's candidates on the first kernel's best row: columns per program (row segments
+    of 256 B to 1 KB in bf16), rows per step, programs per multiprocessor, warps, and at several
+    tokens with and without software pipelining (Triton pipelines only the tensor-core path); first,
+    `best` itself (the table's current down tiles). Left out: tiles of more than 128 elements per
+    thread (registers) or 64 Ki elements per multiprocessor (more programs than fit at once)."""
+    if batch == 1:
+        grid = itertools.product((128, 256, 512), (32, 64, 128), (2, 4, 8), (4, 8), (best["stages_down"],))
+    else:
+        grid = itertools.product((128, 256), (32, 64), (4, 8, 16), (4, 8), sorted({1, best["stages_down"]}))
+    tokens = 1 if best["use_dot"] else pow2(batch)  # broadcast tiles keep a partial sum per token
+    return [best] + [{**best, "block_d": d, "chunk": c, "down_per_sm": p, "warps_down": w, "stages_down": st}
+                     for d, c, p, w, st in grid if tokens * c * d <= 128 * 32 * w and p * tokens * c * d <= 1 << 16]
+
+
+def tile_table_text(result: dict) -> str:
+    """The TILE_TABLE statement of a sweep's best rows, ready to paste over its GPU family's in
+    src/relufy/sparse/kernels/tiles.py: one batch class per swept batch size, the largest serving
+    every larger batch."""
+    best = {int(batch): entry["best"] for batch, entry in result["sweep"].items()}
+    first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages")
+    lines = [f"TILE_TABLE[{json.dumps(result['tile_family'])}] = {{"]
+    for batch, row in sorted(best.items()):
+        key = "1 << 30" if batch == max(best) else str(batch)
+        first = ", ".join(f"{name}={row[name]!r}" for name in first_keys)
+        down = ", ".join(f"{name}={value!r}" for name, value in row.items() if name not in first_keys)
+        lines += [f"    {key}: dict({first},", f"    {' ' * len(key)}       {down}),"]
+    return "\n".join(lines + ["}"])
+
+
+def tile_family(device_name: str) -> str:
+    """The TILE_TABLE key for a GPU: the family its name contains, else the name itself (a new family)."""
+    from relufy.sparse.kernels import TILE_TABLE
+
+    return next((family for family in TILE_TABLE if family in device_name), device_name)
 
 
 def pow2(n: int) -> int:

@@ -142,9 +142,22 @@ def test_decode_speed_saves_the_model_for_serving(tmp_path):
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
+    """The sweep times both kernels' candidates and prints the TILE_TABLE rows that give back the best
+    tiles of each swept batch size (the largest as the class of every larger batch)."""
+    from relufy.sparse.kernels import Tiles, row_tiles
+
     out = tmp_path / "sweep.json"
-    run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--batches", "2", "--output", str(out))
+    stdout = run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--batches", "1,2", "--output", str(out))
     result = json.loads(out.read_text())
     sweep = result["sweep"]["2"]
-    assert len(sweep["candidates"]) >= 4 and sweep["candidates"][-1] == {**sweep["best"], "us": sweep["best_us"]}
+    assert len(sweep["candidates"]) >= 4
+    assert sweep["candidates"][-1] == {**sweep["best"], **sweep["best_tiles"], "us": sweep["best_us"]}
     assert result["profile"] == {}  # the per-kernel profile needs CUDA
+    text = run_bench("sparse_ffn.py", "--table", str(out)).strip()
+    assert text in stdout
+    table = {}
+    exec(text, {"TILE_TABLE": table})  # the statement as it would be pasted into tiles.py
+    (rows,) = table.values()
+    assert sorted(rows) == [1, 1 << 30]
+    for batch, key in ((1, 1), (2, 1 << 30)):  # the tiny shape is 64 wide; off CUDA, 4 multiprocessors
+        assert row_tiles(rows[key], batch, 64, 4) == Tiles(**result["sweep"][str(batch)]["best_tiles"])

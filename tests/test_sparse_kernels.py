@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
     ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles, sparse_ffn,
-    workspace_size)
+    table_row, workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
@@ -107,11 +107,40 @@ def test_tensor_core_tiles_for_larger_batches(dtype):
     check(x, weights, "relu", dtype, tiles)
 
 
+@pytest.mark.parametrize("family", sorted(TILE_TABLE))
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_the_tiles_an_h200_runs(batch):
-    """The GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks."""
+def test_the_tiles_an_h100_and_an_h200_run(family, batch):
+    """Each GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks."""
     x, weights = random_ffn(batch, k=200, n=300, d=136)
-    check(x, weights, "fatrelu", torch.float32, gpu_tiles(batch, 136, multiprocessors=132))
+    check(x, weights, "fatrelu", torch.float32, gpu_tiles(batch, 136, multiprocessors=132, family=family))
+
+
+# (block_d, chunk, split) of the down kernel: many column blocks and several steps per share; a share
+# that fits one step (one index load, every row in flight at once); one column block wider than D
+DOWN_TILES = [(16, 16, 5), (64, 64, 4), (256, 32, 1)]
+
+
+@pytest.mark.parametrize("block_d, chunk, split", DOWN_TILES)
+@pytest.mark.parametrize("dense_above, route", [(None, 0), (0, 1)])
+@pytest.mark.parametrize("batch, use_dot", [(1, False), (5, False), (5, True)])
+def test_down_kernel_tiles_match_the_dense_ffn(block_d, chunk, split, dense_above, route, batch, use_dot):
+    """Every down-kernel path (one token; several by broadcast or tensor cores) with the tiles a sweep
+    tries, on the list and on the dense route, at an odd width; the workspace is left zero."""
+    x, weights = random_ffn(batch, k=72, n=203, d=150, bias=True, seed=batch + split)
+    tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
+    base = choose_tiles(batch, 203, 150, DEVICE)
+    tiles = dataclasses.replace(base, use_dot=use_dot, block_b=max(16 if use_dot else 1, triton.next_power_of_2(batch)),
+                                block_d=block_d, chunk=chunk, split=split)
+    workspace = torch.zeros(workspace_size(batch, 203, 150), dtype=torch.int32, device=DEVICE)
+    routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    poison_allocator(DEVICE)
+    out = sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], workspace=workspace, tiles=tiles,
+                     dense_above=dense_above, routes=routes)
+    reference = dense_ffn(x.double(), *(t.double() for t in tensors[:3]), "relu", 0.0,
+                          *(t.double() for t in tensors[3:]))
+    assert routes.tolist() == [1 - route, route]
+    assert relative_error(out, reference) <= 1e-5
+    assert not workspace.any()
 
 
 @pytest.mark.skipif(ON_INTERPRETER, reason="bfloat16 tl.dot is wrong in Triton's CPU interpreter, right on GPUs")
@@ -229,12 +258,19 @@ def test_a_union_above_the_threshold_takes_the_dense_route():
 
 
 def test_tiles_come_from_the_table_of_the_gpu_at_hand():
+    """Both kernels' tiles come from the row of the GPU family and batch class; the down kernel's split
+    spreads `down_per_sm` programs per multiprocessor over its column blocks."""
     assert gpu_family("NVIDIA H100 80GB HBM3") == "H100" and gpu_family("NVIDIA H200") == "H200"
     assert gpu_family("NVIDIA A100-SXM4-80GB") == "H200"  # not swept: the nearest swept GPU's tiles
-    for batch in (1, 4, 8, 16):
-        tiles = gpu_tiles(batch, 4096, 132, "H100")
-        row = TILE_TABLE["H100"][min(b for b in TILE_TABLE["H100"] if batch <= b)]
-        assert all(getattr(tiles, key) == value for key, value in row.items())
+    for family in ("H100", "H200"):
+        for batch in (1, 4, 8, 16):
+            tiles = gpu_tiles(batch, 4096, 132, family)
+            row = table_row(family, batch)
+            assert row is TILE_TABLE[family][min(b for b in TILE_TABLE[family] if batch <= b)]
+            assert all(getattr(tiles, key) == value for key, value in row.items() if key != "down_per_sm")
+            assert tiles.split == min(64, row["down_per_sm"] * 132 // (4096 // row["block_d"]))
+    # one family's rows are its own: a sweep on one GPU fills them without changing the other's
+    assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
 
 
 def test_mismatched_shapes_are_refused():

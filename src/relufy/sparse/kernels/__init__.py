@@ -8,7 +8,7 @@ captured in a CUDA graph. One module per job:
 - `gate_up`: the first kernel (the gate rows read in full, the activation, the compact list of
   active neurons, their W_up rows);
 - `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
-- `tiles`: block sizes per GPU and batch (`TILE_TABLE`);
+- `tiles`: block sizes of both kernels per GPU and batch (`TILE_TABLE`);
 - `launch`: the workspace, `sparse_ffn` (both launches), `routed_sparse_ffn` (tiles and route as
   both operators choose them), the `relufy::sparse_ffn` operator, and `runs_on` (whether the
   kernels, compiled or interpreted, can take a device's tensors).
@@ -20,8 +20,9 @@ the dense model sees (up to its different summation order).
 
 from .gate_up import ACTIVATION_CODES, FATRELU, RELU, RELU2, SHIFTED_RELU
 from .launch import interpreted, routed_sparse_ffn, runs_on, sparse_ffn, sparse_ffn_op, workspace_size
-from .tiles import TILE_TABLE, Tiles, choose_tiles, gpu_family, gpu_tiles
+from .tiles import (TILE_TABLE, Tiles, choose_tiles, family_and_multiprocessors, gpu_family, gpu_tiles, row_tiles,
+                    table_row)
 
 __all__ = ["ACTIVATION_CODES", "FATRELU", "RELU", "RELU2", "SHIFTED_RELU", "TILE_TABLE", "Tiles", "choose_tiles",
-           "gpu_family", "gpu_tiles", "interpreted", "routed_sparse_ffn", "runs_on", "sparse_ffn", "sparse_ffn_op",
-           "workspace_size"]
+           "family_and_multiprocessors", "gpu_family", "gpu_tiles", "interpreted", "routed_sparse_ffn", "row_tiles",
+           "runs_on", "sparse_ffn", "sparse_ffn_op", "table_row", "workspace_size"]

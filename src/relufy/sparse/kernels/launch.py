@@ -79,7 +79,7 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
         x1, index, workspace, w_down_t, b_down, workspace[_down_sums(d):].view(torch.float32), out, routes,
         tokens, n, d, n if dense_above is None else int(dense_above), SPLIT=tiles.split, HAS_BIAS=b_down is not None,
         HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_D=tiles.block_d,
-        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages)
+        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages_down)
     return out
 
 

@@ -23,19 +23,28 @@ class Tiles:
     warps_first: int = 4
     warps_down: int = 4
     stages: int = 3
+    stages_down: int = 3
 
 
-# The first kernel's tiles per GPU and batch class (largest batch of the class), read off
-# `python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json` on an H200.
-# One token: four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor cores). More
-# tokens: tensor-core dots on a batch padded to 16. The H100 rows repeat the H200's until the sweep
-# has run on an H100; a GPU not in the table gets the H200's.
-TILE_TABLE = {
-    "H200": {1: dict(block_n=4, block_k=1024, use_dot=False, stages=1),
-             8: dict(block_n=64, block_k=128, use_dot=True, stages=4),
-             1 << 30: dict(block_n=32, block_k=128, use_dot=True, stages=4)},
+# Per GPU family and batch class (the largest batch of the class), the tiles of both kernels.
+# First kernel (block_n, block_k, use_dot, warps_first, stages) read off
+# `python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json` on an H200:
+# one token: four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor cores); more
+# tokens: tensor-core dots on a batch padded to 16. Down kernel (block_d columns per program, chunk
+# rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down): not swept yet on
+# either GPU. `--sweep-tiles` prints the rows of the GPU it ran on, ready to paste over its family's.
+# A GPU not in the table gets the H200's rows.
+TILE_TABLE: dict[str, dict[int, dict]] = {}
+TILE_TABLE["H200"] = {
+    1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
+            block_d=128, chunk=32, down_per_sm=4, warps_down=4, stages_down=1),
+    8: dict(block_n=64, block_k=128, use_dot=True, warps_first=4, stages=4,
+            block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=4),
+    1 << 30: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
+                  block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=4),
 }
-TILE_TABLE["H100"] = TILE_TABLE["H200"]
+TILE_TABLE["H100"] = {batch: dict(row) for batch, row in TILE_TABLE["H200"].items()}  # until an H100 sweep
+MAX_SPLIT = 64  # programs per column block of the down kernel: bounds the fp32 atomics per output
 
 
 def gpu_family(name: str) -> str:
@@ -43,22 +52,40 @@ def gpu_family(name: str) -> str:
     return next((family for family in TILE_TABLE if family in name), "H200")
 
 
-def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
-    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter)."""
+def family_and_multiprocessors(device: torch.device) -> tuple[str, int]:
+    """The TILE_TABLE family of `device` and its multiprocessor count (off CUDA, where only Triton's
+    interpreter runs the kernels: the H200's rows, sized for 4 multiprocessors)."""
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
-        return gpu_tiles(batch, d, properties.multi_processor_count, gpu_family(properties.name))
-    tiles = gpu_tiles(batch, d, multiprocessors=4)
+        return gpu_family(properties.name), properties.multi_processor_count
+    return "H200", 4
+
+
+def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
+    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter)."""
+    family, multiprocessors = family_and_multiprocessors(device)
+    tiles = gpu_tiles(batch, d, multiprocessors, family)
     # Triton's CPU interpreter runs programs one by one: fewer, larger ones
-    return dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 and device.type != "cuda" else tiles
 
 
 def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") -> Tiles:
-    """The TILE_TABLE tiles of `family` for `batch` tokens. The down projection is split so that
-    there are several programs per multiprocessor while the fp32 atomics stay few."""
-    column_blocks = triton.cdiv(d, 128)
+    """The TILE_TABLE tiles of `family` for `batch` tokens."""
+    return row_tiles(table_row(family, batch), batch, d, multiprocessors)
+
+
+def table_row(family: str, batch: int) -> dict:
+    """The TILE_TABLE row of `family` whose batch class holds `batch` (the smallest class at least as large)."""
     rows = TILE_TABLE[family]
-    first = rows[min(largest for largest in rows if batch <= largest)]
-    per_processor = 4 if batch == 1 else 8
-    return Tiles(block_b=1 if batch == 1 else max(16, triton.next_power_of_2(batch)), chunk=32, block_d=128,
-                 split=max(1, min(64, (per_processor * multiprocessors) // column_blocks)), **first)
+    return rows[min(largest for largest in rows if batch <= largest)]
+
+
+def row_tiles(row: dict, batch: int, d: int, multiprocessors: int) -> Tiles:
+    """The tiles one TILE_TABLE row gives `batch` tokens of width `d`. The batch is padded to a
+    power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` programs per
+    multiprocessor over all its column blocks (at most MAX_SPLIT per column block)."""
+    fields = {key: value for key, value in row.items() if key != "down_per_sm"}
+    padded = triton.next_power_of_2(batch)
+    split = max(1, min(MAX_SPLIT, row["down_per_sm"] * multiprocessors // triton.cdiv(d, row["block_d"])))
+    return Tiles(block_b=max(16, padded) if row["use_dot"] else padded, split=split, **fields)
+

@@ -1,0 +1,108 @@
+"""The second kernel of a gated sparse FFN call "up in down": W_up and W_down^T rows of a list slice.
+
+Selected per tile table row (`Tiles.up_in_down`). The first kernel then reads only the gate (it
+runs as for a non-gated FFN and stores act(gate) at each neuron's column), a pure streaming read
+with no dependent phase. This kernel's SPLIT programs each take a slice of the list of active
+neurons (or of all N rows, on the dense route: W_up and W_down^T are then read in full, as a dense
+FFN does). A program first reads its neurons' W_up rows (K wide), computes up = x W_up^T + b_up and
+x1 = act(gate) * up with the rounding of the two-kernel path (up rounded to the input dtype, the
+product rounded to it), and stores x1 over act(gate) at the neuron's column; then it walks the
+same neurons' W_down^T rows (D wide, contiguous) column block by column block and adds its partial
+sums to the workspace with relaxed fp32 atomics. Every program covers every column, so there is
+one arrival counter: the last program to arrive writes all outputs (bias, x's dtype) and leaves
+the workspace zero, as `down_kernel` does per column block.
+
+The point is more bytes in flight per program in the latency-bound part: a program's up and down
+rows, instead of only down rows after a first kernel that waits on its gate read before reading up.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .down import ARRIVALS, COUNT, _one_token_sum, _rows, _tokens_sum
+from .gate_up import _rows_times_x
+
+
+@triton.jit
+def up_down_kernel(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
+                   out_ptr, routes_ptr, B, N, K, D, dense_above, SPLIT: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    count = tl.load(state_ptr + COUNT)
+    dense = count > dense_above  # the dense route: every row in order, no list
+    rows_total = tl.where(dense, N, count)
+    share = tl.cdiv(rows_total, SPLIT)
+    start = tl.program_id(0) * share
+    end = tl.minimum(start + share, rows_total)
+    listed_end = tl.where(dense, 0, end)  # list entries are read below this slot, none on the dense route
+    batch = tl.arange(0, BLOCK_B)
+    batch_ok = batch < B
+    if HAS_ROUTES:  # one count per call: calls that took the sparse route, calls that took the dense one
+        tl.atomic_add(routes_ptr + dense.to(tl.int32), 1, mask=tl.program_id(0) == 0, sem="relaxed")
+
+    for p0 in range(start, end, CHUNK):
+        _store_products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, p0, end, listed_end, dense, batch, batch_ok,
+                        N, K, HAS_UP_BIAS, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
+    tl.debug_barrier()  # the products this program stored, visible to all of its threads
+
+    for c0 in range(0, tl.where(start < end, D, 0), BLOCK_D):  # a program with no share adds nothing
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        if BLOCK_B == 1:
+            acc = _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, D,
+                                 CHUNK, BLOCK_D)[None, :]
+        else:
+            acc = _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
+                              batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
+        # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
+        tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & col_ok[None, :],
+                      sem="relaxed")
+    _finish_every_column(state_ptr, b_down_ptr, acc_ptr, out_ptr, batch, batch_ok, D, SPLIT, HAS_BIAS, BLOCK_B,
+                         BLOCK_D)
+
+
+@triton.jit
+def _store_products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, p0, end, listed_end, dense, batch, batch_ok, N, K,
+                    HAS_UP_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+                    USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """x1 = act(gate) * (x W_up^T + b_up) of list slots [p0, p0 + CHUNK) below `end`, stored over
+    act(gate) at the neurons' columns. Rounded as the first kernel rounds it on the two-kernel path:
+    up to the input dtype, then the product to it (act(gate) is already exact in that dtype)."""
+    slots = p0 + tl.arange(0, CHUNK)
+    ok = slots < end
+    rows = _rows(index_ptr, slots, listed_end, dense)
+    up = _rows_times_x(x_ptr, w_up_ptr, rows, ok, batch, batch_ok, K, K, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
+    if HAS_UP_BIAS:
+        up += tl.load(b_up_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+    where = x1_ptr + batch[:, None] * N + rows[None, :]
+    mask = batch_ok[:, None] & ok[None, :]
+    a = tl.load(where, mask=mask, other=0.0)
+    dtype = x1_ptr.dtype.element_ty
+    tl.store(where, (a.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+
+
+@triton.jit
+def _finish_every_column(state_ptr, b_down_ptr, acc_ptr, out_ptr, batch, batch_ok, D, SPLIT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The last of the SPLIT programs to arrive reads every sum, zeroes it, adds the bias and writes
+    the output, then resets the arrival counter and the count, so the workspace is zero when the
+    launch ends. Ordering as in `down.py`'s `_finish_column_block`: relaxed adds, the CTA barrier,
+    one acquire-release arrival, sums read back with atomics at L2."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(state_ptr + ARRIVALS, 1, sem="acq_rel")
+    last = arrived == SPLIT - 1
+    zeros = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, tl.where(last, D, 0), BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        tile = batch[:, None] * D + cols[None, :]
+        mask = batch_ok[:, None] & col_ok[None, :]
+        total = tl.atomic_add(acc_ptr + tile, zeros, mask=mask, sem="relaxed")
+        tl.store(acc_ptr + tile, zeros, mask=mask)
+        if HAS_BIAS:
+            total += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(state_ptr + ARRIVALS, 0, mask=last)  # every program has arrived
+    tl.store(state_ptr + COUNT, 0, mask=last)  # every program has read it: each arrived after reading

@@ -4,16 +4,19 @@ Selected per tile table row (`Tiles.up_in_down`). The first kernel then reads on
 runs as for a non-gated FFN and stores act(gate) at each neuron's column), a pure streaming read
 with no dependent phase. This kernel's SPLIT programs each take a slice of the list of active
 neurons (or of all N rows, on the dense route: W_up and W_down^T are then read in full, as a dense
-FFN does). A program first reads its neurons' W_up rows (K wide), computes up = x W_up^T + b_up and
-x1 = act(gate) * up with the rounding of the two-kernel path (up rounded to the input dtype, the
-product rounded to it), and stores x1 over act(gate) at the neuron's column; then it walks the
-same neurons' W_down^T rows (D wide, contiguous) column block by column block and adds its partial
-sums to the workspace with relaxed fp32 atomics. Every program covers every column, so there is
-one arrival counter: the last program to arrive writes all outputs (bias, x's dtype) and leaves
-the workspace zero, as `down_kernel` does per column block.
+FFN reads them). A program reads its neurons' W_up rows (K wide), computes up = x W_up^T + b_up and
+x1 = act(gate) * up with the rounding of the two-kernel path (up rounded to the input dtype, then
+the product), and adds x1 times the neurons' W_down^T rows (D wide, contiguous) to the workspace
+sums with relaxed fp32 atomics, column block by column block. A slice of at most CHUNK neurons
+(the case the tiles are chosen for) is one step: one list load, then the first column block of
+the down rows and the up rows in flight together, the products kept in registers. A longer slice
+stores its products over act(gate) and walks the down rows as `down_kernel` does.
 
-The point is more bytes in flight per program in the latency-bound part: a program's up and down
-rows, instead of only down rows after a first kernel that waits on its gate read before reading up.
+Every program covers every column, so there is one arrival counter: the last program to arrive
+writes all outputs (bias, x's dtype) and leaves the workspace zero, as `down_kernel`'s finishers
+do per column block. The point is more bytes in flight per program in the latency-bound part: a
+program's up and down rows, not only down rows after a first kernel whose up read waits on its
+gate read.
 """
 
 from __future__ import annotations
@@ -42,12 +45,71 @@ def up_down_kernel(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, state_ptr, w_do
     if HAS_ROUTES:  # one count per call: calls that took the sparse route, calls that took the dense one
         tl.atomic_add(routes_ptr + dense.to(tl.int32), 1, mask=tl.program_id(0) == 0, sem="relaxed")
 
-    for p0 in range(start, end, CHUNK):
-        _store_products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, p0, end, listed_end, dense, batch, batch_ok,
-                        N, K, HAS_UP_BIAS, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
-    tl.debug_barrier()  # the products this program stored, visible to all of its threads
+    if share <= CHUNK:  # one step: no products through memory
+        _one_step(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, start, end, listed_end, dense,
+                  batch, batch_ok, N, K, D, HAS_UP_BIAS, BLOCK_B, CHUNK, BLOCK_K, BLOCK_D, USE_DOT, PRECISION)
+    else:
+        _walk(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, start, end, listed_end, dense,
+              batch, batch_ok, N, K, D, HAS_UP_BIAS, BLOCK_B, CHUNK, BLOCK_K, BLOCK_D, USE_DOT, PRECISION)
+    _finish_every_column(state_ptr, b_down_ptr, acc_ptr, out_ptr, batch, batch_ok, D, SPLIT, HAS_BIAS, BLOCK_B,
+                         BLOCK_D)
 
-    for c0 in range(0, tl.where(start < end, D, 0), BLOCK_D):  # a program with no share adds nothing
+
+@triton.jit
+def _one_step(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, start, end, listed_end, dense,
+              batch, batch_ok, N, K, D, HAS_UP_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A share of at most CHUNK slots: one list load, then the first column block of their W_down^T
+    rows loaded before their W_up rows, so both are in flight together; the products stay in
+    registers. The other column blocks follow one load each."""
+    slots = start + tl.arange(0, CHUNK)
+    ok = slots < end
+    rows = _rows(index_ptr, slots, listed_end, dense)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
+    w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+    x1 = _products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, rows, ok, batch, batch_ok, N, K, HAS_UP_BIAS, BLOCK_B, CHUNK,
+                   BLOCK_K, USE_DOT, PRECISION)
+    _add_down(acc_ptr, x1, w, batch, batch_ok, cols, col_ok, D, BLOCK_B, USE_DOT, PRECISION)
+    for c0 in range(BLOCK_D, tl.where(start < end, D, 0), BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+        _add_down(acc_ptr, x1, w, batch, batch_ok, cols, col_ok, D, BLOCK_B, USE_DOT, PRECISION)
+
+
+@triton.jit
+def _add_down(acc_ptr, x1, w, batch, batch_ok, cols, col_ok, D, BLOCK_B: tl.constexpr, USE_DOT: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Adds x1 (tokens x rows, input dtype) times `w` (rows x columns) to the sums of columns `cols`,
+    the products as `down.py` forms them (fp32 broadcast products, or a tensor-core dot)."""
+    if BLOCK_B == 1:
+        acc = tl.sum(w.to(tl.float32) * tl.trans(x1.to(tl.float32)), axis=0)[None, :]
+    elif USE_DOT:
+        acc = tl.dot(x1, w, input_precision=PRECISION)
+    else:
+        acc = tl.sum(x1[:, :, None].to(tl.float32) * w[None, :, :].to(tl.float32), axis=1)
+    # relaxed: no fence per add; the barrier and the arrival's release in the finisher order them all at once
+    tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & col_ok[None, :],
+                  sem="relaxed")
+
+
+@triton.jit
+def _walk(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, start, end, listed_end, dense,
+          batch, batch_ok, N, K, D, HAS_UP_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A share of more than CHUNK slots (the dense route, or a list longer than the tiles expect): the
+    products of every step stored over act(gate), then W_down^T walked per column block as
+    `down_kernel` walks it, one set of atomic adds per column block."""
+    for p0 in range(start, end, CHUNK):
+        slots = p0 + tl.arange(0, CHUNK)
+        ok = slots < end
+        rows = _rows(index_ptr, slots, listed_end, dense)
+        x1 = _products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, rows, ok, batch, batch_ok, N, K, HAS_UP_BIAS, BLOCK_B,
+                       CHUNK, BLOCK_K, USE_DOT, PRECISION)
+        tl.store(x1_ptr + batch[:, None] * N + rows[None, :], x1, mask=batch_ok[:, None] & ok[None, :])
+    tl.debug_barrier()  # the products this program stored, visible to all of its threads
+    for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         if BLOCK_B == 1:
@@ -56,31 +118,23 @@ def up_down_kernel(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, state_ptr, w_do
         else:
             acc = _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
                               batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
-        # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
         tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & col_ok[None, :],
                       sem="relaxed")
-    _finish_every_column(state_ptr, b_down_ptr, acc_ptr, out_ptr, batch, batch_ok, D, SPLIT, HAS_BIAS, BLOCK_B,
-                         BLOCK_D)
 
 
 @triton.jit
-def _store_products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, p0, end, listed_end, dense, batch, batch_ok, N, K,
-                    HAS_UP_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """x1 = act(gate) * (x W_up^T + b_up) of list slots [p0, p0 + CHUNK) below `end`, stored over
-    act(gate) at the neurons' columns. Rounded as the first kernel rounds it on the two-kernel path:
+def _products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, rows, ok, batch, batch_ok, N, K, HAS_UP_BIAS: tl.constexpr,
+              BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """x1 = act(gate) * (x W_up^T + b_up) of neurons `rows` (tokens x rows, input dtype), act(gate) read
+    where the first kernel stored it. Rounded as the first kernel rounds it on the two-kernel path:
     up to the input dtype, then the product to it (act(gate) is already exact in that dtype)."""
-    slots = p0 + tl.arange(0, CHUNK)
-    ok = slots < end
-    rows = _rows(index_ptr, slots, listed_end, dense)
     up = _rows_times_x(x_ptr, w_up_ptr, rows, ok, batch, batch_ok, K, K, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
     if HAS_UP_BIAS:
         up += tl.load(b_up_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
-    where = x1_ptr + batch[:, None] * N + rows[None, :]
-    mask = batch_ok[:, None] & ok[None, :]
-    a = tl.load(where, mask=mask, other=0.0)
+    a = tl.load(x1_ptr + batch[:, None] * N + rows[None, :], mask=batch_ok[:, None] & ok[None, :], other=0.0)
     dtype = x1_ptr.dtype.element_ty
-    tl.store(where, (a.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+    return (a.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
 
 
 @triton.jit

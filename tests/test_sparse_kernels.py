@@ -296,6 +296,10 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
             assert row is TILE_TABLE[family][min(b for b in TILE_TABLE[family] if batch <= b)]
             assert all(getattr(tiles, key) == value for key, value in row.items() if key != "down_per_sm")
             assert tiles.split == min(64, row["down_per_sm"] * 132 // (4096 // row["block_d"]))
+            assert not tiles.up_in_down  # the default path unless a row asks for "up in down"
+            # "up in down" programs each cover every column: `down_per_sm` list slices per multiprocessor
+            variant = row_tiles({**row, "up_in_down": True, "down_per_sm": 0.5}, batch, 4096, 132)
+            assert variant.up_in_down and variant.split == 66
     # one family's rows are its own: a sweep on one GPU fills them without changing the other's
     assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
 

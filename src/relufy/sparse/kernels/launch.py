@@ -83,9 +83,10 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     if up_in_down:
         up_down_kernel[(tiles.split,)](
             x, w_up, b_up, x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, k, d, dense_above,
-            SPLIT=tiles.split, HAS_UP_BIAS=b_up is not None, HAS_BIAS=b_down is not None, HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b,
-            CHUNK=tiles.chunk, BLOCK_K=tiles.block_k, BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot,
-            PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages_down)
+            SPLIT=tiles.split, HAS_UP_BIAS=b_up is not None, HAS_BIAS=b_down is not None,
+            HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_K=tiles.block_k,
+            BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down,
+            num_stages=tiles.stages_down)
         return out
     down_kernel[(tiles.split, triton.cdiv(d, tiles.block_d))](
         x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, d, dense_above, SPLIT=tiles.split,

@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .down import ARRIVALS, COUNT, _one_token_sum, _rows, _tokens_sum
-from .gate_up import _rows_times_x
+from .down import ARRIVALS, COUNT, column_sums, share_of_rows, slot_rows
+from .gate_up import rows_times_x
 
 
 @triton.jit
@@ -33,19 +33,13 @@ def up_down_kernel(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, state_ptr, w_do
                    out_ptr, routes_ptr, B, N, K, D, dense_above, SPLIT: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    count = tl.load(state_ptr + COUNT)
-    dense = count > dense_above  # the dense route: every row in order, no list
-    rows_total = tl.where(dense, N, count)
-    share = tl.cdiv(rows_total, SPLIT)
-    start = tl.program_id(0) * share
-    end = tl.minimum(start + share, rows_total)
-    listed_end = tl.where(dense, 0, end)  # list entries are read below this slot, none on the dense route
+    dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
     if HAS_ROUTES:  # one count per call: calls that took the sparse route, calls that took the dense one
         tl.atomic_add(routes_ptr + dense.to(tl.int32), 1, mask=tl.program_id(0) == 0, sem="relaxed")
 
-    if share <= CHUNK:  # one step: no products through memory
+    if end - start <= CHUNK:  # one step: no products through memory
         _one_step(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, start, end, listed_end, dense,
                   batch, batch_ok, N, K, D, HAS_UP_BIAS, BLOCK_B, CHUNK, BLOCK_K, BLOCK_D, USE_DOT, PRECISION)
     else:
@@ -64,7 +58,7 @@ def _one_step(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_pt
     registers. The other column blocks follow one load each."""
     slots = start + tl.arange(0, CHUNK)
     ok = slots < end
-    rows = _rows(index_ptr, slots, listed_end, dense)
+    rows = slot_rows(index_ptr, slots, listed_end, dense)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
     w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
@@ -104,7 +98,7 @@ def _walk(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, s
     for p0 in range(start, end, CHUNK):
         slots = p0 + tl.arange(0, CHUNK)
         ok = slots < end
-        rows = _rows(index_ptr, slots, listed_end, dense)
+        rows = slot_rows(index_ptr, slots, listed_end, dense)
         x1 = _products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, rows, ok, batch, batch_ok, N, K, HAS_UP_BIAS, BLOCK_B,
                        CHUNK, BLOCK_K, USE_DOT, PRECISION)
         tl.store(x1_ptr + batch[:, None] * N + rows[None, :], x1, mask=batch_ok[:, None] & ok[None, :])
@@ -112,12 +106,8 @@ def _walk(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, w_down_t_ptr, acc_ptr, s
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        if BLOCK_B == 1:
-            acc = _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, D,
-                                 CHUNK, BLOCK_D)[None, :]
-        else:
-            acc = _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
-                              batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
+        acc = column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
+                          batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
         tl.atomic_add(acc_ptr + batch[:, None] * D + cols[None, :], acc, mask=batch_ok[:, None] & col_ok[None, :],
                       sem="relaxed")
 
@@ -129,10 +119,13 @@ def _products(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, rows, ok, batch, batch_ok, N, K
     """x1 = act(gate) * (x W_up^T + b_up) of neurons `rows` (tokens x rows, input dtype), act(gate) read
     where the first kernel stored it. Rounded as the first kernel rounds it on the two-kernel path:
     up to the input dtype, then the product to it (act(gate) is already exact in that dtype)."""
-    up = _rows_times_x(x_ptr, w_up_ptr, rows, ok, batch, batch_ok, K, K, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
-    if HAS_UP_BIAS:
-        up += tl.load(b_up_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+    # act(gate) and the bias first: their loads are in flight with the W_up rows, not after them
     a = tl.load(x1_ptr + batch[:, None] * N + rows[None, :], mask=batch_ok[:, None] & ok[None, :], other=0.0)
+    if HAS_UP_BIAS:
+        bias = tl.load(b_up_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+    up = rows_times_x(x_ptr, w_up_ptr, rows, ok, batch, batch_ok, K, K, BLOCK_B, CHUNK, BLOCK_K, USE_DOT, PRECISION)
+    if HAS_UP_BIAS:
+        up += bias
     dtype = x1_ptr.dtype.element_ty
     return (a.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
 

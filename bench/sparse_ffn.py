@@ -222,7 +222,8 @@ def max_rel_error(result, reference) -> float:
 
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
     """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates, then the down kernel's on the
-    best of those (the first `limit` candidates of each, for a smoke run). Every candidate's time is
+    best of those, then "up in down" candidates against the best so far (the first `limit` candidates
+    of each, for a smoke run). Every candidate's time is
     kept; the JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's
     candidates in parallel first."""
     from relufy.sparse.kernels import choose_tiles, family_and_multiprocessors, row_tiles, table_row
@@ -257,6 +258,7 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
 
         best = fastest(first_rows(table_row(family, batch), batch)[:limit])
         best = fastest(down_rows(best, batch)[:limit])
+        best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
                          "best_us": time_tiles(tiles_of(best), best), "best": best,
                          "best_tiles": dataclasses.asdict(tiles_of(best)), "candidates": timings}
@@ -346,11 +348,31 @@ def down_rows(best: dict, batch: int) -> list[dict]:
                      for d, c, p, w, st in grid if tokens * c * d <= 128 * 32 * w and p * tokens * c * d <= 1 << 16]
 
 
+def up_in_down_rows(best: dict, batch: int) -> list[dict]:
+    """"Up in down" candidates (`Tiles.up_in_down`, at up to 8 tokens) on the best row so far: list
+    rows per step (`chunk`), list slices per multiprocessor (`down_per_sm`, fractions too), warps and
+    columns per step of the second kernel; at one token also the K step, which both kernels take
+    (the gate-only first kernel and the second kernel's W_up rows). Tensor-core tiles need 16 rows
+    per step. Left out: broadcast tiles of more than 128 fp32 partial sums per thread (registers)."""
+    if batch > 8:
+        return []
+    tokens = 1 if best["use_dot"] else pow2(batch)
+    chunks = (16, 32) if best["use_dot"] else (8, 16)
+    steps = (512, 1024) if batch == 1 else (best["block_k"],)
+    columns = (1024, 4096) if batch == 1 else (256, 1024, 4096)
+    grid = itertools.product(chunks, (0.5, 1, 2), (4, 8), columns, steps)
+    rows = [{**best, "up_in_down": True, "chunk": c, "down_per_sm": p, "warps_down": w, "block_d": d, "block_k": k}
+            for c, p, w, d, k in grid if tokens * c * d <= 128 * 32 * w]
+    return [row for row in rows if row["use_dot"] or (
+        tokens * row["chunk"] * row["block_k"] <= 128 * 32 * row["warps_down"]
+        and tokens * row["block_n"] * row["block_k"] <= 128 * 32 * row["warps_first"])]
+
+
 def tile_table_text(result: dict) -> str:
     """The TILE_TABLE statement of a sweep's best rows, ready to paste over its GPU family's in
     src/relufy/sparse/kernels/tiles.py: one batch class per swept batch size, the largest serving
     every larger batch."""
-    best = {int(batch): entry["best"] for batch, entry in result["sweep"].items()}
+    best = {int(batch): {"up_in_down": False, **entry["best"]} for batch, entry in result["sweep"].items()}
     first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages")
     lines = [f"TILE_TABLE[{json.dumps(result['tile_family'])}] = {{"]
     for batch, row in sorted(best.items()):
@@ -393,7 +415,8 @@ def profile_kernels(ffn: RandomFFN, batches: list[int], bandwidth: float, save, 
         for name, call in calls.items():
             kernels = profile(call)
             for kernel in kernels:
-                kernel["gb_per_s"] = kernel_bytes(kernel["name"], ffn, union) / kernel["us_per_call"] / 1e3
+                read = kernel_bytes(kernel["name"], ffn, union, tiles.up_in_down)
+                kernel["gb_per_s"] = read / kernel["us_per_call"] / 1e3
                 kernel["of_copy_bandwidth"] = kernel["gb_per_s"] * 1e9 / bandwidth
             report[f"{name} batch {batch}"] = kernels
             print(f"{ffn.inter}x{ffn.hidden} {name} batch {batch}: " + "; ".join(
@@ -420,17 +443,19 @@ def profile(call, iterations: int = 20) -> list[dict]:
             for event in profiler.key_averages() if event.self_device_time_total > 0]
 
 
-def kernel_bytes(kernel: str, ffn: RandomFFN, union: int) -> float:
+def kernel_bytes(kernel: str, ffn: RandomFFN, union: int, up_in_down: bool = False) -> float:
     """Bytes one launch of `kernel` must read (0 for small elementwise kernels): a cuBLAS GEMV reads
-    its whole matrix, the first kernel the gate and the union's up rows, the down kernel the union's
-    down rows."""
+    its whole matrix, the first kernel the gate and the union's up rows (only the gate "up in down"),
+    the down kernel the union's down rows, "up in down"'s second kernel its up and down rows."""
     import torch
 
     element = torch.finfo(ffn.dtype).bits // 8
     matrix = ffn.inter * ffn.hidden * element
     row = ffn.hidden * element
     if "first_projection_kernel" in kernel:
-        return matrix + union * row
+        return matrix + (0 if up_in_down else union * row)
+    if "up_down_kernel" in kernel:
+        return 2 * union * row
     if "down_kernel" in kernel:
         return union * row
     if any(tag in kernel.lower() for tag in ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma")):

@@ -142,8 +142,9 @@ def test_decode_speed_saves_the_model_for_serving(tmp_path):
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
-    """The sweep times both kernels' candidates and prints the TILE_TABLE rows that give back the best
-    tiles of each swept batch size (the largest as the class of every larger batch)."""
+    """The sweep times both kernels' candidates, then "up in down" ones, and prints the TILE_TABLE rows
+    that give back the best tiles of each swept batch size (the largest as the class of every larger
+    batch), saying which way each row runs."""
     from relufy.sparse.kernels import Tiles, row_tiles
 
     out = tmp_path / "sweep.json"
@@ -153,8 +154,10 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     assert len(sweep["candidates"]) >= 4
     assert sweep["candidates"][-1] == {**sweep["best"], **sweep["best_tiles"], "us": sweep["best_us"]}
     assert result["profile"] == {}  # the per-kernel profile needs CUDA
+    for batch in ("1", "2"):
+        assert {c.get("up_in_down", False) for c in result["sweep"][batch]["candidates"]} == {False, True}
     text = run_bench("sparse_ffn.py", "--table", str(out)).strip()
-    assert text in stdout
+    assert text in stdout and text.count("up_in_down=") == 2
     table = {}
     exec(text, {"TILE_TABLE": table})  # the statement as it would be pasted into tiles.py
     (rows,) = table.values()

@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("triton")
 
 SCRIPT = r"""
+import dataclasses
+
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -25,6 +27,7 @@ from triton.compiler import ASTSource
 from relufy.sparse import kernels as K
 from relufy.sparse.kernels.down import down_kernel
 from relufy.sparse.kernels.gate_up import first_projection_kernel
+from relufy.sparse.kernels.up_down import up_down_kernel
 
 FP32, I32 = ("acc_ptr",), ("index_ptr", "count_ptr", "state_ptr", "routes_ptr")
 
@@ -65,13 +68,23 @@ for t in launches():
         SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
         USE_DOT=t.use_dot, PRECISION="tf32"), t.warps_down, t.stages_down)
     print("compiled down", t)
+    # "up in down" on the same row: a gate-only first kernel, list slices of 8 rows (16 for tensor cores)
+    v = dataclasses.replace(t, up_in_down=True, chunk=16 if t.use_dot else 8, block_d=1024, split=132)
+    compile_for_hopper(first_projection_kernel, dict(
+        GATED=False, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, BLOCK_B=v.block_b, BLOCK_N=v.block_n,
+        BLOCK_K=v.block_k, USE_DOT=v.use_dot, PRECISION="tf32"), v.warps_first, v.stages)
+    compile_for_hopper(up_down_kernel, dict(
+        SPLIT=v.split, HAS_UP_BIAS=True, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=v.block_b, CHUNK=v.chunk,
+        BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32"), 8, v.stages_down)
+    print("compiled up in down", v)
 print("launches", len(launches()))
 """
 
 
 def test_both_kernels_compile_for_sm90_with_every_row_of_the_tile_table(tmp_path):
     """Every row of every GPU family: the first kernel's tiles and the down kernel's (columns, rows per
-    step, split, warps, stages)."""
+    step, split, warps, stages), and the "up in down" pair (gate-only first kernel, `up_down_kernel`)
+    on each row's first-kernel tiles."""
     from triton.backends import backends
 
     if "nvidia" not in backends:
@@ -83,3 +96,4 @@ def test_both_kernels_compile_for_sm90_with_every_row_of_the_tile_table(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     launches = int(done.stdout.split("launches ")[-1])
     assert launches >= 3 and done.stdout.count("compiled first") == done.stdout.count("compiled down") == launches
+    assert done.stdout.count("compiled up in down") == launches

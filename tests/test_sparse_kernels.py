@@ -16,12 +16,25 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
-    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles, sparse_ffn,
-    table_row, workspace_size)
+    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles, row_tiles,
+    sparse_ffn, table_row, workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
 PARAMS = {"relu": 0.0, "fatrelu": 0.25, "shifted_relu": 0.1, "relu2": 0.0}
+# both ways of running a gated FFN: W_up in the first kernel (today's tiles), or in the second ("up in down")
+BOTH_PATHS = pytest.mark.parametrize("up_in_down", [False, True])
+
+
+def tiles_for(batch, n, d, up_in_down, tiles=None):
+    """`tiles` (default: the interpreter's for this batch); with `up_in_down`, the variant on a table row
+    that gives it 3 list slices (fewer programs than active neurons, so each walks several)."""
+    tiles = tiles or choose_tiles(batch, n, d, DEVICE)
+    if not up_in_down:
+        return tiles
+    row = {**table_row("H200", batch), "up_in_down": True, "down_per_sm": 0.75}
+    variant = row_tiles(row, batch, d, multiprocessors=4)
+    return dataclasses.replace(tiles, up_in_down=True, split=variant.split)
 
 
 def dense_ffn(x, w_first, w_up, w_down_t, activation, param, b_first=None, b_up=None, b_down=None):
@@ -66,7 +79,7 @@ def bound(dtype) -> float:
     return 1e-2
 
 
-def check(x, weights, activation, dtype, tiles=None):
+def check(x, weights, activation, dtype, tiles=None, up_in_down=False):
     """Float32 against a float64 FFN; half precision against the dense FFN in the same dtype, as
     transformers runs it (a neuron whose gate rounds across a FATReLU threshold differs in both)."""
     param = PARAMS[activation]
@@ -74,6 +87,7 @@ def check(x, weights, activation, dtype, tiles=None):
     tensors = [weights.get(name) for name in names]
     if tiles is None and ON_INTERPRETER and dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong
         tiles = dataclasses.replace(choose_tiles(1, 96, 48, DEVICE), block_b=triton.next_power_of_2(x.shape[0]))
+    tiles = tiles_for(x.shape[0], *weights["w_down_t"].shape, up_in_down, tiles)
     sparse = sparse_ffn(x, *tensors[:3], ACTIVATION_CODES[activation], param, *tensors[3:], tiles=tiles)
     precise = torch.float64 if dtype == torch.float32 else dtype
     cast = [None if t is None else t.to(precise) for t in tensors]
@@ -87,16 +101,19 @@ def check(x, weights, activation, dtype, tiles=None):
 @pytest.mark.parametrize("activation", list(PARAMS))
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_every_activation_matches_the_dense_ffn_in_float32(activation, gated, batch):
+@BOTH_PATHS
+def test_every_activation_matches_the_dense_ffn_in_float32(activation, gated, batch, up_in_down):
+    """Non-gated FFNs with `up_in_down` tiles take the two-kernel path (there is no W_up to move)."""
     x, weights = random_ffn(batch, gated=gated)
-    check(x, weights, activation, torch.float32)
+    check(x, weights, activation, torch.float32, up_in_down=up_in_down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_half_precision_inputs_accumulate_in_float32(dtype, batch):
+@BOTH_PATHS
+def test_half_precision_inputs_accumulate_in_float32(dtype, batch, up_in_down):
     x, weights = random_ffn(batch, dtype=dtype)
-    check(x, weights, "fatrelu", dtype)
+    check(x, weights, "fatrelu", dtype, up_in_down=up_in_down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -123,14 +140,16 @@ DOWN_TILES = [(16, 16, 5), (64, 64, 4), (256, 32, 1)]
 @pytest.mark.parametrize("block_d, chunk, split", DOWN_TILES)
 @pytest.mark.parametrize("dense_above, route", [(None, 0), (0, 1)])
 @pytest.mark.parametrize("batch, use_dot", [(1, False), (5, False), (5, True)])
-def test_down_kernel_tiles_match_the_dense_ffn(block_d, chunk, split, dense_above, route, batch, use_dot):
+@BOTH_PATHS
+def test_down_kernel_tiles_match_the_dense_ffn(block_d, chunk, split, dense_above, route, batch, use_dot, up_in_down):
     """Every down-kernel path (one token; several by broadcast or tensor cores) with the tiles a sweep
-    tries, on the list and on the dense route, at an odd width; the workspace is left zero."""
+    tries, on the list and on the dense route, at an odd width; the workspace is left zero. With
+    `up_in_down`, `split` list slices each read their W_up rows too, `block_d` columns per step."""
     x, weights = random_ffn(batch, k=72, n=203, d=150, bias=True, seed=batch + split)
     tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
     base = choose_tiles(batch, 203, 150, DEVICE)
     tiles = dataclasses.replace(base, use_dot=use_dot, block_b=max(16 if use_dot else 1, triton.next_power_of_2(batch)),
-                                block_d=block_d, chunk=chunk, split=split)
+                                block_d=block_d, chunk=chunk, split=split, up_in_down=up_in_down)
     workspace = torch.zeros(workspace_size(batch, 203, 150), dtype=torch.int32, device=DEVICE)
     routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     poison_allocator(DEVICE)
@@ -150,33 +169,38 @@ def test_tensor_core_tiles_in_bfloat16_on_cuda():
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_biases_of_gpt_style_ffns(gated):
+@BOTH_PATHS
+def test_biases_of_gpt_style_ffns(gated, up_in_down):
     x, weights = random_ffn(2, gated=gated, bias=True)
-    check(x, weights, "relu", torch.float32)
+    check(x, weights, "relu", torch.float32, up_in_down=up_in_down)
 
 
-def test_shapes_that_fit_no_tile():
+@BOTH_PATHS
+def test_shapes_that_fit_no_tile(up_in_down):
     x, weights = random_ffn(5, k=72, n=101, d=37)
-    check(x, weights, "shifted_relu", torch.float32)
+    check(x, weights, "shifted_relu", torch.float32, up_in_down=up_in_down)
 
 
-def test_all_zero_activations_give_the_bias_alone():
+@BOTH_PATHS
+def test_all_zero_activations_give_the_bias_alone(up_in_down):
     x, weights = random_ffn(3, bias=True)
     weights["b_first"] = torch.full_like(weights["b_first"], -1e3)  # every gate negative
-    out = check(x, weights, "relu", torch.float32)
+    out = check(x, weights, "relu", torch.float32, up_in_down=up_in_down)
     assert torch.equal(out, weights["b_down"].expand_as(out))
 
 
-def test_all_active_neurons():
+@BOTH_PATHS
+def test_all_active_neurons(up_in_down):
     x, weights = random_ffn(2)
     weights["w_first"] = torch.zeros_like(weights["w_first"])  # gate = bias = 1 everywhere
     weights["b_first"] = torch.ones(96, device=DEVICE)
     weights["b_up"] = torch.zeros(96, device=DEVICE)
     weights["b_down"] = torch.zeros(48, device=DEVICE)
-    check(x, weights, "relu", torch.float32)
+    check(x, weights, "relu", torch.float32, up_in_down=up_in_down)
 
 
-def test_fatrelu_keeps_values_at_the_threshold_and_drops_those_below():
+@BOTH_PATHS
+def test_fatrelu_keeps_values_at_the_threshold_and_drops_those_below(up_in_down):
     """Small integers make every sum exact in any order, so a gate value sits exactly at t."""
     generator = torch.Generator().manual_seed(1)
     x, w_gate, w_up, w_down_t = (torch.randint(-3, 4, shape, generator=generator).float().to(DEVICE)
@@ -184,7 +208,7 @@ def test_fatrelu_keeps_values_at_the_threshold_and_drops_those_below():
     gate = torch.nn.functional.linear(x, w_gate)
     threshold = float(gate.flatten().sort().values[60])
     assert (gate == threshold).any() and (gate == threshold - 1).any()
-    out = sparse_ffn(x, w_gate, w_up, w_down_t, FATRELU, threshold)
+    out = sparse_ffn(x, w_gate, w_up, w_down_t, FATRELU, threshold, tiles=tiles_for(1, 96, 48, up_in_down))
     expected = (gate * (gate >= threshold) * torch.nn.functional.linear(x, w_up)) @ w_down_t
     assert torch.equal(out, expected)
 
@@ -218,10 +242,11 @@ def poison_allocator(device, nbytes=1 << 22):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fresh_inputs_on_a_poisoned_allocator_match_the_dense_ffn(batch):
+@BOTH_PATHS
+def test_fresh_inputs_on_a_poisoned_allocator_match_the_dense_ffn(batch, up_in_down):
     """Fresh inputs per case, biases, an odd width, several calls on one workspace, which stays zero;
     memory the outputs may reuse holds NaN, so an output the kernels fail to write cannot pass."""
-    tiles = choose_tiles(batch, 101, 37, DEVICE)
+    tiles = tiles_for(batch, 101, 37, up_in_down)
     workspace = torch.zeros(workspace_size(batch, 101, 37), dtype=torch.int32, device=DEVICE)
     for seed in range(2):
         x, weights = random_ffn(batch, k=72, n=101, d=37, bias=True, seed=10 * seed + batch)
@@ -240,15 +265,17 @@ def test_bfloat16_on_the_tiles_of_one_token():
     check(x, weights, "fatrelu", torch.bfloat16, choose_tiles(1, 96, 48, DEVICE))
 
 
-def test_a_union_above_the_threshold_takes_the_dense_route():
+@BOTH_PATHS
+def test_a_union_above_the_threshold_takes_the_dense_route(up_in_down):
     """`dense_above` below the active count: the down kernel reads every row and says so in `routes`;
-    at or above it, the list. Both give the dense FFN's result."""
+    at or above it, the list. Both give the dense FFN's result (`up_in_down`: the second kernel
+    reads every W_up and W_down^T row on the dense route)."""
     x, weights = random_ffn(4, seed=3)
     tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t")]
     union = int((torch.nn.functional.linear(x, weights["w_first"]) > 0).any(0).sum())
     assert 0 < union < 96
     reference = dense_ffn(x.double(), *(t.double() for t in tensors), "relu", 0.0)
-    tiles = choose_tiles(4, 96, 48, DEVICE)
+    tiles = tiles_for(4, 96, 48, up_in_down)
     for dense_above, route in ((union - 1, 1), (union, 0), (None, 0), (-1, 1)):
         routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
         poison_allocator(DEVICE)
@@ -269,6 +296,10 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
             assert row is TILE_TABLE[family][min(b for b in TILE_TABLE[family] if batch <= b)]
             assert all(getattr(tiles, key) == value for key, value in row.items() if key != "down_per_sm")
             assert tiles.split == min(64, row["down_per_sm"] * 132 // (4096 // row["block_d"]))
+            assert not tiles.up_in_down  # the default path unless a row asks for "up in down"
+            # "up in down" programs each cover every column: `down_per_sm` list slices per multiprocessor
+            variant = row_tiles({**row, "up_in_down": True, "down_per_sm": 0.5}, batch, 4096, 132)
+            assert variant.up_in_down and variant.split == 66
     # one family's rows are its own: a sweep on one GPU fills them without changing the other's
     assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
 

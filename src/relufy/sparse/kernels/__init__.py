@@ -8,6 +8,9 @@ captured in a CUDA graph. One module per job:
 - `gate_up`: the first kernel (the gate rows read in full, the activation, the compact list of
   active neurons, their W_up rows);
 - `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
+- `up_down`: the second kernel of the "up in down" variant (`Tiles.up_in_down`, gated FFNs): each
+  program reads the W_up and then the W_down^T rows of a slice of the list, after a first kernel
+  that read only the gate;
 - `tiles`: block sizes of both kernels per GPU and batch (`TILE_TABLE`);
 - `launch`: the workspace, `sparse_ffn` (both launches), `routed_sparse_ffn` (tiles and route as
   both operators choose them), the `relufy::sparse_ffn` operator, and `runs_on` (whether the

@@ -28,13 +28,7 @@ def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
                  dense_above, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr,
                  BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
                  PRECISION: tl.constexpr):
-    count = tl.load(state_ptr + COUNT)
-    dense = count > dense_above  # the dense route: every row in order, no list
-    rows_total = tl.where(dense, N, count)
-    share = tl.cdiv(rows_total, SPLIT)
-    start = tl.program_id(0) * share
-    end = tl.minimum(start + share, rows_total)
-    listed_end = tl.where(dense, 0, end)  # list entries are read below this slot, none on the dense route
+    dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
     column_block = tl.program_id(1)
     cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -44,12 +38,8 @@ def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
         tl.atomic_add(routes_ptr + dense.to(tl.int32), 1, mask=(tl.program_id(0) == 0) & (column_block == 0),
                       sem="relaxed")
 
-    if BLOCK_B == 1:
-        acc = _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, D,
-                             CHUNK, BLOCK_D)[None, :]
-    else:
-        acc = _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
-                          batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
+    acc = column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch, batch_ok,
+                      N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
     tile = batch[:, None] * D + cols[None, :]
     written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
     # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
@@ -59,7 +49,35 @@ def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
 
 
 @triton.jit
-def _rows(index_ptr, slots, listed_end, dense):
+def column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch, batch_ok, N, D,
+                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """[BLOCK_B, BLOCK_D] fp32: the sums over slots [start, end) of x1[:, i] * W_down^T[i, cols]."""
+    if BLOCK_B == 1:
+        acc = _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, D,
+                             CHUNK, BLOCK_D)[None, :]
+    else:
+        acc = _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
+                          batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
+    return acc
+
+
+@triton.jit
+def share_of_rows(state_ptr, N, dense_above, SPLIT: tl.constexpr):
+    """This program's share of the list, or of all N rows on the dense route (more than `dense_above`
+    active neurons): the route, the share's slots [start, end), and the slot below which list entries
+    are read (none on the dense route)."""
+    count = tl.load(state_ptr + COUNT)
+    dense = count > dense_above  # the dense route: every row in order, no list
+    rows_total = tl.where(dense, N, count)
+    share = tl.cdiv(rows_total, SPLIT)
+    start = tl.program_id(0) * share
+    end = tl.minimum(start + share, rows_total)
+    return dense, start, end, tl.where(dense, 0, end)
+
+
+@triton.jit
+def slot_rows(index_ptr, slots, listed_end, dense):
     """The W_down^T rows of list slots `slots`: list entries, or the slots themselves on the dense route."""
     listed = tl.load(index_ptr + slots, mask=slots < listed_end, other=0)
     return tl.where(dense, slots, listed).to(tl.int64)
@@ -76,13 +94,13 @@ def _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dens
     only loads that feed tensor-core dots), so a walk of several steps waits for one round trip per
     step, not two."""
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = _rows(index_ptr, start + tl.arange(0, CHUNK), listed_end, dense)
+    rows = slot_rows(index_ptr, start + tl.arange(0, CHUNK), listed_end, dense)
     for p0 in range(start, end, CHUNK):
         slots = p0 + tl.arange(0, CHUNK)
         ok = slots < end
         w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
         x1 = tl.load(x1_ptr + rows, mask=ok, other=0.0)
-        next_rows = _rows(index_ptr, slots + CHUNK, listed_end, dense)  # none past the share
+        next_rows = slot_rows(index_ptr, slots + CHUNK, listed_end, dense)  # none past the share
         acc += tl.sum(w.to(tl.float32) * x1.to(tl.float32)[:, None], axis=0)
         rows = next_rows
     return acc
@@ -101,7 +119,7 @@ def _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, 
     for p0 in range(start, end, CHUNK):
         slots = p0 + tl.arange(0, CHUNK)
         ok = slots < end
-        rows = _rows(index_ptr, slots, listed_end, dense)
+        rows = slot_rows(index_ptr, slots, listed_end, dense)
         w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
         x1 = tl.load(x1_ptr + batch[:, None] * N + rows[None, :], mask=batch_ok[:, None] & ok[None, :], other=0.0)
         if USE_DOT:

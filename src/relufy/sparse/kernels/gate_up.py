@@ -36,7 +36,7 @@ def _activate(g, param, ACT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K, k_end, BLOCK_B: tl.constexpr,
+def rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K, k_end, BLOCK_B: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32: x (B x K) times the weight rows `rows` over K in [0, k_end).
 
@@ -73,7 +73,7 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
 
-    first = _rows_times_x(x_ptr, w_first_ptr, rows, row_ok, batch, batch_ok, K, K, BLOCK_B, BLOCK_N, BLOCK_K,
+    first = rows_times_x(x_ptr, w_first_ptr, rows, row_ok, batch, batch_ok, K, K, BLOCK_B, BLOCK_N, BLOCK_K,
                           USE_DOT, PRECISION)
     if HAS_BIAS:
         first += tl.load(b_first_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
@@ -84,7 +84,7 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
     flags = active.to(tl.int32)
     n_active = tl.sum(flags, axis=0)
     if GATED:
-        up = _rows_times_x(x_ptr, w_up_ptr, rows, active, batch, batch_ok, K, tl.where(n_active > 0, K, 0),
+        up = rows_times_x(x_ptr, w_up_ptr, rows, active, batch, batch_ok, K, tl.where(n_active > 0, K, 0),
                            BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION)
         if HAS_BIAS:
             up += tl.load(b_up_ptr + rows, mask=active, other=0.0).to(tl.float32)[None, :]

@@ -10,6 +10,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from .down import down_kernel
 from .gate_up import first_projection_kernel
 from .tiles import Tiles, choose_tiles
+from .up_down import up_down_kernel
 
 MIN_BLOCK_D = 16  # the narrowest column block of the down kernel: bounds its arrival counters
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -53,6 +54,7 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     zeroed one is allocated (one memset). When more than `dense_above` neurons are active for the
     batch, the down kernel reads all N rows in order (None: never). `routes` (int32, 2 words), if
     given, counts the calls that took the sparse route (word 0) and the dense one (word 1).
+    With `tiles.up_in_down` a gated FFN reads W_up in the second kernel (`up_down_kernel`), not the first.
     """
     tokens, k = x.shape
     n, d = w_down_t.shape
@@ -69,17 +71,28 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     x1 = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
     index = torch.empty(n, dtype=torch.int32, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    up_in_down = tiles.up_in_down and w_up is not None
     first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
         x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
-        float(act_param), GATED=w_up is not None, HAS_BIAS=b_first is not None, ACT=activation,
+        float(act_param), GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
         DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
     out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
+    sums = workspace[_down_sums(d):].view(torch.float32)
+    dense_above = n if dense_above is None else int(dense_above)
+    if up_in_down:
+        up_down_kernel[(tiles.split,)](
+            x, w_up, b_up, x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, k, d, dense_above,
+            SPLIT=tiles.split, HAS_UP_BIAS=b_up is not None, HAS_BIAS=b_down is not None,
+            HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_K=tiles.block_k,
+            BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down,
+            num_stages=tiles.stages_down)
+        return out
     down_kernel[(tiles.split, triton.cdiv(d, tiles.block_d))](
-        x1, index, workspace, w_down_t, b_down, workspace[_down_sums(d):].view(torch.float32), out, routes,
-        tokens, n, d, n if dense_above is None else int(dense_above), SPLIT=tiles.split, HAS_BIAS=b_down is not None,
-        HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_D=tiles.block_d,
-        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down, num_stages=tiles.stages_down)
+        x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, d, dense_above, SPLIT=tiles.split,
+        HAS_BIAS=b_down is not None, HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk,
+        BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down,
+        num_stages=tiles.stages_down)
     return out
 
 

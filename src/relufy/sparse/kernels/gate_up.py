@@ -37,7 +37,7 @@ def _activate(g, param, ACT: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K, k_end, BLOCK_B: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32: x (B x K) times the weight rows `rows` over K in [0, k_end).
 
     Masked rows are not read (an up projection passes k_end = 0 to skip a block with no active
@@ -74,7 +74,7 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
     batch_ok = batch < B
 
     first = rows_times_x(x_ptr, w_first_ptr, rows, row_ok, batch, batch_ok, K, K, BLOCK_B, BLOCK_N, BLOCK_K,
-                          USE_DOT, PRECISION)
+                         USE_DOT, PRECISION)
     if HAS_BIAS:
         first += tl.load(b_first_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     a = _activate(first.to(DTYPE).to(tl.float32), act_param, ACT, DTYPE)
@@ -85,7 +85,7 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
     n_active = tl.sum(flags, axis=0)
     if GATED:
         up = rows_times_x(x_ptr, w_up_ptr, rows, active, batch, batch_ok, K, tl.where(n_active > 0, K, 0),
-                           BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION)
+                          BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION)
         if HAS_BIAS:
             up += tl.load(b_up_ptr + rows, mask=active, other=0.0).to(tl.float32)[None, :]
         x1 = (a * up.to(DTYPE).to(tl.float32)).to(DTYPE)

@@ -282,8 +282,8 @@ def collect(s: argparse.Namespace) -> None:
     runs, on machines that are gone by now, collect into one folder and one table."""
     s.dest.mkdir(parents=True, exist_ok=True)
     evaluations = (s.out_dir / "eval").iterdir() if (s.out_dir / "eval").is_dir() else ()
+    # every evaluation folder, not relufy's hidden locks and temps
     for source in (path for path in evaluations if path.is_dir() and not path.name.startswith(".")):
-        # not relufy's hidden locks and temps
         target = s.dest / source.name
         target.mkdir(parents=True, exist_ok=True)
         for path in source.iterdir():

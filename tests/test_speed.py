@@ -123,7 +123,24 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
         == (2.0, 1.0, 3.0)
     assert generate["sparse_tokens_per_s"] == 20.0 and generate["speedup"] == 10.0  # the warm-up round is dropped
     assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
-    assert "[1.0-3.0]" in speed_table(result)
+    assert result["ffn"][0]["sparse_sequence_us"] > 0 and result["ffn"][0]["dense_sequence_us"] > 0
+    assert "[1.0-3.0]" in speed_table(result) and "in layer order as one sequence" in speed_table(result)
+
+
+def test_the_ffn_sequence_runs_every_ffn_once_per_timed_call_in_layer_order():
+    """The sequence timing is the FFNs' share of a step: each FFN on its own input, layer 0 first."""
+    from relufy.architectures import ffn_modules
+    from relufy.ffn_speed import ffn_sequence_time
+
+    model = build_tiny_model("llama", hidden_act="relu")
+    ffns = ffn_modules(model)
+    seen = []
+    for index, ffn in enumerate(ffns):
+        ffn.register_forward_pre_hook(lambda module, args, index=index: seen.append((index, args[0].sum().item())))
+    inputs = [torch.full((1, 1, model.config.hidden_size), float(i + 1)) for i in range(len(ffns))]
+    seconds = ffn_sequence_time(model, inputs, repeats=2, warmup=1)
+    expected = [(i, float((i + 1) * model.config.hidden_size)) for i in range(len(ffns))]
+    assert seconds > 0 and seen == expected * 2  # no warm-up call off CUDA (no graph to capture)
 
 
 def _linears(model) -> int:

@@ -1,6 +1,13 @@
-"""The FFNs during decode, measured one by one: each FFN alone on its real decode input (dense against
-sparse, time and output error), and what the sparse kernels can skip there (the zero-ratio of x1 and
-the union of active neurons over a batch). `speed.py` puts these beside the end-to-end decode numbers.
+"""The FFNs during decode, measured apart from the rest of the step: each FFN alone on its real decode
+input (dense against sparse, time and output error), every FFN in layer order as one timed sequence,
+and what the sparse kernels can skip there (the zero-ratio of x1 and the union of active neurons over
+a batch). `speed.py` puts these beside the end-to-end decode numbers.
+
+An FFN timed alone is replayed on its own, so whatever of its weights fits in the GPU's L2 cache is read
+from there on every replay but the first: for a small model (a 135M model's FFN is 5 MB, an H100's L2
+50 MB), or the active rows of a sparse FFN, that flatters the time. In the sequence each FFN's weights
+were last read one full pass over all the others ago, as in the decode step, so what the sequence saves
+is what the step can save.
 """
 
 from __future__ import annotations
@@ -42,6 +49,20 @@ def ffn_times(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> l
             for ffn, x in zip(ffn_modules(model), inputs)]
 
 
+def ffn_sequence_time(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> float:
+    """Median seconds of every FFN module on its decode input, one after another in layer order (one CUDA
+    graph on a GPU): the FFNs' share of a decode step with the caches as the step leaves them."""
+    device = inputs[0].device
+    repeats = repeats if device.type == "cuda" else min(repeats, 3)
+    pairs = list(zip(ffn_modules(model), inputs))
+
+    def every_ffn():
+        for ffn, x in pairs:
+            ffn(x)
+
+    return median_seconds(every_ffn, device, repeats, warmup)
+
+
 def ffn_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each FFN's output on its decode input, as float32."""
     return [ffn(x).float() for ffn, x in zip(ffn_modules(model), inputs)]
@@ -53,20 +74,26 @@ def relative_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
 
 
 def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, repeats: int, warmup: int) -> dict:
-    """Each FFN alone on the first decode step's input, dense (inside `dense()`) then, with `sparse`,
-    as the model runs it: microseconds summed over layers and per layer, and the largest output error."""
+    """The FFNs on the first decode step's input, dense (inside `dense()`) then, with `sparse`, as the
+    model runs them: each alone (microseconds summed over layers, and per layer), all of them in layer
+    order (`*_sequence_us`), and the largest output error."""
     batch = prompt.shape[0]
     with dense():
         inputs = ffn_inputs(loop, prompt)
         dense_times, dense_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
+        dense_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup)
     if not sparse:
         return {"batch_size": batch, "dense_us": 1e6 * sum(dense_times), "sparse_us": None, "speedup": None,
+                "dense_sequence_us": 1e6 * dense_sequence, "sparse_sequence_us": None, "sequence_speedup": None,
                 "max_rel_error": None, "per_layer": []}
     sparse_times, sparse_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
+    sparse_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup)
     per_layer = [{"layer": i, "dense_us": 1e6 * d, "sparse_us": 1e6 * s, "max_rel_error": relative_error(do, so)}
                  for i, (d, s, do, so) in enumerate(zip(dense_times, sparse_times, dense_out, sparse_out))]
     return {"batch_size": batch, "per_layer": per_layer, "dense_us": 1e6 * sum(dense_times),
             "sparse_us": 1e6 * sum(sparse_times), "speedup": sum(dense_times) / sum(sparse_times),
+            "dense_sequence_us": 1e6 * dense_sequence, "sparse_sequence_us": 1e6 * sparse_sequence,
+            "sequence_speedup": dense_sequence / sparse_sequence,
             "max_rel_error": max(layer["max_rel_error"] for layer in per_layer)}
 
 

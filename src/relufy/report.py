@@ -256,6 +256,10 @@ def speed_table(result: dict) -> str:
             lines.append(f"FFNs alone (batch {ffn['batch_size']}, all layers, one step): dense {ffn['dense_us']:.1f} "
                          f"us, sparse {ffn['sparse_us']:.1f} us ({ffn['speedup']:.2f}x); largest relative difference "
                          f"of an FFN output, sparse vs dense: {ffn['max_rel_error']:.2e}.")
+            if ffn.get("sparse_sequence_us") is not None:  # absent from results written before it was measured
+                lines.append(f"FFNs in layer order as one sequence (each layer's weights as cold as in the step): "
+                             f"dense {ffn['dense_sequence_us']:.1f} us, sparse {ffn['sparse_sequence_us']:.1f} us "
+                             f"({ffn['sequence_speedup']:.2f}x).")
     if result.get("sparsity"):
         lines.append(f"Zero-ratio of x1 during decode: {result['sparsity']['overall']:.2%} "
                      f"over {result['sparsity']['tokens']} tokens.")
@@ -326,12 +330,14 @@ def _profile_summary(entry: dict, result: dict) -> list[str]:
     methods = "; ".join(dict.fromkeys(entry[arm]["method"] for arm in ("dense", "sparse") if entry[arm]))
     lines = ["", f"Profile of {entry['steps']} decode steps per arm at batch {batch} (torch.profiler: {methods}); "
              "per step, idle = profiled step - busy (time when no kernel ran):", "",
-             "| arm | timed step us | FFNs alone us | profiled step us | kernel us | busy us | idle us | kernels |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| arm | timed step us | FFNs alone us | FFNs in sequence us | profiled step us | kernel us | busy us | "
+             "idle us | kernels |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for arm in ("dense", "sparse"):
         if profile := entry[arm]:
             timed = row.get(f"{arm}_ms_per_step")
             lines.append(f"| {arm} | {_number(timed and 1e3 * timed)} | {_number(ffn.get(f'{arm}_us'))} | "
+                         f"{_number(ffn.get(f'{arm}_sequence_us'))} | "
                          f"{profile['wall_us_per_step']:.1f} | {profile['kernel_us_per_step']:.1f} | "
                          f"{profile['busy_us_per_step']:.1f} | {profile['idle_us_per_step']:.1f} | "
                          f"{profile['kernels_per_step']:g} |")

@@ -41,11 +41,15 @@ def ffn_inputs(loop: DecodeLoop, prompt: torch.Tensor) -> list[torch.Tensor]:
     return inputs
 
 
+def _timed_calls(device: torch.device, repeats: int) -> int:
+    """`repeats` on a GPU; at most 3 elsewhere, where each call is an eager (or interpreted) forward."""
+    return repeats if device.type == "cuda" else min(repeats, 3)
+
+
 def ffn_times(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> list[float]:
     """Median seconds of each FFN module alone on its decode input (CUDA-graph replays on a GPU)."""
     device = inputs[0].device
-    repeats = repeats if device.type == "cuda" else min(repeats, 3)
-    return [median_seconds(functools.partial(ffn, x), device, repeats, warmup)
+    return [median_seconds(functools.partial(ffn, x), device, _timed_calls(device, repeats), warmup)
             for ffn, x in zip(ffn_modules(model), inputs)]
 
 
@@ -53,14 +57,13 @@ def ffn_sequence_time(model, inputs: list[torch.Tensor], repeats: int, warmup: i
     """Median seconds of every FFN module on its decode input, one after another in layer order (one CUDA
     graph on a GPU): the FFNs' share of a decode step with the caches as the step leaves them."""
     device = inputs[0].device
-    repeats = repeats if device.type == "cuda" else min(repeats, 3)
     pairs = list(zip(ffn_modules(model), inputs))
 
     def every_ffn():
         for ffn, x in pairs:
             ffn(x)
 
-    return median_seconds(every_ffn, device, repeats, warmup)
+    return median_seconds(every_ffn, device, _timed_calls(device, repeats), warmup)
 
 
 def ffn_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -27,15 +27,14 @@ class Tiles:
     up_in_down: bool = False  # gated FFNs: W_up read in the second kernel (`up_down_kernel`), not the first
 
 
-# Per GPU family and batch class (the largest batch of the class), the tiles of both kernels.
-# First kernel (block_n, block_k, use_dot, warps_first, stages) read off
-# `python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,16 --output sweep.json` on an H200:
-# one token: four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor cores); more
-# tokens: tensor-core dots on a batch padded to 16. Down kernel (block_d columns per program, chunk
-# rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down): the H100's one-token
-# row from `--sweep-tiles --batches 1` on an H100 (docs/results/inference/sweep-h100-llama2-7b-b1.json:
-# 128-row steps, 55.9 -> 50.5 us); the rest not swept yet. `--sweep-tiles` prints the rows of the GPU it
-# ran on, ready to paste over its family's. A GPU not in the table gets the H200's rows.
+# Per GPU family and batch class (the largest batch of the class), the tiles of both kernels, read off
+# `python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches B --output sweep.json`, which prints
+# the rows of the GPU it ran on, ready to paste over its family's. First kernel (block_n, block_k, use_dot,
+# warps_first, stages): one token, four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor
+# cores); more tokens, tensor-core dots on a batch padded to 16. Down kernel (block_d columns per program,
+# chunk rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down). The H200's rows
+# come from an H200 sweep of the first kernel; every H100 row from an H100 sweep of both kernels
+# (docs/results/inference/sweep-h100-llama2-7b-b*.json). A GPU not in the table gets the H200's rows.
 TILE_TABLE: dict[str, dict[int, dict]] = {}
 TILE_TABLE["H200"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
@@ -45,9 +44,16 @@ TILE_TABLE["H200"] = {
     1 << 30: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
                   block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=4),
 }
-TILE_TABLE["H100"] = {batch: dict(row) for batch, row in TILE_TABLE["H200"].items()}  # the batches not swept on it
-TILE_TABLE["H100"][1] = dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
-                             block_d=128, chunk=128, down_per_sm=4, warps_down=4, stages_down=1)
+TILE_TABLE["H100"] = {
+    1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
+            block_d=128, chunk=128, down_per_sm=4, warps_down=4, stages_down=1),
+    4: dict(block_n=64, block_k=128, use_dot=True, warps_first=4, stages=4,
+            block_d=128, chunk=64, down_per_sm=4, warps_down=8, stages_down=1),
+    8: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
+            block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=1),
+    1 << 30: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
+                  block_d=128, chunk=64, down_per_sm=4, warps_down=8, stages_down=1),
+}
 MAX_SPLIT = 64  # programs per column block of the down kernel: bounds the fp32 atomics per output
 
 

@@ -143,6 +143,31 @@ def test_the_ffn_sequence_runs_every_ffn_once_per_timed_call_in_layer_order():
     assert seconds > 0 and seen == expected * 2  # no warm-up call off CUDA (no graph to capture)
 
 
+def test_a_compiled_step_is_matched_by_a_compiled_ffn_sequence(monkeypatch):
+    """In a compiled step Inductor fuses the dense FFN's activation and product; the sequence timing then
+    compiles too (here with the eager backend), else it would charge the dense arm the unfused kernels."""
+    import contextlib
+
+    from relufy.ffn_speed import compare_ffns
+
+    compiled_with = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **options):
+        compiled_with.append(options)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model = build_tiny_model("llama", hidden_act="relu")
+    prompts = random_prompts(model, 1, 8, 0, torch.device("cpu"))
+    for compiled, expected in ((False, []), (True, [{"dynamic": False}])):
+        compiled_with.clear()
+        loop = DecodeLoop(model, 1, 8, 4)
+        loop.compiled = compiled  # what DecodeLoop sets on a GPU with compile on
+        row = compare_ffns(loop, prompts, contextlib.nullcontext, sparse=False, repeats=2, warmup=1)
+        assert compiled_with == expected and row["dense_sequence_us"] > 0
+
+
 def _linears(model) -> int:
     return sum(isinstance(module, torch.nn.Linear) for module in model.modules())
 

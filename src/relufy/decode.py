@@ -62,8 +62,8 @@ class DecodeLoop:
         self.step_index, self.tokens = make(1), make(batch_size, new_tokens + 1)
         self.key_positions = torch.arange(length, device=self.device).view(1, 1, 1, length)
         # compiled without Inductor's own CUDA graphs: the captured step is the only graph
-        compile = compile and self.device.type == "cuda"
-        self.decode_logits = torch.compile(self.logits, dynamic=False) if compile else self.logits
+        self.compiled = compile and self.device.type == "cuda"
+        self.decode_logits = torch.compile(self.logits, dynamic=False) if self.compiled else self.logits
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, **self.kwargs)

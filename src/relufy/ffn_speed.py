@@ -7,7 +7,9 @@ An FFN timed alone is replayed on its own, so whatever of its weights fits in th
 from there on every replay but the first: for a small model (a 135M model's FFN is 5 MB, an H100's L2
 50 MB), or the active rows of a sparse FFN, that flatters the time. In the sequence each FFN's weights
 were last read one full pass over all the others ago, as in the decode step, so what the sequence saves
-is what the step can save.
+is what the step can save. When the decode step is compiled, so is the sequence: Inductor fuses the
+dense FFN's activation and product into one kernel in the step, and an eager sequence would run them as
+several and overstate what the dense FFNs cost there.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ def ffn_times(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> l
             for ffn, x in zip(ffn_modules(model), inputs)]
 
 
-def ffn_sequence_time(model, inputs: list[torch.Tensor], repeats: int, warmup: int) -> float:
+def ffn_sequence_time(model, inputs: list[torch.Tensor], repeats: int, warmup: int,
+                      compile_options: dict | None = None) -> float:
     """Median seconds of every FFN module on its decode input, one after another in layer order (one CUDA
-    graph on a GPU): the FFNs' share of a decode step with the caches as the step leaves them."""
+    graph on a GPU): the FFNs' share of a decode step with the caches as the step leaves them. With
+    `compile_options` the sequence runs through `torch.compile(**compile_options)`, as a compiled step does."""
     device = inputs[0].device
     pairs = list(zip(ffn_modules(model), inputs))
 
@@ -63,7 +67,8 @@ def ffn_sequence_time(model, inputs: list[torch.Tensor], repeats: int, warmup: i
         for ffn, x in pairs:
             ffn(x)
 
-    return median_seconds(every_ffn, device, _timed_calls(device, repeats), warmup)
+    run = every_ffn if compile_options is None else torch.compile(every_ffn, **compile_options)
+    return median_seconds(run, device, _timed_calls(device, repeats), warmup)
 
 
 def ffn_outputs(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -79,18 +84,19 @@ def relative_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
 def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, repeats: int, warmup: int) -> dict:
     """The FFNs on the first decode step's input, dense (inside `dense()`) then, with `sparse`, as the
     model runs them: each alone (microseconds summed over layers, and per layer), all of them in layer
-    order (`*_sequence_us`), and the largest output error."""
+    order (`*_sequence_us`, compiled like the loop's step), and the largest output error."""
     batch = prompt.shape[0]
+    compile_options = {"dynamic": False} if loop.compiled else None
     with dense():
         inputs = ffn_inputs(loop, prompt)
         dense_times, dense_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
-        dense_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup)
+        dense_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup, compile_options)
     if not sparse:
         return {"batch_size": batch, "dense_us": 1e6 * sum(dense_times), "sparse_us": None, "speedup": None,
                 "dense_sequence_us": 1e6 * dense_sequence, "sparse_sequence_us": None, "sequence_speedup": None,
                 "max_rel_error": None, "per_layer": []}
     sparse_times, sparse_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)
-    sparse_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup)
+    sparse_sequence = ffn_sequence_time(loop.model, inputs, repeats, warmup, compile_options)
     per_layer = [{"layer": i, "dense_us": 1e6 * d, "sparse_us": 1e6 * s, "max_rel_error": relative_error(do, so)}
                  for i, (d, s, do, so) in enumerate(zip(dense_times, sparse_times, dense_out, sparse_out))]
     return {"batch_size": batch, "per_layer": per_layer, "dense_us": 1e6 * sum(dense_times),

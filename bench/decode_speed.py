@@ -8,6 +8,7 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
     python bench/decode_speed.py --output bench/out/decode_speed.json
     python bench/decode_speed.py --tiny --output /tmp/decode_speed.json   # CPU smoke run
     python bench/decode_speed.py --batch-sizes 1 --new-tokens 64 --profile-steps 3 --output bench/out/decode-profile.json
+    python bench/decode_speed.py --shape smollm2-135m --batch-sizes 1,4 --profile-steps 3 --output bench/out/decode-135m.json
 
 `--profile-steps N` adds, per batch size, the profile of N decode steps of each arm, kernel by kernel
 (`relufy.step_profile`), to the JSON (`profile`) and the printed report.
@@ -34,6 +35,11 @@ SHAPES = {
                       num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256),
+    # small models, whose decode step is bound by kernel latency more than by bytes
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=384),
 }

@@ -1,6 +1,7 @@
 """Sparse FFN decode kernels against the dense FFN (cuBLAS) and the bandwidth floor, on one GPU.
 
-One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes (bf16, random weights):
+One run measures, on the Llama-2-7B, Llama-3-8B and Llama-2-13B FFN shapes by default (bf16, random
+weights; `--shapes` adds Llama-3.2-1B's and SmolLM2-135M's):
 
 1. the copy bandwidth of the GPU (device-to-device copy, read + write);
 2. at 90% zeros and 1, 4, 8 and 16 tokens: the dense FFN (PyTorch: three cuBLAS GEMVs and the
@@ -27,6 +28,7 @@ bytes the sparse FFN must read (gate in full, up and down rows of the union) at 
     python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,8,16 --output sweep.json
     python bench/sparse_ffn.py --table sweep.json                        # the sweep's TILE_TABLE rows again
     python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
+    python bench/sparse_ffn.py --shapes smollm2-135m --layers 32 --output bench/out/sparse_ffn-135m.json
 
 The sweep times TILE_TABLE rows: the first kernel's candidates, then the down kernel's on the best
 of those; it ends by printing the rows of its GPU family, one batch class per swept batch size,
@@ -47,13 +49,15 @@ import statistics
 import sys
 from pathlib import Path
 
-SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336), "llama2-13b": (5120, 13824)}
+SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336), "llama2-13b": (5120, 13824),
+          "llama3.2-1b": (2048, 8192), "smollm2-135m": (576, 1536)}
 MAX_REL_ERROR = 1e-2  # bf16 against the dense FFN
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b",
+                        help=f"comma-separated from {', '.join(SHAPES)} (small shapes fit in L2: raise --layers)")
     parser.add_argument("--batches", default="1,4,8,16", help="batch sizes at 90%% zeros (and of the sweep)")
     parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
     parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")

@@ -341,12 +341,17 @@ def down_rows(best: dict, batch: int) -> list[dict]:
     """The down kernel's candidates on the first kernel's best row: columns per program (row segments
     of 256 B to 1 KB in bf16), rows per step, programs per multiprocessor, warps, and at several
     tokens with and without software pipelining (Triton pipelines only the tensor-core path); first,
-    `best` itself (the table's current down tiles). Left out: tiles of more than 128 elements per
-    thread (registers) or 64 Ki elements per multiprocessor (more programs than fit at once)."""
+    `best` itself (the table's current down tiles). Programs per multiprocessor go down to a quarter:
+    a narrow FFN (SmolLM2's 576 columns are 5 column blocks) reaches the 64-program cap per column
+    block from 1 per multiprocessor on, so only fewer can tell whether fewer programs, each walking
+    more of the list, are faster there. Left out: tiles of more than 128 elements per thread
+    (registers) or 64 Ki elements per multiprocessor (more programs than fit at once)."""
     if batch == 1:
-        grid = itertools.product((128, 256, 512), (32, 64, 128), (2, 4, 8), (4, 8), (best["stages_down"],))
+        grid = itertools.product((128, 256, 512), (32, 64, 128), (0.25, 0.5, 1, 2, 4, 8), (4, 8),
+                                 (best["stages_down"],))
     else:
-        grid = itertools.product((128, 256), (32, 64), (4, 8, 16), (4, 8), sorted({1, best["stages_down"]}))
+        grid = itertools.product((128, 256), (32, 64), (0.25, 0.5, 1, 2, 4, 8, 16), (4, 8),
+                                 sorted({1, best["stages_down"]}))
     tokens = 1 if best["use_dot"] else pow2(batch)  # broadcast tiles keep a partial sum per token
     return [best] + [{**best, "block_d": d, "chunk": c, "down_per_sm": p, "warps_down": w, "stages_down": st}
                      for d, c, p, w, st in grid if tokens * c * d <= 128 * 32 * w and p * tokens * c * d <= 1 << 16]

@@ -300,6 +300,9 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
             # "up in down" programs each cover every column: `down_per_sm` list slices per multiprocessor
             variant = row_tiles({**row, "up_in_down": True, "down_per_sm": 0.5}, batch, 4096, 132)
             assert variant.up_in_down and variant.split == 66
+    # fewer programs than multiprocessors (a narrow FFN's sweep candidates): a whole number of programs
+    quarter = row_tiles({**table_row("H100", 1), "down_per_sm": 0.25}, 1, 576, 132)
+    assert quarter.split == 6 and isinstance(quarter.split, int)  # 33 programs over 5 column blocks of 128
     # one family's rows are its own: a sweep on one GPU fills them without changing the other's
     assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
 

@@ -92,14 +92,14 @@ def table_row(family: str, batch: int) -> dict:
 
 def row_tiles(row: dict, batch: int, d: int, multiprocessors: int) -> Tiles:
     """The tiles one TILE_TABLE row gives `batch` tokens of width `d`. The batch is padded to a
-    power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` programs per
-    multiprocessor over all its column blocks (at most MAX_SPLIT per column block); with `up_in_down`,
-    whose programs each cover every column, `down_per_sm` (a fraction too) programs per
+    power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` (a fraction
+    too) programs per multiprocessor over all its column blocks (at most MAX_SPLIT per column block);
+    with `up_in_down`, whose programs each cover every column, `down_per_sm` programs per
     multiprocessor, each a slice of the list."""
     fields = {key: value for key, value in row.items() if key != "down_per_sm"}
     padded = triton.next_power_of_2(batch)
     if row.get("up_in_down"):
         split = max(1, int(row["down_per_sm"] * multiprocessors))
     else:
-        split = max(1, min(MAX_SPLIT, row["down_per_sm"] * multiprocessors // triton.cdiv(d, row["block_d"])))
+        split = max(1, min(MAX_SPLIT, int(row["down_per_sm"] * multiprocessors) // triton.cdiv(d, row["block_d"])))
     return Tiles(block_b=max(16, padded) if row["use_dot"] else padded, split=split, **fields)

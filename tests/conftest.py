@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TEXT = REPO / "data" / "sample.txt"
 
 
+def load_script(relative: str, name: str):
+    """A script of the repo that is not a package module (bench/, scripts/, experiments/), imported as
+    `name`; registered in sys.modules, where dataclasses defined in it look their module up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def silu_base(tmp_path_factory) -> Path:
     """A tiny SiLU Llama with a tokenizer: recipes convert it to ReLU first."""

@@ -1,12 +1,8 @@
 """scripts/build_corpus.py's decontamination: no training document may repeat an lm-eval passage."""
 
-import importlib.util
+from conftest import load_script
 
-from conftest import REPO
-
-_spec = importlib.util.spec_from_file_location("build_corpus", REPO / "scripts" / "build_corpus.py")
-build_corpus = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_corpus)
+build_corpus = load_script("scripts/build_corpus.py", "build_corpus")
 
 
 def test_documents_sharing_a_run_of_words_with_a_task_passage_are_dropped():

@@ -78,18 +78,11 @@ def test_the_package_spelling_names_the_same_gguf():
 def test_the_benches_135m_shape_is_the_embedded_models():
     """bench/decode_speed.py's `smollm2-135m` random model (and bench/sparse_ffn.py's FFN shape) stand for the
     real model in speed measurements, so they must have its shape."""
-    import importlib.util as util
-
+    from conftest import load_script
     from transformers import AutoConfig
 
-    def bench(name):
-        path = Path(__file__).parents[1] / "bench" / f"{name}.py"
-        module_spec = util.spec_from_file_location(f"bench_{name}", path)
-        module = util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module
-
     real = AutoConfig.from_pretrained(default_gguf().parent, gguf_file=default_gguf().name)
-    shape = bench("decode_speed").SHAPES["smollm2-135m"]
+    shape = load_script("bench/decode_speed.py", "bench_decode_speed").SHAPES["smollm2-135m"]
     assert {key: getattr(real, key) for key in shape} == shape
-    assert bench("sparse_ffn").SHAPES["smollm2-135m"] == (real.hidden_size, real.intermediate_size)
+    ffn_shape = load_script("bench/sparse_ffn.py", "bench_sparse_ffn").SHAPES["smollm2-135m"]
+    assert ffn_shape == (real.hidden_size, real.intermediate_size)

@@ -3,25 +3,18 @@ command it would run is one relufy accepts (checked with --dry-run, nothing trai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 from relufy.recipe import load_recipe
-
-DRIVER = REPO / "experiments" / "prosparse-smollm2" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("prosparse_smollm2_run", DRIVER)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/prosparse-smollm2/run.py", "prosparse_smollm2_run")
 
 
 def test_progressive_stages_scale_the_paper_shape(driver):
@@ -205,10 +198,7 @@ def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):
 
 @pytest.fixture(scope="module")
 def plots():
-    spec = importlib.util.spec_from_file_location("prosparse_smollm2_plots", DRIVER.with_name("plots.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/prosparse-smollm2/plots.py", "prosparse_smollm2_plots")
 
 
 def test_fit_trend_finds_slope_and_crossing(plots):

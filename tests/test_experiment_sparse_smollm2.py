@@ -8,22 +8,18 @@ at the first difference decides between a near-tie and a bug (`compare`, on hand
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import load_script
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def check_tokens():
-    spec = importlib.util.spec_from_file_location("check_tokens", REPO / "experiments/sparse-smollm2/check_tokens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/sparse-smollm2/check_tokens.py", "check_tokens")
 
 
 @pytest.mark.parametrize("base", ["silu_base", "relu_checkpoint"])

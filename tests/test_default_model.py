@@ -76,13 +76,16 @@ def test_the_package_spelling_names_the_same_gguf():
 
 
 def test_the_benches_135m_shape_is_the_embedded_models():
-    """bench/decode_speed.py's `smollm2-135m` random model (and bench/sparse_ffn.py's FFN shape) stand for the
-    real model in speed measurements, so they must have its shape."""
+    """The benches' `smollm2-135m` random models (decode_speed.py's, train_overhead.py's) and sparse_ffn.py's FFN
+    shape stand for the real model in speed measurements, so they must have its shape. decode_speed.py keeps its
+    own copy: importing train_overhead would load transformers' training stack before its `--tiny` run has set
+    the Triton interpreter."""
     from conftest import load_script
     from transformers import AutoConfig
 
     real = AutoConfig.from_pretrained(default_gguf().parent, gguf_file=default_gguf().name)
-    shape = load_script("bench/decode_speed.py", "bench_decode_speed").SHAPES["smollm2-135m"]
-    assert {key: getattr(real, key) for key in shape} == shape
+    for script, table in (("decode_speed", "SHAPES"), ("train_overhead", "CONFIGS")):
+        shape = getattr(load_script(f"bench/{script}.py", f"bench_{script}"), table)["smollm2-135m"]
+        assert {key: getattr(real, key) for key in shape} == shape, script
     ffn_shape = load_script("bench/sparse_ffn.py", "bench_sparse_ffn").SHAPES["smollm2-135m"]
     assert ffn_shape == (real.hidden_size, real.intermediate_size)

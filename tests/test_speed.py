@@ -168,6 +168,32 @@ def test_a_compiled_step_is_matched_by_a_compiled_ffn_sequence(monkeypatch):
         assert compiled_with == expected and row["dense_sequence_us"] > 0
 
 
+def test_the_compiled_ffn_sequence_keeps_every_ffn_when_unused_work_is_dropped(monkeypatch):
+    """Inductor removes operations whose results nobody uses; a sequence that threw its outputs away
+    timed an empty graph (10 us for 30 FFNs). Compiled through a backend that drops dead code the same
+    way, every FFN's operations must survive."""
+    from relufy.ffn_speed import ffn_sequence_time
+
+    kept, traced = [], []
+
+    def dead_code_dropping_backend(gm, example_inputs):
+        operations = lambda: sum(node.op in ("call_function", "call_module", "call_method") for node in gm.graph.nodes)
+        traced.append(operations())
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        kept.append(operations())
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real_compile(fn, backend=dead_code_dropping_backend))
+    torch._dynamo.reset()
+    model = build_tiny_model("llama", hidden_act="relu")
+    inputs = [torch.randn(1, 1, model.config.hidden_size) for _ in range(model.config.num_hidden_layers)]
+    ffn_sequence_time(model, inputs, repeats=1, warmup=1, compile_options={"dynamic": False})
+    # gate, up, activation, product and down for every layer
+    assert traced and kept == traced and traced[0] >= 5 * model.config.num_hidden_layers
+
+
 def _linears(model) -> int:
     return sum(isinstance(module, torch.nn.Linear) for module in model.modules())
 

@@ -124,6 +124,7 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
     assert generate["sparse_tokens_per_s"] == 20.0 and generate["speedup"] == 10.0  # the warm-up round is dropped
     assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
     assert result["ffn"][0]["sparse_sequence_us"] > 0 and result["ffn"][0]["dense_sequence_us"] > 0
+    assert result["gpu_processes"] is None  # no GPU to share
     assert "[1.0-3.0]" in speed_table(result) and "in layer order as one sequence" in speed_table(result)
 
 
@@ -343,3 +344,48 @@ def test_report_and_model_card_show_the_speed_section(measured):
     assert "### Decode speed" in card and "| batch | dense tok/s | sparse tok/s" in card
     del results["speed"]
     assert "Decode speed" not in evaluation_report(results)
+
+
+class _FakeNVML:
+    """NVML as `nvidia-ml-py` exposes it, holding `pids` on the one GPU whose UUID it knows."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, pids, uuid="GPU-1234"):
+        self.pids, self.uuid = pids, uuid
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        if uuid != self.uuid:
+            raise self.NVMLError(f"no GPU {uuid}")
+        return uuid
+
+    def nvmlDeviceGetComputeProcesses(self, handle):
+        return [type("Process", (), {"pid": pid})() for pid in self.pids]
+
+
+def test_gpu_processes_counts_every_context_on_the_gpu_from_nvml(monkeypatch, caplog):
+    """Two processes on the GPU (this one and another) are counted and warned about; one is silent;
+    without NVML, or off CUDA, the count is unknown (None), never a guess."""
+    import sys
+    import types
+
+    from relufy.timing import gpu_processes, most_processes, warn_if_shared
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="1234"))
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML([11, 22]))
+    assert gpu_processes(cuda) == 2 and gpu_processes(torch.device("cpu")) is None
+    with caplog.at_level("WARNING", logger="relufy.timing"):
+        warn_if_shared(cuda, 2)
+        warn_if_shared(cuda, 1)
+        warn_if_shared(cuda, None)
+    assert len(caplog.records) == 1 and "1 other process(es)" in caplog.records[0].getMessage()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="9999"))
+    assert gpu_processes(cuda) is None  # NVML does not know this GPU
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
+    assert gpu_processes(cuda) is None
+    assert most_processes(1, 3) == 3 and most_processes(None, 2) == 2 and most_processes(None, None) is None

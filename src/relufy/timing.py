@@ -1,5 +1,6 @@
 """relufy's one clock: device time of a block (CUDA events on a GPU, the host clock elsewhere), CUDA-graph
-capture, the median of repeated calls, and the copy bandwidth that bounds a decode step.
+capture, the median of repeated calls, the copy bandwidth that bounds a decode step, and whether other
+processes share the GPU (whose load would be in every number).
 
 Every measurement of relufy's and of bench/ goes through `Timer`, so a number in a JSON is always
 taken the same way: after the device finished the work, never from when the host queued it.
@@ -7,12 +8,15 @@ taken the same way: after the device finished the work, never from when the host
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
 import torch
 
 CPU_COPY_BYTES = 64 << 20  # the copy-bandwidth probe on a CPU stays small
+
+logger = logging.getLogger(__name__)
 
 
 class Timer:
@@ -87,3 +91,41 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
         for _ in range(repeats):
             target.copy_(source)
     return 2 * nbytes * repeats / timer.seconds
+
+
+def gpu_processes(device: torch.device) -> int | None:
+    """How many processes hold a context on `device`'s GPU, this one included, from NVML (the
+    `nvidia-ml-py` package); None when that cannot be known (no CUDA, no NVML, or NVML refuses).
+
+    A timing taken while another process runs kernels on the same GPU measures both, and nothing else
+    in a result would show it. Counted rather than matched by PID: inside a container NVML reports
+    host PIDs, so this process cannot be told apart from the others.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        return len(pynvml.nvmlDeviceGetComputeProcesses(handle))
+    except pynvml.NVMLError:
+        return None
+
+
+def most_processes(before: int | None, after: int | None) -> int | None:
+    """The larger of two counts of `gpu_processes` taken before and after a run (None: unknown); a
+    process that came and went in between is still missed."""
+    known = [count for count in (before, after) if count is not None]
+    return max(known) if known else None
+
+
+def warn_if_shared(device: torch.device, processes: int | None) -> None:
+    """One log line when other processes hold the GPU during a measurement."""
+    if processes is not None and processes > 1:
+        logger.warning(f"{processes - 1} other process(es) use {torch.device(device)}'s GPU: the timings include "
+                       "their work; measure on an idle GPU to compare numbers")

@@ -95,6 +95,21 @@ def test_column_norms_match_neuron_output_norms_for_linear_and_conv1d():
         assert out.norm().item() == pytest.approx(2.0 * weight[3].norm().item(), rel=1e-5)
 
 
+def test_calibration_reads_the_model_weights_in_place_and_in_float32(token_ids, held_out):
+    """The inner search runs where the weights are, on views of them (no float32 copy of every layer
+    is kept), and a bfloat16 weight gives the CETT of its float32 copy: the products are float32."""
+    model = _trained(token_ids, "silu")
+    search = PPLSearch(model, held_out)
+    for layer, module in zip(search.layers, down_projections(model)):
+        assert layer.weight.data_ptr() == module.weight.data_ptr()
+        assert layer.x1.device == module.weight.device and layer.x1.dtype == torch.float32
+    layer = search.layers[0]
+    half = type(layer)(layer.x1, layer.weight.to(torch.bfloat16), None, layer.column_norms)
+    full = type(layer)(layer.x1, layer.weight.to(torch.bfloat16).float(), None, layer.column_norms)
+    eps = layer.eps_for(0.2)
+    assert half.cett(eps) == pytest.approx(full.cett(eps), rel=1e-6)
+
+
 def test_non_positive_p_and_empty_text_are_refused(held_out):
     model = build_tiny_model("llama")
     with pytest.raises(DataError, match="p must be > 0"):

@@ -8,9 +8,10 @@
         to the relu arm trained on the same tokens, with the target region shaded; runs given the
         same LABEL (e.g. several --peak values) form one line.
     python experiments/prosparse-smollm2/plots.py matched DEST [--out DEST/matched.png]
-        every route of `run.py matched`: x1 zero-ratio on the held-out text against held-out perplexity,
-        one curve per route (its dense model, the CURVE points and the matched ones), matched zero-ratios
-        marked; a distilled route (-kd) is dashed, in its undistilled route's colour.
+        every route of `run.py matched`: left, x1 zero-ratio on the held-out text against held-out perplexity,
+        one curve per route (its dense model, the CURVE points and the matched ones); right, the suite
+        average of its dense evaluation and at the matched zero-ratios; matched zero-ratios marked; a
+        distilled route (-kd) is dashed, in its undistilled route's colour.
     python experiments/prosparse-smollm2/plots.py tokens --out tokens.png DEST_10M DEST_30M DEST_90M
         left, each arm's held-out perplexity (relu, prosparse+shift and their -kd arms) against training
         tokens; right, the ProSparse (+shift) / ReLU held-out perplexity ratio, and ProSparse-KD / ReLU-KD,
@@ -130,26 +131,54 @@ def route_points(directory: Path, route: str) -> list[tuple[float, float]]:
     return sorted(points)
 
 
+def suite_points(directory: Path, route: str) -> list[tuple[float, float]]:
+    """(zero-ratio on the lm-eval tokens, suite average) of one route: its dense evaluation (a collected
+    folder of that name) and every matched target that ran the suite, sorted."""
+    points = set()
+    evaluation = directory / route / "results.json"
+    if evaluation.exists():
+        results = json.loads(evaluation.read_text())
+        points.add((results["sparsity"]["overall"], results["scores"]["average"]))
+    matched = directory / "matched" / f"{route}.json"
+    for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
+        if entry.get("scores"):
+            points.add((entry["sparsity"]["overall"], entry["scores"]["average"]))
+    return sorted(points)
+
+
 def matched_figure(directory: Path, out: Path) -> None:
-    """One curve per route; dotted lines at the zero-ratios every route was matched at (with the suite)."""
+    """One curve per route, perplexity (left) and suite average (right) against zero-ratio; dotted lines at
+    the zero-ratios every route was matched at (where the suite ran)."""
     routes = sorted({path.name.removesuffix(".json").removesuffix("-curve")
                      for path in (directory / "matched").glob("*.json")})
-    fig, axis = plt.subplots(figsize=(8, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     colours: dict[str, str] = {}  # a -kd route takes its route's colour, dashed
     for route in sorted(routes, key=lambda name: ("-kd" in name, name)):
-        zeros, ppl = zip(*route_points(directory, route))
         plain = route.replace("-kd", "")
-        line = axis.plot([100 * z for z in zeros], ppl, "s--" if plain != route else "o-", label=route,
-                         color=colours.get(plain))
+        style = "s--" if plain != route else "o-"
+        zeros, ppl = zip(*route_points(directory, route))
+        line = left.plot([100 * z for z in zeros], ppl, style, label=route, color=colours.get(plain))
         colours.setdefault(plain, line[0].get_color())
+        suite = suite_points(directory, route)
+        if suite:
+            zeros, scores = zip(*suite)
+            # three measured points, no curve between them: a thin dotted line only pairs them up
+            right.plot([100 * z for z in zeros], scores, style[0] + ":", label=route, color=colours[plain],
+                       linewidth=0.8)
         matched = directory / "matched" / f"{route}.json"
         for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
-            axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
-    axis.set_yscale("log")
-    axis.set_xlabel("zero-ratio of x1 on the held-out text (%)")
-    axis.set_ylabel("held-out perplexity")
-    axis.set_title("routes to a sparse model, thresholded to matched zero-ratios")
-    save(fig, axis, out)
+            for axis in (left, right):
+                axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
+    left.set_yscale("log")
+    left.set_xlabel("zero-ratio of x1 on the held-out text (%)")
+    left.set_ylabel("held-out perplexity")
+    left.set_title("perplexity, thresholded to matched zero-ratios")
+    right.set_xlabel("zero-ratio of x1 on the lm-eval tokens (%)")
+    right.set_ylabel("offline suite average")
+    right.set_title("suite: dense and at the matched zero-ratios")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    save(fig, left, out)
     print(f"wrote {out}")
 
 

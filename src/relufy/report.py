@@ -238,6 +238,14 @@ def speed_table(result: dict) -> str:
     for row in result["decode"]:
         lines.append(f"| {row['batch_size']} | {row['dense_tokens_per_s']:.1f} | {_number(row['sparse_tokens_per_s'])} | "
                      f"{_number(row['speedup'], '.2f', 'x')} | {_number(row['token_match'], '.2%')} |")
+    divergences = [(row["batch_size"], entry) for row in result["decode"] for entry in row.get("first_divergences") or []]
+    if divergences:
+        widest = max(divergences, key=lambda pair: pair[1]["dense_margin"])
+        lines += ["", f"Where sparse tokens first differ from dense ({len(divergences)} sequences): at decode step "
+                  f"{min(entry['step'] for _, entry in divergences)} at the earliest; the dense model's logit margin "
+                  f"for its own token there is at most {widest[1]['dense_margin']:.3g} (batch {widest[0]}, sequence "
+                  f"{widest[1]['sequence']}, step {widest[1]['step']}): small margins are near-ties, large ones "
+                  "mean the sparse step computed something else."]
     loop = "eager decode steps (no CUDA)"
     if result.get("cuda_graph"):
         loop = "one decode step" + (" (torch.compile)" if result.get("compiled") else "") + " captured as a CUDA graph"

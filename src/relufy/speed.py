@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .architectures import ffn_modules
-from .decode import DecodeLoop, random_prompts, recompile_limit, weight_bytes
+from .decode import ATTENTION_BACKENDS, DecodeLoop, cache_kwarg, random_prompts, recompile_limit, weight_bytes
 from .errors import DataError
 from .ffn_speed import compare_ffns, decode_sparsity, decode_unions
 from .options import SpeedConfig
@@ -169,13 +169,55 @@ def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedCon
         row.update(sparse_tokens_per_s=generated / sparse_seconds,
                    sparse_ms_per_step=1e3 * sparse_seconds / config.new_tokens,
                    token_match=(dense_tokens == sparse_tokens).float().mean().item(),
-                   speedup=dense_seconds / sparse_seconds)
+                   speedup=dense_seconds / sparse_seconds,
+                   first_divergences=first_divergences(loop.model, prompt, dense_tokens, sparse_tokens, dense))
     with stage(f"FFN per layer, batch {batch}"):
         ffn = compare_ffns(loop, prompt, dense, sparse, config.ffn_repeats, config.warmup)
     if not config.profile_steps:
         return row, ffn, None
     with stage(f"profile batch {batch}"):
         return row, ffn, profile_decode(loop, prompt, config.profile_steps, config.warmup, dense, sparse)
+
+
+@torch.no_grad()
+def first_divergences(model, prompt: torch.Tensor, dense_tokens: torch.Tensor, sparse_tokens: torch.Tensor,
+                      dense) -> list[dict]:
+    """Where each sequence's sparse tokens first leave its dense ones, and how close a call it was there.
+
+    Until that step both runs saw the same tokens, so decoding the prompt and the shared tokens again,
+    eagerly and one token per forward as the loop does (the sparse kernels serve single tokens, a longer
+    forward runs dense), gives each arm's logits at the step. `dense_margin` is how much the dense model
+    prefers its own token to the sparse run's (a logit difference), `sparse_margin` the same for the
+    sparse model. A margin of a rounding step or two is a near-tie that any change of summation order
+    flips; a large one means the sparse step computed something else than the dense one.
+    """
+    rows = []
+    for sequence in range(prompt.shape[0]):
+        differ = (dense_tokens[sequence] != sparse_tokens[sequence]).nonzero()
+        if len(differ) == 0:
+            continue
+        step = int(differ[0])
+        ours, theirs = int(dense_tokens[sequence, step]), int(sparse_tokens[sequence, step])
+        shared = dense_tokens[sequence, :step].to(prompt.device)
+        with dense():
+            dense_logits = _logits_after(model, prompt[sequence], shared)
+        sparse_logits = _logits_after(model, prompt[sequence], shared)
+        rows.append({"sequence": sequence, "step": step, "dense_token": ours, "sparse_token": theirs,
+                     "dense_margin": (dense_logits[ours] - dense_logits[theirs]).item(),
+                     "sparse_margin": (sparse_logits[theirs] - sparse_logits[ours]).item()})
+    return rows
+
+
+def _logits_after(model, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Float logits for the token after `prompt` + `tokens`: the prompt in one forward, then one token per
+    forward, with the decode loop's attention backends."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        out = model(input_ids=prompt[None], use_cache=True)
+        for token in tokens:
+            out = model(input_ids=token.view(1, 1), use_cache=True, **{cache_kwarg(model): out.past_key_values})
+    return out.logits[0, -1].float()
 
 
 def _generate_row(model, prompt: torch.Tensor, config: SpeedConfig, dense, sparse: bool) -> dict:

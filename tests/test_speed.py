@@ -431,6 +431,8 @@ def test_gpu_processes_counts_every_context_on_the_gpu_from_nvml(monkeypatch, ca
     assert len(caplog.records) == 1 and "1 other process(es)" in caplog.records[0].getMessage()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(uuid="9999"))
     assert gpu_processes(cuda) is None  # NVML does not know this GPU
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML([], uuid="GPU-9999"))
+    assert gpu_processes(cuda) is None  # not even this process is visible (a container's PID namespace)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: import fails
     assert gpu_processes(cuda) is None
     assert most_processes(1, 3) == 3 and most_processes(None, 2) == 2 and most_processes(None, None) is None

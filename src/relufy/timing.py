@@ -112,9 +112,10 @@ def gpu_processes(device: torch.device) -> int | None:
         pynvml.nvmlInit()
         uuid = str(torch.cuda.get_device_properties(device).uuid)
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        return len(pynvml.nvmlDeviceGetComputeProcesses(handle))
+        count = len(pynvml.nvmlDeviceGetComputeProcesses(handle))
     except pynvml.NVMLError:
         return None
+    return count or None  # this process holds a context: seeing none means NVML cannot see processes here
 
 
 def most_processes(before: int | None, after: int | None) -> int | None:

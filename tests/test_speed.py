@@ -323,6 +323,8 @@ def test_speed_table_is_markdown_with_one_row_per_batch(measured):
     assert "HF generate (batch 1" in table and "Weights-bandwidth limit at batch 1" in table
     assert "eager decode steps (no CUDA)" in table
     assert "first differ" not in table  # no sparse arm, no divergence line
+    assert "other process(es) held the GPU" not in table and "other process(es) held the GPU" in speed_table(
+        {**measured, "gpu_processes": 3})
 
 
 def test_speed_table_names_the_widest_first_divergence(measured):

@@ -252,6 +252,9 @@ def speed_table(result: dict) -> str:
     lines += ["", f"Decode loop: static KV cache, {loop}, greedy; {result['config']['prompt_tokens']} prompt tokens, "
               f"{result['config']['new_tokens']} new tokens; {result.get('gpu') or result.get('device')}, "
               f"{result.get('dtype')}; {result.get('sparse_ffns', 0)} of {result.get('ffns', '?')} FFNs sparse."]
+    if (result.get("gpu_processes") or 0) > 1:
+        lines.append(f"Measured while {result['gpu_processes'] - 1} other process(es) held the GPU: every timing "
+                     "here includes their work and compares with nothing measured on an idle GPU.")
     if result.get("generate"):
         lines.append(_generate_line(result["generate"]))
     fraction = result.get("dense_fraction_of_limit")

@@ -66,10 +66,7 @@ def curves(directory: Path, tokens_per_step: int) -> None:
         axis.plot(range(len(per_layer)), per_layer, marker=".", label=arm.name)
     axis.set_xlabel("layer")
     axis.set_ylabel("x1 zero-ratio on lm-eval tokens")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(directory / "per_layer.png", dpi=110)
+    save(fig, directory / "per_layer.png", axis)
     print(f"wrote {directory / 'curves.png'} and {directory / 'per_layer.png'}")
 
 
@@ -112,10 +109,11 @@ def frontier(runs: list[tuple[str, Path]], out: Path) -> None:
     print(f"wrote {out}")
 
 
-def save(fig, axis, out: Path) -> None:
-    """Grid, legend, tight layout, PNG: how every one-panel figure here ends."""
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+def save(fig, out: Path, *axes) -> None:
+    """Grid and legend on every panel, tight layout, PNG: how every figure here ends."""
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -176,9 +174,7 @@ def matched_figure(directory: Path, out: Path) -> None:
     right.set_xlabel("zero-ratio of x1 on the lm-eval tokens (%)")
     right.set_ylabel("offline suite average")
     right.set_title("suite: dense and at the matched zero-ratios")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    save(fig, left, out)
+    save(fig, out, left, right)
     print(f"wrote {out}")
 
 
@@ -257,9 +253,7 @@ def tokens_figure(directories: list[Path], out: Path) -> dict:
     left.set_yscale("log")
     left.set_ylabel("held-out perplexity")
     right.set_ylabel("held-out perplexity: ProSparse (+shift) / ReLU")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    save(fig, right, out)
+    save(fig, out, left, right)
     summary = {**series.get("plain", {}), **({"kd": series["kd"]} if "kd" in series else {})}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out} and {out.with_suffix('.json')}")

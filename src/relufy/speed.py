@@ -71,7 +71,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     `on_update`, if given, is called with the result so far after every stage, so a caller can save
     it and a run cut short keeps what finished.
     """
-    from .sparse import sparse_enabled, sparse_ffn_count, why_dense
+    from .sparse import sparse_enabled, sparse_ffn_count
 
     config = config or SpeedConfig()
     config.check()
@@ -91,14 +91,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
         if on_update:
             on_update(result)
 
-    result = {**environment(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "attention": getattr(model.config, "_attn_implementation", None),
-              "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
-              "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
-              "ffns": len(ffn_modules(model)), "sparse_ffns": sparse_ffn_count(model),
-              "note": None if sparse else no_sparse_note(why_dense(model)),
-              "gpu_processes": gpu_processes(device)}
-    warn_if_shared(device, result["gpu_processes"])
+    result = _what_ran(model, config, device)
     with stage("copy bandwidth"):
         bandwidth = copy_bandwidth(device, config.copy_bytes)
         result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9, decode=[], ffn=[], profile=[])
@@ -126,6 +119,22 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     result["gpu_processes"] = most_processes(result["gpu_processes"], gpu_processes(device))
     warn_if_shared(device, result["gpu_processes"])
     bar.close()
+    return result
+
+
+def _what_ran(model, config: SpeedConfig, device: torch.device) -> dict:
+    """The head of a result: the GPU, versions, dtype, loop settings, how many FFNs run sparse (or why
+    none does), and how many processes held the GPU as the run began (warned about when others did)."""
+    from .sparse import sparse_ffn_count, why_dense
+
+    sparse = sparse_ffn_count(model)
+    result = {**environment(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "attention": getattr(model.config, "_attn_implementation", None),
+              "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
+              "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
+              "ffns": len(ffn_modules(model)), "sparse_ffns": sparse,
+              "note": None if sparse else no_sparse_note(why_dense(model)), "gpu_processes": gpu_processes(device)}
+    warn_if_shared(device, result["gpu_processes"])
     return result
 
 

@@ -11,7 +11,7 @@ from tiny_models import build_tiny_model, save_tiny_checkpoint, tiny_tokenizer
 
 from relufy.cett import NeuronMask, thresholded_perplexity
 from relufy.cli import main
-from relufy.matched import MatchedConfig, calibrate, magnitude_quantile, matched_sparsity
+from relufy.matched import MatchedConfig, calibrate, calibrate_uniform, magnitude_quantile, matched_sparsity
 
 BLOCK = 64
 SMALL = ["--heldout-tokens", "512", "--calibration-tokens", "512", "--block-size", "64", "--batch-size", "4"]
@@ -39,6 +39,19 @@ def test_calibration_reaches_the_target_in_every_layer_of_the_calibration_text(t
             assert target - 1e-6 <= reached <= target + 0.01
 
 
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_one_threshold_for_every_layer_reaches_the_target_on_average(token_blocks, act):
+    """The uniform threshold is one number whose zero-ratio, averaged over the layers, is the target; the
+    layers themselves spread around it (the point of calibrating them one by one)."""
+    model = build_tiny_model("llama", hidden_act=act, num_hidden_layers=3)
+    threshold = calibrate_uniform(model, token_blocks, 0.8, batch_size=8)
+    _, per_layer = thresholded_perplexity(model, token_blocks, NeuronMask(model), [threshold] * 3)
+    assert threshold > 0 and sum(per_layer) / 3 == pytest.approx(0.8, abs=2e-3)
+    _, dense = thresholded_perplexity(model, token_blocks, NeuronMask(model), [0.0] * 3)
+    if act == "relu":  # a target below the model's own zeros needs no threshold
+        assert calibrate_uniform(model, token_blocks, min(dense) * 0.9, batch_size=8) == 0.0
+
+
 def test_quantile_counts_exact_zeros_and_keeps_threshold_zero_when_already_sparse():
     x1 = torch.tensor([0.0, 0.0, 0.0, -0.5, 0.2, 0.1, 0.0, 0.3])
     assert magnitude_quantile(x1, 0.5) == 0.0  # four exact zeros already make half
@@ -58,6 +71,17 @@ def test_silu_model_thresholded_to_half_has_half_zeros_and_a_finite_perplexity(s
     assert len(entry["thresholds"]) == 2 and all(t > 0 for t in entry["thresholds"])
     assert "lm_eval" not in entry
     assert json.loads((tmp_path / "m.json").read_text())["targets"][0]["ppl"] == pytest.approx(entry["ppl"])
+
+
+def test_uniform_gives_every_layer_one_threshold_and_says_so_in_the_table(silu_checkpoint, tmp_path, capsys):
+    out = tmp_path / "uniform.json"
+    assert main(["matched", str(silu_checkpoint), "--target", "0.7", "--uniform", "--no-suite", "-o", str(out),
+                 *SMALL]) == 0
+    result = json.loads(out.read_text())
+    entry = result["targets"][0]
+    assert result["settings"]["uniform"] is True and len(set(entry["thresholds"])) == 1 and entry["thresholds"][0] > 0
+    assert entry["calibration_zero_ratio"] == pytest.approx(0.7, abs=2e-3)
+    assert "| tiny-silu (one threshold) | 70.00% |" in capsys.readouterr().out
 
 
 def test_cli_writes_json_and_markdown_and_refuses_to_overwrite(silu_checkpoint, tmp_path, capsys):

@@ -240,7 +240,7 @@ COMMANDS = [
             "and PNG plots. Without --tasks or --suite it runs relufy's offline suite (evaluate/tasks).",
             options.EvalConfig, run_evaluate,
             (MODEL, output(True, "directory for results.json, report.md, plots"), FORCE)),
-    Command("matched", "threshold x1 to a target zero-ratio per layer, then perplexity + lm-eval",
+    Command("matched", "threshold x1 to a target zero-ratio per layer (or one for all), then perplexity + lm-eval",
             "Calibrate a magnitude threshold per layer on held-out text so that each layer's x1 (the "
             "down-projection input) is a TARGET fraction zeros, zero |x1| <= threshold during the forward, and "
             "report held-out perplexity, the achieved zero-ratio and the lm-eval suite at that sparsity: models "

@@ -16,6 +16,10 @@ The threshold is the empirical quantile of |x1| (the zero-ratio is a step functi
 its inverse is exact), so no search is needed; it costs one pass over the calibration text per
 layer. A layer that already has at least `target` exact zeros keeps t_l = 0 (nothing can be
 un-zeroed), so a sparse model may end above the target: the achieved zero-ratio is reported.
+
+`--uniform` gives every layer the same t instead (`calibrate_uniform`): the model a single FATReLU
+threshold runs, which a checkpoint's one activation name can hold, so it can be converted and
+deployed; the per-layer thresholds cannot. Comparing the two says what per-layer calibration buys.
 """
 
 from __future__ import annotations
@@ -74,6 +78,39 @@ def calibrate(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_si
     return thresholds
 
 
+@torch.no_grad()
+def calibrate_uniform(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
+                      tolerance: float = 1e-3, steps: int = 30) -> float:
+    """One magnitude threshold for every layer whose zero-ratio of x1, averaged over the layers, is `target`
+    on `blocks` (within `tolerance`, else the closest bracket end at or above it after `steps` bisections).
+
+    The zero-ratio grows with t: each layer drops more of its inputs, and what a threshold upstream moves
+    downstream is small beside that. So t is bisected, one thresholded pass over `blocks` per step, from
+    [0, the first doubling of 1 that reaches the target]. A model with `target` zeros of its own gets 0.
+    """
+    mask = NeuronMask(model)
+
+    def zero_ratio(threshold: float) -> float:
+        _, per_layer = thresholded_perplexity(model, blocks, mask, [threshold] * len(mask.modules),
+                                              batch_size=batch_size)
+        return _mean(per_layer)
+
+    if zero_ratio(0.0) >= target:
+        return 0.0
+    low, high = 0.0, 1.0
+    for _ in range(64):
+        if zero_ratio(high) >= target:
+            break
+        low, high = high, 2 * high
+    for _ in range(steps):
+        middle = 0.5 * (low + high)
+        reached = zero_ratio(middle)
+        if abs(reached - target) <= tolerance:
+            return middle
+        low, high = (middle, high) if reached < target else (low, middle)
+    return high
+
+
 def text_blocks(config: MatchedConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(perplexity blocks, calibration blocks), never overlapping when both come from the held-out text."""
     size = config.block_size
@@ -93,8 +130,11 @@ def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, 
                    config: MatchedConfig, suite_plan=None) -> dict:
     """Calibrate the thresholds for one target, then perplexity, zero-ratios and (optionally) the suite."""
     heldout, calibration = blocks
-    thresholds = calibrate(model, calibration, target, batch_size=config.batch_size)
     mask = NeuronMask(model)
+    if config.uniform:
+        thresholds = [calibrate_uniform(model, calibration, target, batch_size=config.batch_size)] * len(mask.modules)
+    else:
+        thresholds = calibrate(model, calibration, target, batch_size=config.batch_size)
     _, calibrated = thresholded_perplexity(model, calibration, mask, thresholds, batch_size=config.batch_size)
     ppl, per_layer = thresholded_perplexity(model, heldout, mask, thresholds, batch_size=config.batch_size)
     entry = {"target": target, "thresholds": thresholds, "ppl": ppl,
@@ -157,6 +197,7 @@ def matched_table(results: list[dict], names: list[str] | None = None) -> str:
     lines = ["| model | target | zero-ratio (held-out) | zero-ratio (lm-eval) | perplexity | dense perplexity "
              "| suite average |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in zip(names or [r["model_name"] for r in results], results):
+        name += " (one threshold)" if result.get("settings", {}).get("uniform") else ""
         for entry in result["targets"]:
             lm_zeros = entry.get("sparsity", {}).get("overall")
             suite = entry.get("scores", {}).get("average")

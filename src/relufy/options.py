@@ -161,6 +161,8 @@ class MatchedConfig(SuiteOptions):
     calibration_tokens: int = option(4096, "calibration tokens")
     block_size: int = option(512, "tokens per block")
     run_suite: bool = option(True, "run the lm-eval suite at each target (--no-suite: perplexity and zero-ratio only)")
+    uniform: bool = option(False, "one threshold for every layer, the model a single FATReLU threshold runs (default: "
+                                  "one per layer)")
     device: str | None = option(None, DEVICE_HELP)
     dtype: str = option("auto", f"dtype the model is loaded in ({', '.join(DTYPES)})")
     trust_remote_code: bool = option(False, "run the checkpoint's own modeling code")

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.timing import copy_bandwidth, gpu_processes, median_seconds, most_processes, warn_if_shared
+    from relufy.timing import copy_bandwidth, median_seconds, record_gpu_processes
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": bandwidth / 1e9,
               "replays": replays, "layers": layers, "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "gpu_processes": gpu_processes(device), "complete": False}
-    warn_if_shared(device, result["gpu_processes"])
+              "triton": __import__("triton").__version__, "complete": False}
+    record_gpu_processes(result, device)
     save = functools.partial(write_json, args.output, result)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {result['device']}; writing {args.output} as it goes",
           flush=True)
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
         result["sweep"] = sweep_tiles(ffn, batches, timer, save, compiler, limit=2 if args.tiny else None)
     else:
         measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save)
-    result["gpu_processes"] = most_processes(result["gpu_processes"], gpu_processes(device))
-    warn_if_shared(device, result["gpu_processes"])
+    record_gpu_processes(result, device)
     result["complete"] = True
     save()
     print(tile_table_text(result) if args.sweep_tiles else markdown(result))

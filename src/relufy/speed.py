@@ -24,7 +24,7 @@ from .errors import DataError
 from .ffn_speed import compare_ffns, decode_sparsity, decode_unions
 from .options import SpeedConfig
 from .step_profile import profile_decode
-from .timing import Timer, copy_bandwidth, gpu_processes, most_processes, warn_if_shared
+from .timing import Timer, copy_bandwidth, record_gpu_processes
 
 
 def generate_speed(model, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -116,8 +116,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     with stage("union of active neurons per batch"), dense():
         result["union"] = decode_unions(model, config.union_batch_sizes, config.prompt_tokens,
                                          min(config.new_tokens, 32), config.seed)
-    result["gpu_processes"] = most_processes(result["gpu_processes"], gpu_processes(device))
-    warn_if_shared(device, result["gpu_processes"])
+    record_gpu_processes(result, device)
     bar.close()
     return result
 
@@ -133,8 +132,8 @@ def _what_ran(model, config: SpeedConfig, device: torch.device) -> dict:
               "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
               "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
               "ffns": len(ffn_modules(model)), "sparse_ffns": sparse,
-              "note": None if sparse else no_sparse_note(why_dense(model)), "gpu_processes": gpu_processes(device)}
-    warn_if_shared(device, result["gpu_processes"])
+              "note": None if sparse else no_sparse_note(why_dense(model))}
+    record_gpu_processes(result, device)
     return result
 
 

@@ -125,6 +125,13 @@ def most_processes(before: int | None, after: int | None) -> int | None:
     return max(known) if known else None
 
 
+def record_gpu_processes(result: dict, device: torch.device) -> None:
+    """Set `result["gpu_processes"]` to the most processes seen on the GPU so far, and warn when others
+    held it: call it as a measurement begins and as it ends."""
+    result["gpu_processes"] = most_processes(result.get("gpu_processes"), gpu_processes(device))
+    warn_if_shared(device, result["gpu_processes"])
+
+
 def warn_if_shared(device: torch.device, processes: int | None) -> None:
     """One log line when other processes hold the GPU during a measurement."""
     if processes is not None and processes > 1:

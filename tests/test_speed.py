@@ -410,8 +410,16 @@ class _FakeNVML:
             raise self.NVMLError(f"no GPU {uuid}")
         return uuid
 
-    def nvmlDeviceGetComputeProcesses(self, handle):
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
         return [type("Process", (), {"pid": pid})() for pid in self.pids]
+
+
+def test_the_fake_nvml_calls_only_what_nvidia_ml_py_has():
+    """The fake below stands in for `pynvml` from nvidia-ml-py: every call it answers must exist in the
+    real module, or the tests pass while the real call raises AttributeError on a GPU machine."""
+    pynvml = pytest.importorskip("pynvml")
+    called = [name for name in vars(_FakeNVML) if name.startswith("nvml")]
+    assert called and [name for name in called if not hasattr(pynvml, name)] == []
 
 
 def test_gpu_processes_counts_every_context_on_the_gpu_from_nvml(monkeypatch, caplog):

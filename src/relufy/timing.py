@@ -112,7 +112,7 @@ def gpu_processes(device: torch.device) -> int | None:
         pynvml.nvmlInit()
         uuid = str(torch.cuda.get_device_properties(device).uuid)
         handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
-        count = len(pynvml.nvmlDeviceGetComputeProcesses(handle))
+        count = len(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
     except pynvml.NVMLError:
         return None
     return count or None  # this process holds a context: seeing none means NVML cannot see processes here

@@ -152,10 +152,21 @@ def test_matched_step_runs_relufy_matched_on_every_route(driver, capsys, tmp_pat
         args = build_parser().parse_args(command[3:])  # every command is one relufy accepts
         assert args.command == "matched" and args.output.endswith(step.rsplit("-", 1)[0] + (
             ".json" if step.endswith("matched") else "-curve.json"))
-    assert commands["relu-matched"][6] == "0.869,0.9" and "--no-suite" in commands["relu-curve"]
+    relu = commands["relu-matched"]
+    assert relu[relu.index("--target") + 1] == "0.869,0.9" and "--no-suite" in commands["relu-curve"]
+    assert relu[relu.index("--threshold-on") + 1] == "activation" and f"{tmp_path}/out/matched/relu.json" in relu
     assert commands["prosparse+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse")
     assert commands["prosparse-kd+shift-matched"][4] == str(tmp_path / "out" / "train" / "prosparse-kd")
     assert commands["relu-kd-matched"][4] == str(tmp_path / "out" / "train" / "relu-kd")
+
+
+def test_matched_on_x1_writes_its_own_folder(driver, capsys, tmp_path):
+    """Thresholds on x1 and on the activation are different models: their JSONs never share a folder."""
+    driver.main(["matched", str(tmp_path / "out"), "relu", "--corpus", str(tmp_path), "--match-zero-ratio", "0.869",
+                 "--threshold-on", "x1", "--dry-run"])
+    command = shlex.split(capsys.readouterr().out.splitlines()[0].split(": ", 1)[1])
+    assert command[command.index("--threshold-on") + 1] == "x1"
+    assert command[command.index("-o") + 1] == str(tmp_path / "out" / "matched-x1" / "relu.json")
 
 
 def test_matched_matches_the_kd_arm_when_it_is_the_only_prosparse_arm(driver, capsys, tmp_path):

@@ -7,8 +7,9 @@
         each run's prosparse+shift arm: zero-ratio against its perplexity and accuracy cost relative
         to the relu arm trained on the same tokens, with the target region shaded; runs given the
         same LABEL (e.g. several --peak values) form one line.
-    python experiments/prosparse-smollm2/plots.py matched DEST [--out DEST/matched.png]
-        every route of `run.py matched`: left, x1 zero-ratio on the held-out text against held-out perplexity,
+    python experiments/prosparse-smollm2/plots.py matched DEST [--folder matched-x1] [--out DEST/matched.png]
+        every route of `run.py matched` (DEST/matched: thresholds on the activation; matched-x1: on x1): left,
+        the zero-ratio on the held-out text against held-out perplexity,
         one curve per route (its dense model, the CURVE points and the matched ones); right, the suite
         average of its dense evaluation and at the matched zero-ratios; matched zero-ratios marked; a
         distilled route (-kd) is dashed, in its undistilled route's colour.
@@ -118,10 +119,10 @@ def save(fig, out: Path, *axes) -> None:
     fig.savefig(out, dpi=110)
 
 
-def route_points(directory: Path, route: str) -> list[tuple[float, float]]:
+def route_points(directory: Path, route: str, folder: str = "matched") -> list[tuple[float, float]]:
     """(zero-ratio on the held-out text, held-out perplexity) of one route: dense, then every target, sorted."""
     points = set()
-    for path in (directory / "matched" / f"{route}.json", directory / "matched" / f"{route}-curve.json"):
+    for path in (directory / folder / f"{route}.json", directory / folder / f"{route}-curve.json"):
         if path.exists():
             result = json.loads(path.read_text())
             points.add((result["dense"]["zero_ratio"], result["dense"]["ppl"]))
@@ -129,7 +130,7 @@ def route_points(directory: Path, route: str) -> list[tuple[float, float]]:
     return sorted(points)
 
 
-def suite_points(directory: Path, route: str) -> list[tuple[float, float]]:
+def suite_points(directory: Path, route: str, folder: str = "matched") -> list[tuple[float, float]]:
     """(zero-ratio on the lm-eval tokens, suite average) of one route: its dense evaluation (a collected
     folder of that name) and every matched target that ran the suite, sorted."""
     points = set()
@@ -137,40 +138,41 @@ def suite_points(directory: Path, route: str) -> list[tuple[float, float]]:
     if evaluation.exists():
         results = json.loads(evaluation.read_text())
         points.add((results["sparsity"]["overall"], results["scores"]["average"]))
-    matched = directory / "matched" / f"{route}.json"
+    matched = directory / folder / f"{route}.json"
     for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
         if entry.get("scores"):
             points.add((entry["sparsity"]["overall"], entry["scores"]["average"]))
     return sorted(points)
 
 
-def matched_figure(directory: Path, out: Path) -> None:
+def matched_figure(directory: Path, out: Path, folder: str = "matched") -> None:
     """One curve per route, perplexity (left) and suite average (right) against zero-ratio; dotted lines at
-    the zero-ratios every route was matched at (where the suite ran)."""
+    the zero-ratios every route was matched at (where the suite ran). `folder`: matched (thresholds on the
+    activation) or matched-x1 (on x1)."""
     routes = sorted({path.name.removesuffix(".json").removesuffix("-curve")
-                     for path in (directory / "matched").glob("*.json")})
+                     for path in (directory / folder).glob("*.json")})
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     colours: dict[str, str] = {}  # a -kd route takes its route's colour, dashed
     for route in sorted(routes, key=lambda name: ("-kd" in name, name)):
         plain = route.replace("-kd", "")
         style = "s--" if plain != route else "o-"
-        zeros, ppl = zip(*route_points(directory, route))
+        zeros, ppl = zip(*route_points(directory, route, folder))
         line = left.plot([100 * z for z in zeros], ppl, style, label=route, color=colours.get(plain))
         colours.setdefault(plain, line[0].get_color())
-        suite = suite_points(directory, route)
+        suite = suite_points(directory, route, folder)
         if suite:
             zeros, scores = zip(*suite)
             # three measured points, no curve between them: a thin dotted line only pairs them up
             right.plot([100 * z for z in zeros], scores, style[0] + ":", label=route, color=colours[plain],
                        linewidth=0.8)
-        matched = directory / "matched" / f"{route}.json"
+        matched = directory / folder / f"{route}.json"
         for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
             for axis in (left, right):
                 axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
     left.set_yscale("log")
     left.set_xlabel("zero-ratio of x1 on the held-out text (%)")
     left.set_ylabel("held-out perplexity")
-    left.set_title("perplexity, thresholded to matched zero-ratios")
+    left.set_title(f"perplexity, thresholded{' on x1' if folder.endswith('x1') else ''} to matched zero-ratios")
     right.set_xlabel("zero-ratio of x1 on the lm-eval tokens (%)")
     right.set_ylabel("offline suite average")
     right.set_title("suite: dense and at the matched zero-ratios")
@@ -271,7 +273,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("matched", help="zero-ratio against held-out perplexity, one curve per route")
     p.add_argument("directory", type=Path, help="a collected run with matched/ (run.py collect)")
-    p.add_argument("--out", type=Path, help="default: DIRECTORY/matched.png")
+    p.add_argument("--folder", default="matched", choices=["matched", "matched-x1"],
+                   help="the thresholds' run.py folder: matched (on the activation) or matched-x1 (on x1)")
+    p.add_argument("--out", type=Path, help="default: DIRECTORY/FOLDER.png")
     p = sub.add_parser("tokens", help="the ProSparse/ReLU perplexity ratio against training tokens, fitted")
     p.add_argument("directories", type=Path, nargs="+", help="one collected run per token budget")
     p.add_argument("--out", type=Path, required=True)
@@ -279,7 +283,7 @@ def main() -> None:
     if args.figure == "curves":
         curves(args.directory, args.tokens_per_step)
     elif args.figure == "matched":
-        matched_figure(args.directory, args.out or args.directory / "matched.png")
+        matched_figure(args.directory, args.out or args.directory / f"{args.folder}.png", args.folder)
     elif args.figure == "tokens":
         tokens_figure(args.directories, args.out)
     else:

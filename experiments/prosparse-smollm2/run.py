@@ -224,6 +224,8 @@ ROUTES = {
 }
 MATCHED_ALSO = 0.90  # the second matched zero-ratio, beside the ProSparse arm's own
 CURVE = (0.5, 0.7, 0.8, 0.95)  # perplexity-only points that draw each route's zero-ratio/perplexity curve
+# relufy matched's --threshold-on -> the folder of OUT_DIR (and of a collected DEST) its JSONs go to
+MATCHED_FOLDERS = {"activation": "matched", "x1": "matched-x1"}
 
 
 def prosparse_zero_ratio(s: argparse.Namespace) -> str:
@@ -258,8 +260,8 @@ def run_matched(s: argparse.Namespace) -> None:
         if not s.dry_run and trained is not None and not (model / "config.json").exists():
             print(f"{route}: {model} is not a trained model yet; skipped")
             continue
-        out = s.out_dir / "matched"
-        relufy = [sys.executable, "-m", "relufy", "matched", model]
+        out = s.out_dir / MATCHED_FOLDERS[s.threshold_on]
+        relufy = [sys.executable, "-m", "relufy", "matched", model, "--threshold-on", s.threshold_on]
         run(f"{route}-matched", [*relufy, "--target", f"{target},{MATCHED_ALSO:g}", "-o", out / f"{route}.json",
                                  *common, *limit])
         run(f"{route}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
@@ -299,10 +301,11 @@ def collect(s: argparse.Namespace) -> None:
             (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"{source} -> {target}")
     merge_run_records(s.out_dir, s.dest)
-    if (s.out_dir / "matched").is_dir():
-        (s.dest / "matched").mkdir(parents=True, exist_ok=True)
-        for path in (s.out_dir / "matched").glob("*.json"):
-            shutil.copy2(path, s.dest / "matched" / path.name)
+    for folder in MATCHED_FOLDERS.values():
+        if (s.out_dir / folder).is_dir():
+            (s.dest / folder).mkdir(parents=True, exist_ok=True)
+            for path in (s.out_dir / folder).glob("*.json"):
+                shutil.copy2(path, s.dest / folder / path.name)
     write_tables(s.dest)
 
 
@@ -322,20 +325,22 @@ def merge_run_records(source: Path, dest: Path) -> None:
 
 def write_tables(dest: Path) -> None:
     """DEST/compare.md (`relufy compare` of every collected evaluation, in the order the arms are defined) and
-    DEST/matched.md (every collected route at the matched zero-ratios)."""
+    DEST/matched.md and DEST/matched-x1.md (every collected route at the matched zero-ratios, one table per
+    --threshold-on)."""
     evaluations = sorted((path for path in dest.iterdir() if (path / "results.json").exists()),
                          key=lambda path: evaluation_order(path.name))
     (dest / "compare.md").unlink(missing_ok=True)  # this driver's own table, rewritten from the copies
     if evaluations:
         subprocess.run([sys.executable, "-m", "relufy", "compare", *evaluations, "--markdown", dest / "compare.md"],
                        check=True)
-    routes = [route for route in ROUTES if (dest / "matched" / f"{route}.json").exists()]
-    if routes:
-        from relufy.matched import matched_table
+    for folder in MATCHED_FOLDERS.values():
+        routes = [route for route in ROUTES if (dest / folder / f"{route}.json").exists()]
+        if routes:
+            from relufy.matched import matched_table
 
-        results = [json.loads((dest / "matched" / f"{route}.json").read_text()) for route in routes]
-        (dest / "matched.md").write_text(matched_table(results, routes) + "\n")
-        print(f"{dest / 'matched.md'}: {', '.join(routes)}")
+            results = [json.loads((dest / folder / f"{route}.json").read_text()) for route in routes]
+            (dest / f"{folder}.md").write_text(matched_table(results, routes) + "\n")
+            print(f"{dest / folder}.md: {', '.join(routes)}")
 
 
 def evaluation_order(name: str) -> tuple[int, str]:
@@ -416,6 +421,9 @@ def _add_matched(sub) -> None:
                    help="calibration tokens (held-out blocks after the perplexity ones)")
     p.add_argument("--eval-block", type=int, default=512)
     p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    p.add_argument("--threshold-on", choices=list(MATCHED_FOLDERS), default="activation",
+                   help="relufy matched's --threshold-on; x1 results go to OUT_DIR/matched-x1 (default: activation, "
+                        "into OUT_DIR/matched)")
     p.add_argument("--tiny", action="store_true", help="after a --tiny run: " +
                    ", ".join(f"{k}={v}" for k, v in TINY_MATCHED.items()))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")

@@ -1,5 +1,6 @@
 """The architecture map: what relufy knows about each model_type, loaded from convert/architectures.yaml, and the
-FFN modules and down projections of a loaded model that it names (`ffn_modules`, `down_projections`)."""
+FFN modules, activation modules and down projections of a loaded model that it names (`ffn_modules`,
+`activation_modules`, `down_projections`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class Architecture:
     ffn: str
     gated: bool
     down: str
+    act: str
     up: str | None = None
     gate: str | None = None
     gate_up: str | None = None
@@ -101,3 +103,10 @@ def down_projections(model: nn.Module, arch: Architecture | None = None) -> list
     """The down projection of every FFN in layer order; their input is x1."""
     arch = arch or architecture_for(getattr(model.config, "model_type", None))
     return [getattr(ffn, arch.down) for ffn in ffn_modules(model, arch)]
+
+
+def activation_modules(model: nn.Module, arch: Architecture | None = None) -> list[nn.Module]:
+    """The activation module of every FFN in layer order (the `act_fn` transformers built from the config);
+    on a gated FFN its output is act(gate(x)), before the product with up."""
+    arch = arch or architecture_for(getattr(model.config, "model_type", None))
+    return [getattr(ffn, arch.act) for ffn in ffn_modules(model, arch)]

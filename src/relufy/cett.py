@@ -160,7 +160,8 @@ class NeuronMask:
 @torch.no_grad()
 def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: NeuronMask, thresholds: list[float], *,
                            batch_size: int = 4, desc: str = "", progress: bool = False) -> tuple[float, list[float]]:
-    """Perplexity over `blocks` with `mask` zeroing x1 at or below `thresholds`, and the fraction zeroed per layer.
+    """Perplexity over `blocks` with `mask` (a NeuronMask, or matched's ActivationMask) zeroing what falls below
+    `thresholds`, and the zero-ratio it leaves per layer.
 
     The one thresholded pass that PPL-p% sparsity and `relufy matched` share; all-zero thresholds
     give the dense perplexity and the exact-zero ratio.

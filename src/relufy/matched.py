@@ -1,25 +1,33 @@
-"""Matched-sparsity comparison: any model thresholded to a given zero-ratio of x1, then measured.
+"""Matched-sparsity comparison: any model thresholded to a given zero-ratio, then measured.
 
 Models trained differently reach different sparsities, so their quality cannot be compared at
-their own. Here each layer l gets a magnitude threshold t_l: x1 entries with |x1| <= t_l are set
-to zero (a pre-hook on the down projection, `cett.NeuronMask` without column norms), with t_l
-chosen on calibration text so that the layer's x1 is a `target` fraction zeros. On a ReLU-family
-model that is FATReLU-style thresholding of the ReLU output (exact zeros already count); on a
-SiLU model it is the training-free route of TEAL and CATS. The thresholded model is then read
-like `relufy evaluate` reads a model: held-out perplexity, and the lm-eval suite with the probe
+their own. Here each layer l gets a magnitude threshold t_l, chosen on calibration text so that a
+`target` fraction of the layer's neurons is zero, and the thresholded model is read like
+`relufy evaluate` reads a model: held-out perplexity, and the lm-eval suite with the probe
 counting the zeros that reach the down projections.
 
-Calibration goes layer by layer, because thresholding layer l changes the x1 of every later
+What the thresholds compare (`threshold_on`):
+
+- `activation` (default): the output s of the FFN's activation module, act(gate(x)) on a gated
+  FFN, before the product with up. `ActivationMask` zeroes s where |s| < t_l: FATReLU's own rule
+  (it keeps s >= t), so on a ReLU-family model the thresholded model is exactly a FATReLU model
+  with threshold t_l in layer l, and its zeros are what the sparse decode kernels skip (the up row
+  and the down column of a zero activation). On a SiLU model it is CATS's thresholding.
+- `x1`: the down projection's input x1 = s * up (`cett.NeuronMask` without column norms, |x1| <= t_l).
+  It ranks neurons by the product with up, so it keeps more of the FFN's output at the same
+  zero-ratio, but no activation function computes it and the up projection must run in full.
+
+Calibration goes layer by layer, because thresholding layer l changes the inputs of every later
 layer: layer l's threshold is computed with layers 0..l-1 already thresholded, so on the
 calibration text every layer reaches the target under the model that is actually measured.
-The threshold is the empirical quantile of |x1| (the zero-ratio is a step function of t, and
-its inverse is exact), so no search is needed; it costs one pass over the calibration text per
+The threshold is an empirical quantile of the magnitudes (the zero-ratio is a step function of t,
+and its inverse is exact), so no search is needed; it costs one pass over the calibration text per
 layer. A layer that already has at least `target` exact zeros keeps t_l = 0 (nothing can be
 un-zeroed), so a sparse model may end above the target: the achieved zero-ratio is reported.
 
-`--uniform` gives every layer the same t instead (`calibrate_uniform`): the model a single FATReLU
-threshold runs, which a checkpoint's one activation name can hold, so it can be converted and
-deployed; the per-layer thresholds cannot. Comparing the two says what per-layer calibration buys.
+`--uniform` gives every layer the same t instead (`calibrate_uniform`): with `activation` on a
+ReLU-family model that is the model `relufy convert --activation fatrelu --threshold t` writes.
+Comparing the two says what per-layer calibration buys.
 """
 
 from __future__ import annotations
@@ -32,15 +40,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .architectures import activation_name
-from .cett import NeuronMask, X1Sample, thresholded_perplexity
+from .architectures import activation_modules, activation_name
+from .cett import NeuronMask, thresholded_perplexity
 from .checkpoint import model_name
 from .checks import block_fits_context
 from .data import heldout_blocks
 from .errors import DataError
 from .harness import run_suite
 from .metrics import batches
-from .probe import SparsityProbe
 from .options import MatchedConfig
 from .report import group_averages
 from .suites import task_manager
@@ -56,39 +63,118 @@ def magnitude_quantile(x1: torch.Tensor, target: float) -> float:
     return float(flat.kthvalue(k).values)
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_size: int = 8) -> list[float]:
-    """Per-layer magnitude thresholds that make each layer's x1 a `target` fraction zeros on `blocks`.
+def strict_quantile(values: torch.Tensor, target: float) -> float:
+    """The smallest t, among the magnitudes themselves, with a fraction >= `target` of |values| < t or
+    exactly zero: the magnitude just above the k-th smallest (FATReLU's `<`), or 0 when zeros suffice."""
+    kth = magnitude_quantile(values, target)
+    if kth == 0.0:
+        return 0.0
+    above = values.abs().flatten()
+    above = above[above > kth]
+    return float(above.min()) if above.numel() else float(torch.nextafter(torch.tensor(kth), torch.tensor(math.inf)))
 
-    One pass per layer: layer l's x1 is collected with layers 0..l-1 thresholded (its own
+
+class ActivationMask:
+    """Forward hooks that zero each FFN activation's output where |s| < t_l, and count the zeros left.
+
+    Registered on the modules `architectures.activation_modules` names, so whatever the FFN does
+    with s afterwards (the product with up, the down projection) sees the thresholded s.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.modules = activation_modules(model)
+        self.thresholds = [0.0] * len(self.modules)
+        self.zeros = [0] * len(self.modules)
+        self.elements = [0] * len(self.modules)
+        self._handles: list = []
+
+    def __enter__(self) -> "ActivationMask":
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def set(self, thresholds: list[float]) -> None:
+        self.thresholds = list(thresholds)
+        self.zeros = [0] * len(self.modules)
+        self.elements = [0] * len(self.modules)
+
+    def _hook(self, index: int):
+        def mask(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            kept = output.masked_fill(output.abs() < self.thresholds[index], 0)
+            self.zeros[index] = self.zeros[index] + (kept == 0).sum()  # a tensor: no device sync per layer
+            self.elements[index] += kept.numel()
+            return kept
+        return mask
+
+    def per_layer(self) -> list[float]:
+        return [float(z) / e if e else float("nan") for z, e in zip(self.zeros, self.elements)]
+
+    def watch(self, layer: int, rows: list[torch.Tensor]):
+        """Append each forward's thresholded s of `layer` to `rows` (a hook after the mask's; remove it)."""
+        return self.modules[layer].register_forward_hook(
+            lambda module, args, output: rows.append(output.reshape(-1, output.shape[-1]).float().cpu()))
+
+    quantile = staticmethod(strict_quantile)
+
+
+class X1Mask(NeuronMask):
+    """`cett.NeuronMask` without column norms (|x1| <= t_l on the down projection's input), with what
+    calibration needs from a mask: `watch` and `quantile`."""
+
+    def watch(self, layer: int, rows: list[torch.Tensor]):
+        """Append each forward's thresholded x1 of `layer` to `rows` (a pre-hook after the mask's; remove it)."""
+        return self.modules[layer].register_forward_pre_hook(
+            lambda module, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu()))
+
+    quantile = staticmethod(magnitude_quantile)
+
+
+def threshold_mask(model: nn.Module, threshold_on: str = "activation") -> ActivationMask | X1Mask:
+    """The mask whose thresholds compare what `threshold_on` names ('activation' or 'x1')."""
+    return ActivationMask(model) if threshold_on == "activation" else X1Mask(model)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
+              threshold_on: str = "activation") -> list[float]:
+    """Per-layer magnitude thresholds that make each layer a `target` fraction zeros on `blocks`.
+
+    One pass per layer: layer l's values are collected with layers 0..l-1 thresholded (its own
     threshold and the later ones at 0, which changes nothing), so later layers are calibrated
     on the activations the thresholded model really produces.
     """
     device = next(model.parameters()).device
-    mask = NeuronMask(model)
+    mask = threshold_mask(model, threshold_on)
     thresholds = [0.0] * len(mask.modules)
     for layer in range(len(thresholds)):
-        with mask, SparsityProbe.for_sampling(model, count_zeros=False) as probe:  # probe after the mask
+        rows: list[torch.Tensor] = []
+        with mask:
             mask.set(thresholds)
-            sample = X1Sample(probe.num_layers, blocks.numel(), layers={layer})
-            for batch in batches(blocks, batch_size, device):
-                model(input_ids=batch)
-                sample.add(probe.last_inputs)
-        thresholds[layer] = magnitude_quantile(sample.tensors()[layer], target)
+            handle = mask.watch(layer, rows)
+            try:
+                for batch in batches(blocks, batch_size, device):
+                    model(input_ids=batch)
+            finally:
+                handle.remove()
+        thresholds[layer] = mask.quantile(torch.cat(rows), target)
     return thresholds
 
 
 @torch.no_grad()
 def calibrate_uniform(model: nn.Module, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
-                      tolerance: float = 1e-3, steps: int = 30) -> float:
-    """One magnitude threshold for every layer whose zero-ratio of x1, averaged over the layers, is `target`
+                      tolerance: float = 1e-3, steps: int = 30, threshold_on: str = "activation") -> float:
+    """One magnitude threshold for every layer whose zero-ratio, averaged over the layers, is `target`
     on `blocks` (within `tolerance`, else the closest bracket end at or above it after `steps` bisections).
 
     The zero-ratio grows with t: each layer drops more of its inputs, and what a threshold upstream moves
     downstream is small beside that. So t is bisected, one thresholded pass over `blocks` per step, from
     [0, the first doubling of 1 that reaches the target]. A model with `target` zeros of its own gets 0.
     """
-    mask = NeuronMask(model)
+    mask = threshold_mask(model, threshold_on)
 
     def zero_ratio(threshold: float) -> float:
         _, per_layer = thresholded_perplexity(model, blocks, mask, [threshold] * len(mask.modules),
@@ -130,11 +216,14 @@ def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, 
                    config: MatchedConfig, suite_plan=None) -> dict:
     """Calibrate the thresholds for one target, then perplexity, zero-ratios and (optionally) the suite."""
     heldout, calibration = blocks
-    mask = NeuronMask(model)
+    mask = threshold_mask(model, config.threshold_on)
     if config.uniform:
-        thresholds = [calibrate_uniform(model, calibration, target, batch_size=config.batch_size)] * len(mask.modules)
+        threshold = calibrate_uniform(model, calibration, target, batch_size=config.batch_size,
+                                      threshold_on=config.threshold_on)
+        thresholds = [threshold] * len(mask.modules)
     else:
-        thresholds = calibrate(model, calibration, target, batch_size=config.batch_size)
+        thresholds = calibrate(model, calibration, target, batch_size=config.batch_size,
+                               threshold_on=config.threshold_on)
     _, calibrated = thresholded_perplexity(model, calibration, mask, thresholds, batch_size=config.batch_size)
     ppl, per_layer = thresholded_perplexity(model, heldout, mask, thresholds, batch_size=config.batch_size)
     entry = {"target": target, "thresholds": thresholds, "ppl": ppl,
@@ -177,8 +266,9 @@ def _measure_matched(source, config: MatchedConfig) -> dict:
     blocks = text_blocks(config, tokenizer)
     model = load_model(source, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     model = model.to(config.device).eval()
-    layers = len(NeuronMask(model).modules)
-    dense_ppl, dense_zeros = thresholded_perplexity(model, blocks[0], NeuronMask(model), [0.0] * layers,
+    mask = threshold_mask(model, config.threshold_on)
+    layers = len(mask.modules)
+    dense_ppl, dense_zeros = thresholded_perplexity(model, blocks[0], mask, [0.0] * layers,
                                                     batch_size=config.batch_size)
     return {
         "model": str(source), "model_name": model_name(source), "activation": activation_name(model),
@@ -197,7 +287,9 @@ def matched_table(results: list[dict], names: list[str] | None = None) -> str:
     lines = ["| model | target | zero-ratio (held-out) | zero-ratio (lm-eval) | perplexity | dense perplexity "
              "| suite average |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, result in zip(names or [r["model_name"] for r in results], results):
-        name += " (one threshold)" if result.get("settings", {}).get("uniform") else ""
+        settings = result.get("settings", {})
+        name += " (one threshold)" if settings.get("uniform") else ""
+        name += " (x1 thresholds)" if settings.get("threshold_on") == "x1" else ""
         for entry in result["targets"]:
             lm_zeros = entry.get("sparsity", {}).get("overall")
             suite = entry.get("scores", {}).get("average")

@@ -161,6 +161,9 @@ class MatchedConfig(SuiteOptions):
     calibration_tokens: int = option(4096, "calibration tokens")
     block_size: int = option(512, "tokens per block")
     run_suite: bool = option(True, "run the lm-eval suite at each target (--no-suite: perplexity and zero-ratio only)")
+    threshold_on: Literal["activation", "x1"] = option(
+        "activation", "what the thresholds compare: the FFN activation's output (FATReLU on a ReLU model, CATS on a "
+        "SiLU one; what the sparse kernels skip) or x1, the down projection's input act(gate) * up")
     uniform: bool = option(False, "one threshold for every layer, the model a single FATReLU threshold runs (default: "
                                   "one per layer)")
     device: str | None = option(None, DEVICE_HELP)

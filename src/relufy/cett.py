@@ -110,24 +110,19 @@ class Evaluation:
     thresholds: list[float]
 
 
-class NeuronMask:
-    """Pre-hooks that zero x1 entries at or below a per-layer threshold, and count what they zero.
+class LayerMask:
+    """Hooks on one module per FFN layer that zero what falls under that layer's threshold, and count the
+    zeros that leave it (`per_layer`). A subclass names the modules and registers its hook (`_register`)."""
 
-    With `column_norms` (CETT) an entry's score is |x1_i| * ||W_down[:, i]||, the norm of the
-    neuron's output; without them it is |x1_i| itself (magnitude thresholding, as FATReLU, TEAL and
-    CATS apply it). `<=` makes exact zeros count as masked, so threshold 0 changes nothing.
-    """
-
-    def __init__(self, model: nn.Module, column_norms: list[torch.Tensor] | None = None):
-        self.modules = down_projections(model)
-        self.column_norms = column_norms
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
         self.thresholds = [0.0] * len(self.modules)
         self.masked = [0] * len(self.modules)
         self.elements = [0] * len(self.modules)
         self._handles: list = []
 
-    def __enter__(self) -> "NeuronMask":
-        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+    def __enter__(self) -> "LayerMask":
+        self._handles = [self._register(i, m) for i, m in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,21 +135,40 @@ class NeuronMask:
         self.masked = [0] * len(self.modules)
         self.elements = [0] * len(self.modules)
 
-    def _hook(self, index: int):
+    def _count(self, index: int, zeros: torch.Tensor) -> None:
+        self.masked[index] = self.masked[index] + zeros.sum()  # a tensor: no device sync per layer
+        self.elements[index] += zeros.numel()
+
+    def _register(self, index: int, module: nn.Module):
+        raise NotImplementedError
+
+    def per_layer(self) -> list[float]:
+        return [float(m) / e if e else float("nan") for m, e in zip(self.masked, self.elements)]
+
+
+class NeuronMask(LayerMask):
+    """Pre-hooks on the down projections that zero x1 entries at or below a per-layer threshold.
+
+    With `column_norms` (CETT) an entry's score is |x1_i| * ||W_down[:, i]||, the norm of the
+    neuron's output; without them it is |x1_i| itself (magnitude thresholding of x1).
+    `<=` makes exact zeros count as masked, so threshold 0 changes nothing.
+    """
+
+    def __init__(self, model: nn.Module, column_norms: list[torch.Tensor] | None = None):
+        super().__init__(down_projections(model))
+        self.column_norms = column_norms
+
+    def _register(self, index: int, module: nn.Module):
         def mask(module: nn.Module, args: tuple):
             x1 = args[0]
             score = x1.abs()
             if self.column_norms is not None:
                 score = score * self.column_norms[index].to(x1.device, x1.dtype)
             drop = score <= self.thresholds[index]
-            self.masked[index] = self.masked[index] + drop.sum()  # a tensor: no device sync per layer
-            self.elements[index] += drop.numel()
+            self._count(index, drop)
             return (x1.masked_fill(drop, 0),) + tuple(args[1:])
 
-        return mask
-
-    def per_layer(self) -> list[float]:
-        return [float(m) / e if e else float("nan") for m, e in zip(self.masked, self.elements)]
+        return module.register_forward_pre_hook(mask)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from torch import nn
 
 from . import __version__
 from .architectures import activation_modules, activation_name
-from .cett import NeuronMask, thresholded_perplexity
+from .cett import LayerMask, NeuronMask, thresholded_perplexity
 from .checkpoint import model_name
 from .checks import block_fits_context
 from .data import heldout_blocks
@@ -74,7 +74,7 @@ def strict_quantile(values: torch.Tensor, target: float) -> float:
     return float(above.min()) if above.numel() else float(torch.nextafter(torch.tensor(kth), torch.tensor(math.inf)))
 
 
-class ActivationMask:
+class ActivationMask(LayerMask):
     """Forward hooks that zero each FFN activation's output where |s| < t_l, and count the zeros left.
 
     Registered on the modules `architectures.activation_modules` names, so whatever the FFN does
@@ -82,36 +82,15 @@ class ActivationMask:
     """
 
     def __init__(self, model: nn.Module):
-        self.modules = activation_modules(model)
-        self.thresholds = [0.0] * len(self.modules)
-        self.zeros = [0] * len(self.modules)
-        self.elements = [0] * len(self.modules)
-        self._handles: list = []
+        super().__init__(activation_modules(model))
 
-    def __enter__(self) -> "ActivationMask":
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def set(self, thresholds: list[float]) -> None:
-        self.thresholds = list(thresholds)
-        self.zeros = [0] * len(self.modules)
-        self.elements = [0] * len(self.modules)
-
-    def _hook(self, index: int):
+    def _register(self, index: int, module: nn.Module):
         def mask(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             kept = output.masked_fill(output.abs() < self.thresholds[index], 0)
-            self.zeros[index] = self.zeros[index] + (kept == 0).sum()  # a tensor: no device sync per layer
-            self.elements[index] += kept.numel()
+            self._count(index, kept == 0)
             return kept
-        return mask
 
-    def per_layer(self) -> list[float]:
-        return [float(z) / e if e else float("nan") for z, e in zip(self.zeros, self.elements)]
+        return module.register_forward_hook(mask)
 
     def watch(self, layer: int, rows: list[torch.Tensor]):
         """Append each forward's thresholded s of `layer` to `rows` (a hook after the mask's; remove it)."""

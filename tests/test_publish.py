@@ -104,6 +104,22 @@ def test_published_fatrelu_folder_loads_with_relufy_or_remote_code(fatrelu, tmp_
     assert "trust_remote_code=True" in (out / "README.md").read_text()
 
 
+def test_published_per_layer_folder_says_how_it_loads_and_loads_that_way(source, tmp_path):
+    """One FATReLU threshold per layer: the card loads it with trust_remote_code (register_activations alone
+    refuses it), and so does a clean process without relufy."""
+    from relufy.per_layer import PER_LAYER
+
+    relu = convert_checkpoint(source, tmp_path / "relu", make_activation("relu"))
+    model = convert_checkpoint(relu, tmp_path / "tiny-per-layer", PER_LAYER, layer_thresholds=[0.01, 0.03])
+    evaluate_model(str(model), tmp_path / "eval", EvalConfig(tasks=["relufy_dictionary"], limit=4, ps=()))
+    out = publish(model, tmp_path / "eval" / "results.json", tmp_path / "pub")
+    card = (out / "README.md").read_text()
+    assert 'from_pretrained("pub", trust_remote_code=True)' in card
+    assert "one FATReLU threshold per FFN layer (`relufy_layer_thresholds`" in card
+    assert "relufy.register_activations()  #" not in card
+    assert _load_in_fresh_process(out, import_relufy=False, trust_remote_code=True) == "fatrelu False 384"
+
+
 def test_results_of_another_model_are_refused(relu, fatrelu, tmp_path):
     with pytest.raises(DataError, match=r"config_sha256, activation \(relu evaluated, fatrelu_0.01 here\) differ"):
         publish(fatrelu[0], relu[1], tmp_path / "pub")

@@ -207,3 +207,26 @@ def test_a_threshold_the_module_and_config_disagree_on_is_refused_and_nothing_ch
                                               r"'fatrelu_0.05'; set config.hidden_act = 'fatrelu_0.2'"):
         sparsify(model)
     assert sparse_ffn_count(model) == 0, "a refused model must be left entirely dense"
+
+
+def test_per_layer_thresholds_reach_each_layers_kernels_and_generation_is_token_identical():
+    """A checkpoint with one FATReLU threshold per layer (relufy convert --layer-thresholds): each FFN's kernels
+    compute with its own layer's threshold, and a stale list is refused."""
+    from relufy import per_layer
+    from relufy.errors import ActivationError
+
+    thresholds = [0.02, 0.1]
+    model = relu_model("llama", "fatrelu_0.0")
+    model.config.hidden_act, model.config.relufy_layer_thresholds = "fatrelu", list(thresholds)
+    per_layer.apply(model, thresholds)
+    prompt = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    model.config.relufy_layer_thresholds = [0.02, 0.2]
+    with pytest.raises(ActivationError, match=r"FFN 1's FATReLU has threshold 0.1 but the config's "
+                                              r"relufy_layer_thresholds says 0.2"):
+        sparsify(model)
+    model.config.relufy_layer_thresholds = list(thresholds)
+    sparsify(model)
+    assert [state.act_param for state in sparse_ffns(model)] == thresholds
+    sparse = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    assert torch.equal(dense, sparse)

@@ -3,7 +3,9 @@
 `import relufy` is cheap: it imports neither torch nor transformers. A converted `relu` or `relu2`
 folder loads with plain transformers. A `fatrelu_<t>` or `shifted_relu_<b>` folder loads with
 `trust_remote_code=True` (it ships `modeling_relufy.py`), or in this process after
-`relufy.register_activations()`, which teaches transformers those names.
+`relufy.register_activations()`, which teaches transformers those names. A folder with one FATReLU
+threshold per layer (config `fatrelu` + `relufy_layer_thresholds`) loads with `trust_remote_code=True`
+or relufy's loader, `relufy.checkpoint.load_model`.
 """
 
 __version__ = "0.1.0"

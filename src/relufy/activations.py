@@ -9,6 +9,7 @@ A converted config stores the activation as one string under the architecture's 
 | `relu2`             | max(x, 0)^2 (Primer, ReLU^2 Wins)| yes                           |
 | `fatrelu_<t>`       | x if x >= t else 0 (ProSparse)   | with `trust_remote_code=True` (the shipped `modeling_relufy.py`), or after `register_activations()` |
 | `shifted_relu_<b>`  | max(x - b, 0)                    | with `trust_remote_code=True`, or after `register_activations()` |
+| `fatrelu`           | FATReLU with threshold t_l in layer l, listed in `relufy_layer_thresholds` (`per_layer.py`) | with `trust_remote_code=True`, or relufy's loader |
 
 The parameter lives in the name because transformers builds every FFN activation as
 `ACT2FN[config.<key>]` with no arguments.
@@ -86,7 +87,7 @@ def _check_param(flag: str, value: float) -> float:
 
 def parse_activation(config_value: str) -> Activation | None:
     """The ReLU-family activation a config value names, or None for any other (silu, gelu...)."""
-    if config_value in ("relu", "relu2"):
+    if config_value in ("relu", "relu2", "fatrelu"):  # bare fatrelu: one threshold per layer (per_layer.py)
         return Activation(config_value)
     match = _PARAMETRIZED_NAME.match(config_value or "")
     if match is None:
@@ -182,10 +183,15 @@ class _ParametrizedActivations:
         activation = parse_activation(key) if isinstance(key, str) else None
         if activation is None or activation.name not in PARAMETRIZED:
             raise KeyError(key)
+        if activation.param is None:
+            raise ActivationError(
+                f"'{key}' keeps one threshold per FFN layer in config.relufy_layer_thresholds, which transformers "
+                "cannot build by itself: load the model with relufy (relufy.checkpoint.load_model, the relufy CLI) "
+                "or with trust_remote_code=True")
         return module_class(activation.name), {PARAMETRIZED[activation.name]: activation.param}
 
     def __contains__(self, key) -> bool:
         if super().__contains__(key):
             return True
         activation = parse_activation(key) if isinstance(key, str) else None
-        return activation is not None and activation.name in PARAMETRIZED
+        return activation is not None and activation.name in PARAMETRIZED and activation.param is not None

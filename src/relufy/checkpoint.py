@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .atomic import write_text_atomically
 from .checks import finite_config
-from .errors import SourceError
+from .errors import SourceError, UnsupportedArchitectureError
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +270,9 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
         dtype = "float32"  # GGUF weights are dequantized; keep them exact
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     overrides = dict(config_overrides or {})
+    per_layer = _per_layer_thresholds(source)
+    if per_layer is not None:  # built with FATReLU(0) in every FFN, then each layer's threshold is set
+        overrides[per_layer[0].activation_key] = "fatrelu_0.0"
     quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
     cut = "num_hidden_layers" in overrides
     with _quiet_unloaded_layers(cut):
@@ -280,7 +283,32 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
         _cut_layer_types(model.config, overrides)
         logger.info("kept the first %s decoder layers of %s (model_config_overrides)", overrides["num_hidden_layers"],
                     source)
+    if per_layer is not None:
+        from . import per_layer as layers
+
+        arch, thresholds = per_layer
+        kept = thresholds[: overrides["num_hidden_layers"]] if cut else thresholds
+        layers.apply(model, kept)
+        arch.with_activation(model.config, layers.PER_LAYER.config_value)
+        setattr(model.config, layers.LAYER_THRESHOLDS_KEY, kept)
     return model
+
+
+def _per_layer_thresholds(source: Source):
+    """(architecture, thresholds) of a checkpoint with one FATReLU threshold per FFN layer, else None."""
+    from .architectures import architecture_of
+    from .per_layer import PER_LAYER, checked, layer_thresholds
+
+    if source.gguf_file:
+        return None
+    config = read_config(source)
+    try:
+        arch = architecture_of(config)
+    except UnsupportedArchitectureError:
+        return None
+    if arch.activation_of(config) != PER_LAYER.config_value:
+        return None
+    return arch, checked(layer_thresholds(config), config.get("num_hidden_layers"), f"{source}/config.json")
 
 
 def _cut_layer_types(config, overrides: dict) -> None:

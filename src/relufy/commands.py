@@ -65,9 +65,31 @@ def run_convert(args: Namespace, config: options.ConvertConfig) -> int:
     from .convert import convert_checkpoint
 
     activation = config.resolved()
-    out = convert_checkpoint(args.src, args.out, activation, force=args.force, link=config.link, dtype=config.dtype)
-    print(f"wrote {out} (activation: {activation.config_value})")
+    thresholds = None
+    if config.layer_thresholds is not None:
+        activation, thresholds = _layer_thresholds(args.src, config)
+    out = convert_checkpoint(args.src, args.out, activation, force=args.force, link=config.link, dtype=config.dtype,
+                             layer_thresholds=thresholds)
+    print(f"wrote {out} (activation: {activation.config_value}"
+          f"{'' if thresholds is None else f', thresholds {min(thresholds):g} to {max(thresholds):g} by layer'})")
     return 0
+
+
+def _layer_thresholds(src: str, config: options.ConvertConfig):
+    """(activation, per-layer thresholds) of `relufy convert --layer-thresholds`: one threshold for every layer is
+    the plain `fatrelu_<t>` (it needs no list), anything else the bare `fatrelu` with the list."""
+    from .activations import Activation
+    from .architectures import architecture_of
+    from .checkpoint import read_config, resolve_source
+    from .per_layer import PER_LAYER, thresholds_from_matched
+
+    source_config = read_config(resolve_source(src))
+    own = str(architecture_of(source_config).activation_of(source_config))
+    thresholds = thresholds_from_matched(config.layer_thresholds, config.matched_target, own,
+                                         source_config.get("num_hidden_layers"))
+    if len(set(thresholds)) == 1:
+        return Activation("fatrelu", thresholds[0]), None
+    return PER_LAYER, thresholds
 
 
 def run_sparsity(args: Namespace, config: options.SparsityConfig) -> int:

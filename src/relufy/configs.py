@@ -68,6 +68,9 @@ class ModelArguments:
             raise RecipeError(f"unknown activation '{self.activation}'. Supported: {', '.join(ACTIVATIONS)} "
                               "(parametrized as fatrelu_<t> / shifted_relu_<b>)")
         activation = parse_activation(self.activation or "")
+        if activation is not None and activation.name == "fatrelu" and activation.param is None:
+            raise RecipeError("activation 'fatrelu' needs its threshold in the name: fatrelu_<t> (e.g. fatrelu_0.01); "
+                              "per-layer thresholds come from relufy convert --layer-thresholds")
         if activation is not None and activation.param is not None and not 0 <= activation.param < math.inf:
             raise RecipeError(f"activation '{self.activation}': its parameter must be a finite number >= 0")
         with _as_recipe_error():

@@ -33,8 +33,12 @@ def convert_checkpoint(
     force: bool = False,
     link: bool = False,
     dtype: str = "float32",
+    layer_thresholds: list[float] | None = None,
 ) -> Path:
     """Write a copy of `src` whose FFN activation is `activation` to `out`; return `out`.
+
+    `layer_thresholds` (with `activation` the bare `fatrelu`, `per_layer.PER_LAYER`) go into the config as one
+    FATReLU threshold per FFN layer.
 
     `force` replaces an existing `out` and converts a model that already uses `activation`.
     `link` hard-links weight files instead of copying them (same filesystem only; a later
@@ -57,7 +61,8 @@ def convert_checkpoint(
                 dequantize_gguf(source, tmp, arch, activation, dtype)
             else:
                 copy_checkpoint(source.path, tmp, link)
-            _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config)
+            _rewrite_config(tmp, arch, activation, provenance, None if source.gguf_file else config,
+                            layer_thresholds)
             if activation.needs_relufy:
                 write_remote_code(tmp)
     logger.info("converted %s (%s -> %s) into %s", source, old_value, activation.config_value, out)
@@ -147,13 +152,18 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _rewrite_config(directory: Path, arch: Architecture, activation: Activation, provenance: Provenance,
-                    source_config: dict | None = None) -> None:
+                    source_config: dict | None = None, layer_thresholds: list[float] | None = None) -> None:
     """Write the converted config.json once: `source_config` (a directory source's config, which the copy
-    leaves out) or the one the GGUF rebuild saved, with the new activation and the provenance."""
+    leaves out) or the one the GGUF rebuild saved, with the new activation (and its per-layer thresholds) and
+    the provenance."""
+    from .per_layer import LAYER_THRESHOLDS_KEY
 
     def change(config: dict) -> None:
         config.update(source_config or {})
         arch.with_activation(config, activation.config_value)
+        config.pop(LAYER_THRESHOLDS_KEY, None)
+        if layer_thresholds is not None:
+            config[LAYER_THRESHOLDS_KEY] = list(layer_thresholds)
         config["relufy"] = provenance.to_dict()
 
     update_config(directory, change)

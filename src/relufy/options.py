@@ -67,6 +67,11 @@ class ConvertConfig:
         None, "FATReLU threshold t (x if x >= t else 0): --activation fatrelu --threshold t is fatrelu_<t>")
     shift: float | None = option(
         None, "shifted ReLU offset b (max(x - b, 0)): --activation shifted_relu --shift b is shifted_relu_<b>")
+    layer_thresholds: str | None = option(
+        None, "with --activation fatrelu: one FATReLU threshold per FFN layer, from a relufy matched JSON (thresholds "
+        "on the activation, measured on this model); the per-layer model it measured, as a checkpoint")
+    matched_target: float | None = option(
+        None, "with --layer-thresholds: which of the JSON's targets (needed when it holds more than one)")
     link: bool = option(False, "hard-link weight files instead of copying (same filesystem)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "weight dtype when dequantizing a GGUF source")
 
@@ -76,7 +81,17 @@ class ConvertConfig:
         self.threshold = self.shift = None  # folded into the one spelling, `activation`
 
     def resolved(self) -> Activation:
-        """The activation, in its one spelling (`fatrelu_0.1`); --threshold / --shift only build that name."""
+        """The activation, in its one spelling (`fatrelu_0.1`); --threshold / --shift only build that name, and
+        --layer-thresholds makes it the bare `fatrelu` whose thresholds the config lists."""
+        from .per_layer import PER_LAYER
+
+        if self.layer_thresholds is not None:
+            if self.activation != "fatrelu" or self.threshold is not None or self.shift is not None:
+                raise ActivationError("--layer-thresholds writes one FATReLU threshold per layer: pass --activation "
+                                      "fatrelu with it, and no --threshold / --shift")
+            return PER_LAYER
+        if self.matched_target is not None:
+            raise ActivationError("--matched-target chooses a target of --layer-thresholds; pass that file too")
         parsed = parse_activation(self.activation)
         if parsed is None or self.activation in ACTIVATIONS:
             return make_activation(self.activation, threshold=self.threshold, shift=self.shift)

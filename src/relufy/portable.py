@@ -4,7 +4,8 @@ transformers cannot build `fatrelu_<t>` or `shifted_relu_<b>` by itself. A folde
 gets `modeling_relufy.py`, generated from relufy's own activation classes, and an `auto_map` in
 config.json, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works
 with plain transformers. With relufy installed, calling `relufy.register_activations()` first
-is enough and no remote code runs.
+is enough and no remote code runs, except for per-layer thresholds (the bare `fatrelu`, per_layer.py),
+whose model class sets each layer's threshold from the config after building it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import inspect
 import textwrap
 from pathlib import Path
 
-from .activations import PARAMETRIZED, module_class, parse_activation
+from .activations import PARAMETRIZED, Activation, module_class, parse_activation
 from .architectures import architecture_of
 from .checkpoint import read_config, update_config
+from .per_layer import LAYER_THRESHOLDS_KEY
 
 REMOTE_CODE_FILE = "modeling_relufy.py"
 
@@ -35,6 +37,23 @@ class Relufy{base}({base}):
     """{base} whose FFN activation is '{value}' (registered above)."""
 '''
 
+# per-layer thresholds: the FFNs are built as FATReLU(0) (the config names `{built}` meanwhile; no entry for the
+# bare name is registered, so nothing else builds one with wrong thresholds), then each gets its layer's threshold
+_PER_LAYER_INIT = '''
+    def __init__(self, config, *args, **kwargs):
+        setattr(config, "{act_key}", "{built}")
+        try:
+            super().__init__(config, *args, **kwargs)
+        finally:
+            setattr(config, "{act_key}", "{value}")
+        thresholds = getattr(config, "{key}")
+        modules = [module for module in self.modules() if isinstance(module, {cls})]
+        if len(modules) != len(thresholds):
+            raise ValueError(f"config.{key} lists {{len(thresholds)}} thresholds for {{len(modules)}} FFN layers")
+        for module, threshold in zip(modules, thresholds):
+            module.threshold = float(threshold)
+'''
+
 
 def write_remote_code(folder: Path) -> bool:
     """Add the remote code and auto_map to `folder` if its activation needs them; say whether it did."""
@@ -50,10 +69,15 @@ def write_remote_code(folder: Path) -> bool:
     cls = module_class(activation.name)
     keyword = PARAMETRIZED[activation.name]
     base = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch.model_type]
+    per_layer = activation.param is None  # the bare `fatrelu`: thresholds per layer (per_layer.py)
+    built = Activation(activation.name, 0.0) if per_layer else activation
     source = _TEMPLATE.format(
-        version=__version__, value=activation.config_value, base=base, classes=textwrap.dedent(inspect.getsource(cls)),
-        cls=cls.__name__, keyword=keyword, param=activation.param,
+        version=__version__, value=built.config_value, base=base, classes=textwrap.dedent(inspect.getsource(cls)),
+        cls=cls.__name__, keyword=keyword, param=built.param,
     )
+    if per_layer:
+        source += _PER_LAYER_INIT.format(act_key=arch.activation_key, built=built.config_value,
+                                         value=activation.config_value, key=LAYER_THRESHOLDS_KEY, cls=cls.__name__)
     (folder / REMOTE_CODE_FILE).write_text(source)
     update_config(folder, lambda config: config.update(
         auto_map={"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.Relufy{base}"}))

@@ -17,6 +17,7 @@ from . import __version__
 from .atomic import MARKER, atomic_directory, claim_output
 from .checkpoint import Provenance, check_model_dir, read_provenance, update_config
 from .errors import DataError, RelufyError, SourceError
+from .per_layer import LAYER_THRESHOLDS_KEY, PER_LAYER
 from .portable import write_remote_code
 from .report import SCORE_METRICS, load_result, task_scores
 
@@ -218,14 +219,24 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
     else:
         body += ["config.json records no relufy conversion or training.", ""]
     load = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
-    if remote_code:
+    if activation == PER_LAYER.config_value:
+        body += ["## How to load", "", *load,
+                 f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
+                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
+                 f"`{activation}` here has one FATReLU threshold per FFN layer (`{LAYER_THRESHOLDS_KEY}` in "
+                 "config.json). transformers builds it through this folder's `modeling_relufy.py` "
+                 "(`trust_remote_code=True`), or relufy's loader does (`relufy.checkpoint.load_model`); "
+                 "`relufy.register_activations()` alone refuses it rather than run other thresholds."]
+        load = []
+    elif remote_code:
         load = ["```python", "import relufy",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f"relufy.register_activations()  # teaches transformers '{activation}'", ""]
-    load += [f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
-    body += ["## How to load", ""] + load
-    if remote_code:
+    if load:
+        load += [f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
+        body += ["## How to load", ""] + load
+    if remote_code and activation != PER_LAYER.config_value:
         body += ["", f"`{activation}` is not built into transformers: this folder ships `modeling_relufy.py`, so "
                  "`from_pretrained(..., trust_remote_code=True)` also works without relufy installed."]
     body += [""] + serve_section(config, activation, repo_id, remote_code)

@@ -18,13 +18,13 @@ def prompt_ids(folder) -> list[list[int]]:
 
 
 def transformers_greedy(folder) -> list[list[int]]:
-    """Greedy continuations from transformers (the reference), relufy's activations registered."""
-    import relufy
+    """Greedy continuations from transformers (the reference), loaded by relufy (its activations registered,
+    per-layer thresholds set)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    relufy.register_activations()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from relufy.checkpoint import load_model
+
+    model = load_model(folder, dtype="float32").eval()
     outputs = []
     with torch.no_grad():
         for ids in prompt_ids(folder):

@@ -38,6 +38,24 @@ def test_mistral_and_qwen3(tiny_folder, model_type):
     assert tokens == transformers_greedy(folder)
 
 
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_per_layer_thresholds_reach_each_layer(tiny_folder, tmp_path, enforce_eager):
+    """A checkpoint with one FATReLU threshold per layer (relufy convert --layer-thresholds): each layer's
+    RelufyMLP runs its own threshold, and the tokens are transformers' (loaded by relufy)."""
+    from relufy.convert import convert_checkpoint
+    from relufy.per_layer import PER_LAYER
+
+    folder = convert_checkpoint(tiny_folder("llama", "relu"), tmp_path / "per-layer", PER_LAYER,
+                                layer_thresholds=[0.05, 0.2])
+
+    def thresholds(model):
+        return [layer.mlp.act_fn.act.threshold for layer in model.model.layers]
+
+    tokens, seen = vllm_greedy(folder, inspect=thresholds, enforce_eager=enforce_eager)
+    assert seen == [0.05, 0.2]
+    assert tokens == transformers_greedy(folder)
+
+
 @pytest.mark.parametrize(("model_type", "hidden_act"), [("llama", "relu2"), ("qwen2", "fatrelu_0.01")])
 def test_compiled_graph(tiny_folder, model_type, hidden_act):
     """vLLM's default mode: torch.compile of the whole forward, traced once."""

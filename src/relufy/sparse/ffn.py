@@ -21,6 +21,7 @@ from torch import nn
 from ..activations import PARAMETRIZED, Activation, module_class, parse_activation
 from ..architectures import Architecture, architecture_for, ffn_modules
 from ..errors import ActivationError, UnsupportedArchitectureError
+from ..per_layer import LAYER_THRESHOLDS_KEY, layer_thresholds
 from .device import kernels_run_on
 from .routing import dense_above as calibrated_dense_above
 
@@ -108,9 +109,11 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
                                             device=w_down_t.device)
         return workspaces[shape]
 
-    todo = [ffn for ffn in ffn_modules(model, arch) if getattr(ffn, _ATTRIBUTE, None) is None]
-    params = [_live_param(ffn, index, arch, activation) for index, ffn in enumerate(todo)]  # all checked first
-    for ffn, param in zip(todo, params):
+    ffns = ffn_modules(model, arch)
+    expected = layer_thresholds(model.config) or [activation.param] * len(ffns)  # per layer, or the config's one
+    todo = [(index, ffn) for index, ffn in enumerate(ffns) if getattr(ffn, _ATTRIBUTE, None) is None]
+    params = [_live_param(ffn, index, arch, activation, expected[index]) for index, ffn in todo]  # all checked first
+    for (_, ffn), param in zip(todo, params):
         state = _sparse_ffn(ffn, arch, ACTIVATION_CODES[activation.name], param, workspace_for, config)
         setattr(ffn, _ATTRIBUTE, state)
         ffn.forward = state.forward
@@ -162,12 +165,14 @@ def why_dense(model: nn.Module) -> str | None:
     return None
 
 
-def _live_param(ffn: nn.Module, index: int, arch: Architecture, activation: Activation) -> float:
+def _live_param(ffn: nn.Module, index: int, arch: Architecture, activation: Activation,
+                expected: float | None) -> float:
     """The threshold (FATReLU) or shift (ShiftedReLU) this FFN's activation module computes with now.
 
-    The dense path runs the module, so the kernels must use its value, not the config string's: a
-    calibration or a hand edit may have changed one and not the other. When they disagree one of the
-    two is stale, and `sparsify` refuses rather than guess which.
+    The dense path runs the module, so the kernels must use its value, not the config's (`expected`: the
+    activation name's parameter, or this layer's entry of per-layer thresholds): a calibration or a hand
+    edit may have changed one and not the other. When they disagree one of the two is stale, and
+    `sparsify` refuses rather than guess which.
     """
     if not activation.needs_relufy:
         return 0.0
@@ -178,7 +183,11 @@ def _live_param(ffn: nn.Module, index: int, arch: Architecture, activation: Acti
         raise ActivationError(f"relufy.sparse: FFN {index} ({type(ffn).__name__}) has {len(held)} {cls} modules, "
                               f"expected one for '{activation.config_value}'; build the model from its config "
                               "(from_pretrained) so each FFN holds its activation module")
-    if held[0] != activation.param:
+    if held[0] != expected and activation.param is None:
+        raise ActivationError(f"relufy.sparse: FFN {index}'s {cls} has {attribute} {held[0]!r} but the config's "
+                              f"{LAYER_THRESHOLDS_KEY} says {expected!r}; set one to the other so both describe the "
+                              "activation the model runs")
+    if held[0] != expected:
         wanted = Activation(activation.name, held[0]).config_value
         raise ActivationError(f"relufy.sparse: FFN {index}'s {cls} has {attribute} {held[0]!r} but the config says "
                               f"'{activation.config_value}'; set config.{arch.activation_key} = '{wanted}' (or the "

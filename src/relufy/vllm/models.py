@@ -19,6 +19,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..activations import Activation, parse_activation
+from ..per_layer import PER_LAYER, checked, layer_thresholds
 from .mlp import RelufyMLP, workspace_allocator
 
 
@@ -38,12 +39,16 @@ def _built_as_silu(vllm_config):
         config.hidden_act = value
 
 
-def _adopt_mlps(model: nn.Module, activation: Activation) -> None:
-    """Replace the MLP of every decoder layer this rank holds by a RelufyMLP around the same linears."""
-    for layer in model.model.layers:
+def _adopt_mlps(model: nn.Module, activation: Activation, config) -> None:
+    """Replace the MLP of every decoder layer this rank holds by a RelufyMLP around the same linears; with
+    per-layer thresholds (the bare `fatrelu`, relufy.per_layer) each layer's FATReLU gets its own."""
+    thresholds = layer_thresholds(config) if activation == PER_LAYER else None
+    if activation == PER_LAYER:
+        thresholds = checked(thresholds, len(model.model.layers), "the model's config")
+    for index, layer in enumerate(model.model.layers):  # every layer index, placeholders of other ranks included
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "gate_up_proj"):
-            layer.mlp = RelufyMLP(mlp, activation)
+            layer.mlp = RelufyMLP(mlp, activation if thresholds is None else Activation("fatrelu", thresholds[index]))
 
 
 class _RelufyModelMixin:
@@ -53,7 +58,7 @@ class _RelufyModelMixin:
         with _built_as_silu(vllm_config) as activation:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         if activation is not None:
-            _adopt_mlps(self, activation)
+            _adopt_mlps(self, activation, vllm_config.model_config.hf_config.get_text_config())
 
     def load_weights(self, weights):
         """vLLM's loading, then the sparse path where it can run.
@@ -72,7 +77,7 @@ class _RelufyModelMixin:
 
 
 class ReluLlamaForCausalLM(_RelufyModelMixin, LlamaForCausalLM):
-    """LlamaForCausalLM with relu, relu2, fatrelu_<t> or shifted_relu_<b> FFNs."""
+    """LlamaForCausalLM with relu, relu2, fatrelu_<t> (or per-layer fatrelu) or shifted_relu_<b> FFNs."""
 
 
 class ReluMistralForCausalLM(_RelufyModelMixin, MistralForCausalLM):

@@ -153,3 +153,37 @@ def test_a_recipe_cannot_name_the_bare_fatrelu():
 
     with pytest.raises(RecipeError, match="fatrelu_<t>"):
         ModelArguments(model_name_or_path="x", activation="fatrelu")
+
+
+def test_a_json_of_another_model_is_refused(relu_model, matched_json, tmp_path, capsys):
+    """relu and relu-kd share activation and layer count: only the JSON's identity (config and weights) tells them
+    apart, so another model's thresholds are never written into this one."""
+    other = save_tiny_checkpoint("llama", tmp_path / "other", SAMPLE_TEXT, seed=1, hidden_act="relu",
+                                 num_hidden_layers=3)
+    err = _convert_error(capsys, str(other), str(tmp_path / "out"), "--activation", "fatrelu", "--layer-thresholds",
+                         str(matched_json), "--matched-target", "0.9")
+    assert "measured on another model than this one" in err and "run relufy matched on this model" in err
+
+
+def test_training_from_a_per_layer_model_is_refused(per_layer_model, tmp_path):
+    """The threshold shift, the saved model and its remote code each hold one activation: they would drop the
+    per-layer thresholds, so the run stops before any step."""
+    from tiny_runs import tiny_recipe
+
+    from relufy.errors import TrainingError
+    from relufy.train import train
+
+    with pytest.raises(TrainingError, match="per-layer FATReLU thresholds.*train the model it was converted from"):
+        train(tiny_recipe(per_layer_model, tmp_path / "run", "activation=null"))
+
+
+def test_layer_counts_and_lists_are_read_as_transformers_reads_them():
+    from relufy.per_layer import checked, ffn_layers, layer_thresholds
+
+    assert ffn_layers({"model_type": "gpt2", "n_layer": 5}) == 5  # GPT-2 names it n_layer
+    assert ffn_layers({"model_type": "llama", "num_hidden_layers": 3}) == 3
+    for bad in (0.1, [True, 0.1], ["0.1", 0.2], [0.1, float("nan")], [-0.1, 0.2], []):
+        with pytest.raises(ActivationError, match="relufy_layer_thresholds|finite number >= 0"):
+            checked(layer_thresholds({LAYER_THRESHOLDS_KEY: bad}), None, "config.json")
+    with pytest.raises(ActivationError, match="2 per-layer thresholds for a model with 3 FFN layers; write them"):
+        checked([0.1, 0.2], 3, "config.json")

@@ -213,6 +213,22 @@ def test_fatrelu_keeps_values_at_the_threshold_and_drops_those_below(up_in_down)
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype,threshold", [(torch.bfloat16, 1.003), (torch.float16, 1.0003)])
+def test_a_threshold_the_dtype_cannot_hold_keeps_what_the_dense_fatrelu_keeps(dtype, threshold):
+    """Every gate is exactly 1.0 and t a little above it, which the dtype rounds to 1.0: torch's `x < t` compares
+    with the rounded t and keeps every gate, and so must the kernels."""
+    x = torch.zeros(1, 16, dtype=dtype, device=DEVICE)
+    x[0, 0] = 1
+    w_gate = torch.zeros(32, 16, dtype=dtype, device=DEVICE)
+    w_gate[:, 0] = 1
+    w_up = torch.ones(32, 16, dtype=dtype, device=DEVICE)
+    w_down_t = torch.eye(32, 16, dtype=dtype, device=DEVICE)
+    gate = x @ w_gate.T
+    expected = (gate.masked_fill(gate < threshold, 0) * (x @ w_up.T)) @ w_down_t
+    assert expected.abs().sum() > 0
+    assert torch.equal(sparse_ffn(x, w_gate, w_up, w_down_t, FATRELU, threshold), expected)
+
+
 @pytest.mark.parametrize("batch", [1, 6])
 def test_one_workspace_serves_many_calls_and_is_left_zero(batch):
     """Calls of several sizes share a workspace; none sees another's active neurons or sums."""

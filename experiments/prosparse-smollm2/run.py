@@ -262,9 +262,10 @@ def run_matched(s: argparse.Namespace) -> None:
             continue
         out = s.out_dir / MATCHED_FOLDERS[s.threshold_on]
         relufy = [sys.executable, "-m", "relufy", "matched", model, "--threshold-on", s.threshold_on]
-        run(f"{route}-matched", [*relufy, "--target", f"{target},{MATCHED_ALSO:g}", "-o", out / f"{route}.json",
+        step = route if s.threshold_on == "activation" else f"{route}-x1"  # its own logs/STEP.log and timings row
+        run(f"{step}-matched", [*relufy, "--target", f"{target},{MATCHED_ALSO:g}", "-o", out / f"{route}.json",
                                  *common, *limit])
-        run(f"{route}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
+        run(f"{step}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
                                "-o", out / f"{route}-curve.json", *common])
 
 

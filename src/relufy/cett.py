@@ -172,7 +172,7 @@ class NeuronMask(LayerMask):
 
 
 @torch.no_grad()
-def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: NeuronMask, thresholds: list[float], *,
+def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: LayerMask, thresholds: list[float], *,
                            batch_size: int = 4, desc: str = "", progress: bool = False) -> tuple[float, list[float]]:
     """Perplexity over `blocks` with `mask` (a NeuronMask, or matched's ActivationMask) zeroing what falls below
     `thresholds`, and the zero-ratio it leaves per layer.

@@ -272,7 +272,11 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
     overrides = dict(config_overrides or {})
     per_layer = _per_layer_thresholds(source)
     if per_layer is not None:  # built with FATReLU(0) in every FFN, then each layer's threshold is set
+        from .per_layer import LAYER_THRESHOLDS_KEY
+
         overrides[per_layer[0].activation_key] = "fatrelu_0.0"
+        if "num_hidden_layers" in overrides:  # the remote code, if it runs, checks the list against the layers
+            overrides[LAYER_THRESHOLDS_KEY] = per_layer[1][: overrides["num_hidden_layers"]]
     quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
     cut = "num_hidden_layers" in overrides
     with _quiet_unloaded_layers(cut):
@@ -297,7 +301,7 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
 def _per_layer_thresholds(source: Source):
     """(architecture, thresholds) of a checkpoint with one FATReLU threshold per FFN layer, else None."""
     from .architectures import architecture_of
-    from .per_layer import PER_LAYER, checked, layer_thresholds
+    from .per_layer import PER_LAYER, checked, ffn_layers, layer_thresholds
 
     if source.gguf_file:
         return None
@@ -308,7 +312,7 @@ def _per_layer_thresholds(source: Source):
         return None
     if arch.activation_of(config) != PER_LAYER.config_value:
         return None
-    return arch, checked(layer_thresholds(config), config.get("num_hidden_layers"), f"{source}/config.json")
+    return arch, checked(layer_thresholds(config), ffn_layers(config), f"{source}/config.json")
 
 
 def _cut_layer_types(config, overrides: dict) -> None:

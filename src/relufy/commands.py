@@ -80,13 +80,13 @@ def _layer_thresholds(src: str, config: options.ConvertConfig):
     the plain `fatrelu_<t>` (it needs no list), anything else the bare `fatrelu` with the list."""
     from .activations import Activation
     from .architectures import architecture_of
-    from .checkpoint import read_config, resolve_source
+    from .checkpoint import model_identity, read_config, resolve_source
     from .per_layer import PER_LAYER, thresholds_from_matched
 
-    source_config = read_config(resolve_source(src))
-    own = str(architecture_of(source_config).activation_of(source_config))
-    thresholds = thresholds_from_matched(config.layer_thresholds, config.matched_target, own,
-                                         source_config.get("num_hidden_layers"))
+    source = resolve_source(src)
+    source_config = read_config(source)
+    identity = model_identity(source, str(architecture_of(source_config).activation_of(source_config)))
+    thresholds = thresholds_from_matched(config.layer_thresholds, config.matched_target, source_config, identity)
     if len(set(thresholds)) == 1:
         return Activation("fatrelu", thresholds[0]), None
     return PER_LAYER, thresholds

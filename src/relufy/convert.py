@@ -17,7 +17,7 @@ from .activations import Activation, parse_activation
 from .architectures import Architecture, architecture_for
 from .atomic import MARKER, atomic_directory, claim_output
 from .checkpoint import Provenance, Source, read_config, resolve_source, update_config
-from .errors import AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
+from .errors import ActivationError, AlreadyConvertedError, OutputExistsError, SourceError, UnsupportedArchitectureError
 from .portable import write_remote_code
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ def convert_checkpoint(
     `link` hard-links weight files instead of copying them (same filesystem only; a later
     in-place write to one side would change both). `dtype` applies to GGUF sources only.
     """
+    from .per_layer import PER_LAYER, checked
+
+    if (activation == PER_LAYER) != (layer_thresholds is not None):
+        raise ActivationError("the bare 'fatrelu' and layer_thresholds go together: one FATReLU threshold per layer")
+    if layer_thresholds is not None:
+        layer_thresholds = checked(layer_thresholds, None, "layer_thresholds")
     out = Path(out).expanduser().resolve()
     source = resolve_source(src)
     _check_parent(out)

@@ -114,7 +114,10 @@ class X1Mask(NeuronMask):
 
 def threshold_mask(model: nn.Module, threshold_on: str = "activation") -> ActivationMask | X1Mask:
     """The mask whose thresholds compare what `threshold_on` names ('activation' or 'x1')."""
-    return ActivationMask(model) if threshold_on == "activation" else X1Mask(model)
+    masks = {"activation": ActivationMask, "x1": X1Mask}
+    if threshold_on not in masks:
+        raise ValueError(f"threshold_on must be 'activation' or 'x1', got {threshold_on!r}")
+    return masks[threshold_on](model)
 
 
 @torch.no_grad()
@@ -234,7 +237,7 @@ def matched_sparsity(model_src: str, output: str | Path, config: MatchedConfig, 
 
 def _measure_matched(source, config: MatchedConfig) -> dict:
     """The dense model's perplexity and zero-ratio, then each target's thresholds and measurements."""
-    from .checkpoint import load_model, load_tokenizer, read_config
+    from .checkpoint import load_model, load_tokenizer, model_identity, read_config
 
     suite_plan = None
     if config.run_suite:
@@ -251,6 +254,7 @@ def _measure_matched(source, config: MatchedConfig) -> dict:
                                                     batch_size=config.batch_size)
     return {
         "model": str(source), "model_name": model_name(source), "activation": activation_name(model),
+        "identity": model_identity(source, activation_name(model)),  # relufy convert --layer-thresholds checks it
         "relufy_version": __version__, "layers": layers,
         "heldout": {"source": str(config.heldout), "tokens": int(blocks[0].numel()), "block_size": config.block_size},
         "calibration": {"source": str(config.calibration or config.heldout), "tokens": int(blocks[1].numel())},

@@ -29,11 +29,22 @@ LAYER_THRESHOLDS_KEY = "relufy_layer_thresholds"
 PER_LAYER = Activation("fatrelu")  # the config value `fatrelu`: thresholds in LAYER_THRESHOLDS_KEY
 
 
-def layer_thresholds(config) -> list[float] | None:
-    """The per-layer thresholds a config (dict or transformers config) holds, or None for any other model."""
-    value = config.get(LAYER_THRESHOLDS_KEY) if isinstance(config, dict) else getattr(config, LAYER_THRESHOLDS_KEY,
-                                                                                        None)
-    return None if value is None else [float(t) for t in value]
+def layer_thresholds(config):
+    """The per-layer thresholds a config (dict or transformers config) holds, as written (`checked` reads them),
+    or None for any other model."""
+    return config.get(LAYER_THRESHOLDS_KEY) if isinstance(config, dict) else getattr(config, LAYER_THRESHOLDS_KEY,
+                                                                                     None)
+
+
+def ffn_layers(config: dict) -> int | None:
+    """How many FFN layers a config.json dict describes, as transformers reads it (GPT-2's `n_layer` too), or None
+    when transformers cannot build the config."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(**config).num_hidden_layers
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def checked(thresholds, layers: int | None, where: str) -> list[float]:
@@ -46,7 +57,8 @@ def checked(thresholds, layers: int | None, where: str) -> list[float]:
             raise ActivationError(f"{where}: every per-layer threshold must be a finite number >= 0, got {t!r}")
         values.append(float(t))
     if layers is not None and len(values) != layers:
-        raise ActivationError(f"{where}: {len(values)} per-layer thresholds for a model with {layers} FFN layers")
+        raise ActivationError(f"{where}: {len(values)} per-layer thresholds for a model with {layers} FFN layers; "
+                              "write them from a relufy matched JSON of this model (relufy convert --layer-thresholds)")
     return values
 
 
@@ -63,11 +75,13 @@ def apply(model, thresholds: list[float]) -> None:
         module.threshold = threshold
 
 
-def thresholds_from_matched(path: str | Path, target: float | None, source_activation: str,
-                            layers: int | None) -> list[float]:
+def thresholds_from_matched(path: str | Path, target: float | None, config: dict, identity: dict) -> list[float]:
     """The per-layer FATReLU thresholds of one target of a `relufy matched` JSON, checked against the model they
-    are written into: thresholds on the activation (x1 thresholds are no activation's), measured on a model with
-    the same ReLU or FATReLU activation. A FATReLU model keeps the larger of its own threshold and the layer's."""
+    are written into (its config.json dict, and its `checkpoint.model_identity`): thresholds on the activation
+    (x1 thresholds are no activation's), measured on this very model (the JSON's `identity`: config, weights and
+    activation). A FATReLU model keeps the larger of its own threshold and the layer's."""
+    from .architectures import architecture_of
+
     where = f"--layer-thresholds {path}"
     try:
         result = json.loads(Path(path).read_text())
@@ -77,13 +91,14 @@ def thresholds_from_matched(path: str | Path, target: float | None, source_activ
     if settings.get("threshold_on", "x1") != "activation":
         raise ActivationError(f"{where}: its thresholds are on x1 (act(gate) * up), which no activation computes; "
                               "measure again with relufy matched --threshold-on activation (the default)")
-    own = parse_activation(source_activation)
+    own_name = str(architecture_of(config).activation_of(config))
+    own = parse_activation(own_name)
     if own is None or own.name not in ("relu", "fatrelu") or own == PER_LAYER:
         raise ActivationError(f"{where}: per-layer FATReLU thresholds need a relu or fatrelu_<t> model, this one "
-                              f"uses '{source_activation}'")
-    if result.get("activation") != source_activation:
-        raise ActivationError(f"{where}: measured on a model with '{result.get('activation')}', this one uses "
-                              f"'{source_activation}'; pass the JSON relufy matched wrote for this model")
+                              f"uses '{own_name}'")
+    if result.get("identity") != identity:
+        raise ActivationError(f"{where}: measured on another model than this one (config, weights or activation "
+                              "differ); run relufy matched on this model and pass that JSON")
     targets = [entry["target"] for entry in entries]
     if target is None and len(targets) != 1:
         raise ActivationError(f"{where} holds targets {targets}; choose one with --matched-target")
@@ -91,4 +106,4 @@ def thresholds_from_matched(path: str | Path, target: float | None, source_activ
     if not chosen:
         raise ActivationError(f"{where} has no target {target}; it holds {targets}")
     floor = own.param or 0.0
-    return [max(t, floor) for t in checked(chosen[0]["thresholds"], layers, where)]
+    return [max(t, floor) for t in checked(chosen[0]["thresholds"], ffn_layers(config), where)]

@@ -255,6 +255,9 @@ def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool
         lines += ["pip install 'relufy[vllm]'", f"vllm serve {repo_id}", "```", "",
                   f"relufy's vLLM plugin runs `{activation}` in vLLM's own `{architecture}` class (sparse decode "
                   "on CUDA); without it vLLM refuses the activation."]
+    elif activation == PER_LAYER.config_value:
+        lines = ["## Serve it", "", f"vLLM serves one FATReLU threshold per layer only through relufy's plugin, for "
+                 f"{', '.join(f'`{name}`' for name in ARCHITECTURES)}; this model is a `{architecture}`."]
     else:
         flag = " --trust-remote-code" if remote_code else ""
         lines += [f"vllm serve {repo_id} --model-impl transformers{flag}", "```", "",

@@ -211,7 +211,14 @@ def _check_block_size(base: Base, recipe: Recipe) -> None:
 
 
 def _check_trainable(base: Base, recipe: Recipe) -> None:
-    """A base that is not ReLU-family is refused when a stage has lambda > 0, since L1 cannot make it sparse."""
+    """A base that is not ReLU-family is refused when a stage has lambda > 0, since L1 cannot make it sparse; a
+    base with per-layer FATReLU thresholds is refused always: the threshold shift, the saved model and its
+    remote code each hold one activation, and would drop the per-layer thresholds."""
+    from .per_layer import PER_LAYER
+
+    if parse_activation(str(base.activation)) == PER_LAYER:
+        raise TrainingError(f"{base.source} has per-layer FATReLU thresholds (relufy convert --layer-thresholds), a "
+                            "form for deployment; train the model it was converted from and convert again")
     if recipe.schedule.max_lambda > 0 and parse_activation(str(base.activation)) is None:
         raise TrainingError(f"{base.source} uses '{base.activation}', not a ReLU-family activation, so the L1 "
                             "regularization cannot make it sparse; set 'activation: relu' in the recipe (it converts "

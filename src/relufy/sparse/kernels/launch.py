@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .down import down_kernel
-from .gate_up import first_projection_kernel
+from .gate_up import FATRELU, first_projection_kernel
 from .tiles import Tiles, choose_tiles
 from .up_down import up_down_kernel
 
@@ -38,6 +40,17 @@ def _down_sums(d: int) -> int:
     """Word offset of the down kernel's fp32 sums: after the count, the finish counter and the down
     kernel's arrival counters, 16-byte aligned."""
     return 4 * triton.cdiv(2 + triton.cdiv(d, MIN_BLOCK_D), 4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_param(activation: int, act_param: float, dtype: torch.dtype) -> float:
+    """The parameter the first kernel compares with. A FATReLU threshold is rounded to the activations' dtype,
+    as torch rounds the Python number in the dense path's `x < t` (a bf16 tensor is compared with bf16(t)): the
+    kernel compares gate values exact in that dtype, so both then keep the same ones. A shift is subtracted in
+    float32 by both, unrounded. Cached: it runs once per threshold, not per decode step."""
+    if activation == FATRELU:
+        return float(torch.tensor(float(act_param), dtype=dtype))
+    return float(act_param)
 
 
 def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
@@ -74,7 +87,7 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     up_in_down = tiles.up_in_down and w_up is not None
     first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
         x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
-        float(act_param), GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
+        _kernel_param(activation, act_param, x.dtype), GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
         DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
     out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)

@@ -187,3 +187,13 @@ def test_layer_counts_and_lists_are_read_as_transformers_reads_them():
             checked(layer_thresholds({LAYER_THRESHOLDS_KEY: bad}), None, "config.json")
     with pytest.raises(ActivationError, match="2 per-layer thresholds for a model with 3 FFN layers; write them"):
         checked([0.1, 0.2], 3, "config.json")
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_model_cut_to_fewer_layers_keeps_their_thresholds(per_layer_model, trust_remote_code):
+    """model_config_overrides' num_hidden_layers (a recipe's cut, a teacher's) keeps the first layers' thresholds,
+    with relufy's loader alone and through the remote code."""
+    thresholds = json.loads((per_layer_model / "config.json").read_text())[LAYER_THRESHOLDS_KEY]
+    model = load_model(per_layer_model, trust_remote_code=trust_remote_code, config_overrides={"num_hidden_layers": 2})
+    assert [m.threshold for m in activation_modules(model)] == thresholds[:2]
+    assert getattr(model.config, LAYER_THRESHOLDS_KEY) == thresholds[:2] and model.config.hidden_act == "fatrelu"

@@ -274,9 +274,10 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
     if per_layer is not None:  # built with FATReLU(0) in every FFN, then each layer's threshold is set
         from .per_layer import LAYER_THRESHOLDS_KEY
 
-        overrides[per_layer[0].activation_key] = "fatrelu_0.0"
-        if "num_hidden_layers" in overrides:  # the remote code, if it runs, checks the list against the layers
-            overrides[LAYER_THRESHOLDS_KEY] = per_layer[1][: overrides["num_hidden_layers"]]
+        arch, thresholds = per_layer
+        thresholds = thresholds[: overrides.get("num_hidden_layers", len(thresholds))]  # the layers kept
+        overrides[arch.activation_key] = "fatrelu_0.0"
+        overrides[LAYER_THRESHOLDS_KEY] = thresholds  # what the remote code, if it runs, checks the layers against
     quantized = {"quantization_config": quantization_config} if quantization_config is not None else {}
     cut = "num_hidden_layers" in overrides
     with _quiet_unloaded_layers(cut):
@@ -288,13 +289,10 @@ def load_model(src: str | os.PathLike | Source, *, dtype: str = "auto", trust_re
         logger.info("kept the first %s decoder layers of %s (model_config_overrides)", overrides["num_hidden_layers"],
                     source)
     if per_layer is not None:
-        from . import per_layer as layers
+        from .per_layer import PER_LAYER, apply
 
-        arch, thresholds = per_layer
-        kept = thresholds[: overrides["num_hidden_layers"]] if cut else thresholds
-        layers.apply(model, kept)
-        arch.with_activation(model.config, layers.PER_LAYER.config_value)
-        setattr(model.config, layers.LAYER_THRESHOLDS_KEY, kept)
+        apply(model, thresholds)
+        arch.with_activation(model.config, PER_LAYER.config_value)
     return model
 
 

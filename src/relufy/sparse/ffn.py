@@ -21,7 +21,7 @@ from torch import nn
 from ..activations import PARAMETRIZED, Activation, module_class, parse_activation
 from ..architectures import Architecture, architecture_for, ffn_modules
 from ..errors import ActivationError, UnsupportedArchitectureError
-from ..per_layer import LAYER_THRESHOLDS_KEY, PER_LAYER, layer_thresholds
+from ..per_layer import LAYER_THRESHOLDS_KEY, PER_LAYER, checked, layer_thresholds
 from .device import kernels_run_on
 from .routing import dense_above as calibrated_dense_above
 
@@ -111,7 +111,8 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
 
     ffns = ffn_modules(model, arch)
     # per layer (the bare fatrelu), else the one parameter the activation name holds
-    expected = layer_thresholds(model.config) if activation == PER_LAYER else [activation.param] * len(ffns)
+    expected = (checked(layer_thresholds(model.config), len(ffns), "the model's config") if activation == PER_LAYER
+                else [activation.param] * len(ffns))
     todo = [(index, ffn) for index, ffn in enumerate(ffns) if getattr(ffn, _ATTRIBUTE, None) is None]
     params = [_live_param(ffn, index, arch, activation, expected[index]) for index, ffn in todo]  # all checked first
     for (_, ffn), param in zip(todo, params):

@@ -190,13 +190,11 @@ def thresholded_perplexity(model: nn.Module, blocks: torch.Tensor, mask: LayerMa
 class X1Sample:
     """Up to `tokens` rows of x1 per layer, spread evenly over each batch, kept on the CPU in float32.
 
-    What threshold calibration reads: PPL-p% keeps a small sample of every layer from its dense
-    pass; `relufy matched` keeps one layer at a time (`layers`), as the earlier layers are thresholded.
+    What PPL-p%'s threshold calibration reads: a small sample of every layer from its dense pass.
     """
 
-    def __init__(self, num_layers: int, tokens: int, layers: set[int] | None = None):
+    def __init__(self, num_layers: int, tokens: int):
         self.tokens, self.kept = tokens, 0
-        self.layers = set(range(num_layers)) if layers is None else set(layers)
         self.chunks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
 
     def add(self, inputs: list[torch.Tensor | None]) -> None:
@@ -204,7 +202,7 @@ class X1Sample:
         if self.kept >= self.tokens:
             return
         take = 0
-        for index in sorted(self.layers):
+        for index in range(len(self.chunks)):
             flat = inputs[index].reshape(-1, inputs[index].shape[-1])
             take = min(len(flat), self.tokens - self.kept)
             self.chunks[index].append(flat[_spread(len(flat), take)].float().cpu())

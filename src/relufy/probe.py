@@ -68,9 +68,9 @@ class SparsityProbe:
         return cls(model, threshold=threshold, token_mask=token_mask)
 
     @classmethod
-    def for_sampling(cls, model: nn.Module, count_zeros: bool = True) -> "SparsityProbe":
-        """Keeps each layer's x1 of the last forward in `last_inputs`; counts too unless `count_zeros` is off."""
-        probe = cls(model, count_zeros=count_zeros)
+    def for_sampling(cls, model: nn.Module) -> "SparsityProbe":
+        """Keeps each layer's x1 of the last forward in `last_inputs`, and counts its zeros."""
+        probe = cls(model)
         probe.keep_inputs = True
         return probe
 

@@ -230,6 +230,12 @@ def test_figures_read_collected_runs(plots, tmp_path):
         (tmp_path / "matched" / f"{name}.json").write_text(json.dumps(result))
     assert plots.route_points(tmp_path, "silu") == [(0.0, 18), (0.869, 18 * 1.869), (0.9, 18 * 1.9)]
     plots.matched_figure(tmp_path, tmp_path / "matched.png")
+    other = tmp_path / "peak2e-3"
+    (other / "matched").mkdir(parents=True)
+    (other / "matched" / "relu-kd.json").write_text(json.dumps(route(0.7, 17)))
+    assert [name for name, _, _ in plots.matched_series(tmp_path, "matched", (("2e-3", other),))] == [
+        "relu", "relu-kd", "silu", "relu-kd (2e-3)"]
+    plots.matched_figure(tmp_path, tmp_path / "both.png", also=(("2e-3", other),))
     runs = []
     for steps, ratio, kd_ratio in ((610, 1.5, 1.3), (1831, 1.4, 1.15), (5493, 1.3, None)):
         run = tmp_path / str(steps)
@@ -249,5 +255,5 @@ def test_figures_read_collected_runs(plots, tmp_path):
     assert summary["kd"]["slope_per_decade"] < summary["slope_per_decade"]  # KD's ratio falls faster here
     written = json.loads((tmp_path / "tokens.json").read_text())
     assert written["monotonic_decrease"] and written["kd"]["label"] == "ProSparse-KD / ReLU-KD"
-    for png in ("matched.png", "tokens.png"):
+    for png in ("matched.png", "both.png", "tokens.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

@@ -7,12 +7,14 @@
         each run's prosparse+shift arm: zero-ratio against its perplexity and accuracy cost relative
         to the relu arm trained on the same tokens, with the target region shaded; runs given the
         same LABEL (e.g. several --peak values) form one line.
-    python experiments/prosparse-smollm2/plots.py matched DEST [--folder matched-x1] [--out DEST/matched.png]
+    python experiments/prosparse-smollm2/plots.py matched DEST [--folder matched-x1] [--also LABEL DIR ...]
+            [--out DEST/matched.png]
         every route of `run.py matched` (DEST/matched: thresholds on the activation; matched-x1: on x1): left,
         the zero-ratio on the held-out text against held-out perplexity,
         one curve per route (its dense model, the CURVE points and the matched ones); right, the suite
         average of its dense evaluation and at the matched zero-ratios; matched zero-ratios marked; a
-        distilled route (-kd) is dashed, in its undistilled route's colour.
+        distilled route (-kd) is dashed, in its undistilled route's colour; each --also run's routes join as
+        "ROUTE (LABEL)" (e.g. --also "peak 2e-3" DEST-peak2e-3).
     python experiments/prosparse-smollm2/plots.py tokens --out tokens.png DEST_10M DEST_30M DEST_90M
         left, each arm's held-out perplexity (relu, prosparse+shift and their -kd arms) against training
         tokens; right, the ProSparse (+shift) / ReLU held-out perplexity ratio, and ProSparse-KD / ReLU-KD,
@@ -145,39 +147,51 @@ def suite_points(directory: Path, route: str, folder: str = "matched") -> list[t
     return sorted(points)
 
 
-def matched_figure(directory: Path, out: Path, folder: str = "matched") -> None:
+def matched_figure(directory: Path, out: Path, folder: str = "matched",
+                   also: tuple[tuple[str, Path], ...] = ()) -> None:
     """One curve per route, perplexity (left) and suite average (right) against zero-ratio; dotted lines at
     the zero-ratios every route was matched at (where the suite ran). `folder`: matched (thresholds on the
-    activation) or matched-x1 (on x1)."""
-    routes = sorted({path.name.removesuffix(".json").removesuffix("-curve")
-                     for path in (directory / folder).glob("*.json")})
+    activation) or matched-x1 (on x1). `also`: (LABEL, DIR) of further collected runs (another peak lambda)
+    whose routes join the figure as "ROUTE (LABEL)", so every route at matched sparsity shares one figure."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     colours: dict[str, str] = {}  # a -kd route takes its route's colour, dashed
-    for route in sorted(routes, key=lambda name: ("-kd" in name, name)):
-        plain = route.replace("-kd", "")
-        style = "s--" if plain != route else "o-"
-        zeros, ppl = zip(*route_points(directory, route, folder))
-        line = left.plot([100 * z for z in zeros], ppl, style, label=route, color=colours.get(plain))
+    for name, run, route in sorted(matched_series(directory, folder, also), key=lambda s: ("-kd" in s[0], s[0])):
+        plain = name.replace("-kd", "")
+        style = "s--" if plain != name else "o-"
+        zeros, ppl = zip(*route_points(run, route, folder))
+        line = left.plot([100 * z for z in zeros], ppl, style, label=name, color=colours.get(plain))
         colours.setdefault(plain, line[0].get_color())
-        suite = suite_points(directory, route, folder)
+        suite = suite_points(run, route, folder)
         if suite:
             zeros, scores = zip(*suite)
             # three measured points, no curve between them: a thin dotted line only pairs them up
-            right.plot([100 * z for z in zeros], scores, style[0] + ":", label=route, color=colours[plain],
+            right.plot([100 * z for z in zeros], scores, style[0] + ":", label=name, color=colours[plain],
                        linewidth=0.8)
-        matched = directory / folder / f"{route}.json"
+        matched = run / folder / f"{route}.json"
         for entry in json.loads(matched.read_text())["targets"] if matched.exists() else []:
             for axis in (left, right):
                 axis.axvline(100 * entry["target"], color="grey", linestyle=":", linewidth=1)
+    on_x1 = folder.endswith("x1")
     left.set_yscale("log")
-    left.set_xlabel("zero-ratio of x1 on the held-out text (%)")
+    left.set_xlabel(f"zero-ratio of {'x1' if on_x1 else 'the activation'} on the held-out text (%)")
     left.set_ylabel("held-out perplexity")
-    left.set_title(f"perplexity, thresholded{' on x1' if folder.endswith('x1') else ''} to matched zero-ratios")
+    left.set_title(f"perplexity, thresholded on {'x1' if on_x1 else 'the activation'} to matched zero-ratios")
     right.set_xlabel("zero-ratio of x1 on the lm-eval tokens (%)")
     right.set_ylabel("offline suite average")
     right.set_title("suite: dense and at the matched zero-ratios")
     save(fig, out, left, right)
     print(f"wrote {out}")
+
+
+def matched_series(directory: Path, folder: str, also: tuple[tuple[str, Path], ...]) -> list[tuple[str, Path, str]]:
+    """(legend name, collected run, route) of every route with a JSON in RUN/FOLDER: DIRECTORY's by their own
+    names, each `also` run's as "ROUTE (LABEL)"."""
+    series = []
+    for label, run in (("", directory), *also):
+        names = (path.name.removesuffix(".json").removesuffix("-curve") for path in (run / folder).glob("*.json"))
+        routes = sorted(set(names))
+        series += [(f"{route} ({label})" if label else route, run, route) for route in routes]
+    return series
 
 
 def fit_trend(tokens: list[float], ratios: list[float], goal: float = TARGET_PPL_RATIO) -> dict:
@@ -275,6 +289,8 @@ def main() -> None:
     p.add_argument("directory", type=Path, help="a collected run with matched/ (run.py collect)")
     p.add_argument("--folder", default="matched", choices=["matched", "matched-x1"],
                    help="the thresholds' run.py folder: matched (on the activation) or matched-x1 (on x1)")
+    p.add_argument("--also", nargs=2, action="append", default=[], metavar=("LABEL", "DIR"),
+                   help="another collected run whose routes join the figure as ROUTE (LABEL), e.g. another peak")
     p.add_argument("--out", type=Path, help="default: DIRECTORY/FOLDER.png")
     p = sub.add_parser("tokens", help="the ProSparse/ReLU perplexity ratio against training tokens, fitted")
     p.add_argument("directories", type=Path, nargs="+", help="one collected run per token budget")
@@ -283,7 +299,8 @@ def main() -> None:
     if args.figure == "curves":
         curves(args.directory, args.tokens_per_step)
     elif args.figure == "matched":
-        matched_figure(args.directory, args.out or args.directory / f"{args.folder}.png", args.folder)
+        matched_figure(args.directory, args.out or args.directory / f"{args.folder}.png", args.folder,
+                       tuple((label, Path(run)) for label, run in args.also))
     elif args.figure == "tokens":
         tokens_figure(args.directories, args.out)
     else:

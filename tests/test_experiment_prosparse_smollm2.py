@@ -236,6 +236,8 @@ def test_figures_read_collected_runs(plots, tmp_path):
     assert [name for name, _, _ in plots.matched_series(tmp_path, "matched", (("2e-3", other),))] == [
         "relu", "relu-kd", "silu", "relu-kd (2e-3)"]
     plots.matched_figure(tmp_path, tmp_path / "both.png", also=(("2e-3", other),))
+    with pytest.raises(SystemExit, match="holds no route's JSON"):  # a mistyped --also DIR
+        plots.matched_series(tmp_path, "matched", (("typo", tmp_path / "nowhere"),))
     runs = []
     for steps, ratio, kd_ratio in ((610, 1.5, 1.3), (1831, 1.4, 1.15), (5493, 1.3, None)):
         run = tmp_path / str(steps)

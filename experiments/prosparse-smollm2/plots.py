@@ -190,6 +190,9 @@ def matched_series(directory: Path, folder: str, also: tuple[tuple[str, Path], .
     for label, run in (("", directory), *also):
         names = (path.name.removesuffix(".json").removesuffix("-curve") for path in (run / folder).glob("*.json"))
         routes = sorted(set(names))
+        if not routes:
+            raise SystemExit(f"plots.py: {run / folder} holds no route's JSON; pass a run that `run.py collect` "
+                             f"wrote with a {folder}/ folder")
         series += [(f"{route} ({label})" if label else route, run, route) for route in routes]
     return series
 

@@ -126,6 +126,10 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
     assert result["ffn"][0]["sparse_sequence_us"] > 0 and result["ffn"][0]["dense_sequence_us"] > 0
     assert result["gpu_processes"] is None  # no GPU to share
     assert "[1.0-3.0]" in speed_table(result) and "in layer order as one sequence" in speed_table(result)
+    assert result["decode"][0]["ffn_route"] == "sparse kernels" and "(both dense)" not in speed_table(result)
+    assert speed.ffn_route(model, 9) == "dense (more than max_tokens = 8 tokens a call)"
+    result["decode"][0]["ffn_route"] = speed.ffn_route(model, 9)
+    assert "x (both dense) |" in speed_table(result)
 
 
 def test_first_divergences_give_each_arms_margin_at_the_first_differing_step(monkeypatch):

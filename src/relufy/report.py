@@ -236,8 +236,9 @@ def speed_table(result: dict) -> str:
     lines += ["| batch | dense tok/s | sparse tok/s | sparse/dense | tokens identical |",
               "| ---: | ---: | ---: | ---: | ---: |"]
     for row in result["decode"]:
+        dense_route = " (both dense)" if row.get("ffn_route", "sparse kernels") != "sparse kernels" else ""
         lines.append(f"| {row['batch_size']} | {row['dense_tokens_per_s']:.1f} | {_number(row['sparse_tokens_per_s'])} | "
-                     f"{_number(row['speedup'], '.2f', 'x')} | {_number(row['token_match'], '.2%')} |")
+                     f"{_number(row['speedup'], '.2f', 'x')}{dense_route} | {_number(row['token_match'], '.2%')} |")
     divergences = [(row["batch_size"], entry) for row in result["decode"] for entry in row.get("first_divergences") or []]
     if divergences:
         widest = max(divergences, key=lambda pair: pair[1]["dense_margin"])

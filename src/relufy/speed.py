@@ -174,7 +174,7 @@ def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedCon
     if sparse:
         with stage(f"decode batch {batch}, sparse"):
             sparse_tokens, sparse_seconds = loop.decode_n_tokens(prompt, config.warmup)
-        row.update(sparse_tokens_per_s=generated / sparse_seconds,
+        row.update(ffn_route=ffn_route(loop.model, batch), sparse_tokens_per_s=generated / sparse_seconds,
                    sparse_ms_per_step=1e3 * sparse_seconds / config.new_tokens,
                    token_match=(dense_tokens == sparse_tokens).float().mean().item(),
                    speedup=dense_seconds / sparse_seconds,
@@ -185,6 +185,16 @@ def _batch_measurements(loop: DecodeLoop, prompt: torch.Tensor, config: SpeedCon
         return row, ffn, None
     with stage(f"profile batch {batch}"):
         return row, ffn, profile_decode(loop, prompt, config.profile_steps, config.warmup, dense, sparse)
+
+
+def ffn_route(model, tokens: int) -> str:
+    """Which FFN path a decode step of `tokens` tokens (one per sequence) takes in the sparse arm: the kernels,
+    or the dense FFN when a call has more tokens than `SparseConfig.max_tokens`, whose speed-up then compares
+    dense with dense."""
+    from .sparse import sparse_ffns
+
+    limit = sparse_ffns(model)[0].config.max_tokens
+    return "sparse kernels" if tokens <= limit else f"dense (more than max_tokens = {limit} tokens a call)"
 
 
 @torch.no_grad()

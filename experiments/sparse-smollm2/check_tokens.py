@@ -193,9 +193,9 @@ def float32_products(model):
     to its own dtype: the dense model with only the summation of its FFN products changed, the control for
     the sparse kernels' own order. Forward hooks replace each output; leaving the block removes them, so the
     modules are as before. The sparse kernels bypass these modules: run it inside `sparse_enabled(model,
-    False)`. Like the sparse decode, it leaves calls of more than `SparseConfig.max_tokens` tokens (a prompt's
-    prefill) as they are, so both part from dense at the same calls. In a float32 model each hook recomputes the very op the module ran, so the control equals dense
-    exactly; it means something in bfloat16 and float16, whose values are exact in float32 (and in TF32,
+    False)`. Like the sparse decode, it leaves the calls `SparseConfig.takes` refuses (a prompt's prefill)
+    as they are, so both part from dense at the same calls. In a float32 model each hook recomputes the very
+    op the module ran, so the control equals dense exactly; it means something in bfloat16 and float16, whose values are exact in float32 (and in TF32,
     should `torch.backends.cuda.matmul.allow_tf32` be on), so that the products themselves do not change."""
     from relufy.architectures import architecture_of, ffn_modules
     from relufy.sparse import sparse_ffns
@@ -204,11 +204,11 @@ def float32_products(model):
     names = [name for name in (arch.gate_up, arch.gate, arch.up, arch.down) if name]
     # only the calls the sparse decode sends to the kernels: longer ones (a prefill) run dense there too
     states = sparse_ffns(model)
-    max_tokens = states[0].config.max_tokens if states else None
+    config = states[0].config if states else None
 
     def hook(layer, args, output):
         tokens = args[0].numel() // args[0].shape[-1]
-        return None if max_tokens is not None and tokens > max_tokens else _float32_product(layer, args, output)
+        return None if config is not None and not config.takes(tokens) else _float32_product(layer, args, output)
 
     handles = [getattr(ffn, name).register_forward_hook(hook) for ffn in ffn_modules(model, arch) for name in names]
     try:

@@ -193,8 +193,10 @@ def ffn_route(model, tokens: int) -> str:
     dense with dense."""
     from .sparse import sparse_ffns
 
-    limit = sparse_ffns(model)[0].config.max_tokens
-    return "sparse kernels" if tokens <= limit else f"dense (more than max_tokens = {limit} tokens a call)"
+    config = sparse_ffns(model)[0].config
+    if config.takes(tokens):
+        return "sparse kernels"
+    return f"dense (more than max_tokens = {config.max_tokens} tokens a call)"
 
 
 @torch.no_grad()

@@ -48,6 +48,10 @@ class SparseConfig:
     dense_above: int | None = None
     gate: str = ""
 
+    def takes(self, tokens: int) -> bool:
+        """Whether a call of `tokens` tokens goes to the kernels (the one rule; the rest run dense)."""
+        return 0 < tokens <= self.max_tokens
+
 
 @dataclass
 class SparseFFN:
@@ -70,7 +74,7 @@ class SparseFFN:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
         tokens = x.numel() // width
-        if not self.enabled or tokens > self.config.max_tokens or tokens == 0:
+        if not self.enabled or not self.config.takes(tokens):
             return self.dense_forward(x)
         y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
                                         self.b_first, self.b_up, self.b_down, self.workspace, self.activation,

@@ -32,17 +32,19 @@ class Tiles:
 # the rows of the GPU it ran on, ready to paste over its family's. First kernel (block_n, block_k, use_dot,
 # warps_first, stages): one token, four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor
 # cores); more tokens, tensor-core dots on a batch padded to 16. Down kernel (block_d columns per program,
-# chunk rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down). The H200's rows
-# come from an H200 sweep of the first kernel; every H100 row from an H100 sweep of both kernels
-# (docs/results/inference/sweep-h100-llama2-7b-b*.json). A GPU not in the table gets the H200's rows.
+# chunk rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down). Each family's
+# rows come from a sweep of both kernels on that GPU (docs/results/inference/sweep-h100-llama2-7b-b*.json,
+# sweep-h200-llama2-7b-b*.json). A GPU not in the table gets the H200's rows.
 TILE_TABLE: dict[str, dict[int, dict]] = {}
 TILE_TABLE["H200"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
-            block_d=128, chunk=32, down_per_sm=4, warps_down=4, stages_down=1),
+            up_in_down=False, block_d=128, chunk=128, down_per_sm=4, warps_down=4, stages_down=1),
+    4: dict(block_n=64, block_k=128, use_dot=True, warps_first=4, stages=4,
+            up_in_down=False, block_d=256, chunk=32, down_per_sm=4, warps_down=8, stages_down=1),
     8: dict(block_n=64, block_k=128, use_dot=True, warps_first=4, stages=4,
-            block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=4),
+            up_in_down=False, block_d=256, chunk=32, down_per_sm=4, warps_down=8, stages_down=1),
     1 << 30: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
-                  block_d=128, chunk=32, down_per_sm=8, warps_down=4, stages_down=4),
+                  up_in_down=False, block_d=256, chunk=64, down_per_sm=2, warps_down=8, stages_down=1),
 }
 TILE_TABLE["H100"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,

@@ -325,13 +325,16 @@ def first_rows(base: dict, batch: int) -> list[dict]:
     """The first kernel's candidates around TILE_TABLE row `base`: rows per program, K step, warps,
     stages; broadcast tiles up to 4 tokens, tensor cores above 1. At one token, K steps up to 4096
     too, one stage only: the broadcast loop is not software-pipelined, so a program's bytes in flight
-    are one step's rows, and a faster memory (the H200's) may want more of them. Left out: broadcast tiles of more
-    than 128 fp32 partial sums per thread (registers)."""
+    are one step's rows, and a faster memory (the H200's) may want more of them, or more programs of
+    fewer rows and warps (2-row blocks, 2 warps). Left out: broadcast tiles of more than 128 fp32
+    partial sums per thread (registers)."""
     candidates = []
     if batch <= 4:
-        steps, stages = ((256, 512, 1024, 2048, 4096), (1,)) if batch == 1 else ((256, 512, 1024), (1, 3))
+        one = batch == 1
+        steps, stages = ((256, 512, 1024, 2048, 4096), (1,)) if one else ((256, 512, 1024), (1, 3))
+        rows, warps = ((2, 4, 8, 16, 32), (2, 4, 8, 16)) if one else ((4, 8, 16, 32), (4, 8, 16))
         candidates += [{**base, "use_dot": False, "block_n": n, "block_k": k, "warps_first": w, "stages": st}
-                       for n, k, w, st in itertools.product((4, 8, 16, 32), steps, (4, 8, 16), stages)
+                       for n, k, w, st in itertools.product(rows, steps, warps, stages)
                        if pow2(batch) * n * k <= 128 * 32 * w]
     if batch > 1:
         candidates += [{**base, "use_dot": True, "block_n": n, "block_k": k, "warps_first": w, "stages": st}

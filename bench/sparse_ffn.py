@@ -111,6 +111,7 @@ def main(argv=None) -> int:
         result["profile"] = profile_kernels(ffn, batches, bandwidth, save)
         compiler = Precompiler(args.compile_workers, ffn) if args.compile_workers > 0 else None
         result["tile_family"] = tile_family(result["device"])
+        result["sweep_width"] = ffn.hidden  # which table its rows are for (NARROW_TILE_TABLE up to NARROW_WIDTH)
         result["sweep"] = sweep_tiles(ffn, batches, timer, save, compiler, limit=2 if args.tiny else None)
     else:
         measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save)
@@ -262,7 +263,7 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
                 compiler.compile(batch, [tiles_of(row) for row in rows])
             return min(rows, key=lambda row: time_tiles(tiles_of(row), row))
 
-        best = fastest(first_rows(table_row(family, batch), batch)[:limit])
+        best = fastest(first_rows(table_row(family, batch, ffn.hidden), batch)[:limit])
         best = fastest(down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
@@ -385,10 +386,14 @@ def up_in_down_rows(best: dict, batch: int) -> list[dict]:
 def tile_table_text(result: dict) -> str:
     """The TILE_TABLE statement of a sweep's best rows, ready to paste over its GPU family's in
     src/relufy/sparse/kernels/tiles.py: one batch class per swept batch size, the largest serving
-    every larger batch."""
+    every larger batch; NARROW_TILE_TABLE's for a swept width up to NARROW_WIDTH (a sweep that did
+    not record its width was of the Llama-2-7B shape)."""
+    from relufy.sparse.kernels import NARROW_WIDTH
+
     best = {int(batch): {"up_in_down": False, **entry["best"]} for batch, entry in result["sweep"].items()}
     first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages")
-    lines = [f"TILE_TABLE[{json.dumps(result['tile_family'])}] = {{"]
+    table = "NARROW_TILE_TABLE" if result.get("sweep_width", 1 << 30) <= NARROW_WIDTH else "TILE_TABLE"
+    lines = [f"{table}[{json.dumps(result['tile_family'])}] = {{"]
     for batch, row in sorted(best.items()):
         key = "1 << 30" if batch == max(best) else str(batch)
         first = ", ".join(f"{name}={row[name]!r}" for name in first_keys)

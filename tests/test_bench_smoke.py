@@ -142,9 +142,9 @@ def test_decode_speed_saves_the_model_for_serving(tmp_path):
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
-    """The sweep times both kernels' candidates, then "up in down" ones, and prints the TILE_TABLE rows
+    """The sweep times both kernels' candidates, then "up in down" ones, and prints the tile table rows
     that give back the best tiles of each swept batch size (the largest as the class of every larger
-    batch), saying which way each row runs."""
+    batch), saying which way each row runs, in the table for the swept width."""
     from relufy.sparse.kernels import Tiles, row_tiles
 
     out = tmp_path / "sweep.json"
@@ -159,7 +159,8 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     text = run_bench("sparse_ffn.py", "--table", str(out)).strip()
     assert text in stdout and text.count("up_in_down=") == 2
     table = {}
-    exec(text, {"TILE_TABLE": table})  # the statement as it would be pasted into tiles.py
+    assert text.startswith("NARROW_TILE_TABLE[")  # the tiny shape is 64 wide: rows for narrow FFNs
+    exec(text, {"NARROW_TILE_TABLE": table})  # the statement as it would be pasted into tiles.py
     (rows,) = table.values()
     assert sorted(rows) == [1, 1 << 30]
     for batch, key in ((1, 1), (2, 1 << 30)):  # the tiny shape is 64 wide; off CUDA, 4 multiprocessors

@@ -48,14 +48,17 @@ def compile_for_hopper(kernel, constants, warps=4, stages=3):
 
 
 def launches():
-    # the distinct tiles of every TILE_TABLE row of every GPU family at the Llama-2-7B width, for each
-    # batch of its class (up to 16 past the class below: the padded batch is a kernel constant too)
+    # the distinct tiles of every TILE_TABLE row of every GPU family at the Llama-2-7B width, and of every
+    # NARROW_TILE_TABLE row at SmolLM2-135M's, for each batch of its class (up to 16 past the class below:
+    # the padded batch is a kernel constant too)
     tiles = set()
-    for family, rows in K.TILE_TABLE.items():
-        below = 0
-        for largest in sorted(rows):
-            tiles |= {K.gpu_tiles(batch, 4096, 132, family) for batch in range(below + 1, min(largest, below + 16) + 1)}
-            below = largest
+    for table, width in ((K.TILE_TABLE, 4096), (K.NARROW_TILE_TABLE, 576)):
+        for family, rows in table.items():
+            below = 0
+            for largest in sorted(rows):
+                tiles |= {K.gpu_tiles(batch, width, 132, family)
+                          for batch in range(below + 1, min(largest, below + 16) + 1)}
+                below = largest
     return sorted(tiles, key=repr)
 
 
@@ -68,14 +71,16 @@ for t in launches():
         SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
         USE_DOT=t.use_dot, PRECISION="tf32"), t.warps_down, t.stages_down)
     print("compiled down", t)
-    # "up in down" on the same row: a gate-only first kernel, list slices of 8 rows (16 for tensor cores)
-    v = dataclasses.replace(t, up_in_down=True, chunk=16 if t.use_dot else 8, block_d=1024, split=132)
+    # "up in down": the row's own when it runs that way, else on the same row a gate-only first kernel
+    # and list slices of 8 rows (16 for tensor cores)
+    v = t if t.up_in_down else dataclasses.replace(t, up_in_down=True, chunk=16 if t.use_dot else 8, block_d=1024,
+                                                    split=132, warps_down=8)
     compile_for_hopper(first_projection_kernel, dict(
         GATED=False, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, BLOCK_B=v.block_b, BLOCK_N=v.block_n,
         BLOCK_K=v.block_k, USE_DOT=v.use_dot, PRECISION="tf32"), v.warps_first, v.stages)
     compile_for_hopper(up_down_kernel, dict(
         SPLIT=v.split, HAS_UP_BIAS=True, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=v.block_b, CHUNK=v.chunk,
-        BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32"), 8, v.stages_down)
+        BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32"), v.warps_down, v.stages_down)
     print("compiled up in down", v)
 print("launches", len(launches()))
 """

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
-    ACTIVATION_CODES, FATRELU, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles, gpu_family, gpu_tiles, row_tiles,
-    sparse_ffn, table_row, workspace_size)
+    ACTIVATION_CODES, FATRELU, NARROW_TILE_TABLE, NARROW_WIDTH, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles,
+    gpu_family, gpu_tiles, row_tiles, sparse_ffn, table_row, workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
 ON_INTERPRETER = DEVICE.type == "cpu"
@@ -124,12 +124,15 @@ def test_tensor_core_tiles_for_larger_batches(dtype):
     check(x, weights, "relu", dtype, tiles)
 
 
-@pytest.mark.parametrize("family", sorted(TILE_TABLE))
+@pytest.mark.parametrize("table, family", [(TILE_TABLE, family) for family in sorted(TILE_TABLE)]
+                         + [(NARROW_TILE_TABLE, family) for family in sorted(NARROW_TILE_TABLE)])
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_the_tiles_an_h100_and_an_h200_run(family, batch):
-    """Each GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks."""
+def test_the_tiles_an_h100_and_an_h200_run(table, family, batch):
+    """Each GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks:
+    every family's rows, and its rows for narrow FFNs."""
     x, weights = random_ffn(batch, k=200, n=300, d=136)
-    check(x, weights, "fatrelu", torch.float32, gpu_tiles(batch, 136, multiprocessors=132, family=family))
+    row = table[family][min(largest for largest in table[family] if batch <= largest)]
+    check(x, weights, "fatrelu", torch.float32, row_tiles(row, batch, 136, multiprocessors=132))
 
 
 # (block_d, chunk, split) of the down kernel: many column blocks and several steps per share; a share
@@ -321,6 +324,24 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
     assert quarter.split == 6 and isinstance(quarter.split, int)  # 33 programs over 5 column blocks of 128
     # one family's rows are its own: a sweep on one GPU fills them without changing the other's
     assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
+
+
+def test_narrow_ffns_take_their_own_rows_on_cuda_only():
+    """A width up to NARROW_WIDTH takes the family's NARROW_TILE_TABLE rows where it has them; a family
+    without narrow rows, a wider FFN, and the CPU interpreter keep TILE_TABLE's."""
+    for batch in (1, 4, 8):
+        assert table_row("H200", batch, 576) is table_row_of(NARROW_TILE_TABLE["H200"], batch)
+        assert table_row("H200", batch, NARROW_WIDTH + 64) is table_row_of(TILE_TABLE["H200"], batch)
+        assert "H100" not in NARROW_TILE_TABLE and table_row("H100", batch, 576) is table_row_of(TILE_TABLE["H100"], batch)
+        assert gpu_tiles(batch, 576, 132, "H200") == row_tiles(table_row_of(NARROW_TILE_TABLE["H200"], batch), batch, 576, 132)
+        wide = row_tiles(table_row_of(TILE_TABLE["H200"], batch), batch, 576, 4)
+        assert choose_tiles(batch, 1536, 576, torch.device("cpu")) == (
+            dataclasses.replace(wide, block_n=32) if batch == 1 else wide)
+    assert gpu_tiles(1, 576, 132, "H200").up_in_down  # the narrow one-token row runs "up in down"
+
+
+def table_row_of(rows: dict, batch: int) -> dict:
+    return rows[min(largest for largest in rows if batch <= largest)]
 
 
 def test_mismatched_shapes_are_refused():

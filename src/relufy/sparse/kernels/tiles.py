@@ -57,6 +57,19 @@ TILE_TABLE["H100"] = {
                   block_d=128, chunk=64, down_per_sm=4, warps_down=8, stages_down=1),
 }
 MAX_SPLIT = 64  # programs per column block of the down kernel: bounds the fp32 atomics per output
+# FFNs no wider than NARROW_WIDTH (SmolLM2-135M's 576) are latency-bound at decode, and a sweep on such a
+# shape finds other rows than the Llama-2-7B shape's (`--sweep-tiles --shapes smollm2-135m --layers 32`,
+# which prints a NARROW_TILE_TABLE statement; docs/results/inference/sweep-h200-smollm2-135m.json: one
+# token 9.2 us against 10.9 us with the rows above, 4 tokens 11.2 us against 13.4 us). On CUDA, where a
+# family has rows here they serve such widths; a family without them keeps its TILE_TABLE rows.
+NARROW_WIDTH = 1024
+NARROW_TILE_TABLE: dict[str, dict[int, dict]] = {}
+NARROW_TILE_TABLE["H200"] = {
+    1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
+            up_in_down=True, block_d=1024, chunk=8, down_per_sm=1, warps_down=4, stages_down=1),
+    1 << 30: dict(block_n=16, block_k=128, use_dot=True, warps_first=4, stages=4,
+                  up_in_down=False, block_d=128, chunk=64, down_per_sm=0.5, warps_down=8, stages_down=1),
+}
 
 
 def gpu_family(name: str) -> str:
@@ -74,21 +87,27 @@ def family_and_multiprocessors(device: torch.device) -> tuple[str, int]:
 
 
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
-    """The tiles for `batch` tokens on `device` (`gpu_tiles`; larger blocks under the CPU interpreter)."""
+    """The tiles for `batch` tokens of width `d` on `device` (`gpu_tiles`). Under the CPU interpreter,
+    which checks correctness, not speed: TILE_TABLE's rows whatever the width, and larger blocks at
+    one token, since it runs programs one by one."""
     family, multiprocessors = family_and_multiprocessors(device)
-    tiles = gpu_tiles(batch, d, multiprocessors, family)
-    # Triton's CPU interpreter runs programs one by one: fewer, larger ones
-    return dataclasses.replace(tiles, block_n=32) if batch == 1 and device.type != "cuda" else tiles
+    if device.type == "cuda":
+        return gpu_tiles(batch, d, multiprocessors, family)
+    tiles = row_tiles(table_row(family, batch), batch, d, multiprocessors)
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
 
 
 def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") -> Tiles:
-    """The TILE_TABLE tiles of `family` for `batch` tokens."""
-    return row_tiles(table_row(family, batch), batch, d, multiprocessors)
+    """The tiles of `family` for `batch` tokens of width `d` (`table_row`)."""
+    return row_tiles(table_row(family, batch, d), batch, d, multiprocessors)
 
 
-def table_row(family: str, batch: int) -> dict:
-    """The TILE_TABLE row of `family` whose batch class holds `batch` (the smallest class at least as large)."""
-    rows = TILE_TABLE[family]
+def table_row(family: str, batch: int, d: int | None = None) -> dict:
+    """The row of `family` whose batch class holds `batch` (the smallest class at least as large): from
+    NARROW_TILE_TABLE for a width `d` up to NARROW_WIDTH where the family has narrow rows, else from
+    TILE_TABLE."""
+    narrow = d is not None and d <= NARROW_WIDTH and family in NARROW_TILE_TABLE
+    rows = (NARROW_TILE_TABLE if narrow else TILE_TABLE)[family]
     return rows[min(largest for largest in rows if batch <= largest)]
 
 

@@ -26,13 +26,14 @@ bytes the sparse FFN must read (gate in full, up and down rows of the union) at 
     python bench/sparse_ffn.py --output bench/out/sparse_ffn.json        # everything, one GPU
     python bench/sparse_ffn.py --table bench/out/sparse_ffn.json         # its markdown tables again
     python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches 1,4,8,16 --output sweep.json
-    python bench/sparse_ffn.py --table sweep.json                        # the sweep's TILE_TABLE rows again
+    python bench/sparse_ffn.py --table sweep.json                        # the sweep's tile table rows again
     python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
     python bench/sparse_ffn.py --shapes smollm2-135m --layers 32 --output bench/out/sparse_ffn-135m.json
 
-The sweep times TILE_TABLE rows: the first kernel's candidates, then the down kernel's on the best
-of those; it ends by printing the rows of its GPU family, one batch class per swept batch size,
-ready to paste into src/relufy/sparse/kernels/tiles.py. It compiles its candidates in
+The sweep times tile table rows: the first kernel's candidates, then the down kernel's on the best
+of those, then "up in down" ones; it ends by printing the rows of its GPU family, one batch class per
+swept batch size, ready to paste into src/relufy/sparse/kernels/tiles.py (TILE_TABLE, or
+NARROW_TILE_TABLE for a shape up to NARROW_WIDTH wide). It compiles its candidates in
 `--compile-workers` processes first (Triton's on-disk cache then serves the timing process), since
 compiling, not timing, is most of its time.
 """
@@ -69,7 +70,7 @@ def parse_args(argv=None):
                         help="processes that compile the sweep's candidates ahead of timing (0: compile inline)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape on CPU under Triton's interpreter")
     parser.add_argument("--table", type=Path,
-                        help="only print the markdown tables (or a sweep's TILE_TABLE rows) of a JSON this script wrote")
+                        help="only print the markdown tables (or a sweep's tile table rows) of a JSON this script wrote")
     parser.add_argument("--output", "-o", type=Path)
     args = parser.parse_args(argv)
     if args.table is None and args.output is None:
@@ -263,7 +264,10 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
                 compiler.compile(batch, [tiles_of(row) for row in rows])
             return min(rows, key=lambda row: time_tiles(tiles_of(row), row))
 
-        best = fastest(first_rows(table_row(family, batch, ffn.hidden), batch)[:limit])
+        # the rows this device takes for the shape (narrow ones only on CUDA, as choose_tiles), as a two-kernel
+        # row: "up in down" candidates come last, against the best of both kernels
+        base = table_row(family, batch, ffn.hidden if ffn.device.type == "cuda" else None)
+        best = fastest(first_rows({**base, "up_in_down": False}, batch)[:limit])
         best = fastest(down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),

@@ -131,7 +131,7 @@ def test_the_tiles_an_h100_and_an_h200_run(table, family, batch):
     """Each GPU's own block sizes and split (132 multiprocessors), not the interpreter's larger blocks:
     every family's rows, and its rows for narrow FFNs."""
     x, weights = random_ffn(batch, k=200, n=300, d=136)
-    row = table[family][min(largest for largest in table[family] if batch <= largest)]
+    row = table_row_of(table[family], batch)
     check(x, weights, "fatrelu", torch.float32, row_tiles(row, batch, 136, multiprocessors=132))
 
 
@@ -326,18 +326,46 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
     assert all(TILE_TABLE["H100"][b] is not TILE_TABLE["H200"].get(b) for b in TILE_TABLE["H100"])
 
 
-def test_narrow_ffns_take_their_own_rows_on_cuda_only():
-    """A width up to NARROW_WIDTH takes the family's NARROW_TILE_TABLE rows where it has them; a family
-    without narrow rows, a wider FFN, and the CPU interpreter keep TILE_TABLE's."""
+def test_narrow_ffns_take_their_own_rows_on_cuda_only(monkeypatch):
+    """A width up to NARROW_WIDTH takes the family's NARROW_TILE_TABLE rows where it has them, on CUDA; a
+    family without narrow rows, a wider FFN, and the CPU interpreter keep TILE_TABLE's."""
+    from relufy.sparse.kernels import tiles as tiles_module
+
+    narrow = {"H200": {1: {**TILE_TABLE["H200"][1], "block_n": 2}, 1 << 30: {**TILE_TABLE["H200"][1 << 30], "block_n": 8}}}
+    monkeypatch.setattr(tiles_module, "NARROW_TILE_TABLE", narrow)  # "H100" has no narrow rows here
+    monkeypatch.setattr(tiles_module, "family_and_multiprocessors", lambda device: ("H200", 132))
     for batch in (1, 4, 8):
-        assert table_row("H200", batch, 576) is table_row_of(NARROW_TILE_TABLE["H200"], batch)
-        assert table_row("H200", batch, NARROW_WIDTH + 64) is table_row_of(TILE_TABLE["H200"], batch)
-        assert "H100" not in NARROW_TILE_TABLE and table_row("H100", batch, 576) is table_row_of(TILE_TABLE["H100"], batch)
-        assert gpu_tiles(batch, 576, 132, "H200") == row_tiles(table_row_of(NARROW_TILE_TABLE["H200"], batch), batch, 576, 132)
-        wide = row_tiles(table_row_of(TILE_TABLE["H200"], batch), batch, 576, 4)
+        rows = narrow["H200"][1 if batch == 1 else 1 << 30]
+        assert table_row("H200", batch, 576) is rows and table_row("H200", batch, NARROW_WIDTH) is rows
+        assert table_row("H200", batch, NARROW_WIDTH + 64) is table_row("H200", batch)
+        assert table_row("H100", batch, 576) is table_row("H100", batch)
+        assert choose_tiles(batch, 1536, 576, torch.device("cuda")) == row_tiles(rows, batch, 576, 132)
+        wide = row_tiles(table_row("H200", batch), batch, 576, 132)
         assert choose_tiles(batch, 1536, 576, torch.device("cpu")) == (
             dataclasses.replace(wide, block_n=32) if batch == 1 else wide)
-    assert gpu_tiles(1, 576, 132, "H200").up_in_down  # the narrow one-token row runs "up in down"
+
+
+def test_a_plain_ffn_on_an_up_in_down_row_keeps_the_down_kernels_bound(monkeypatch):
+    """A non-gated FFN has no W_up to read in the second kernel: it runs the two launches on such a row,
+    with the split cut to MAX_SPLIT programs per column block (an "up in down" row's split counts list
+    slices over the whole GPU)."""
+    from relufy.sparse.kernels import launch
+    from relufy.sparse.kernels.tiles import MAX_SPLIT
+
+    x, weights = random_ffn(1, k=200, n=300, d=136, gated=False)
+    row = {**TILE_TABLE["H200"][1], "up_in_down": True, "down_per_sm": 1, "block_d": 1024, "chunk": 8}
+    tiles = row_tiles(row, 1, 136, multiprocessors=132)
+    assert tiles.split == 132
+    grids, down_kernel = [], launch.down_kernel
+
+    class Recorded:  # the down kernel, its launch grids noted
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return down_kernel[grid]
+
+    monkeypatch.setattr(launch, "down_kernel", Recorded())
+    check(x, weights, "fatrelu", torch.float32, tiles)
+    assert grids == [(MAX_SPLIT, 1)]  # one column block of 1024 covers 136
 
 
 def table_row_of(rows: dict, batch: int) -> dict:

@@ -5,7 +5,7 @@ in order (no list, no gather) is faster. The decision is taken on the device, fr
 first kernel leaves there, so a call stays CUDA-graph capturable. The threshold is measured, not
 guessed: on CUDA, `dense_above` times one FFN's own weights with the route forced each way at a few
 union sizes and keeps the largest count where the list still wins. Results are cached per GPU,
-shape, dtype and batch in `~/.cache/relufy/dense_route.json` (`RELUFY_CACHE` moves it), so a
+shape, dtype, batch and tiles in `~/.cache/relufy/dense_route.json` (`RELUFY_CACHE` moves it), so a
 model's layers and later runs pay once. Weights off CUDA, or kernels under Triton's interpreter
 (whose timings say nothing about a GPU), get the default fraction without timing anything.
 """
@@ -38,12 +38,13 @@ def dense_above(w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torc
     n, d = w_down_t.shape
     if w_first.device.type != "cuda":
         return int(DEFAULT_DENSE_FRACTION * n)
-    from .kernels import interpreted
+    from .kernels import choose_tiles, interpreted
 
     if interpreted():
         return int(DEFAULT_DENSE_FRACTION * n)
+    # the crossover depends on the tiles the calls run with: new tile rows calibrate again
     key = (f"{torch.cuda.get_device_name(w_first.device)}|{n}x{w_first.shape[1]}x{d}|{w_first.dtype}|"
-           f"{'gated' if w_up is not None else 'plain'}|{tokens}")
+           f"{'gated' if w_up is not None else 'plain'}|{tokens}|{choose_tiles(tokens, n, d, w_first.device)}")
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):

@@ -11,7 +11,8 @@ captured in a CUDA graph. One module per job:
 - `up_down`: the second kernel of the "up in down" variant (`Tiles.up_in_down`, gated FFNs): each
   program reads the W_up and then the W_down^T rows of a slice of the list, after a first kernel
   that read only the gate;
-- `tiles`: block sizes of both kernels per GPU and batch (`TILE_TABLE`);
+- `tiles`: block sizes of both kernels per GPU and batch (`TILE_TABLE`), and per width for narrow FFNs
+  (`NARROW_TILE_TABLE`);
 - `launch`: the workspace, `sparse_ffn` (both launches), `routed_sparse_ffn` (tiles and route as
   both operators choose them), the `relufy::sparse_ffn` operator, and `runs_on` (whether the
   kernels, compiled or interpreted, can take a device's tensors).
@@ -27,5 +28,5 @@ from .tiles import (NARROW_TILE_TABLE, NARROW_WIDTH, TILE_TABLE, Tiles, choose_t
                     gpu_family, gpu_tiles, row_tiles, table_row)
 
 __all__ = ["ACTIVATION_CODES", "FATRELU", "NARROW_TILE_TABLE", "NARROW_WIDTH", "RELU", "RELU2", "SHIFTED_RELU",
-           "TILE_TABLE", "Tiles", "choose_tiles", "family_and_multiprocessors", "gpu_family", "gpu_tiles", "interpreted", "routed_sparse_ffn", "row_tiles",
-           "runs_on", "sparse_ffn", "sparse_ffn_op", "table_row", "workspace_size"]
+           "TILE_TABLE", "Tiles", "choose_tiles", "family_and_multiprocessors", "gpu_family", "gpu_tiles", "interpreted",
+           "routed_sparse_ffn", "row_tiles", "runs_on", "sparse_ffn", "sparse_ffn_op", "table_row", "workspace_size"]

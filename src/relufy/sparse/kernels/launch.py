@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -11,7 +12,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .down import down_kernel
 from .gate_up import FATRELU, first_projection_kernel
-from .tiles import Tiles, choose_tiles
+from .tiles import MAX_SPLIT, Tiles, choose_tiles
 from .up_down import up_down_kernel
 
 MIN_BLOCK_D = 16  # the narrowest column block of the down kernel: bounds its arrival counters
@@ -85,6 +86,10 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     index = torch.empty(n, dtype=torch.int32, device=x.device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     up_in_down = tiles.up_in_down and w_up is not None
+    if tiles.up_in_down and not up_in_down:
+        # a non-gated FFN on an "up in down" row runs two kernels after all: the down kernel's bound on
+        # programs per column block holds
+        tiles = dataclasses.replace(tiles, split=min(tiles.split, MAX_SPLIT))
     first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
         x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
         _kernel_param(activation, act_param, x.dtype), GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,

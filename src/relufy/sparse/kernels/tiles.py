@@ -59,10 +59,12 @@ TILE_TABLE["H100"] = {
 MAX_SPLIT = 64  # programs per column block of the down kernel: bounds the fp32 atomics per output
 # FFNs no wider than NARROW_WIDTH (SmolLM2-135M's 576) are latency-bound at decode, and a sweep on such a
 # shape finds other rows than the Llama-2-7B shape's (`--sweep-tiles --shapes smollm2-135m --layers 32
-# --batches 1,4`, which prints a NARROW_TILE_TABLE statement; docs/results/inference/sweep-h200-smollm2-135m.json: one
-# token 9.2 us against 10.9 us with the rows above, 4 tokens 11.2 us against 13.4 us). On CUDA, where a
-# family has rows here they serve such widths; a family without them keeps its TILE_TABLE rows.
-NARROW_WIDTH = 1024  # a chosen bound, swept at 576 only: the small models' widths (SmolLM2-360M 960, Qwen2.5-0.5B 896)
+# --batches 1,4`, which prints a NARROW_TILE_TABLE statement; in
+# docs/results/inference/sweep-h200-smollm2-135m.json one token takes 9.2 us against 10.9 us with the rows
+# above, 4 tokens 11.2 us against 13.4 us). On CUDA, where a family has rows here they serve such widths;
+# a family without them keeps its TILE_TABLE rows. The bound is chosen, not swept (only 576 was): it
+# takes in the small models' widths, such as SmolLM2-360M's 960 and Qwen2.5-0.5B's 896.
+NARROW_WIDTH = 1024
 NARROW_TILE_TABLE: dict[str, dict[int, dict]] = {}
 NARROW_TILE_TABLE["H200"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,

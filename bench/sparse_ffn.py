@@ -234,9 +234,9 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
     of each, for a smoke run). Every candidate's time is
     kept; the JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's
     candidates in parallel first."""
-    from relufy.sparse.kernels import choose_tiles, family_and_multiprocessors, row_tiles, table_row
+    from relufy.sparse.kernels import choose_tiles, device_row, family_and_multiprocessors, row_tiles
 
-    family, multiprocessors = family_and_multiprocessors(ffn.device)
+    _, multiprocessors = family_and_multiprocessors(ffn.device)
     report = {}
     for batch in batches:
         x = ffn.x_for(batch)
@@ -264,10 +264,9 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
                 compiler.compile(batch, [tiles_of(row) for row in rows])
             return min(rows, key=lambda row: time_tiles(tiles_of(row), row))
 
-        # the rows this device takes for the shape (narrow ones only on CUDA, as choose_tiles), as a two-kernel
-        # row: "up in down" candidates come last, against the best of both kernels
-        base = table_row(family, batch, ffn.hidden if ffn.device.type == "cuda" else None)
-        best = fastest(first_rows({**base, "up_in_down": False}, batch)[:limit])
+        # the row this device takes for the shape, as a two-kernel row: "up in down" candidates come last,
+        # against the best of both kernels
+        best = fastest(first_rows({**device_row(batch, ffn.hidden, ffn.device), "up_in_down": False}, batch)[:limit])
         best = fastest(down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),

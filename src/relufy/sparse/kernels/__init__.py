@@ -24,9 +24,10 @@ the dense model sees (up to its different summation order).
 
 from .gate_up import ACTIVATION_CODES, FATRELU, RELU, RELU2, SHIFTED_RELU
 from .launch import interpreted, routed_sparse_ffn, runs_on, sparse_ffn, sparse_ffn_op, workspace_size
-from .tiles import (NARROW_TILE_TABLE, NARROW_WIDTH, TILE_TABLE, Tiles, choose_tiles, family_and_multiprocessors,
-                    gpu_family, gpu_tiles, row_tiles, table_row)
+from .tiles import (NARROW_TILE_TABLE, NARROW_WIDTH, TILE_TABLE, Tiles, choose_tiles, device_row,
+                    family_and_multiprocessors, gpu_family, gpu_tiles, row_tiles, table_row)
 
 __all__ = ["ACTIVATION_CODES", "FATRELU", "NARROW_TILE_TABLE", "NARROW_WIDTH", "RELU", "RELU2", "SHIFTED_RELU",
-           "TILE_TABLE", "Tiles", "choose_tiles", "family_and_multiprocessors", "gpu_family", "gpu_tiles", "interpreted",
-           "routed_sparse_ffn", "row_tiles", "runs_on", "sparse_ffn", "sparse_ffn_op", "table_row", "workspace_size"]
+           "TILE_TABLE", "Tiles", "choose_tiles", "device_row", "family_and_multiprocessors", "gpu_family",
+           "gpu_tiles", "interpreted", "routed_sparse_ffn", "row_tiles", "runs_on", "sparse_ffn", "sparse_ffn_op",
+           "table_row", "workspace_size"]

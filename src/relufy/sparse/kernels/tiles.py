@@ -89,14 +89,19 @@ def family_and_multiprocessors(device: torch.device) -> tuple[str, int]:
 
 
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
-    """The tiles for `batch` tokens of width `d` on `device` (`gpu_tiles`). Under the CPU interpreter,
-    which checks correctness, not speed: TILE_TABLE's rows whatever the width, and larger blocks at
-    one token, since it runs programs one by one."""
+    """The tiles for `batch` tokens of width `d` on `device` (the row of `device_row`); under the CPU
+    interpreter larger blocks at one token, since it runs programs one by one."""
     family, multiprocessors = family_and_multiprocessors(device)
-    if device.type == "cuda":
-        return gpu_tiles(batch, d, multiprocessors, family)
-    tiles = row_tiles(table_row(family, batch), batch, d, multiprocessors)
-    return dataclasses.replace(tiles, block_n=32) if batch == 1 else tiles
+    tiles = row_tiles(device_row(batch, d, device), batch, d, multiprocessors)
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 and device.type != "cuda" else tiles
+
+
+def device_row(batch: int, d: int, device: torch.device) -> dict:
+    """The table row calls of `batch` tokens of width `d` take on `device`: on CUDA its family's row for
+    the width (`table_row`); under the CPU interpreter, which checks correctness, not speed,
+    TILE_TABLE's whatever the width."""
+    family, _ = family_and_multiprocessors(device)
+    return table_row(family, batch, d if device.type == "cuda" else None)
 
 
 def gpu_tiles(batch: int, d: int, multiprocessors: int, family: str = "H200") -> Tiles:

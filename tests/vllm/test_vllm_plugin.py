@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from engines import (prompt_ids, transformers_greedy, transformers_logprobs, vllm_greedy, vllm_greedy_in_fresh_process,
-                     vllm_logprobs)
+from engines import (assert_same_greedy, prompt_ids, transformers_greedy, transformers_logprobs, vllm_greedy,
+                     vllm_greedy_in_fresh_process, vllm_logprobs)
 
 ACTIVATIONS = ["relu", "relu2", "fatrelu_0.01", "shifted_relu_0.05"]
 
@@ -27,7 +27,7 @@ def test_native_classes_run_relu_family(tiny_folder, model_type, hidden_act):
     tokens, classes = vllm_greedy(folder, inspect=_classes, enforce_eager=True)
     assert classes[1] == "RelufyMLP", classes
     assert classes[0].startswith("Relu"), classes
-    assert tokens == transformers_greedy(folder)
+    assert_same_greedy(folder, tokens)
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
@@ -35,7 +35,7 @@ def test_mistral_and_qwen3(tiny_folder, model_type):
     folder = tiny_folder(model_type, "relu")
     tokens, classes = vllm_greedy(folder, inspect=_classes, enforce_eager=True)
     assert classes[1] == "RelufyMLP", classes
-    assert tokens == transformers_greedy(folder)
+    assert_same_greedy(folder, tokens)
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
@@ -53,7 +53,7 @@ def test_per_layer_thresholds_reach_each_layer(tiny_folder, tmp_path, enforce_ea
 
     tokens, seen = vllm_greedy(folder, inspect=thresholds, enforce_eager=enforce_eager)
     assert seen == [0.05, 0.2]
-    assert tokens == transformers_greedy(folder)
+    assert_same_greedy(folder, tokens)
 
 
 @pytest.mark.parametrize(("model_type", "hidden_act"), [("llama", "relu2"), ("qwen2", "fatrelu_0.01")])
@@ -61,7 +61,7 @@ def test_compiled_graph(tiny_folder, model_type, hidden_act):
     """vLLM's default mode: torch.compile of the whole forward, traced once."""
     folder = tiny_folder(model_type, hidden_act)
     tokens, _ = vllm_greedy(folder, enforce_eager=False)
-    assert tokens == transformers_greedy(folder)
+    assert_same_greedy(folder, tokens)
 
 
 @pytest.mark.parametrize(("model_type", "hidden_act"), [("llama", "fatrelu_0.01"), ("qwen2", "shifted_relu_0.05")])
@@ -69,7 +69,7 @@ def test_transformers_backend_without_remote_code(tiny_folder, model_type, hidde
     """model_impl='transformers' builds ACT2FN[hidden_act]: the plugin registered relufy's names."""
     folder = tiny_folder(model_type, hidden_act)
     tokens = vllm_greedy_in_fresh_process(folder, enforce_eager=True, model_impl="transformers")
-    assert tokens == transformers_greedy(folder)
+    assert_same_greedy(folder, tokens)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py",
-              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py"}
+              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py", "vllm_latency.py"}
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -139,6 +139,16 @@ def test_decode_speed_saves_the_model_for_serving(tmp_path):
     assert read_config(fatrelu)["hidden_act"].startswith("fatrelu_") and read_config(silu)["hidden_act"] == "silu"
     weights, twin = load_file(fatrelu / "model.safetensors"), load_file(silu / "model.safetensors")
     assert weights.keys() == twin.keys() and all(weights[name].equal(twin[name]) for name in weights)
+
+
+def test_vllm_latency_summarize_only(tmp_path):
+    """Without vLLM, vllm_latency.py can only summarize a measured folder; the rest of it is in
+    test_vllm_latency_bench.py."""
+    import shutil
+
+    folder = shutil.copytree(REPO / "docs" / "results" / "serving" / "h200", tmp_path / "h200")
+    stdout = run_bench("vllm_latency.py", "--summarize-only", "--out", str(folder))
+    assert "1.333x" in stdout and json.loads((folder / "summary.json").read_text())["vllm"] == "0.26.0"
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):

@@ -19,8 +19,8 @@ tokenizer: the runs pass --skip-tokenizer-init --disable-detokenize and feed ran
 Each run writes OUT/vllm-<arm>-b<batch>.json (vLLM's own --output-json) and .log (its output); an arm
 whose JSON exists is skipped unless --force, so a run cut short goes on where it stopped. A failed arm
 prints the tail of its log, the others still run, and the script exits 1 at the end. Every arm has its
-own VLLM_CACHE_ROOT under OUT: the sparse and dense arms share a folder and config, and a torch.compile
-cache keyed on those alone would hand one arm the other's compiled graph. OUT/summary.json holds the
+own VLLM_CACHE_ROOT under OUT, so each compiles from scratch into a cache that goes with OUT (the plugin
+also puts its sparse choice into vLLM's compile cache key, so a shared root would be safe too). OUT/summary.json holds the
 latencies, the ratios, the GPU, torch and vLLM (the version the engine prints in each log);
 OUT/summary.txt the table printed. The summary covers every per-arm JSON in OUT, whatever run wrote it:
 give each setting (lengths, iterations, model) an OUT of its own.

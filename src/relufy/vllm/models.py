@@ -5,7 +5,8 @@ vLLM's own model with `hidden_act` set to silu for the duration of the construct
 the only readers of that key), puts the config's value back, and then gives each decoder layer a
 `RelufyMLP` that adopts the layer's gate_up_proj and down_proj. With any other activation the
 class is exactly vLLM's. After the weights are loaded, `load_weights` turns the sparse decode path
-on where it can run (`RelufyMLP.prepare_sparse`).
+on where it can run (`RelufyMLP.prepare_sparse`) and puts that choice into vLLM's torch.compile cache
+key (`_add_compile_factor`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..activations import Activation, parse_activation
 from ..per_layer import PER_LAYER, checked, layer_thresholds
-from .mlp import RelufyMLP, workspace_allocator
+from .mlp import RelufyMLP, _log_once, workspace_allocator
+
+# the key of vLLM's `additional_config` that says whether the FFNs run sparse (see _add_compile_factor)
+COMPILE_FACTOR = "relufy_sparse_ffn"
 
 
 @contextlib.contextmanager
@@ -51,6 +55,30 @@ def _adopt_mlps(model: nn.Module, activation: Activation, config) -> None:
             layer.mlp = RelufyMLP(mlp, activation if thresholds is None else Activation("fatrelu", thresholds[index]))
 
 
+def _add_compile_factor(vllm_config, sparse: bool) -> None:
+    """Make whether the FFNs run sparse part of vLLM's torch.compile cache key.
+
+    vLLM compiles the model once and keeps the graph on disk, under VLLM_CACHE_ROOT/torch_compile_cache/,
+    keyed by a hash of `VllmConfig.compute_hash()`, the variables `vllm.envs` knows (`compile_factors()`),
+    the traced source files and the compiler; a later start with the same key runs that graph without
+    tracing again. `RelufyMLP.forward` takes the sparse op or vLLM's linears depending on what
+    `prepare_sparse` decided, which follows RELUFY_VLLM_SPARSE (no vLLM variable), the device, Triton and
+    the quantization: without this factor, serving a folder sparse and then with RELUFY_VLLM_SPARSE=0 (or
+    the reverse) can run the other setting's graph.
+
+    `VllmConfig.additional_config` is the field vLLM hashes for settings from outside vLLM (a dict, hashed
+    as JSON). vLLM computes the key when it first compiles, at the model's first forward, after
+    `load_weights` (0.26 and 0.32), so the decision is recorded in time. The decision, not the switch, is
+    recorded: where both settings run the same dense graph (CPU, quantized linears) they share one cache
+    entry. Models without a RelufyMLP (SiLU folders) record nothing and keep vLLM's own key.
+    """
+    if isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config[COMPILE_FACTOR] = sparse
+    else:  # a user's SupportsHash object: nothing to add a key to
+        _log_once("relufy: additional_config is not a dict, so vLLM's compile cache key does not say whether the "
+                  "FFNs run sparse; give each RELUFY_VLLM_SPARSE setting its own VLLM_CACHE_ROOT")
+
+
 class _RelufyModelMixin:
     """The shared constructor and post-load hook; put it before the vLLM class in the bases."""
 
@@ -59,6 +87,7 @@ class _RelufyModelMixin:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         if activation is not None:
             _adopt_mlps(self, activation, vllm_config.model_config.hf_config.get_text_config())
+        self._vllm_config = vllm_config  # the object vLLM hashes for its compile cache, see load_weights
 
     def load_weights(self, weights):
         """vLLM's loading, then the sparse path where it can run.
@@ -67,12 +96,14 @@ class _RelufyModelMixin:
         calls a model's `process_weights_after_loading`, 0.26 does not). It runs before the linears'
         quant methods post-process their weights; `prepare_sparse` only reads unquantized weights,
         which that step leaves as they are on CUDA. A reload (`load_weights` again) recalibrates.
+        Whether the sparse path is on then goes into vLLM's compile cache key (`_add_compile_factor`).
         """
         loaded = super().load_weights(weights)
         workspace_for = workspace_allocator()
-        for module in self.modules():
-            if isinstance(module, RelufyMLP):
-                module.prepare_sparse(workspace_for)
+        mlps = [module for module in self.modules() if isinstance(module, RelufyMLP)]
+        sparse = [mlp.prepare_sparse(workspace_for) for mlp in mlps]
+        if mlps:
+            _add_compile_factor(self._vllm_config, any(sparse))
         return loaded
 
 

@@ -30,12 +30,12 @@ bytes the sparse FFN must read (gate in full, up and down rows of the union) at 
     python bench/sparse_ffn.py --tiny --output /tmp/sparse_ffn.json      # CPU smoke run (Triton interpreter)
     python bench/sparse_ffn.py --shapes smollm2-135m --layers 32 --output bench/out/sparse_ffn-135m.json
 
-The sweep times tile table rows: the first kernel's candidates, then the down kernel's on the best
-of those, then "up in down" ones; it ends by printing the rows of its GPU family, one batch class per
-swept batch size, ready to paste into src/relufy/sparse/kernels/tiles.py (TILE_TABLE, or
-NARROW_TILE_TABLE for a shape up to NARROW_WIDTH wide). It compiles its candidates in
-`--compile-workers` processes first (Triton's on-disk cache then serves the timing process), since
-compiling, not timing, is most of its time.
+The sweep times tile table rows: the first kernel's candidates (up to 4 tokens, the persistent first
+kernel's too), then the down kernel's on the best of those, then "up in down" ones; it ends by
+printing the rows of its GPU family, one batch class per swept batch size, ready to paste into
+src/relufy/sparse/kernels/tiles.py (TILE_TABLE, or NARROW_TILE_TABLE for a shape up to NARROW_WIDTH
+wide). It compiles its candidates in `--compile-workers` processes first (Triton's on-disk cache
+then serves the timing process), since compiling, not timing, is most of its time.
 """
 
 from __future__ import annotations
@@ -229,9 +229,9 @@ def max_rel_error(result, reference) -> float:
 
 
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
-    """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates, then the down kernel's on the
-    best of those, then "up in down" candidates against the best so far (the first `limit` candidates
-    of each, for a smoke run). Every candidate's time is
+    """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates (one program per row block, and
+    persistent), then the down kernel's on the best of those, then "up in down" candidates against the
+    best so far (the first `limit` candidates of each, for a smoke run). Every candidate's time is
     kept; the JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's
     candidates in parallel first."""
     from relufy.sparse.kernels import choose_tiles, device_row, family_and_multiprocessors, row_tiles
@@ -266,7 +266,8 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
 
         # the row this device takes for the shape, as a two-kernel row: "up in down" candidates come last,
         # against the best of both kernels
-        best = fastest(first_rows({**device_row(batch, ffn.hidden, ffn.device), "up_in_down": False}, batch)[:limit])
+        base = {**device_row(batch, ffn.hidden, ffn.device), "up_in_down": False}
+        best = fastest(first_rows(base, batch)[:limit] + persistent_first_rows(base, batch)[:limit])
         best = fastest(down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
@@ -346,6 +347,26 @@ def first_rows(base: dict, batch: int) -> list[dict]:
     return candidates
 
 
+def persistent_first_rows(base: dict, batch: int) -> list[dict]:
+    """Candidates of the persistent first kernel (`first_per_sm` programs per multiprocessor, each
+    walking row blocks in a loop Triton pipelines over `stages`; 1 stage: no pipelining), up to 4
+    tokens. At one token, broadcast tiles: today's (4 rows, 1024-wide K steps, 4 warps) at 1, 2, 4 and
+    5 programs per multiprocessor and 1 to 4 stages; half its bytes per step (4 x 512, 4 warps) at 2,
+    4 and 7 programs and twice them (4 x 2048, 8 warps) at 1 and 2, both at 2 to 4 stages. The most
+    programs per multiprocessor are about as many as fit at 3 stages (5, 7 and 2: registers and shared
+    memory of the sm_90 code of Triton 3.6 and 3.9), each with 2 steps of gate rows in flight. At 2 to
+    4 tokens, `base`'s tiles at 1 and 2 programs per multiprocessor and 2 to 4 stages (tensor-core
+    tiles at 3 stages leave room for 2)."""
+    if batch > 4:
+        return []
+    if batch > 1:
+        return [{**base, "first_per_sm": p, "stages": st} for p, st in itertools.product((1, 2), (2, 3, 4))]
+    shapes = [((4, 1024, 4), (1, 2, 4, 5), (1, 2, 3, 4)), ((4, 512, 4), (2, 4, 7), (2, 3, 4)),
+              ((4, 2048, 8), (1, 2), (2, 3, 4))]
+    return [{**base, "use_dot": False, "block_n": n, "block_k": k, "warps_first": w, "first_per_sm": p, "stages": st}
+            for (n, k, w), programs, stages in shapes for p, st in itertools.product(programs, stages)]
+
+
 def down_rows(best: dict, batch: int) -> list[dict]:
     """The down kernel's candidates on the first kernel's best row: columns per program (row segments
     of 256 B to 1 KB in bf16), rows per step, programs per multiprocessor, warps, and at several
@@ -394,12 +415,12 @@ def tile_table_text(result: dict) -> str:
     from relufy.sparse.kernels import NARROW_WIDTH
 
     best = {int(batch): {"up_in_down": False, **entry["best"]} for batch, entry in result["sweep"].items()}
-    first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages")
+    first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages", "first_per_sm")
     table = "NARROW_TILE_TABLE" if result.get("sweep_width", 1 << 30) <= NARROW_WIDTH else "TILE_TABLE"
     lines = [f"{table}[{json.dumps(result['tile_family'])}] = {{"]
     for batch, row in sorted(best.items()):
         key = "1 << 30" if batch == max(best) else str(batch)
-        first = ", ".join(f"{name}={row[name]!r}" for name in first_keys)
+        first = ", ".join(f"{name}={row[name]!r}" for name in first_keys if name in row)
         down = ", ".join(f"{name}={value!r}" for name, value in row.items() if name not in first_keys)
         lines += [f"    {key}: dict({first},", f"    {' ' * len(key)}       {down}),"]
     return "\n".join(lines + ["}"])

@@ -82,3 +82,30 @@ def test_many_programs_per_column_block_sum_every_share(batch):
         dense = ((torch.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()).float()
         sparse = sparse_ffn(x, w_gate, w_up, w_down_t, RELU).float()
         assert (sparse - dense).abs().max() <= 1e-2 * dense.abs().max()
+
+
+@pytest.mark.parametrize("batch, first_per_sm, stages", [(1, 5, 3), (1, 1, 4), (1, 2, 1), (4, 2, 3)])
+def test_the_persistent_first_kernel_at_a_real_width(batch, first_per_sm, stages):
+    """The persistent first kernel compiled, its gate tiles copied to shared memory ahead of use and across
+    row blocks (what the interpreter does not model), at the Llama-2-7B width with this GPU's tiles, against
+    a dense FFN and against one program per row block."""
+    from relufy.sparse.kernels import device_row, family_and_multiprocessors, row_tiles
+
+    device = torch.device("cuda")
+    _, multiprocessors = family_and_multiprocessors(device)
+    row = {**device_row(batch, 4096, device), "first_per_sm": first_per_sm, "stages": stages}
+    tiles = row_tiles(row, batch, 4096, multiprocessors)
+    assert tiles.first_programs == first_per_sm * multiprocessors
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    w_gate, w_up, w_down = (torch.randn(*shape, generator=generator, device="cuda").bfloat16() * 0.02
+                            for shape in [(11008, 4096), (11008, 4096), (4096, 11008)])
+    w_down_t = w_down.t().contiguous()
+    for _ in range(3):
+        x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
+        dense = ((torch.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()).float()
+        sparse = sparse_ffn(x, w_gate, w_up, w_down_t, RELU, tiles=tiles).float()
+        per_block = sparse_ffn(x, w_gate, w_up, w_down_t, RELU, tiles=row_tiles({**row, "first_per_sm": 0}, batch,
+                                                                              4096, multiprocessors)).float()
+        # bf16 outputs: the down kernel's sums in list order, which differs between launches, may round apart
+        assert (sparse - dense).abs().max() <= 1e-2 * dense.abs().max()
+        assert (sparse - per_block).abs().max() <= 1e-2 * per_block.abs().max()

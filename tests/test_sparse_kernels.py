@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 triton = pytest.importorskip("triton")
 
 from relufy.sparse.kernels import (  # noqa: E402
-    ACTIVATION_CODES, FATRELU, NARROW_TILE_TABLE, NARROW_WIDTH, RELU, SHIFTED_RELU, TILE_TABLE, choose_tiles,
+    ACTIVATION_CODES, FATRELU, NARROW_TILE_TABLE, NARROW_WIDTH, RELU, SHIFTED_RELU, TILE_TABLE, Tiles, choose_tiles,
     gpu_family, gpu_tiles, row_tiles, sparse_ffn, table_row, workspace_size)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu")
@@ -316,6 +316,9 @@ def test_tiles_come_from_the_table_of_the_gpu_at_hand():
             assert all(getattr(tiles, key) == value for key, value in row.items() if key != "down_per_sm")
             assert tiles.split == min(64, row["down_per_sm"] * 132 // (4096 // row["block_d"]))
             assert not tiles.up_in_down  # the default path unless a row asks for "up in down"
+            assert tiles.first_programs == 0  # one first-kernel program per row block unless a row asks
+            persistent = row_tiles({**row, "first_per_sm": 2}, batch, 4096, 132)
+            assert persistent == dataclasses.replace(tiles, first_programs=264)
             # "up in down" programs each cover every column: `down_per_sm` list slices per multiprocessor
             variant = row_tiles({**row, "up_in_down": True, "down_per_sm": 0.5}, batch, 4096, 132)
             assert variant.up_in_down and variant.split == 66
@@ -366,6 +369,94 @@ def test_a_plain_ffn_on_an_up_in_down_row_keeps_the_down_kernels_bound(monkeypat
     monkeypatch.setattr(launch, "down_kernel", Recorded())
     check(x, weights, "fatrelu", torch.float32, tiles)
     assert grids == [(MAX_SPLIT, 1)]  # one column block of 1024 covers 136
+
+
+# the persistent first kernel on an FFN of 101 neurons (13 row blocks of 8, the last short) and K = 72 (3
+# steps of 32, the last short): (programs, stages) of its fixed grid. Fewer programs than blocks (each
+# walks 2 or 3), one program (all 13), one per block, more than blocks (the grid is cut to one per block);
+# 1 stage is no pipelining
+PERSISTENT = [(5, 3), (1, 2), (13, 1), (100, 4)]
+
+
+def persistent_tiles(batch, programs, stages, use_dot=None):
+    """Tiles of the persistent first kernel (0 programs: one per block) for 101 neurons, K = 72 and D = 40,
+    the same on every device: blocks of 8 rows, 32-wide K steps, broadcast tiles up to 4 tokens and tensor
+    cores above (or as `use_dot` says); the down kernel on 3 programs per column block of 16."""
+    use_dot = batch > 4 if use_dot is None else use_dot
+    padded = triton.next_power_of_2(batch)
+    return Tiles(block_b=max(16, padded) if use_dot else padded, block_n=8, block_k=32, use_dot=use_dot, split=3,
+                 chunk=16, block_d=16, stages=stages, first_programs=programs)
+
+
+@pytest.mark.parametrize("activation", list(PARAMS))
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_the_persistent_first_kernel_matches_the_dense_ffn(activation, gated, batch):
+    """Every activation, gated and not, with biases, one token to eight (broadcast tiles up to 4 tokens,
+    tensor cores at 8), on 5 programs that each walk 2 or 3 blocks over 3 stages."""
+    x, weights = random_ffn(batch, k=72, n=101, d=40, gated=gated, bias=True, seed=batch)
+    check(x, weights, activation, torch.float32, persistent_tiles(batch, 5, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_persistent_first_kernel_in_half_precision_without_biases(dtype, batch):
+    x, weights = random_ffn(batch, k=72, n=101, d=40, dtype=dtype, seed=batch)
+    check(x, weights, "fatrelu", dtype, persistent_tiles(batch, 5, 2))
+
+
+@BOTH_PATHS
+def test_the_persistent_first_kernel_on_either_path(up_in_down):
+    """With "up in down" the persistent kernel reads only the gate and the second kernel the W_up rows."""
+    x, weights = random_ffn(2, k=72, n=101, d=40, bias=True, seed=4)
+    tiles = tiles_for(2, 101, 40, up_in_down, persistent_tiles(2, 5, 3))
+    assert tiles.up_in_down == up_in_down and tiles.first_programs == 5
+    check(x, weights, "shifted_relu", torch.float32, tiles)
+
+
+@pytest.mark.parametrize("batch, use_dot, programs, stages", [(1, False, *grid) for grid in PERSISTENT]
+                         + [(5, False, 5, 3), (5, True, 5, 3), (5, True, 100, 4)])
+def test_the_persistent_first_kernel_gives_the_outputs_of_one_program_per_block(batch, use_dot, programs, stages,
+                                                                                 monkeypatch):
+    """x1 and the list of active neurons, as the down kernel receives them, are those of one program per
+    block with the same tiles (x1 bit for bit; the list as a set, its order being the atomics'), with NaN
+    where x1 may be allocated, and the grid is cut to one program per block; the outputs agree."""
+    from relufy.sparse.kernels import launch
+
+    x, weights = random_ffn(batch, k=72, n=101, d=40, bias=True, seed=batch + programs)
+    tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
+    received, grids = [], []
+    down_kernel, persistent_kernel = launch.down_kernel, launch.persistent_first_projection_kernel
+
+    class Received:  # the down kernel, noting the first kernel's outputs it is handed
+        def __getitem__(self, grid):
+            def run(x1, index, workspace, *args, **kwargs):
+                count = int(workspace[0])
+                received.append((x1.clone(), sorted(index[:count].tolist()), count))
+                return down_kernel[grid](x1, index, workspace, *args, **kwargs)
+            return run
+
+    class Persistent:  # the persistent first kernel, its launch grids noted
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return persistent_kernel[grid]
+
+    monkeypatch.setattr(launch, "down_kernel", Received())
+    monkeypatch.setattr(launch, "persistent_first_projection_kernel", Persistent())
+    outputs = []
+    for first_programs in (0, programs):
+        poison_allocator(DEVICE)
+        tiles = persistent_tiles(batch, first_programs, stages, use_dot)
+        outputs.append(sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], tiles=tiles))
+    (x1, listed, count), (x1_persistent, listed_persistent, count_persistent) = received
+    assert grids == [(min(programs, 13),)]
+    assert 0 < count == count_persistent and listed == listed_persistent
+    assert torch.isfinite(x1_persistent).all()
+    if ON_INTERPRETER:  # the same arithmetic in the same order; compiled code may reduce in another order
+        assert torch.equal(x1_persistent, x1)
+    else:
+        torch.testing.assert_close(x1_persistent, x1, rtol=1e-6, atol=1e-6)
+    assert relative_error(outputs[1], outputs[0]) <= 1e-6
 
 
 def table_row_of(rows: dict, batch: int) -> dict:

@@ -6,7 +6,8 @@ need not be read. Fixed grids, and the active count kept on the device, so the w
 captured in a CUDA graph. One module per job:
 
 - `gate_up`: the first kernel (the gate rows read in full, the activation, the compact list of
-  active neurons, their W_up rows);
+  active neurons, their W_up rows), one program per row block or, opt-in (`Tiles.first_programs`),
+  a persistent grid whose programs each walk row blocks in one software-pipelined loop;
 - `down`: the second kernel (W_down^T rows of the list, or every row above `dense_above`);
 - `up_down`: the second kernel of the "up in down" variant (`Tiles.up_in_down`, gated FFNs): each
   program reads the W_up and then the W_down^T rows of a slice of the list, after a first kernel

@@ -11,7 +11,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .down import down_kernel
-from .gate_up import FATRELU, first_projection_kernel
+from .gate_up import FATRELU, first_projection_kernel, persistent_first_projection_kernel
 from .tiles import MAX_SPLIT, Tiles, choose_tiles
 from .up_down import up_down_kernel
 
@@ -69,6 +69,7 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     batch, the down kernel reads all N rows in order (None: never). `routes` (int32, 2 words), if
     given, counts the calls that took the sparse route (word 0) and the dense one (word 1).
     With `tiles.up_in_down` a gated FFN reads W_up in the second kernel (`up_down_kernel`), not the first.
+    With `tiles.first_programs` the first kernel is `persistent_first_projection_kernel` on that many programs.
     """
     tokens, k = x.shape
     n, d = w_down_t.shape
@@ -90,11 +91,18 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
         # a non-gated FFN on an "up in down" row runs two kernels after all: the down kernel's bound on
         # programs per column block holds
         tiles = dataclasses.replace(tiles, split=min(tiles.split, MAX_SPLIT))
-    first_projection_kernel[(triton.cdiv(n, tiles.block_n),)](
-        x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
-        _kernel_param(activation, act_param, x.dtype), GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
+    first_args = (x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens,
+                  n, k, _kernel_param(activation, act_param, x.dtype))
+    first_constants = dict(
+        GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
         DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
+    blocks = triton.cdiv(n, tiles.block_n)
+    if tiles.first_programs:  # a fixed grid whose programs each walk row blocks, at most one per block
+        persistent_first_projection_kernel[(min(tiles.first_programs, blocks),)](
+            *first_args, STAGES=tiles.stages, **first_constants)
+    else:  # one program per row block
+        first_projection_kernel[(blocks,)](*first_args, **first_constants)
     out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     sums = workspace[_down_sums(d):].view(torch.float32)
     dense_above = n if dense_above is None else int(dense_above)

@@ -25,16 +25,22 @@ class Tiles:
     stages: int = 3
     stages_down: int = 3
     up_in_down: bool = False  # gated FFNs: W_up read in the second kernel (`up_down_kernel`), not the first
+    # programs of the first kernel: 0, one per block of block_n rows (`first_projection_kernel`); else a
+    # fixed grid of this many, each walking row blocks in a loop pipelined over `stages`
+    # (`persistent_first_projection_kernel`); from a row's `first_per_sm` (absent: 0)
+    first_programs: int = 0
 
 
 # Per GPU family and batch class (the largest batch of the class), the tiles of both kernels, read off
 # `python bench/sparse_ffn.py --sweep-tiles --shapes llama2-7b --batches B --output sweep.json`, which prints
 # the rows of the GPU it ran on, ready to paste over its family's. First kernel (block_n, block_k, use_dot,
 # warps_first, stages): one token, four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor
-# cores); more tokens, tensor-core dots on a batch padded to 16. Down kernel (block_d columns per program,
-# chunk rows per step, down_per_sm programs per multiprocessor, warps_down, stages_down). Each family's
-# rows come from a sweep of both kernels on that GPU (docs/results/inference/sweep-h100-llama2-7b-b*.json,
-# sweep-h200-llama2-7b-b*.json). A GPU not in the table gets the H200's rows.
+# cores); more tokens, tensor-core dots on a batch padded to 16. No row sets first_per_sm (the persistent
+# first kernel's programs per multiprocessor, `Tiles.first_programs`): one program per row block. Down
+# kernel (block_d columns per program, chunk rows per step, down_per_sm programs per multiprocessor,
+# warps_down, stages_down). Each family's rows come from a sweep of both kernels on that GPU
+# (docs/results/inference/sweep-h100-llama2-7b-b*.json, sweep-h200-llama2-7b-b*.json). A GPU not in the
+# table gets the H200's rows.
 TILE_TABLE: dict[str, dict[int, dict]] = {}
 TILE_TABLE["H200"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
@@ -123,11 +129,14 @@ def row_tiles(row: dict, batch: int, d: int, multiprocessors: int) -> Tiles:
     power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` (a fraction
     too) programs per multiprocessor over all its column blocks (at most MAX_SPLIT per column block);
     with `up_in_down`, whose programs each cover every column, `down_per_sm` programs per
-    multiprocessor, each a slice of the list."""
-    fields = {key: value for key, value in row.items() if key != "down_per_sm"}
+    multiprocessor, each a slice of the list. A row with `first_per_sm` runs the first kernel on a
+    fixed grid of that many programs per multiprocessor (`Tiles.first_programs`)."""
+    fields = {key: value for key, value in row.items() if key not in ("down_per_sm", "first_per_sm")}
     padded = triton.next_power_of_2(batch)
     if row.get("up_in_down"):
         split = max(1, int(row["down_per_sm"] * multiprocessors))
     else:
         split = max(1, min(MAX_SPLIT, int(row["down_per_sm"] * multiprocessors) // triton.cdiv(d, row["block_d"])))
-    return Tiles(block_b=max(16, padded) if row["use_dot"] else padded, split=split, **fields)
+    first_programs = max(1, int(row["first_per_sm"] * multiprocessors)) if row.get("first_per_sm") else 0
+    return Tiles(block_b=max(16, padded) if row["use_dot"] else padded, split=split, first_programs=first_programs,
+                 **fields)

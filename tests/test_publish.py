@@ -84,10 +84,12 @@ def test_card_has_front_matter_with_measured_results_and_carried_license(relu, t
 def test_serve_section_names_the_plugin_or_the_transformers_backend_and_warns():
     native = "\n".join(serve_section({"architectures": ["Qwen2ForCausalLM"]}, "relu2", "me/m", remote_code=False))
     assert "pip install 'relufy[vllm]'\nvllm serve me/m\n" in native and "--model-impl" not in native
-    other = "\n".join(serve_section({"architectures": ["GemmaForCausalLM"]}, "fatrelu_0.01", "me/g", remote_code=True))
+    other = "\n".join(serve_section({"architectures": ["Olmo2ForCausalLM"]}, "fatrelu_0.01", "me/g", remote_code=True))
     assert "vllm serve me/g --model-impl transformers --trust-remote-code" in other
+    dense = "\n".join(serve_section({"architectures": ["FalconForCausalLM"]}, "relu", "me/f", remote_code=False))
+    assert "vllm serve me/f\n" in dense and "(dense: " in dense and "silently run GELU" in dense
     for text, activation in ((native, "relu2"), (other, "fatrelu_0.01")):
-        assert f"silently run SiLU instead of `{activation}`" in text
+        assert f"silently run its original activation (SiLU or GELU) instead of `{activation}`" in text
         assert all(engine in text for engine in ("llama.cpp", "Ollama", "MLC LLM", "ExLlama"))
 
 

@@ -247,14 +247,16 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
 
 def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool) -> list[str]:
     """The card's "Serve it" lines: the vLLM command for this architecture, and the engines that would run it wrong."""
-    from .vllm import ARCHITECTURES
+    from .vllm import ARCHITECTURES, NOT_GATED
 
     architecture = (config.get("architectures") or ["?"])[0]
     lines = ["## Serve it", "", "```bash"]
     if architecture in ARCHITECTURES:
+        speed = "dense: the sparse FFN is for gated FFNs" if architecture in NOT_GATED else "sparse decode on CUDA"
         lines += ["pip install 'relufy[vllm]'", f"vllm serve {repo_id}", "```", "",
-                  f"relufy's vLLM plugin runs `{activation}` in vLLM's own `{architecture}` class (sparse decode "
-                  "on CUDA); without it vLLM refuses the activation."]
+                  f"relufy's vLLM plugin runs `{activation}` in vLLM's own `{architecture}` class ({speed}); "
+                  "without it vLLM's class may refuse the activation or, for Gemma and Falcon, silently run GELU "
+                  "in its place."]
     elif activation == PER_LAYER.config_value:
         lines = ["## Serve it", "", f"vLLM serves one FATReLU threshold per layer only through relufy's plugin, for "
                  f"{', '.join(f'`{name}`' for name in ARCHITECTURES)}; this model is a `{architecture}`."]
@@ -263,5 +265,5 @@ def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool
         lines += [f"vllm serve {repo_id} --model-impl transformers{flag}", "```", "",
                   "vLLM runs it through transformers' modeling code (dense)."]
     return lines + ["", f"**Do not serve it with llama.cpp, Ollama, MLC LLM or ExLlama** (nor a GGUF, EXL2 or MLC "
-                        f"conversion of it): they load this architecture and silently run SiLU instead of "
-                        f"`{activation}`, so every output is wrong."]
+                        f"conversion of it): they load this architecture and silently run its original "
+                        f"activation (SiLU or GELU) instead of `{activation}`, so every output is wrong."]

@@ -89,29 +89,33 @@ def run_engine(folder, work, inspect=None, **engine_args):
         gc.collect()
 
 
-def vllm_greedy(folder, inspect=None, **engine_args):
-    """(greedy continuations of PROMPTS, inspect(model) or None) from vLLM."""
+def greedy(llm, folder) -> list[list[int]]:
+    """The engine's greedy continuations of PROMPTS."""
     from vllm import SamplingParams, TokensPrompt
 
-    def generate(llm):
-        params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
-        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
-        return [list(result.outputs[0].token_ids) for result in results]
+    params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0)
+    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids(folder)], params)
+    return [list(result.outputs[0].token_ids) for result in results]
 
-    return run_engine(folder, generate, inspect, **engine_args)
+
+def logprobs(llm, sequences) -> list[list[float]]:
+    """The log-probability the engine gives each token of each sequence after the first."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in sequences], params)
+    return [[entry[token].logprob for token, entry in zip(sequence[1:], result.prompt_logprobs[1:])]
+            for sequence, result in zip(sequences, results)]
+
+
+def vllm_greedy(folder, inspect=None, **engine_args):
+    """(greedy continuations of PROMPTS, inspect(model) or None) from vLLM."""
+    return run_engine(folder, lambda llm: greedy(llm, folder), inspect, **engine_args)
 
 
 def vllm_logprobs(folder, sequences, inspect=None, **engine_args):
     """(log-probability vLLM gives each token of each sequence after the first, inspect(model) or None)."""
-    from vllm import SamplingParams, TokensPrompt
-
-    def score(llm):
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-        results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in sequences], params)
-        return [[entry[token].logprob for token, entry in zip(sequence[1:], result.prompt_logprobs[1:])]
-                for sequence, result in zip(sequences, results)]
-
-    return run_engine(folder, score, inspect, **engine_args)
+    return run_engine(folder, lambda llm: logprobs(llm, sequences), inspect, **engine_args)
 
 
 def vllm_greedy_in_fresh_process(folder, **engine_args) -> list[list[int]]:

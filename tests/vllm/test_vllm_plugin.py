@@ -4,13 +4,14 @@ Run with `make test-vllm` (it builds .venv-vllm). The plugin is loaded by vLLM i
 `vllm.general_plugins` entry point of the editable relufy install: no --model-impl, no remote code.
 """
 
+import contextlib
 import logging
 import shutil
 
 import pytest
 
-from engines import (assert_same_greedy, prompt_ids, transformers_greedy, transformers_logprobs, vllm_greedy,
-                     vllm_greedy_in_fresh_process, vllm_logprobs)
+from engines import (assert_same_greedy, greedy, logprobs, prompt_ids, run_engine, transformers_greedy,
+                     transformers_logprobs, vllm_greedy, vllm_greedy_in_fresh_process, vllm_logprobs)
 
 ACTIVATIONS = ["relu", "relu2", "fatrelu_0.01", "shifted_relu_0.05"]
 
@@ -36,6 +37,80 @@ def test_mistral_and_qwen3(tiny_folder, model_type):
     tokens, classes = vllm_greedy(folder, inspect=_classes, enforce_eager=True)
     assert classes[1] == "RelufyMLP", classes
     assert_same_greedy(folder, tokens)
+
+
+# The other families relufy converts that vLLM has classes of: gated FFNs get a RelufyMLP, non-gated ones
+# (GPT-2, Falcon) keep vLLM's MLP with relufy's activation.
+MORE_FAMILIES = [("granite", "relu"), ("phi3", "relu"), ("gemma", "relu"), ("gemma2", "relu"), ("gemma3_text", "relu"),
+                 ("gemma3_text", "fatrelu_0.01"), ("gpt2", "fatrelu_0.01"), ("falcon", "relu")]
+# vLLM's and transformers' float32 log-probabilities of these tokens are at most 1.3e-4 apart on a CPU (Gemma 2;
+# 3e-6 the others), and on a GPU up to ~2e-3 (vLLM's attention multiplies in TF32); vLLM's own GemmaMLP, which runs
+# GELU on the relu Gemma, is 0.23 off.
+LOGPROB_TOLERANCE = 0.02
+
+
+def _ffn(model):
+    """(model class, MLP class, activation class) of the first decoder layer."""
+    layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    mlp = layers[0].mlp
+    act = mlp.act if hasattr(mlp, "act") else mlp.act_fn  # GPT-2's and Falcon's MLPs call it act
+    act = getattr(act, "act", act)  # RelufyMLP's GatedActivation holds relufy's module
+    return type(model).__name__, type(mlp).__name__, type(act).__name__
+
+
+@pytest.mark.parametrize(("model_type", "hidden_act"), MORE_FAMILIES)
+def test_more_families(tiny_folder, model_type, hidden_act):
+    """Greedy tokens equal transformers', and so do the log-probabilities of transformers' continuations: tokens
+    alone do not tell for Gemma, whose embeddings, scaled by sqrt(hidden_size), outweigh a tiny random FFN
+    (vLLM's own GemmaMLP gives the relu Gemma transformers' greedy tokens with GELU in place of ReLU)."""
+    from relufy.activations import parse_activation
+    from relufy.architectures import architecture_for
+
+    folder = tiny_folder(model_type, hidden_act)
+    sequences = [ids + tokens for ids, tokens in zip(prompt_ids(folder), transformers_greedy(folder))]
+    (tokens, got), (model_class, mlp_class, act_class) = run_engine(
+        folder, lambda llm: (greedy(llm, folder), logprobs(llm, sequences)), _ffn, enforce_eager=True)
+    assert model_class.startswith("Relu") and (mlp_class == "RelufyMLP") == architecture_for(model_type).gated
+    assert act_class == type(parse_activation(hidden_act).module()).__name__
+    assert_same_greedy(folder, tokens)
+    expected = transformers_logprobs(folder, sequences)
+    assert max(abs(a - b) for row, want in zip(got, expected) for a, b in zip(row, want)) < LOGPROB_TOLERANCE
+
+
+@contextlib.contextmanager
+def vllms_own_class(architecture: str, module: str):
+    """vLLM's own class under its architecture name inside the block, the plugin's after."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    import relufy.vllm
+
+    load_general_plugins()  # now, once per process, so that the engine's call does not register the plugin's
+    ModelRegistry.register_model(architecture, f"vllm.model_executor.models.{module}:{architecture}")
+    try:
+        yield
+    finally:
+        relufy.vllm.register()
+
+
+@pytest.mark.parametrize(("model_type", "architecture", "module"), [("gemma", "GemmaForCausalLM", "gemma"),
+                                                                    ("falcon", "FalconForCausalLM", "falcon")])
+def test_vllms_own_gemma_and_falcon_run_gelu(tiny_folder, tmp_path, model_type, architecture, module):
+    """Without the plugin vLLM loads a relu Gemma or Falcon without complaint and builds GELU: its GemmaMLP
+    reads `hidden_activation` (tanh-GELU where there is none), its FalconMLP no key at all."""
+    # vLLM caches the resolved class per model path in a process: the same files under a new path
+    folder = shutil.copytree(tiny_folder(model_type, "relu"), tmp_path / model_type)
+    with vllms_own_class(architecture, module):
+        _, (model_class, mlp_class, act_class) = vllm_greedy(folder, inspect=_ffn, enforce_eager=True)
+    assert model_class == architecture
+    assert act_class in ("GeluAndMul", "GELU"), (mlp_class, act_class)
+
+
+def test_olmo2_runs_on_the_transformers_backend(tiny_folder):
+    """vLLM has no class of its own for OLMo 2 (0.26 and 0.32): it serves it on its Transformers backend without
+    --model-impl, which builds ACT2FN[hidden_act], where the plugin registered relufy's names."""
+    folder = tiny_folder("olmo2", "fatrelu_0.01")
+    assert_same_greedy(folder, vllm_greedy_in_fresh_process(folder, enforce_eager=True))
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
@@ -72,28 +147,14 @@ def test_transformers_backend_without_remote_code(tiny_folder, model_type, hidde
     assert_same_greedy(folder, tokens)
 
 
-@pytest.fixture
-def vllm_own_llama():
-    """vLLM's own LlamaForCausalLM under its architecture name inside the block, the plugin's after."""
-    from vllm import ModelRegistry
-
-    import relufy.vllm
-
-    ModelRegistry.register_model("LlamaForCausalLM", "vllm.model_executor.models.llama:LlamaForCausalLM")
-    try:
-        yield
-    finally:
-        relufy.vllm.register()
-
-
-def test_silu_model_is_vllms_own(tiny_folder, request, tmp_path):
+def test_silu_model_is_vllms_own(tiny_folder, tmp_path):
     folder = tiny_folder("llama", "silu")
     tokens, classes = vllm_greedy(folder, inspect=_classes, enforce_eager=True)
     assert classes == ("ReluLlamaForCausalLM", "LlamaMLP")
-    request.getfixturevalue("vllm_own_llama")
     # vLLM caches the resolved class per model path in a process: the same files under a new path
     copy = shutil.copytree(folder, tmp_path / "silu-copy")
-    own_tokens, own_classes = vllm_greedy(copy, inspect=_classes, enforce_eager=True)
+    with vllms_own_class("LlamaForCausalLM", "llama"):
+        own_tokens, own_classes = vllm_greedy(copy, inspect=_classes, enforce_eager=True)
     assert own_classes == ("LlamaForCausalLM", "LlamaMLP")
     assert tokens == own_tokens
 
@@ -188,3 +249,25 @@ def test_register_is_idempotent():
     assert "LlamaForCausalLM" in ModelRegistry.get_supported_archs()
     assert type(ACT2FN["shifted_relu_0.5"]).__name__ == "ShiftedReLU"
     assert ModelRegistry._try_load_model_cls("Qwen2ForCausalLM").__name__ == "ReluQwen2ForCausalLM"
+
+
+# the Hugging Face model_type of each architecture the plugin registers
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3", "GraniteForCausalLM": "granite", "Phi3ForCausalLM": "phi3",
+               "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+               "GPT2LMHeadModel": "gpt2", "FalconForCausalLM": "falcon"}
+
+
+def test_each_class_reads_its_familys_activation_key():
+    """Each class reads the activation where relufy writes it (convert/architectures.yaml), gated or not as relufy
+    knows the family."""
+    import relufy.vllm.models
+    from relufy.architectures import architecture_for
+    from relufy.vllm import ARCHITECTURES, NOT_GATED
+
+    assert ARCHITECTURES.keys() == MODEL_TYPES.keys()
+    for architecture, name in ARCHITECTURES.items():
+        cls, family = getattr(relufy.vllm.models, name), architecture_for(MODEL_TYPES[architecture])
+        assert cls.activation_key == family.activation_key, name
+        assert cls.gated == family.gated == (architecture not in NOT_GATED), name
+

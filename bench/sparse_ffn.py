@@ -31,7 +31,8 @@ bytes the sparse FFN must read (gate in full, up and down rows of the union) at 
     python bench/sparse_ffn.py --shapes smollm2-135m --layers 32 --output bench/out/sparse_ffn-135m.json
 
 The sweep times tile table rows: the first kernel's candidates (up to 4 tokens, the persistent first
-kernel's too), then the down kernel's on the best of those, then "up in down" ones; it ends by
+kernel's too), then the down kernel's on the best of those, then "up in down" ones, each checked
+against the dense FFN as the rows are (one off by more than 1e-2 is printed and left out); it ends by
 printing the rows of its GPU family, one batch class per swept batch size, ready to paste into
 src/relufy/sparse/kernels/tiles.py (TILE_TABLE, or NARROW_TILE_TABLE for a shape up to NARROW_WIDTH
 wide). It compiles its candidates in `--compile-workers` processes first (Triton's on-disk cache
@@ -216,12 +217,16 @@ class RandomFFN:
                "dense_us": timer(lambda: [self.dense(i, x, thresholds[i]) for i in layers]) * 1e6 / len(layers)}
         tiles = choose_tiles(batch, self.inter, self.hidden, x.device)
         routes = torch.zeros(2, dtype=torch.int32, device=x.device)
-        errors = [max_rel_error(self.sparse(i, x, thresholds[i], tiles, dense_above, routes).float(),
-                                self.dense(i, x, thresholds[i]).float()) for i in layers]
+        error = self.max_error(x, thresholds, tiles, dense_above, routes)
         us = timer(lambda: [self.sparse(i, x, thresholds[i], tiles, dense_above) for i in layers]) * 1e6 / len(layers)
-        row.update(sparse_us=us, sparse_over_dense=us / row["dense_us"], max_rel_error=max(errors),
+        row.update(sparse_us=us, sparse_over_dense=us / row["dense_us"], max_rel_error=error,
                    dense_route_calls=int(routes[1]), calls=len(layers))
         return row
+
+    def max_error(self, x, thresholds, tiles, dense_above=None, routes=None) -> float:
+        """The largest `max_rel_error` of the sparse FFN with `tiles` against the dense one over the layers."""
+        return max(max_rel_error(self.sparse(i, x, threshold, tiles, dense_above, routes).float(),
+                                 self.dense(i, x, threshold).float()) for i, threshold in enumerate(thresholds))
 
 
 def max_rel_error(result, reference) -> float:
@@ -231,9 +236,10 @@ def max_rel_error(result, reference) -> float:
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
     """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates (one program per row block, and
     persistent), then the down kernel's on the best of those, then "up in down" candidates against the
-    best so far (the first `limit` candidates of each, for a smoke run). Every candidate's time is
-    kept; the JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's
-    candidates in parallel first."""
+    best so far (the first `limit` candidates of each, for a smoke run). Every candidate's time and
+    error against the dense FFN are kept; one off by more than MAX_REL_ERROR is never the best. The
+    JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's candidates in
+    parallel first."""
     from relufy.sparse.kernels import choose_tiles, device_row, family_and_multiprocessors, row_tiles
 
     _, multiprocessors = family_and_multiprocessors(ffn.device)
@@ -248,11 +254,19 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
             return row_tiles(row, batch, ffn.hidden, multiprocessors)
 
         def time_tiles(tiles, row=None):
+            """The candidate's time in us, as `fastest` ranks it: infinite where it does not run, or where
+            its output is further than MAX_REL_ERROR from the dense FFN's (a fast but wrong candidate must
+            not become a row to paste). Its time and error go into the JSON."""
             try:
+                error = ffn.max_error(x, thresholds, tiles)
                 us = 1e6 * timer(lambda: [ffn.sparse(i, x, thresholds[i], tiles) for i in layers]) / len(layers)
             except Exception:  # noqa: BLE001  (out of resources on this GPU)
-                us = float("inf")
-            timings.append({**(row or {}), **dataclasses.asdict(tiles), "us": us})
+                error, us = None, float("inf")
+            timings.append({**(row or {}), **dataclasses.asdict(tiles), "us": us, "max_rel_error": error})
+            if error is not None and not error <= MAX_REL_ERROR:  # NaN fails too
+                print(f"batch {batch}: {row or tiles} is off the dense FFN by {error:.1e} (bound {MAX_REL_ERROR:g}): "
+                      "left out", flush=True)
+                return float("inf")
             return us
 
         def fastest(rows):

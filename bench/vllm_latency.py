@@ -20,9 +20,9 @@ Each run writes OUT/vllm-<arm>-b<batch>.json (vLLM's own --output-json) and .log
 whose JSON exists is skipped unless --force, so a run cut short goes on where it stopped. A failed arm
 prints the tail of its log, the others still run, and the script exits 1 at the end. Every arm has its
 own VLLM_CACHE_ROOT under OUT, so each compiles from scratch into a cache that goes with OUT (the plugin
-also puts its sparse choice into vLLM's compile cache key, so a shared root would be safe too). OUT/summary.json holds the
-latencies, the ratios, the GPU, torch and vLLM (the version the engine prints in each log);
-OUT/summary.txt the table printed. The summary covers every per-arm JSON in OUT, whatever run wrote it:
+also puts its sparse choice into vLLM's compile cache key, so a shared root would be safe too).
+OUT/summary.json holds the latencies, the ratios, the GPU, torch and vLLM (the version the engine prints
+in each log); OUT/summary.txt the table printed. The summary covers every per-arm JSON in OUT, whatever run wrote it:
 give each setting (lengths, iterations, model) an OUT of its own.
 """
 
@@ -52,7 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens")
-    parser.add_argument("--output-len", type=int, default=256, help="new tokens after the prompt")
+    parser.add_argument("--output-len", type=int, default=256,
+                        help="new tokens after the prompt (with --summarize-only: the measured run's, for ms/token)")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per arm")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before them")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.45)

@@ -162,7 +162,12 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     result = json.loads(out.read_text())
     sweep = result["sweep"]["2"]
     assert len(sweep["candidates"]) >= 4
-    assert sweep["candidates"][-1] == {**sweep["best"], **sweep["best_tiles"], "us": sweep["best_us"]}
+    last = sweep["candidates"][-1]
+    assert {**last, "max_rel_error": None} == {**sweep["best"], **sweep["best_tiles"], "us": sweep["best_us"],
+                                               "max_rel_error": None}
+    # every candidate was checked against the dense FFN (float32 under the interpreter: close)
+    assert all(c["max_rel_error"] < 1e-5 for batch in ("1", "2") for c in result["sweep"][batch]["candidates"])
+    assert "left out" not in stdout
     assert result["profile"] == {}  # the per-kernel profile needs CUDA
     for batch in ("1", "2"):  # the candidate rows (not the default tiles' timing): both ways of running
         rows = [c for c in result["sweep"][batch]["candidates"] if "down_per_sm" in c]
@@ -176,3 +181,33 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     assert sorted(rows) == [1, 1 << 30]
     for batch, key in ((1, 1), (2, 1 << 30)):  # the tiny shape is 64 wide; off CUDA, 4 multiprocessors
         assert row_tiles(rows[key], batch, 64, 4) == Tiles(**result["sweep"][str(batch)]["best_tiles"])
+
+
+def test_sparse_ffn_sweep_leaves_out_a_candidate_off_the_dense_ffn(capsys):
+    """A fast but wrong candidate must not become a row to paste: the sweep records each candidate's
+    error against the dense FFN, and one above 1e-2 is never the best, however fast, and is printed."""
+    import torch
+
+    from conftest import load_script
+    from relufy.sparse.kernels.launch import interpreted
+
+    bench = load_script("bench/sparse_ffn.py", "bench_sparse_ffn")
+    ffn = bench.RandomFFN(64, 96, 2, torch.float32, torch.device("cpu" if interpreted() else "cuda"))
+    right, called = ffn.sparse, []
+
+    def sparse(layer, x, threshold, tiles, *args, **kwargs):  # the persistent candidates: twice the output
+        called.append(tiles)
+        out = right(layer, x, threshold, tiles, *args, **kwargs)
+        return 2 * out if tiles.first_programs else out
+
+    def timer(call):  # the persistent candidates: the fastest
+        call()
+        return 1e-9 if called[-1].first_programs else 1e-3
+
+    ffn.sparse = sparse
+    report = bench.sweep_tiles(ffn, [1], timer, save=lambda: None, limit=2)[1]
+    wrong = [c for c in report["candidates"] if c["first_programs"]]
+    assert len(wrong) == 2 and all(c["max_rel_error"] > 0.5 and c["us"] < 1e-2 for c in wrong)
+    assert all(c["max_rel_error"] < 1e-5 for c in report["candidates"] if not c["first_programs"])
+    assert "first_per_sm" not in report["best"] and abs(report["best_us"] - 1e6 * 1e-3 / 2) < 1e-6
+    assert capsys.readouterr().out.count("left out") == 2

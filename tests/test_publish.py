@@ -87,7 +87,7 @@ def test_serve_section_names_the_plugin_or_the_transformers_backend_and_warns():
     other = "\n".join(serve_section({"architectures": ["Olmo2ForCausalLM"]}, "fatrelu_0.01", "me/g", remote_code=True))
     assert "vllm serve me/g --model-impl transformers --trust-remote-code" in other
     dense = "\n".join(serve_section({"architectures": ["FalconForCausalLM"]}, "relu", "me/f", remote_code=False))
-    assert "vllm serve me/f\n" in dense and "(dense: " in dense and "silently run GELU" in dense
+    assert "vllm serve me/f\n" in dense and "(dense: " in dense and "silently runs GELU in its place" in dense
     for text, activation in ((native, "relu2"), (other, "fatrelu_0.01")):
         assert f"silently run its original activation (SiLU or GELU) instead of `{activation}`" in text
         assert all(engine in text for engine in ("llama.cpp", "Ollama", "MLC LLM", "ExLlama"))

@@ -419,8 +419,10 @@ def test_the_persistent_first_kernel_on_either_path(up_in_down):
 def test_the_persistent_first_kernel_gives_the_outputs_of_one_program_per_block(batch, use_dot, programs, stages,
                                                                                  monkeypatch):
     """x1 and the list of active neurons, as the down kernel receives them, are those of one program per
-    block with the same tiles (x1 bit for bit; the list as a set, its order being the atomics'), with NaN
-    where x1 may be allocated, and the grid is cut to one program per block; the outputs agree."""
+    block with the same tiles (the list as a set, its order being the atomics'), with NaN where x1 may be
+    allocated, and the grid is cut to one program per block; the outputs agree. Under the interpreter,
+    bit for bit; compiled code may sum in another order, and one ulp can flip a neuron whose gate is at
+    the threshold, so on a GPU they agree on the other neurons, x1 to rounding."""
     from relufy.sparse.kernels import launch
 
     x, weights = random_ffn(batch, k=72, n=101, d=40, bias=True, seed=batch + programs)
@@ -450,12 +452,15 @@ def test_the_persistent_first_kernel_gives_the_outputs_of_one_program_per_block(
         outputs.append(sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], tiles=tiles))
     (x1, listed, count), (x1_persistent, listed_persistent, count_persistent) = received
     assert grids == [(min(programs, 13),)]
-    assert 0 < count == count_persistent and listed == listed_persistent
-    assert torch.isfinite(x1_persistent).all()
-    if ON_INTERPRETER:  # the same arithmetic in the same order; compiled code may reduce in another order
-        assert torch.equal(x1_persistent, x1)
-    else:
-        torch.testing.assert_close(x1_persistent, x1, rtol=1e-6, atol=1e-6)
+    assert count > 0 and count_persistent > 0 and torch.isfinite(x1_persistent).all()
+    if ON_INTERPRETER:  # the same arithmetic in the same order
+        assert (listed_persistent, count_persistent) == (listed, count) and torch.equal(x1_persistent, x1)
+    else:  # neurons whose largest gate over the batch is within 1e-5 of ReLU's threshold (0) may flip
+        gate = x.double() @ weights["w_first"].double().t() + weights["b_first"].double()
+        clear = gate.max(0).values.abs() > 1e-5
+        kept = set(clear.nonzero().flatten().tolist())
+        assert kept & set(listed_persistent) == kept & set(listed)
+        torch.testing.assert_close(x1_persistent[:, clear], x1[:, clear], rtol=1e-6, atol=1e-6)
     assert relative_error(outputs[1], outputs[0]) <= 1e-6
 
 

@@ -245,6 +245,14 @@ def model_card(results: dict, config: dict, *, repo_id: str, base_model: str | N
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
 
 
+# what vLLM's own class does with a ReLU-family activation where it does not refuse it (docs/serving.md)
+WITHOUT_PLUGIN = {
+    "GemmaForCausalLM": "vLLM's class silently runs GELU in its place",
+    "FalconForCausalLM": "vLLM's class silently runs GELU in its place",
+    "GPT2LMHeadModel": "vLLM's class runs relu and relu2 (dense) and refuses the others",
+}
+
+
 def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool) -> list[str]:
     """The card's "Serve it" lines: the vLLM command for this architecture, and the engines that would run it wrong."""
     from .vllm import ARCHITECTURES, NOT_GATED
@@ -253,10 +261,10 @@ def serve_section(config: dict, activation: str, repo_id: str, remote_code: bool
     lines = ["## Serve it", "", "```bash"]
     if architecture in ARCHITECTURES:
         speed = "dense: the sparse FFN is for gated FFNs" if architecture in NOT_GATED else "sparse decode on CUDA"
+        without = WITHOUT_PLUGIN.get(architecture, "vLLM's class refuses the activation")
         lines += ["pip install 'relufy[vllm]'", f"vllm serve {repo_id}", "```", "",
                   f"relufy's vLLM plugin runs `{activation}` in vLLM's own `{architecture}` class ({speed}); "
-                  "without it vLLM's class may refuse the activation or, for Gemma and Falcon, silently run GELU "
-                  "in its place."]
+                  f"without it {without}."]
     elif activation == PER_LAYER.config_value:
         lines = ["## Serve it", "", f"vLLM serves one FATReLU threshold per layer only through relufy's plugin, for "
                  f"{', '.join(f'`{name}`' for name in ARCHITECTURES)}; this model is a `{architecture}`."]

@@ -87,7 +87,7 @@ class RelufyMLP(nn.Module):
         """
         reason = sparse_unavailable(self)
         if reason:
-            _log_once(f"relufy: {reason}; the ReLU-family FFNs run dense through vLLM's linears")
+            log_once(f"relufy: {reason}; the ReLU-family FFNs run dense through vLLM's linears")
             return False
         weight = self.down_proj.weight
         if not weight.t().is_contiguous():
@@ -130,7 +130,8 @@ def workspace_allocator(max_tokens: int = DEFAULT_MAX_TOKENS):
     return workspace_for
 
 
-def _log_once(message: str) -> None:
+def log_once(message: str) -> None:
+    """A warning logged once per process: vLLM builds every layer's MLP, and one line says it for all."""
     if message not in _logged:
         _logged.add(message)
         logger.warning(message)

@@ -36,26 +36,29 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..activations import Activation, parse_activation
 from ..per_layer import PER_LAYER, checked, layer_thresholds
-from .mlp import RelufyMLP, _log_once, workspace_allocator
+from .mlp import RelufyMLP, log_once, workspace_allocator
 
 # the key of vLLM's `additional_config` that says whether the FFNs run sparse (see _add_compile_factor)
 COMPILE_FACTOR = "relufy_sparse_ffn"
 
 
 @contextlib.contextmanager
-def _built_with(config, key: str, placeholder: str):
-    """Inside the block `config.<key>` is `placeholder`; yields the ReLU-family activation it really names,
-    or None (and changes nothing) for any other value."""
+def _built_with(config, key: str, placeholder: str, others: dict[str, str]):
+    """Inside the block `config.<key>` is `placeholder` (and each key of `others` its value); yields the
+    ReLU-family activation `key` really names, or None (and changes nothing) for any other value."""
     value = getattr(config, key, None)
     activation = parse_activation(value) if isinstance(value, str) else None
     if activation is None:
         yield None
         return
-    setattr(config, key, placeholder)
+    held = {name: getattr(config, name, None) for name in {key, *others}}
+    for name, placeholder_value in {**others, key: placeholder}.items():
+        setattr(config, name, placeholder_value)
     try:
         yield activation
     finally:
-        setattr(config, key, value)
+        for name, original in held.items():
+            setattr(config, name, original)
 
 
 def _relufy_ffns(layers, activation: Activation, config, gated: bool) -> None:
@@ -97,7 +100,7 @@ def _add_compile_factor(vllm_config, sparse: bool) -> None:
     if isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config[COMPILE_FACTOR] = sparse
     else:  # a user's SupportsHash object: nothing to add a key to
-        _log_once("relufy: additional_config is not a dict, so vLLM's compile cache key does not say whether the "
+        log_once("relufy: additional_config is not a dict, so vLLM's compile cache key does not say whether the "
                   "FFNs run sparse; give each RELUFY_VLLM_SPARSE setting its own VLLM_CACHE_ROOT")
 
 
@@ -113,12 +116,13 @@ class _RelufyModelMixin:
 
     activation_key: str
     placeholder: str
+    also_during_build: dict[str, str] = {}  # other keys vLLM's MLP reads, held while it builds
     gated = True
     layers_path = "model.layers"
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         config = vllm_config.model_config.hf_config.get_text_config()
-        with _built_with(config, self.activation_key, self.placeholder) as activation:
+        with _built_with(config, self.activation_key, self.placeholder, self.also_during_build) as activation:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         if activation is not None:
             _relufy_ffns(operator.attrgetter(self.layers_path)(self), activation, config, self.gated)
@@ -184,9 +188,12 @@ class ReluPhi3ForCausalLM(_RelufyModelMixin, Phi3ForCausalLM):
 class ReluGemmaForCausalLM(_RelufyModelMixin, GemmaForCausalLM):
     """GemmaForCausalLM with ReLU-family FFNs. vLLM's GemmaMLP builds GELU from `hidden_activation`, or
     tanh-GELU where the config has none, and reads `hidden_act` (the key transformers' Gemma uses) only to
-    log a warning: without the plugin a relufied Gemma runs GELU."""
+    log a warning: without the plugin a relufied Gemma runs GELU. While vLLM builds the model
+    `hidden_activation` says tanh-GELU too, so GemmaMLP does not log that it changed the activation to
+    GELU, which the RelufyMLP replacing it would make untrue."""
 
     activation_key, placeholder = "hidden_act", "gelu_pytorch_tanh"
+    also_during_build = {"hidden_activation": "gelu_pytorch_tanh"}
 
 
 class ReluGemma2ForCausalLM(_RelufyModelMixin, Gemma2ForCausalLM):

@@ -127,8 +127,10 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
     software-pipelines over STAGES stages. The gate rows of the next STAGES - 1 tiles are copied to
     shared memory (cp.async) while this one is summed, across block ends too, so they are in flight
     while a block is finished (activation, W_up rows of its active neurons, append, x1). Each block's
-    arithmetic is `first_projection_kernel`'s with the same tiles, so x1 and the list are the same (the
-    list's order aside, which varies from launch to launch in both and which no reader relies on).
+    arithmetic is `first_projection_kernel`'s with the same tiles, so x1 and the list are the same up to
+    fp32 summation order (bit-identical under the interpreter; compiled code may order a block's sums
+    otherwise, which can flip a neuron whose gate is at the activation threshold), the list's order
+    aside, which varies from launch to launch in both and which no reader relies on.
 
     Why: at one token on an H200 the first kernel reads at 70% of copy bandwidth (cuBLAS's GEMV: 88%;
     the same kernel on an H100: 85%), whatever its tiles. A faster memory needs more bytes in flight
@@ -139,7 +141,10 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
     rows after its gate, an acquire-release atomic whose fence waits for every earlier access) has
     little in flight. Here the steps in flight wait in shared memory, not registers, and a block's
     tail overlaps the next block's gate rows. The append is relaxed: only the next launch reads the
-    list and the count, and the launch boundary orders them. STAGES = 1: the persistent grid alone.
+    list and the count, and the launch boundary orders them. That holds for `first_projection_kernel`
+    too, which keeps its acquire-release append so that its measured rows stay as timed: a sweep row of
+    this kernel times its relaxed append together with the persistent grid and the pipelining.
+    STAGES = 1: the persistent grid alone.
     """
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B

@@ -54,6 +54,28 @@ def _kernel_param(activation: int, act_param: float, dtype: torch.dtype) -> floa
     return float(act_param)
 
 
+def _first_kernel(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation: int, act_param: float,
+                  gated: bool, tiles: Tiles, precision: str) -> None:
+    """Launch the first kernel: x1 and the list of active neurons (`gated`: W_up read here, not in the
+    second kernel). With `tiles.first_programs` it is `persistent_first_projection_kernel` on that many
+    programs, else one program per block of block_n rows."""
+    (tokens, k), n = x.shape, w_first.shape[0]
+    args = (x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
+            _kernel_param(activation, act_param, x.dtype))
+    constants = dict(
+        GATED=gated, HAS_BIAS=b_first is not None, ACT=activation, DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot, PRECISION=precision,
+        num_warps=tiles.warps_first, num_stages=tiles.stages)
+    blocks = triton.cdiv(n, tiles.block_n)
+    if tiles.first_programs:  # a fixed grid whose programs each walk row blocks, at most one per block
+        # both from `stages`: STAGES pipelines the persistent loop (`tl.range(num_stages=STAGES)`), while
+        # num_stages stays the launch default for its other loops (the W_up rows), as in the per-block kernel
+        persistent_first_projection_kernel[(min(tiles.first_programs, blocks),)](*args, STAGES=tiles.stages,
+                                                                                 **constants)
+    else:
+        first_projection_kernel[(blocks,)](*args, **constants)
+
+
 def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,
                activation: int, act_param: float = 0.0, b_first: torch.Tensor | None = None,
                b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None,
@@ -91,18 +113,8 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
         # a non-gated FFN on an "up in down" row runs two kernels after all: the down kernel's bound on
         # programs per column block holds
         tiles = dataclasses.replace(tiles, split=min(tiles.split, MAX_SPLIT))
-    first_args = (x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens,
-                  n, k, _kernel_param(activation, act_param, x.dtype))
-    first_constants = dict(
-        GATED=w_up is not None and not up_in_down, HAS_BIAS=b_first is not None, ACT=activation,
-        DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_first, num_stages=tiles.stages)
-    blocks = triton.cdiv(n, tiles.block_n)
-    if tiles.first_programs:  # a fixed grid whose programs each walk row blocks, at most one per block
-        persistent_first_projection_kernel[(min(tiles.first_programs, blocks),)](
-            *first_args, STAGES=tiles.stages, **first_constants)
-    else:  # one program per row block
-        first_projection_kernel[(blocks,)](*first_args, **first_constants)
+    _first_kernel(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation, act_param,
+                  w_up is not None and not up_in_down, tiles, precision)
     out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     sums = workspace[_down_sums(d):].view(torch.float32)
     dense_above = n if dense_above is None else int(dense_above)

@@ -68,15 +68,20 @@ def test_generate_with_a_static_cache_compiled_by_transformers_matches_dense():
         assert torch.equal(model.generate(prompt, **settings), dense)
 
 
+def _llama2_7b_ffn(generator):
+    """Random bf16 W_gate, W_up, W_down of the Llama-2-7B FFN (4096 x 11008) on CUDA, and W_down^T row-major."""
+    w_gate, w_up, w_down = (torch.randn(*shape, generator=generator, device="cuda").bfloat16() * 0.02
+                            for shape in [(11008, 4096), (11008, 4096), (4096, 11008)])
+    return w_gate, w_up, w_down, w_down.t().contiguous()
+
+
 @pytest.mark.parametrize("batch", [2, 4, 8])
 def test_many_programs_per_column_block_sum_every_share(batch):
     """On a real FFN width the down kernel splits each column block over dozens of programs whose fp32
     adds the last one collects; every call must hold every share (a finisher that read the sums with a
     plain load missed some in about half of the 4-token calls on an H200)."""
     generator = torch.Generator(device="cuda").manual_seed(batch)
-    w_gate, w_up, w_down = (torch.randn(*shape, generator=generator, device="cuda").bfloat16() * 0.02
-                            for shape in [(11008, 4096), (11008, 4096), (4096, 11008)])
-    w_down_t = w_down.t().contiguous()
+    w_gate, w_up, w_down, w_down_t = _llama2_7b_ffn(generator)
     for _ in range(10):
         x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
         dense = ((torch.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()).float()
@@ -97,9 +102,7 @@ def test_the_persistent_first_kernel_at_a_real_width(batch, first_per_sm, stages
     tiles = row_tiles(row, batch, 4096, multiprocessors)
     assert tiles.first_programs == first_per_sm * multiprocessors
     generator = torch.Generator(device="cuda").manual_seed(batch)
-    w_gate, w_up, w_down = (torch.randn(*shape, generator=generator, device="cuda").bfloat16() * 0.02
-                            for shape in [(11008, 4096), (11008, 4096), (4096, 11008)])
-    w_down_t = w_down.t().contiguous()
+    w_gate, w_up, w_down, w_down_t = _llama2_7b_ffn(generator)
     for _ in range(3):
         x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
         dense = ((torch.relu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()).float()

@@ -101,7 +101,7 @@ def _add_compile_factor(vllm_config, sparse: bool) -> None:
         vllm_config.additional_config[COMPILE_FACTOR] = sparse
     else:  # a user's SupportsHash object: nothing to add a key to
         log_once("relufy: additional_config is not a dict, so vLLM's compile cache key does not say whether the "
-                  "FFNs run sparse; give each RELUFY_VLLM_SPARSE setting its own VLLM_CACHE_ROOT")
+                 "FFNs run sparse; give each RELUFY_VLLM_SPARSE setting its own VLLM_CACHE_ROOT")
 
 
 class _RelufyModelMixin:

@@ -281,7 +281,8 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
         # the row this device takes for the shape, as a two-kernel row: "up in down" candidates come last,
         # against the best of both kernels
         base = {**device_row(batch, ffn.hidden, ffn.device), "up_in_down": False}
-        best = fastest(first_rows(base, batch)[:limit] + persistent_first_rows(base, batch)[:limit])
+        best = fastest(first_rows(base, batch)[:limit] + persistent_first_rows(base, batch)[:limit]
+                       + relaxed_append_rows(base, batch))
         best = fastest(down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
@@ -381,6 +382,13 @@ def persistent_first_rows(base: dict, batch: int) -> list[dict]:
             for (n, k, w), programs, stages in shapes for p, st in itertools.product(programs, stages)]
 
 
+def relaxed_append_rows(base: dict, batch: int) -> list[dict]:
+    """The control for the persistent candidates, whose list append is relaxed: `base` (the device's
+    row) with one program per row block and a relaxed append, up to 4 tokens. Against `base` itself it
+    measures what the append's memory order alone costs."""
+    return [{**base, "relaxed_append": True}] if batch <= 4 and not base.get("first_per_sm") else []
+
+
 def down_rows(best: dict, batch: int) -> list[dict]:
     """The down kernel's candidates on the first kernel's best row: columns per program (row segments
     of 256 B to 1 KB in bf16), rows per step, programs per multiprocessor, warps, and at several
@@ -429,7 +437,7 @@ def tile_table_text(result: dict) -> str:
     from relufy.sparse.kernels import NARROW_WIDTH
 
     best = {int(batch): {"up_in_down": False, **entry["best"]} for batch, entry in result["sweep"].items()}
-    first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages", "first_per_sm")
+    first_keys = ("block_n", "block_k", "use_dot", "warps_first", "stages", "first_per_sm", "relaxed_append")
     table = "NARROW_TILE_TABLE" if result.get("sweep_width", 1 << 30) <= NARROW_WIDTH else "TILE_TABLE"
     lines = [f"{table}[{json.dumps(result['tile_family'])}] = {{"]
     for batch, row in sorted(best.items()):

@@ -172,6 +172,8 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     for batch in ("1", "2"):  # the candidate rows (not the default tiles' timing): both ways of running
         rows = [c for c in result["sweep"][batch]["candidates"] if "down_per_sm" in c]
         assert {row["up_in_down"] for row in rows} == {False, True}
+        # the persistent candidates' control: one program per block with a relaxed append
+        assert any(row["relaxed_append"] and not row["first_programs"] for row in rows)
     text = run_bench("sparse_ffn.py", "--table", str(out)).strip()
     assert text in stdout and text.count("up_in_down=") == 2
     table = {}

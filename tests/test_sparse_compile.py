@@ -77,7 +77,9 @@ def compile_first(t, gated):
     if t.first_programs:
         return compile_for_hopper(persistent_first_projection_kernel, {**constants, "STAGES": t.stages},
                                   t.warps_first, t.stages, aligned=True)
-    return compile_for_hopper(first_projection_kernel, constants, t.warps_first, t.stages)
+    return compile_for_hopper(first_projection_kernel,
+                              {**constants, "APPEND_SEM": "relaxed" if t.relaxed_append else "acq_rel"},
+                              t.warps_first, t.stages)
 
 
 for t in launches():
@@ -97,6 +99,9 @@ for t in launches():
         BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32"), v.warps_down, v.stages_down)
     print("compiled up in down", v)
 print("launches", len(launches()))
+# the sweep's control for the persistent candidates: one program per block with a relaxed append
+compile_first(dataclasses.replace(launches()[0], relaxed_append=True), gated=True)
+print("compiled relaxed append")
 
 # the persistent first kernel, in no table row yet: the distinct first-kernel tiles of the sweep's candidates
 # (bench/sparse_ffn.py, persistent_first_rows) at one and four tokens, gated and gate-only ("up in down"),
@@ -133,6 +138,6 @@ def test_both_kernels_compile_for_sm90_with_every_row_of_the_tile_table(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     launches = int(done.stdout.split("launches ")[1].split()[0])
     assert launches >= 3 and done.stdout.count("compiled first") == done.stdout.count("compiled down") == launches
-    assert done.stdout.count("compiled up in down") == launches
+    assert done.stdout.count("compiled up in down") == launches and "compiled relaxed append" in done.stdout
     persistent = int(done.stdout.split("persistent ")[-1])
     assert persistent >= 10 and done.stdout.count("compiled persistent") == persistent

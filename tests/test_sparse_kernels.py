@@ -464,6 +464,33 @@ def test_the_persistent_first_kernel_gives_the_outputs_of_one_program_per_block(
     assert relative_error(outputs[1], outputs[0]) <= 1e-6
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_a_relaxed_append_gives_the_outputs_of_the_acquire_release_one(batch, monkeypatch):
+    """A row's `relaxed_append` reaches the per-block first kernel as its append's memory order; only the
+    next launch reads the list, so the output is the same as with today's acquire-release append."""
+    from relufy.sparse.kernels import launch
+
+    x, weights = random_ffn(batch, k=72, n=101, d=40, bias=True, seed=batch)
+    tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
+    orders, first_kernel = [], launch.first_projection_kernel
+
+    class Noted:  # the per-block first kernel, its append's memory order noted
+        def __getitem__(self, grid):
+            def run(*args, APPEND_SEM, **kwargs):
+                orders.append(APPEND_SEM)
+                return first_kernel[grid](*args, APPEND_SEM=APPEND_SEM, **kwargs)
+            return run
+
+    monkeypatch.setattr(launch, "first_projection_kernel", Noted())
+    outputs = []
+    for relaxed in (False, True):
+        tiles = dataclasses.replace(persistent_tiles(batch, 0, 3), relaxed_append=relaxed)
+        outputs.append(sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], tiles=tiles))
+    assert orders == ["acq_rel", "relaxed"]
+    assert relative_error(outputs[1], outputs[0]) <= (0 if ON_INTERPRETER else 1e-6)
+    assert row_tiles({**table_row("H200", batch), "relaxed_append": True}, batch, 4096, 132).relaxed_append
+
+
 def table_row_of(rows: dict, batch: int) -> dict:
     return rows[min(largest for largest in rows if batch <= largest)]
 

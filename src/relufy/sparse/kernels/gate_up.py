@@ -71,7 +71,10 @@ def rows_times_x(x_ptr, w_ptr, rows, row_mask, batch, batch_ok, K, k_end, BLOCK_
 def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr, x1_ptr, index_ptr, count_ptr,
                              B, N, K, act_param, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                              DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                             APPEND_SEM: tl.constexpr):
+    """One program per block of BLOCK_N neurons: their gate sums, then `finish_rows`. APPEND_SEM is the
+    list append's memory order (`Tiles.relaxed_append`)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, BLOCK_B)
@@ -81,7 +84,7 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
                          USE_DOT, PRECISION)
     finish_rows(first, x_ptr, w_up_ptr, b_first_ptr, b_up_ptr, x1_ptr, index_ptr, count_ptr, rows, row_ok, batch,
                 batch_ok, N, K, act_param, GATED, HAS_BIAS, ACT, DTYPE, BLOCK_B, BLOCK_N, BLOCK_K, USE_DOT, PRECISION,
-                "acq_rel")
+                APPEND_SEM)
 
 
 @triton.jit
@@ -142,8 +145,9 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
     little in flight. Here the steps in flight wait in shared memory, not registers, and a block's
     tail overlaps the next block's gate rows. The append is relaxed: only the next launch reads the
     list and the count, and the launch boundary orders them. That holds for `first_projection_kernel`
-    too, which keeps its acquire-release append so that its measured rows stay as timed: a sweep row of
-    this kernel times its relaxed append together with the persistent grid and the pipelining.
+    too, which keeps its acquire-release append unless a row sets `relaxed_append`, so that its measured
+    rows stay as timed: the sweep times the per-block kernel with a relaxed append as the control that
+    tells the append's share of a persistent row's gain from the grid's and the pipelining's.
     STAGES = 1: the persistent grid alone.
     """
     batch = tl.arange(0, BLOCK_B)

@@ -73,7 +73,8 @@ def _first_kernel(x, w_first, w_up, b_first, b_up, x1, index, workspace, activat
         persistent_first_projection_kernel[(min(tiles.first_programs, blocks),)](*args, STAGES=tiles.stages,
                                                                                  **constants)
     else:
-        first_projection_kernel[(blocks,)](*args, **constants)
+        first_projection_kernel[(blocks,)](*args, APPEND_SEM="relaxed" if tiles.relaxed_append else "acq_rel",
+                                           **constants)
 
 
 def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None, w_down_t: torch.Tensor,

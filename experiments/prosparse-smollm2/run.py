@@ -312,7 +312,7 @@ def record_settings(s: argparse.Namespace) -> None:
 
 
 def collect(s: argparse.Namespace) -> None:
-    """Copy each evaluation's small files (no per-example samples) and its arm's training log into DEST,
+    """Copy each evaluation's small files (no per-example samples) and every step's log into DEST,
     then write DEST/compare.md and DEST/matched.md from everything DEST holds: arms trained in separate
     runs, on machines that are gone by now, collect into one folder and one table."""
     s.dest.mkdir(parents=True, exist_ok=True)
@@ -334,6 +334,10 @@ def collect(s: argparse.Namespace) -> None:
             (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         print(f"{source} -> {target}")
     merge_run_records(s.out_dir, s.dest)
+    if (s.out_dir / "logs").is_dir():  # each step's log, so a number in DEST can be traced to the run that made it
+        (s.dest / "logs").mkdir(parents=True, exist_ok=True)
+        for path in (s.out_dir / "logs").glob("*.log"):
+            shutil.copy2(path, s.dest / "logs" / path.name)
     for folder in MATCHED_FOLDERS.values():
         if (s.out_dir / folder).is_dir():
             (s.dest / folder).mkdir(parents=True, exist_ok=True)

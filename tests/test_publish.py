@@ -81,6 +81,18 @@ def test_card_has_front_matter_with_measured_results_and_carried_license(relu, t
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_a_checkpoint_converted_from_a_relufy_folder_carries_the_originals_license(relu, tmp_path):
+    """Trained, then converted again: the card's license is the first model's, two steps up (`relufy train`
+    writes no README, so the trained folder's own provenance must be followed)."""
+    model, _ = relu
+    trained = shutil.copytree(model, tmp_path / "trained")
+    (trained / "README.md").unlink()
+    again = convert_checkpoint(trained, tmp_path / "tiny-fatrelu-again", make_activation("fatrelu", threshold=0.01))
+    evaluate_model(str(again), tmp_path / "eval", EvalConfig(tasks=["relufy_dictionary"], limit=4, ps=()))
+    out = publish(again, tmp_path / "eval" / "results.json", tmp_path / "pub")
+    assert _front_matter((out / "README.md").read_text())["license"] == "mit"
+
+
 def test_serve_section_names_the_plugin_or_the_transformers_backend_and_warns():
     native = "\n".join(serve_section({"architectures": ["Qwen2ForCausalLM"]}, "relu2", "me/m", remote_code=False))
     assert "pip install 'relufy[vllm]'\nvllm serve me/m\n" in native and "--model-impl" not in native

@@ -38,9 +38,9 @@ def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *,
         results = load_result(results_path)
         _check_results_match(results, model_dir, results_path)
         weights, tokenizer_files = _checkpoint_files(model_dir)
-        provenance = read_provenance(model_dir)
-        base_model = base_model or _base_model_of(provenance)
-        license_id = license_id or _license_of(provenance)
+        lineage = _lineage(model_dir)
+        base_model = base_model or next(filter(None, map(_base_model_of, lineage)), None)
+        license_id = license_id or next(filter(None, map(_license_of, lineage)), None)
         if not license_id:
             raise DataError("could not find the source model's license (no README front matter or GGUF "
                             "general.license); pass --license ID (e.g. apache-2.0)")
@@ -124,6 +124,21 @@ def shareable(value):
     if isinstance(value, str) and (value.startswith(("/", "~")) or Path(value).is_absolute()):
         return Path(value).name
     return value
+
+
+def _lineage(model_dir: Path) -> list[Provenance]:
+    """The provenance of `model_dir`, then of each relufy folder it was made from, back to the first model.
+    relufy records only a checkpoint's immediate source, and a deployable checkpoint is often two steps from
+    the original (trained, then converted with per-layer thresholds): the license and base model are
+    the original's."""
+    lineage, seen = [read_provenance(model_dir)], {model_dir}
+    while (source := lineage[-1].source) and Path(source).is_dir() and Path(source).resolve() not in seen:
+        seen.add(Path(source).resolve())
+        parent = read_provenance(source)
+        if not parent.source:  # not made by relufy: the lineage ends at it (its README is read as the source's)
+            break
+        lineage.append(parent)
+    return lineage
 
 
 def _base_model_of(provenance: Provenance) -> str | None:

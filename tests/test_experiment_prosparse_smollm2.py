@@ -308,3 +308,29 @@ def test_jobs_below_one_are_refused(driver, capsys, tmp_path):
     with pytest.raises(SystemExit):
         driver.main(["run", str(tmp_path / "out"), "relu", "--jobs", "0"])
     assert "--jobs 0: pass 1 or more" in capsys.readouterr().err
+
+
+def test_deploy_ships_the_matched_thresholds_of_the_route_and_checks_them_on_the_gpu(driver, capsys, tmp_path):
+    """The checkpoint gets the per-layer thresholds `matched` found for this route at --target, and every later
+    step (evaluation, token check, decode timing, card) reads that checkpoint and writes where `collect` looks."""
+    driver.main(["deploy", str(tmp_path / "out"), "prosparse-kd+shift", "--corpus", str(tmp_path), "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    commands = {line[3:].split(":", 1)[0]: shlex.split(line.split(": ", 1)[1]) for line in lines}
+    name = "prosparse-kd+shift-layers90"
+    assert list(commands) == [f"{name}-{step}" for step in ("convert", "eval", "tokens", "speed", "publish")]
+    out = tmp_path / "out"
+    convert = commands[f"{name}-convert"]
+    assert convert[4:6] == [str(out / "train" / "prosparse-kd"), str(out / "train" / name)]
+    assert convert[convert.index("--layer-thresholds") + 1] == str(out / "matched" / "prosparse-kd+shift.json")
+    assert convert[convert.index("--matched-target") + 1] == "0.9"
+    for step in ("eval", "speed", "publish"):
+        assert commands[f"{name}-{step}"][4] == str(out / "train" / name)
+    tokens, speed = commands[f"{name}-tokens"], commands[f"{name}-speed"]
+    assert tokens[tokens.index("--device") + 1] == "cuda" and tokens[tokens.index("--dtype") + 1] == "bfloat16"
+    assert tokens[tokens.index("--output") + 1] == str(out / "eval" / name / "check_tokens.json")
+    assert speed[speed.index("--output") + 1] == str(out / "eval" / name / "speed.json") and "--profile-steps" in speed
+
+
+def test_deploy_needs_the_routes_matched_thresholds(driver, tmp_path):
+    with pytest.raises(SystemExit, match=r"relu\.json does not exist: run `run\.py matched .* relu` first"):
+        driver.main(["deploy", str(tmp_path / "out"), "relu", "--corpus", str(tmp_path)])

@@ -146,7 +146,7 @@ class Runner:
         self.jobs = 1 if dry_run else jobs
         self.lock = threading.Lock()  # one printed line, one timings row at a time
 
-    def __call__(self, step: str, command: list) -> None:
+    def __call__(self, step: str, command: list, ok_exits: tuple[int, ...] = (0,)) -> None:
         command = [str(part) for part in command]
         self.say(f"== {self.label}{step}: {shlex.join(command)}")
         if self.dry_run:
@@ -160,7 +160,7 @@ class Runner:
                     if part.strip() and not PROGRESS.search(part):
                         self.say(f"[{self.label}{step}] {part}" if self.jobs > 1 else part)
                         log.write(part + "\n")
-        if child.wait() != 0:
+        if child.wait() not in ok_exits:
             raise SystemExit(f"{step} failed (exit {child.returncode}); its log: {self.out / 'logs' / (step + '.log')}")
         with self.lock, open(self.out / "timings.tsv", "a") as timings:
             timings.write(f"{step}\t{shlex.join(command)}\t{time.time() - start:.0f}\n")
@@ -299,6 +299,41 @@ def run_matched(s: argparse.Namespace) -> None:
                                "-o", out / f"{route}-curve.json", *common])
 
     run_each(s.routes, measure, run.jobs)
+
+
+CHECK_TOKENS = REPO / "experiments" / "sparse-smollm2" / "check_tokens.py"
+TINY_DEPLOY_SPEED = ["--batch-sizes", "1", "--new-tokens", "4", "--warmup", "1", "--generate-tokens", "2", "--generate-repeats", "1",
+                     "--union-batch-sizes", "1", "--ffn-repeats", "1", "--prompt-tokens", "8"]
+
+
+def run_deploy(s: argparse.Namespace) -> None:
+    """One route as a user would ship it: its per-layer FATReLU checkpoint at --target (the thresholds that
+    `matched` found), evaluated, its greedy tokens checked against dense with the sparse kernels, its decode
+    timed and its model card written, each into eval/<route>-layers<pct>/ so that `collect` takes them."""
+    matched = s.out_dir / MATCHED_FOLDERS["activation"] / f"{s.route}.json"
+    if not s.dry_run and not matched.exists():
+        raise SystemExit(f"{matched} does not exist: run `run.py matched {s.out_dir} {s.route}` first")
+    name = f"{s.route}-layers{round(s.target * 100)}"
+    model, results = s.out_dir / "train" / name, s.out_dir / "eval" / name
+    run, relufy = Runner(s.out_dir, s.dry_run), [sys.executable, "-m", "relufy"]
+    run(f"{name}-convert", [*relufy, "convert", s.out_dir / "train" / ROUTES[s.route][0], model, "--activation",
+                            "fatrelu", "--layer-thresholds", matched, "--matched-target", s.target, "--force"])
+    limit = ["--limit", s.eval_limit] if s.eval_limit else []
+    run(f"{name}-eval", [*relufy, "evaluate", model, "--output", results, "--heldout", s.corpus / "heldout.txt",
+                         "--heldout-tokens", s.heldout_tokens, "--block-size", s.eval_block, "--batch-size", 16,
+                         "--log-samples", "--force", *limit])
+    dtype = "float32" if s.tiny else "bfloat16"
+    # exit 1: some greedy tokens differ beyond the tolerance and the control; a finding the JSON records
+    run(f"{name}-tokens", [sys.executable, CHECK_TOKENS, "--model", model, "--device", s.device, "--dtype", dtype,
+                           "--new-tokens", 2 if s.tiny else 64, "--output", results / "check_tokens.json",
+                           "--force"], ok_exits=(0, 1))
+    run(f"{name}-speed", [*relufy, "speed", model, "--device", s.device, "--dtype", dtype, "--output",
+                          results / "speed.json", "--force", *(TINY_DEPLOY_SPEED if s.tiny else
+                                                               ["--profile-steps", 3])])
+    run(f"{name}-publish", [*relufy, "publish", model, "--results", results / "results.json", "--out",
+                            s.out_dir / "publish" / name, "--force"])
+    if not s.dry_run:  # the card beside the numbers it quotes, where `collect` finds it
+        shutil.copy2(s.out_dir / "publish" / name / "README.md", results / "model-card.md")
 
 
 def record_settings(s: argparse.Namespace) -> None:
@@ -472,6 +507,24 @@ def _add_matched(sub) -> None:
     p.set_defaults(func=run_matched)
 
 
+def _add_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="one route end to end: its per-layer FATReLU checkpoint, evaluation, token "
+                                      "check, decode speed and model card")
+    p.add_argument("out_dir", type=Path, help="a run's OUT_DIR (one budget's folder), after `matched` on ROUTE")
+    p.add_argument("route", choices=[name for name, (trained, _) in ROUTES.items() if trained], metavar="ROUTE")
+    p.add_argument("--target", type=float, default=MATCHED_ALSO,
+                   help="the matched zero-ratio whose per-layer thresholds the checkpoint gets (relufy convert "
+                        "--matched-target)")
+    p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="folder with heldout.txt")
+    p.add_argument("--device", default="cuda", help="where the token check and the decode timing run")
+    p.add_argument("--heldout-tokens", type=int, default=16384)
+    p.add_argument("--eval-block", type=int, default=512)
+    p.add_argument("--eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    p.add_argument("--tiny", action="store_true", help="after a --tiny run: on the CPU, float32, a few tokens")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=run_deploy)
+
+
 def _add_collect(sub) -> None:
     p = sub.add_parser("collect", help="copy a run's small files into DEST and write DEST/compare.md")
     p.add_argument("out_dir", type=Path)
@@ -484,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="arms:\n" + "\n".join(f"  {n:15s} {a.help}" for n, a in ARMS.items()))
     sub = parser.add_subparsers(required=True)
-    for add in (_add_run, _add_matched, _add_collect):
+    for add in (_add_run, _add_matched, _add_deploy, _add_collect):
         add(sub)
     args = parser.parse_args(argv)
     if getattr(args, "jobs", 1) < 1:
@@ -499,6 +552,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown route(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}")
         if Path(args.model).exists():
             args.model = str(Path(args.model).resolve())
+    elif args.func is run_deploy:
+        args.corpus = args.corpus.resolve()
+        if args.tiny:
+            vars(args).update(TINY_MATCHED, device="cpu")
     elif args.func is run_arms:
         args.corpus = args.corpus.resolve()
         args.launch = args.launch and str(Path(args.launch).resolve())

@@ -185,9 +185,11 @@ def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(
         (evaluations / name / "results.json").write_text(json.dumps({
             "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5}, "scores": {"average": 40.0}}))
         (evaluations / f".{name}.relufy-lock").write_text("")  # what `relufy evaluate --force` leaves beside it
+        (evaluations / name / ".speed.json.relufy-lock").write_text("")  # and `relufy speed --output` in it
     driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])
     header = (tmp_path / "dest" / "compare.md").read_text().splitlines()[0]
     assert header == "| | relu | relu-kd | prosparse-kd | prosparse-kd+shift |"
+    assert [path.name for path in (tmp_path / "dest" / "relu").iterdir()] == ["results.json"]
 
 
 def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):

@@ -302,8 +302,9 @@ def run_matched(s: argparse.Namespace) -> None:
 
 
 CHECK_TOKENS = REPO / "experiments" / "sparse-smollm2" / "check_tokens.py"
-TINY_DEPLOY_SPEED = ["--batch-sizes", "1", "--new-tokens", "4", "--warmup", "1", "--generate-tokens", "2", "--generate-repeats", "1",
-                     "--union-batch-sizes", "1", "--ffn-repeats", "1", "--prompt-tokens", "8"]
+# deploy --tiny: a few decode steps of one sequence (warm-up steps may not exceed the timed ones)
+TINY_DEPLOY_SPEED = ["--batch-sizes", "1", "--new-tokens", "4", "--warmup", "1", "--generate-tokens", "2",
+                     "--generate-repeats", "1", "--union-batch-sizes", "1", "--ffn-repeats", "1", "--prompt-tokens", "8"]
 
 
 def run_deploy(s: argparse.Namespace) -> None:

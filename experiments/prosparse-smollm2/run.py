@@ -205,6 +205,15 @@ def run_arms(s: argparse.Namespace) -> None:
         run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/", s.jobs))
 
 
+def evaluate_step(run: Runner, s: argparse.Namespace, name: str, model) -> None:
+    """`relufy evaluate` of `model` into OUT_DIR/eval/<name>: the suite, sparsity and held-out perplexity that
+    every arm and every deployed route is compared on."""
+    limit = ["--limit", s.eval_limit] if s.eval_limit else []
+    run(f"{name}-eval", [sys.executable, "-m", "relufy", "evaluate", model, "--output", s.out_dir / "eval" / name,
+                         "--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
+                         "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit])
+
+
 def run_budget(s: argparse.Namespace, run: Runner) -> None:
     from relufy.recipe import resolve_model_path  # pkg:<package>/<file>, as in the recipes
 
@@ -212,17 +221,11 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
     if not s.dry_run:
         s.out_dir.mkdir(parents=True, exist_ok=True)
         record_settings(s)
-    limit = ["--limit", s.eval_limit] if s.eval_limit else []
-
-    def evaluate(name: str, model) -> None:
-        run(f"{name}-eval", [*relufy, "evaluate", model, "--output", s.out_dir / "eval" / name,
-                             "--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
-                             "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit])
 
     def run_arm(name: str) -> None:
         arm = ARMS[name]
         if arm.recipe is None:
-            return evaluate(name, resolve_model_path(s.model))
+            return evaluate_step(run, s, name, resolve_model_path(s.model))
         trained = s.out_dir / "train" / name
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s.launch,
                     "--num_processes", s.num_processes, "-m", "relufy"] if s.launch else relufy
@@ -233,10 +236,10 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
         if arm.threshold_shift:  # the shift only changed config.json: the same weights with plain ReLU are "before"
             unshifted = s.out_dir / "train" / f"{name}-noshift"
             run(f"{name}-noshift", [*relufy, "convert", trained, unshifted, "--activation", "relu", "--force"])
-            evaluate(name, unshifted)
-            evaluate(f"{name}+shift", trained)
+            evaluate_step(run, s, name, unshifted)
+            evaluate_step(run, s, f"{name}+shift", trained)
         else:
-            evaluate(name, trained)
+            evaluate_step(run, s, name, trained)
 
     run_each(s.arms, run_arm, run.jobs)
 
@@ -319,10 +322,7 @@ def run_deploy(s: argparse.Namespace) -> None:
     run, relufy = Runner(s.out_dir, s.dry_run), [sys.executable, "-m", "relufy"]
     run(f"{name}-convert", [*relufy, "convert", s.out_dir / "train" / ROUTES[s.route][0], model, "--activation",
                             "fatrelu", "--layer-thresholds", matched, "--matched-target", s.target, "--force"])
-    limit = ["--limit", s.eval_limit] if s.eval_limit else []
-    run(f"{name}-eval", [*relufy, "evaluate", model, "--output", results, "--heldout", s.corpus / "heldout.txt",
-                         "--heldout-tokens", s.heldout_tokens, "--block-size", s.eval_block, "--batch-size", 16,
-                         "--log-samples", "--force", *limit])
+    evaluate_step(run, s, name, model)
     dtype = "float32" if s.tiny else "bfloat16"
     # exit 1: some greedy tokens differ beyond the tolerance and the control; a finding the JSON records
     run(f"{name}-tokens", [sys.executable, CHECK_TOKENS, "--model", model, "--device", s.device, "--dtype", dtype,

@@ -186,6 +186,7 @@ def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(
             "lm_eval": {"results": {}}, "sparsity": {"overall": 0.5}, "scores": {"average": 40.0}}))
         (evaluations / f".{name}.relufy-lock").write_text("")  # what `relufy evaluate --force` leaves beside it
         (evaluations / name / ".speed.json.relufy-lock").write_text("")  # and `relufy speed --output` in it
+        (evaluations / name / ".speed.json.relufy-lock.pid").write_text("{}")  # its holder, while speed runs
     driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])
     header = (tmp_path / "dest" / "compare.md").read_text().splitlines()[0]
     assert header == "| | relu | relu-kd | prosparse-kd | prosparse-kd+shift |"

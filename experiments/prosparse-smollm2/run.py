@@ -351,7 +351,7 @@ def collect(s: argparse.Namespace) -> None:
     """Copy each evaluation's small files (no per-example samples) and every step's log into DEST,
     then write DEST/compare.md and DEST/matched.md from everything DEST holds: arms trained in separate
     runs, on machines that are gone by now, collect into one folder and one table."""
-    from relufy.atomic import LOCK_SUFFIX  # the locks relufy leaves beside what it wrote
+    from relufy.atomic import LOCK_SUFFIX  # relufy's locks, and while a step runs its holder file `<lock>.pid`
 
     s.dest.mkdir(parents=True, exist_ok=True)
     evaluations = (s.out_dir / "eval").iterdir() if (s.out_dir / "eval").is_dir() else ()
@@ -360,7 +360,7 @@ def collect(s: argparse.Namespace) -> None:
         target = s.dest / source.name
         target.mkdir(parents=True, exist_ok=True)
         for path in source.iterdir():
-            if path.is_file() and not path.name.startswith("samples_") and not path.name.endswith(LOCK_SUFFIX):
+            if path.is_file() and not path.name.startswith("samples_") and LOCK_SUFFIX not in path.name:
                 shutil.copy2(path, target / path.name)
         trained = s.out_dir / "train" / source.name.removesuffix("+shift")
         for name in ("trainer_state.json", "training_curves.png"):

@@ -62,9 +62,9 @@ def parse_args(argv=None):
                         help=f"comma-separated from {', '.join(SHAPES)} (small shapes fit in L2: raise --layers)")
     parser.add_argument("--batches", default="1,4,8,16", help="batch sizes at 90%% zeros (and of the sweep)")
     parser.add_argument("--routing-batches", default="1,4,8,16", help="batch sizes at 50%% zeros")
-    parser.add_argument("--layers", type=int, default=4, help="weight copies the timed calls rotate over")
+    parser.add_argument("--layers", type=int, help="weight copies the timed calls rotate over (default 4; --tiny: 2)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--replays", type=int, default=100, help="timed CUDA-graph replays per case")
+    parser.add_argument("--replays", type=int, help="timed CUDA-graph replays per case (default 100; --tiny: 3)")
     parser.add_argument("--sweep-tiles", action="store_true",
                         help="instead: time tile candidates at 90%% zeros on the first shape and profile each kernel")
     parser.add_argument("--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
@@ -94,9 +94,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)  # the interpreter mis-rounds bfloat16
     shapes = {"tiny": (64, 96)} if args.tiny else {name: SHAPES[name] for name in args.shapes.split(",")}
-    layers = 2 if args.tiny else args.layers
+    # --tiny takes fewer unless told: a smoke test that checks no timing passes 1 of each, since every
+    # interpreted FFN call takes most of a second of CPU
+    layers = args.layers or (2 if args.tiny else 4)
     bandwidth = copy_bandwidth(device, 1 << 30)  # eager: a copy inside a CUDA graph runs on the copy engine
-    replays = 3 if args.tiny else args.replays
+    replays = args.replays or (3 if args.tiny else 100)
     # median seconds of one call: CUDA-graph replays on CUDA, plain calls elsewhere
     timer = functools.partial(median_seconds, device=device, repeats=replays)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",

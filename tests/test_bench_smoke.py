@@ -157,8 +157,9 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
     batch), saying which way each row runs, in the table for the swept width."""
     from relufy.sparse.kernels import Tiles, row_tiles
 
-    out = tmp_path / "sweep.json"
-    stdout = run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--batches", "1,2", "--output", str(out))
+    out = tmp_path / "sweep.json"  # one weight copy, one timed call: an interpreted FFN call takes most of a second
+    stdout = run_bench("sparse_ffn.py", "--tiny", "--sweep-tiles", "--batches", "1,2", "--layers", "1",
+                       "--replays", "1", "--output", str(out))
     result = json.loads(out.read_text())
     sweep = result["sweep"]["2"]
     assert len(sweep["candidates"]) >= 4
@@ -202,8 +203,9 @@ def test_sparse_ffn_sweep_leaves_out_a_candidate_off_the_dense_ffn(capsys):
         out = right(layer, x, threshold, tiles, *args, **kwargs)
         return 2 * out if tiles.first_programs else out
 
-    def timer(call):  # the persistent candidates: the fastest
-        call()
+    # the persistent candidates: the fastest. The candidate is not run again: its error check has just run it
+    # (`called[-1]`), and each interpreted call takes most of a second; test_sparse_ffn_sweep_tiles_tiny times them
+    def timer(call):
         return 1e-9 if called[-1].first_programs else 1e-3
 
     ffn.sparse = sparse

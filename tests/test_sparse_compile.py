@@ -73,7 +73,8 @@ def launches():
 def compile_first(t, gated):
     # the first kernel of tiles `t`: the persistent one where a row asks for it (`first_per_sm`)
     constants = dict(GATED=gated, HAS_BIAS=False, ACT=K.FATRELU, DTYPE=tl.bfloat16, BLOCK_B=t.block_b,
-                     BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_DOT=t.use_dot, PRECISION="tf32")
+                     BLOCK_N=t.block_n, BLOCK_K=t.block_k, USE_DOT=t.use_dot, PRECISION="tf32",
+                     LAUNCH_DEPENDENTS=t.dependent_launch)
     if t.first_programs:
         return compile_for_hopper(persistent_first_projection_kernel, {**constants, "STAGES": t.stages},
                                   t.warps_first, t.stages, aligned=True)
@@ -82,12 +83,16 @@ def compile_first(t, gated):
                               t.warps_first, t.stages)
 
 
+def compile_down(t):
+    return compile_for_hopper(down_kernel, dict(
+        SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
+        USE_DOT=t.use_dot, PRECISION="tf32", AFTER_FIRST=t.dependent_launch), t.warps_down, t.stages_down)
+
+
 for t in launches():
     compile_first(t, gated=True)
     print("compiled first", t)
-    compile_for_hopper(down_kernel, dict(
-        SPLIT=t.split, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=t.block_b, CHUNK=t.chunk, BLOCK_D=t.block_d,
-        USE_DOT=t.use_dot, PRECISION="tf32"), t.warps_down, t.stages_down)
+    compile_down(t)
     print("compiled down", t)
     # "up in down": the row's own when it runs that way, else on the same row a gate-only first kernel
     # and list slices of 8 rows (16 for tensor cores)
@@ -96,12 +101,20 @@ for t in launches():
     compile_first(v, gated=False)
     compile_for_hopper(up_down_kernel, dict(
         SPLIT=v.split, HAS_UP_BIAS=True, HAS_BIAS=True, HAS_ROUTES=True, BLOCK_B=v.block_b, CHUNK=v.chunk,
-        BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32"), v.warps_down, v.stages_down)
+        BLOCK_K=v.block_k, BLOCK_D=v.block_d, USE_DOT=v.use_dot, PRECISION="tf32", AFTER_FIRST=v.dependent_launch),
+        v.warps_down, v.stages_down)
     print("compiled up in down", v)
 print("launches", len(launches()))
 # the sweep's control for the persistent candidates: one program per block with a relaxed append
 compile_first(dataclasses.replace(launches()[0], relaxed_append=True), gated=True)
 print("compiled relaxed append")
+# the second kernel as the first's programmatic dependent (`dependent_launch`): the first kernel lets it
+# launch, the down kernel waits for the first's results, in the PTX as grid dependency control
+t = dataclasses.replace(launches()[0], dependent_launch=True)
+assert "griddepcontrol.launch_dependents" in compile_first(t, gated=True).asm["ptx"]
+assert "griddepcontrol.wait" in compile_down(t).asm["ptx"]
+assert "griddepcontrol" not in compile_down(launches()[0]).asm["ptx"]
+print("compiled dependent launch")
 
 # the persistent first kernel, in no table row yet: the distinct first-kernel tiles of the sweep's candidates
 # (bench/sparse_ffn.py, persistent_first_rows) at one and four tokens, gated and gate-only ("up in down"),

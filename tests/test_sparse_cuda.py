@@ -5,6 +5,8 @@ Skipped without CUDA; run on a GPU machine with `RELUFY_TEST_CUDA=1 pytest tests
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -15,11 +17,14 @@ if not torch.cuda.is_available():
 from tiny_models import build_tiny_model  # noqa: E402
 
 from relufy.sparse import sparse_enabled, sparsify  # noqa: E402
-from relufy.sparse.kernels import RELU, sparse_ffn  # noqa: E402
+from relufy.sparse.kernels import RELU, choose_tiles, sparse_ffn  # noqa: E402
 
 
-def test_a_captured_graph_replays_new_inputs():
-    """Fixed grids and a device-side count: one capture serves inputs with any set of active neurons.
+@pytest.mark.parametrize("dependent", [False, True])
+def test_a_captured_graph_replays_new_inputs(dependent):
+    """Fixed grids and a device-side count: one capture serves inputs with any set of active neurons, with
+    the second kernel launched plainly or as the first's programmatic dependent (`dependent_launch`,
+    captured as a programmatic edge of the graph).
 
     The down projection adds its split-K partial sums with fp32 atomics in whatever order the programs
     finish, so a replay and an eager call agree to rounding, not bit for bit."""
@@ -27,14 +32,15 @@ def test_a_captured_graph_replays_new_inputs():
     w_gate, w_up, w_down_t = (torch.randn(2048, 512, generator=generator, device="cuda").bfloat16() / 20
                               for _ in range(3))
     x = torch.randn(4, 512, generator=generator, device="cuda").bfloat16()
+    tiles = dataclasses.replace(choose_tiles(4, 2048, 512, x.device), dependent_launch=dependent)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        sparse_ffn(x, w_gate, w_up, w_down_t, RELU)
+        sparse_ffn(x, w_gate, w_up, w_down_t, RELU, tiles=tiles)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = sparse_ffn(x, w_gate, w_up, w_down_t, RELU)
+        captured = sparse_ffn(x, w_gate, w_up, w_down_t, RELU, tiles=tiles)
     previous = captured.clone()
     for _ in range(3):
         x.copy_(torch.randn(4, 512, generator=generator, device="cuda"))
@@ -42,6 +48,36 @@ def test_a_captured_graph_replays_new_inputs():
         assert not torch.equal(captured, previous)  # the replay computed the new input, not the captured one
         torch.testing.assert_close(captured, sparse_ffn(x, w_gate, w_up, w_down_t, RELU), rtol=2e-2, atol=2e-2)
         previous = captured.clone()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dependent_launches_in_a_graph_of_chained_ffns_match_plain_launches(batch):
+    """Eight FFN calls in a row at the Llama-2-7B width, each one's output the next one's input, captured
+    once with dependent launches (`dependent_launch`) and replayed: a second kernel that read the count,
+    the list or x1 before its first kernel had finished would give other outputs than the plain launches.
+    Each output is scaled to unit RMS for the next layer, so eight layers neither vanish nor overflow."""
+    generator = torch.Generator(device="cuda").manual_seed(batch)
+    layers = [tuple(torch.randn(11008, 4096, generator=generator, device="cuda").bfloat16() / 64 for _ in range(3))
+              for _ in range(8)]
+    x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
+
+    def chain(inputs, dependent):
+        tiles = dataclasses.replace(choose_tiles(batch, 11008, 4096, inputs.device), dependent_launch=dependent)
+        for w_gate, w_up, w_down_t in layers:
+            out = sparse_ffn(inputs, w_gate, w_up, w_down_t, RELU, tiles=tiles).float()
+            inputs = (out / out.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)).bfloat16()
+        return inputs.float()
+
+    chain(x, True)  # compiles both variants before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(x, True)
+    for _ in range(5):
+        x.copy_(torch.randn(batch, 4096, generator=generator, device="cuda"))
+        graph.replay()
+        plain = chain(x, False)
+        assert torch.isfinite(plain).all() and plain.abs().max() > 0
+        assert (captured - plain).norm() <= 2e-2 * plain.norm()
 
 
 def _tiny_relu_llama():

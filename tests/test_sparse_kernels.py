@@ -491,6 +491,39 @@ def test_a_relaxed_append_gives_the_outputs_of_the_acquire_release_one(batch, mo
     assert row_tiles({**table_row("H200", batch), "relaxed_append": True}, batch, 4096, 132).relaxed_append
 
 
+@pytest.mark.parametrize("batch, up_in_down", [(1, False), (1, True), (5, False)])
+def test_a_dependent_launch_gives_the_outputs_of_a_plain_one(batch, up_in_down, monkeypatch):
+    """A row's `dependent_launch` launches the second kernel as the first's programmatic dependent where
+    a compiled Hopper-or-later GPU runs them, waiting on the device for the first kernel's results, so the
+    outputs are a plain launch's; the interpreter (and an older GPU) launches it plainly."""
+    from relufy.sparse.kernels import launch
+
+    x, weights = random_ffn(batch, k=72, n=101, d=40, bias=True, seed=batch)
+    tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
+    launches = []
+
+    class Noted:  # a second kernel, how it was launched noted
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((kwargs["AFTER_FIRST"], kwargs["launch_pdl"]))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(launch, "down_kernel", Noted(launch.down_kernel))
+    monkeypatch.setattr(launch, "up_down_kernel", Noted(launch.up_down_kernel))
+    outputs = []
+    for dependent in (False, True):
+        tiles = dataclasses.replace(persistent_tiles(batch, 0, 3), up_in_down=up_in_down, dependent_launch=dependent)
+        outputs.append(sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], tiles=tiles))
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] >= 9
+    assert launches == [(False, False), (hopper, hopper)]
+    assert relative_error(outputs[1], outputs[0]) <= (0 if ON_INTERPRETER else 1e-6)
+    assert row_tiles({**table_row("H200", batch), "dependent_launch": True}, batch, 4096, 132).dependent_launch
+
+
 def table_row_of(rows: dict, batch: int) -> dict:
     return rows[min(largest for largest in rows if batch <= largest)]
 

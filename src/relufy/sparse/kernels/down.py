@@ -12,6 +12,10 @@ memory round trips, not bandwidth. Each step of a program's walk is two dependen
 entries, then their weight rows), so a share of at most CHUNK rows is one index load and one wave
 of weight loads all in flight together. The partial sums are relaxed atomics; a program's one
 fence is its arrival in the finishing protocol (see `_finish_column_block`).
+
+Launched as a programmatic dependent of the first kernel (AFTER_FIRST, `Tiles.dependent_launch`), each
+program waits on the device (`gdc_wait`) before its first memory access: every word it reads (the
+count, the list, x1) and the workspace it writes belong to the first kernel until that kernel ends.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ COUNT, FINISHED, ARRIVALS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr, out_ptr, routes_ptr, B, N, D,
                  dense_above, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr,
                  BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, AFTER_FIRST: tl.constexpr):
+    if AFTER_FIRST:
+        tl.extra.cuda.gdc_wait()
     dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
     column_block = tl.program_id(1)
     cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -11,6 +11,11 @@ act(x W_up^T).
 `persistent_first_projection_kernel` does the same work with a fixed grid (`Tiles.first_programs`,
 off in today's rows): each program walks row blocks and K steps in one software-pipelined loop, so
 the next tiles' gate rows are in flight during each block's activation, W_up rows and append.
+
+With LAUNCH_DEPENDENTS (`Tiles.dependent_launch`) each program first lets the second kernel, launched as a
+programmatic dependent, be placed on the GPU: once every program has started, the second kernel's programs
+take the multiprocessors this one leaves free and wait there (`gdc_wait`) until it has finished and its
+writes are visible. Its launch then overlaps this kernel's last programs instead of following them.
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ def first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr, b_up_ptr,
                              B, N, K, act_param, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                              DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-                             APPEND_SEM: tl.constexpr):
+                             APPEND_SEM: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """One program per block of BLOCK_N neurons: their gate sums, then `finish_rows`. APPEND_SEM is the
     list append's memory order (`Tiles.relaxed_append`)."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     batch = tl.arange(0, BLOCK_B)
@@ -124,7 +131,7 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
                                         count_ptr, B, N, K, act_param, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                                         ACT: tl.constexpr, DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
                                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                                        PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                                        PRECISION: tl.constexpr, STAGES: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr):
     """`first_projection_kernel` on a fixed grid of P programs (`Tiles.first_programs`): program p takes
     row blocks p, p + P, p + 2P, ... and walks their (block, K step) tiles in one loop that Triton
     software-pipelines over STAGES stages. The gate rows of the next STAGES - 1 tiles are copied to
@@ -137,18 +144,18 @@ def persistent_first_projection_kernel(x_ptr, w_first_ptr, w_up_ptr, b_first_ptr
 
     Why: at one token on an H200 the first kernel reads at 70% of copy bandwidth (cuBLAS's GEMV: 88%;
     the same kernel on an H100: 85%), whatever its tiles. A faster memory needs more bytes in flight
-    per multiprocessor (Little's law), and one program per block bounds them: a program has one K step
-    of gate rows in flight at a time, in registers (Triton pipelines a plain loop's loads only when
-    they feed tensor-core dots; `tl.range(..., num_stages=S)` makes it pipeline these too), a larger
-    step costs registers and so programs per multiprocessor, and a block's dependent tail (its W_up
-    rows after its gate, an acquire-release atomic whose fence waits for every earlier access) has
-    little in flight. Here the steps in flight wait in shared memory, not registers, and a block's
-    tail overlaps the next block's gate rows. The append is relaxed: only the next launch reads the
+    per multiprocessor (Little's law). One program per block has one K step of gate rows in flight, in
+    registers (Triton pipelines a plain loop's loads only when they feed tensor-core dots;
+    `tl.range(..., num_stages=S)` pipelines these too), and a block's dependent tail (W_up rows after
+    the gate, an acquire-release append) has little. Here the steps in flight wait in shared memory,
+    and a block's tail overlaps the next block's gate rows. The append is relaxed: only the next launch reads the
     list and the count, and the launch boundary orders them. `first_projection_kernel` keeps its
     acquire-release append unless a row sets `relaxed_append`: the sweep's control for the append's
     share of a persistent row's gain.
     STAGES = 1: the persistent grid alone.
     """
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
     steps = tl.cdiv(K, BLOCK_K)

@@ -31,6 +31,20 @@ def runs_on(device: torch.device) -> bool:
     return interpreted() or device.type == "cuda"
 
 
+@functools.lru_cache(maxsize=16)
+def _hopper_or_later(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9.0 or later, which programmatic dependent
+    launch needs. Cached: it runs once per device, not per call."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def dependent_launch(tiles: Tiles, device: torch.device) -> bool:
+    """Whether this call launches its second kernel as a programmatic dependent of the first: where its row
+    asks for it (`Tiles.dependent_launch`), on a compiled kernel's Hopper-or-later GPU. The interpreter has no
+    grid dependency control, and older GPUs no programmatic launch; there the row's other tiles still apply."""
+    return tiles.dependent_launch and not interpreted() and _hopper_or_later(device)
+
+
 def workspace_size(tokens: int, n: int, d: int) -> int:
     """int32 words of a workspace for `tokens` x `d` outputs of an FFN with `n` neurons (the state
     words and arrival counters, then fp32 sums of the outputs; `n` does not enter the layout)."""
@@ -55,17 +69,18 @@ def _kernel_param(activation: int, act_param: float, dtype: torch.dtype) -> floa
 
 
 def _first_kernel(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation: int, act_param: float,
-                  gated: bool, tiles: Tiles, precision: str) -> None:
+                  gated: bool, tiles: Tiles, precision: str, launch_dependents: bool) -> None:
     """Launch the first kernel: x1 and the list of active neurons (`gated`: W_up read here, not in the
     second kernel). With `tiles.first_programs` it is `persistent_first_projection_kernel` on that many
-    programs, else one program per block of block_n rows."""
+    programs, else one program per block of block_n rows. `launch_dependents`: the second kernel follows
+    as its programmatic dependent (`dependent_launch`)."""
     (tokens, k), n = x.shape, w_first.shape[0]
     args = (x, w_first, w_up if w_up is not None else w_first, b_first, b_up, x1, index, workspace, tokens, n, k,
             _kernel_param(activation, act_param, x.dtype))
     constants = dict(
         GATED=gated, HAS_BIAS=b_first is not None, ACT=activation, DTYPE=_TL_DTYPES[x.dtype], BLOCK_B=tiles.block_b,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot, PRECISION=precision,
-        num_warps=tiles.warps_first, num_stages=tiles.stages)
+        LAUNCH_DEPENDENTS=launch_dependents, num_warps=tiles.warps_first, num_stages=tiles.stages)
     blocks = triton.cdiv(n, tiles.block_n)
     if tiles.first_programs:  # a fixed grid whose programs each walk row blocks, at most one per block
         # both from `stages`: STAGES pipelines the persistent loop (`tl.range(num_stages=STAGES)`), while
@@ -93,6 +108,8 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
     given, counts the calls that took the sparse route (word 0) and the dense one (word 1).
     With `tiles.up_in_down` a gated FFN reads W_up in the second kernel (`up_down_kernel`), not the first.
     With `tiles.first_programs` the first kernel is `persistent_first_projection_kernel` on that many programs.
+    With `tiles.dependent_launch` (Hopper or later, compiled) the second kernel is the first's programmatic
+    dependent.
     """
     tokens, k = x.shape
     n, d = w_down_t.shape
@@ -114,8 +131,9 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
         # a non-gated FFN on an "up in down" row runs two kernels after all: the down kernel's bound on
         # programs per column block holds
         tiles = dataclasses.replace(tiles, split=min(tiles.split, MAX_SPLIT))
+    after_first = dependent_launch(tiles, x.device)
     _first_kernel(x, w_first, w_up, b_first, b_up, x1, index, workspace, activation, act_param,
-                  w_up is not None and not up_in_down, tiles, precision)
+                  w_up is not None and not up_in_down, tiles, precision, after_first)
     out = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     sums = workspace[_down_sums(d):].view(torch.float32)
     dense_above = n if dense_above is None else int(dense_above)
@@ -124,14 +142,14 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
             x, w_up, b_up, x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, k, d, dense_above,
             SPLIT=tiles.split, HAS_UP_BIAS=b_up is not None, HAS_BIAS=b_down is not None,
             HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk, BLOCK_K=tiles.block_k,
-            BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down,
-            num_stages=tiles.stages_down)
+            BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, AFTER_FIRST=after_first,
+            num_warps=tiles.warps_down, num_stages=tiles.stages_down, launch_pdl=after_first)
         return out
     down_kernel[(tiles.split, triton.cdiv(d, tiles.block_d))](
         x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, d, dense_above, SPLIT=tiles.split,
         HAS_BIAS=b_down is not None, HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk,
-        BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, num_warps=tiles.warps_down,
-        num_stages=tiles.stages_down)
+        BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, AFTER_FIRST=after_first,
+        num_warps=tiles.warps_down, num_stages=tiles.stages_down, launch_pdl=after_first)
     return out
 
 

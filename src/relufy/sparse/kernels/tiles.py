@@ -32,6 +32,10 @@ class Tiles:
     # the per-block first kernel's list append: relaxed (only the next launch reads the list, and the launch
     # boundary orders it) or acquire-release (today's rows, as timed); the persistent kernel's is always relaxed
     relaxed_append: bool = False
+    # the second kernel launched as a programmatic dependent of the first (Hopper and later, compiled kernels
+    # only): its programs are placed while the first kernel's last ones run and wait on the device for its
+    # results, so a CUDA graph loses the launch gap between the two; from a row's `dependent_launch`
+    dependent_launch: bool = False
 
 
 # Per GPU family and batch class (the largest batch of the class), the tiles of both kernels, read off

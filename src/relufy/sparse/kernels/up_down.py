@@ -32,7 +32,10 @@ from .gate_up import rows_times_x
 def up_down_kernel(x_ptr, w_up_ptr, b_up_ptr, x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
                    out_ptr, routes_ptr, B, N, K, D, dense_above, SPLIT: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   AFTER_FIRST: tl.constexpr):
+    if AFTER_FIRST:  # launched as the first kernel's programmatic dependent: wait for its results (as `down_kernel`)
+        tl.extra.cuda.gdc_wait()
     dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B

@@ -152,7 +152,7 @@ def test_vllm_latency_summarize_only(tmp_path):
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
-    """The sweep times both kernels' candidates, then "up in down" ones, and prints the tile table rows
+    """The sweep times both kernels' candidates, then "up in down" ones, then a dependent launch, and prints the tile table rows
     that give back the best tiles of each swept batch size (the largest as the class of every larger
     batch), saying which way each row runs, in the table for the swept width."""
     from relufy.sparse.kernels import Tiles, row_tiles
@@ -175,6 +175,8 @@ def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
         assert {row["up_in_down"] for row in rows} == {False, True}
         # the persistent candidates' control: one program per block with a relaxed append
         assert any(row["relaxed_append"] and not row["first_programs"] for row in rows)
+        # the last stage: the best row with its second kernel launched as the first's dependent
+        assert any(row["dependent_launch"] for row in rows)
     text = run_bench("sparse_ffn.py", "--table", str(out)).strip()
     assert text in stdout and text.count("up_in_down=") == 2
     table = {}

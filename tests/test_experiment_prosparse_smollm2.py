@@ -332,6 +332,7 @@ def test_deploy_ships_the_matched_thresholds_of_the_route_and_checks_them_on_the
     assert tokens[tokens.index("--device") + 1] == "cuda" and tokens[tokens.index("--dtype") + 1] == "bfloat16"
     assert tokens[tokens.index("--output") + 1] == str(out / "eval" / name / "check_tokens.json")
     assert speed[speed.index("--output") + 1] == str(out / "eval" / name / "speed.json") and "--profile-steps" in speed
+    assert speed[speed.index("--batch-sizes") + 1] == "1,4"  # 16 tokens would run the dense FFN in both arms
 
 
 def test_deploy_needs_the_routes_matched_thresholds(driver, tmp_path):

@@ -20,8 +20,12 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
 def launch(config: str, base: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` on a free port (0: accelerate picks one), not its default 29500, which under
+    `make test`'s parallel workers another launch may be taking at the same moment. (torchrun without a
+    port already rendezvouses on a free one.)"""
     command = [str(ACCELERATE), "launch", "--config_file", str(REPO / "recipes" / "accelerate" / config),
-               "--num_processes", "1", "-m", "relufy", "train", str(REPO / "recipes" / "tiny-cpu.yaml"),
+               "--num_processes", "1", "--main_process_port", "0",
+               "-m", "relufy", "train", str(REPO / "recipes" / "tiny-cpu.yaml"),
                "--set", f"model_name_or_path={base}", "--set", "model_config_overrides={}",
                "--set", "block_size=32", "--set", f"output_dir={out}", "--set", "max_steps=4",
                "--set", "save_steps=2", "--set", "threshold_eval_tokens=256", "--set", "threshold_search_steps=2",

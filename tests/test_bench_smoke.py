@@ -152,9 +152,9 @@ def test_vllm_latency_summarize_only(tmp_path):
 
 
 def test_sparse_ffn_sweep_tiles_tiny(tmp_path):
-    """The sweep times both kernels' candidates, then "up in down" ones, then a dependent launch, and prints the tile table rows
-    that give back the best tiles of each swept batch size (the largest as the class of every larger
-    batch), saying which way each row runs, in the table for the swept width."""
+    """The sweep times both kernels' candidates, then "up in down" ones, then a dependent launch, and prints
+    the tile table rows that give back the best tiles of each swept batch size (the largest as the class of
+    every larger batch), saying which way each row runs, in the table for the swept width."""
     from relufy.sparse.kernels import Tiles, row_tiles
 
     out = tmp_path / "sweep.json"  # one weight copy, one timed call: an interpreted FFN call takes most of a second

@@ -55,29 +55,41 @@ def test_dependent_launches_in_a_graph_of_chained_ffns_match_plain_launches(batc
     """Eight FFN calls in a row at the Llama-2-7B width, each one's output the next one's input, captured
     once with dependent launches (`dependent_launch`) and replayed: a second kernel that read the count,
     the list or x1 before its first kernel had finished would give other outputs than the plain launches.
-    Each output is scaled to unit RMS for the next layer, so eight layers neither vanish nor overflow."""
+    Each output is scaled to unit RMS for the next layer, so eight layers neither vanish nor overflow.
+
+    Each layer is checked against a plain launch on the input the replay gave it, not the chain's end
+    against a plain chain: the down kernel adds its fp32 partial sums in arrival order, so two correct
+    calls round a few bf16 outputs an ulp apart (relative error ~1e-5 to 1e-4), and eight random bf16
+    layers grow one such flip into 0.5% to 4% (two plain chains differ by about 2.5%). A layer that lost
+    one active neuron of thousands would typically be 0.5% off, one chunk of the list several percent."""
     generator = torch.Generator(device="cuda").manual_seed(batch)
     layers = [tuple(torch.randn(11008, 4096, generator=generator, device="cuda").bfloat16() / 64 for _ in range(3))
               for _ in range(8)]
     x = torch.randn(batch, 4096, generator=generator, device="cuda").bfloat16()
+    tiles = choose_tiles(batch, 11008, 4096, x.device)
+    dependent, plain_tiles = (dataclasses.replace(tiles, dependent_launch=flag) for flag in (True, False))
 
-    def chain(inputs, dependent):
-        tiles = dataclasses.replace(choose_tiles(batch, 11008, 4096, inputs.device), dependent_launch=dependent)
+    def chain(inputs):
+        """Each layer's input and output, in order."""
+        steps = []
         for w_gate, w_up, w_down_t in layers:
-            out = sparse_ffn(inputs, w_gate, w_up, w_down_t, RELU, tiles=tiles).float()
+            out = sparse_ffn(inputs, w_gate, w_up, w_down_t, RELU, tiles=dependent)
+            steps.append((inputs, out))
+            out = out.float()
             inputs = (out / out.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)).bfloat16()
-        return inputs.float()
+        return steps
 
-    chain(x, True)  # compiles both variants before the capture
+    chain(x)  # compiles the dependent variant before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = chain(x, True)
+        steps = chain(x)
     for _ in range(5):
         x.copy_(torch.randn(batch, 4096, generator=generator, device="cuda"))
         graph.replay()
-        plain = chain(x, False)
-        assert torch.isfinite(plain).all() and plain.abs().max() > 0
-        assert (captured - plain).norm() <= 2e-2 * plain.norm()
+        for (inputs, captured), (w_gate, w_up, w_down_t) in zip(steps, layers):
+            plain = sparse_ffn(inputs, w_gate, w_up, w_down_t, RELU, tiles=plain_tiles).float()
+            assert torch.isfinite(plain).all() and plain.abs().max() > 0
+            assert (captured.float() - plain).norm() <= 2e-3 * plain.norm()
 
 
 def _tiny_relu_llama():

@@ -10,6 +10,13 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
     python bench/decode_speed.py --batch-sizes 1 --new-tokens 64 --profile-steps 3 --output bench/out/decode-profile.json
     python bench/decode_speed.py --shape smollm2-135m --batch-sizes 1,4 --profile-steps 3 --output bench/out/decode-135m.json
 
+`--dependent-launch on|off` times the same rows with every sparse FFN's second kernel launched as the
+first's programmatic dependent, or plainly, whatever the tile table says (docs/inference.md, "Dependent
+launch"); run both back to back on one GPU to compare:
+
+    python bench/decode_speed.py --batch-sizes 1 --new-tokens 128 --generate-tokens 8 --dependent-launch off --output off.json
+    python bench/decode_speed.py --batch-sizes 1 --new-tokens 128 --generate-tokens 8 --dependent-launch on --output on.json
+
 `--profile-steps N` adds, per batch size, the profile of N decode steps of each arm, kernel by kernel
 (`relufy.step_profile`), to the JSON (`profile`) and the printed report.
 
@@ -56,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--generate-tokens", type=int, default=64, help="tokens for the HF generate number")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile this many decode steps of each arm per batch size (torch.profiler; 0: off)")
+    parser.add_argument("--dependent-launch", choices=["table", "on", "off"], default="table",
+                        help="launch every sparse FFN's second kernel as the first's programmatic dependent (on), "
+                             "plainly (off), or as the tile table's row says (table)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -80,6 +90,8 @@ def main(argv=None) -> int:
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
+    if args.dependent_launch != "table":
+        set_dependent_launch(args.dependent_launch == "on")
     model = random_llama(shape, dtype, device)
     threshold = set_fatrelu_for(model, args.sparsity, args.prompt_tokens)
     if args.save_folder:
@@ -95,7 +107,7 @@ def main(argv=None) -> int:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu", profile_steps=args.profile_steps)
     about = dict(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
-                 target_sparsity=args.sparsity)
+                 target_sparsity=args.sparsity, dependent_launch=args.dependent_launch)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
     def save(partial: dict, complete: bool = False) -> None:
@@ -107,6 +119,17 @@ def main(argv=None) -> int:
     print(speed_table(result))
     print(f"FATReLU threshold {threshold:.4g} for {args.sparsity:.0%} zeros; wrote {args.output}")
     return 0
+
+
+def set_dependent_launch(flag: bool) -> None:
+    """Every tile row of this process, every GPU family and width, with `dependent_launch` set to `flag`:
+    the same kernels and tiles timed with and without the launch gap a dependent launch removes."""
+    from relufy.sparse.kernels import tiles
+
+    for table in (tiles.TILE_TABLE, tiles.NARROW_TILE_TABLE):
+        for rows in table.values():
+            for row in rows.values():
+                row["dependent_launch"] = flag
 
 
 def random_llama(shape: dict, dtype, device):

@@ -117,8 +117,10 @@ def test_sparse_ffn_tiny(tmp_path):
 
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"
-    stdout = run_bench("decode_speed.py", "--tiny", "--profile-steps", "2", "--output", str(out))
+    stdout = run_bench("decode_speed.py", "--tiny", "--profile-steps", "2", "--dependent-launch", "on",
+                       "--output", str(out))
     result = json.loads(out.read_text())
+    assert result["dependent_launch"] == "on"  # the interpreter launches a dependent row plainly: same tokens
     assert {"decode", "generate", "ffn", "sparsity", "fatrelu_threshold", "bandwidth_limit_tokens_per_s"} <= result.keys()
     assert [row["batch_size"] for row in result["decode"]] == [1, 2]
     assert result["sparse_ffns"] == 2 and all(row["token_match"] == 1.0 for row in result["decode"])

@@ -59,9 +59,11 @@ TILE_TABLE["H200"] = {
     1 << 30: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,
                   up_in_down=False, block_d=256, chunk=64, down_per_sm=2, warps_down=8, stages_down=1),
 }
+# The H100's one-token row launches its second kernel as the first's programmatic dependent: 0.6 us less per
+# FFN in a graph of 32 Llama-2-7B layers (docs/inference.md, "Dependent launch"); at four tokens it did not win.
 TILE_TABLE["H100"] = {
     1: dict(block_n=4, block_k=1024, use_dot=False, warps_first=4, stages=1,
-            block_d=128, chunk=128, down_per_sm=4, warps_down=4, stages_down=1),
+            block_d=128, chunk=128, down_per_sm=4, warps_down=4, stages_down=1, dependent_launch=True),
     4: dict(block_n=64, block_k=128, use_dot=True, warps_first=4, stages=4,
             block_d=128, chunk=64, down_per_sm=4, warps_down=8, stages_down=1),
     8: dict(block_n=32, block_k=128, use_dot=True, warps_first=4, stages=4,

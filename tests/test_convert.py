@@ -245,3 +245,32 @@ def test_provenance_round_trips_and_keeps_keys_it_does_not_know(tmp_path):
     assert config["relufy"]["future_key"] == [1, 2] and config["relufy"]["training"] == {"steps": 3}
     assert config["relufy"]["source"] == str(src.resolve()) and config["hidden_act"] == "relu"
     assert read_provenance(tmp_path / "missing") == Provenance() and not read_provenance(src)
+
+
+def test_a_conversion_of_a_relufy_checkpoint_carries_its_record_and_the_untouched_activation(tmp_path):
+    """Trained and shifted to fatrelu_0.028, then converted with per-layer thresholds: the record still names the
+    untouched model's activation (not the shifted one) and keeps the training, the shift, the dequantization
+    and keys a newer relufy wrote; source, activation and version are the new conversion's."""
+    from relufy import __version__
+    from relufy.checkpoint import read_provenance, update_config
+    from relufy.per_layer import PER_LAYER
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    plain = convert_checkpoint(src, tmp_path / "relu", make_activation("relu"))
+    assert json.loads((plain / "config.json").read_text())["relufy"] == {  # a plain model starts the record
+        "source": str(src.resolve()), "original_activation": "silu", "activation": "relu",
+        "relufy_version": __version__}
+    training, shift = {"steps": 3, "stages": [{"lambda": 0.01}]}, {"threshold": 0.028, "perplexity_after": 9.5}
+
+    def trained_and_shifted(config: dict) -> None:
+        config["hidden_act"] = "fatrelu_0.028"
+        config["relufy"].update(activation="fatrelu_0.028", dequantized=True, training=training,
+                                threshold_shift=shift, future_key=[1])
+
+    update_config(plain, trained_and_shifted)
+    out = convert_checkpoint(plain, tmp_path / "layers", PER_LAYER, layer_thresholds=[0.01, 0.03])
+    provenance = read_provenance(out)
+    assert (provenance.source, provenance.original_activation, provenance.activation) == (
+        str(plain.resolve()), "silu", "fatrelu")
+    assert provenance.training == training and provenance.threshold_shift == shift and provenance.dequantized
+    assert provenance.extra == {"future_key": [1]} and provenance.relufy_version == __version__

@@ -190,8 +190,21 @@ class Provenance:
 
     convert and dequantize write source/original_activation/activation/relufy_version (dequantize adds
     `dequantized`), train adds `training`, threshold_shift adds `threshold_shift` and names the new activation.
-    A training run recognises its own earlier conversion by it; publish reads the base model and licence from
-    `source` and prints the rest on the card. Keys a newer relufy wrote are kept in `extra`, never dropped.
+    A checkpoint is often several steps from the untouched model (converted, trained and shifted, then converted
+    again with per-layer thresholds), and a conversion of a relufy checkpoint carries the record on, so that its
+    card still says what the weights went through. After such a chain:
+
+    - `source`: the immediate source, the checkpoint this one was made from; publish walks the sources back
+      (each relufy folder names its own) to the first model for the base model and licence;
+    - `original_activation`: the untouched model's activation (silu, gelu...), never an intermediate one: what
+      a distillation teacher restores and what the card says was replaced;
+    - `activation`, `relufy_version`: this checkpoint's activation and the relufy that wrote it;
+    - `dequantized`: the weights were dequantized from a GGUF file at some step;
+    - `training`, `threshold_shift`: the latest training run in the chain and its calibration, carried through
+      later conversions (`activation`, not `threshold_shift`, says what runs now); a new run replaces both;
+    - `extra`: keys a newer relufy wrote, kept and carried, never dropped.
+
+    A training run recognises its own earlier conversion by `source` and `activation`.
     """
 
     source: str | None = None

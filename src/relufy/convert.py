@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
@@ -60,8 +61,7 @@ def convert_checkpoint(
         if parse_activation(old_value) == activation and not force:
             raise AlreadyConvertedError(
                 f"{source} already uses '{old_value}'; nothing to convert (pass --force to write a copy anyway)")
-        provenance = Provenance(source=str(source), original_activation=old_value,
-                                activation=activation.config_value, relufy_version=__version__)
+        provenance = conversion_provenance(config, source, old_value, activation.config_value)
         with atomic_directory(out, replace=force, command="relufy convert") as tmp:
             if source.gguf_file:
                 dequantize_gguf(source, tmp, arch, activation, dtype)
@@ -73,6 +73,16 @@ def convert_checkpoint(
                 write_remote_code(tmp)
     logger.info("converted %s (%s -> %s) into %s", source, old_value, activation.config_value, out)
     return out
+
+
+def conversion_provenance(config: dict, source: Source, old_value: str, activation: str) -> Provenance:
+    """The `relufy` entry of a conversion of `source` (whose config is `config`): a source relufy made (trained,
+    shifted, converted) passes its record on, with `original_activation` still the untouched model's, so that
+    a per-layer conversion of a trained checkpoint does not read as a conversion of its shifted activation
+    and keeps its training record; a model relufy never touched starts the record."""
+    earlier = Provenance.of(config)
+    return replace(earlier, source=str(source), original_activation=earlier.original_activation or old_value,
+                   activation=activation, relufy_version=__version__)
 
 
 def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32") -> Path:

@@ -409,3 +409,18 @@ def test_a_relu_base_with_no_original_activation_is_refused_with_the_fix(tmp_pat
     relu = save_tiny_checkpoint("llama", tmp_path / "relu", SAMPLE_TEXT, hidden_act="relu")
     err = refusal(capsys, relu, tmp_path / "out", "activation=null")
     assert "no unconverted teacher to restore" in err and "distill_teacher" in err
+
+
+def test_a_base_relufy_trained_is_refused_as_its_own_teacher(tmp_path):
+    """A trained checkpoint (or a conversion of one, which carries its record) still names the untouched model's
+    activation, but its weights with that activation are not the untouched model: no default teacher."""
+    from relufy.checkpoint import Source
+    from relufy.distill import original_activation
+    from relufy.train_base import Base
+
+    converted = {"model_type": "llama", "hidden_act": "fatrelu",
+                 "relufy": {"original_activation": "silu", "activation": "fatrelu"}}
+    assert original_activation(Base(Source(tmp_path), converted)) == ("fatrelu", "silu")
+    converted["relufy"]["training"] = {"steps": 3}
+    with pytest.raises(RecipeError, match="was trained by relufy .* set distill_teacher"):
+        original_activation(Base(Source(tmp_path), converted))

@@ -69,6 +69,21 @@ def test_a_finished_run_without_checkpoints_is_replaced_only_with_force(silu_bas
     assert train(tiny_recipe(silu_base, tmp_path / "run", "max_steps=2", "save_strategy='no'"), force=True).steps == 2
 
 
+def test_a_run_on_a_relufy_trained_checkpoint_replaces_its_record_and_drops_its_old_shift(silu_base, tmp_path):
+    """A base that carries an earlier run's record (a conversion of a trained checkpoint carries it): the new
+    run's record replaces it, and the earlier shift, which calibrated other weights, is not left behind."""
+    from relufy.activations import make_activation
+    from relufy.checkpoint import read_provenance, update_provenance
+    from relufy.convert import convert_checkpoint
+
+    base = convert_checkpoint(silu_base, tmp_path / "base", make_activation("relu"))
+    update_provenance(base, training={"steps": 99}, threshold_shift={"threshold": 0.03})
+    train(tiny_recipe(base, tmp_path / "run", "max_steps=2", "save_strategy='no'"))
+    provenance = read_provenance(tmp_path / "run")
+    assert provenance.training["steps"] == 2 and provenance.threshold_shift is None
+    assert (provenance.original_activation, provenance.activation) == ("silu", "relu")
+
+
 # -- bad input -----------------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here")
 def test_liger_without_liger_kernel_installed_is_refused_before_any_work(silu_base, tmp_path):

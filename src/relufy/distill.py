@@ -256,14 +256,20 @@ def describe(training: ProSparseConfig) -> dict:
 
 def original_activation(base: Base) -> tuple[str, str]:
     """(the activation `base` has, the one its teacher has): the base's own when it is not ReLU-family,
-    else the `relufy.original_activation` its conversion recorded."""
+    else the `relufy.original_activation` its conversion recorded. A base relufy trained is refused: the
+    recorded activation is the untouched model's, but these weights with it are not that model."""
     from .checkpoint import Provenance
 
     current = base.activation
     if parse_activation(str(current)) is None:
         return current, current
-    recorded = Provenance.of(base.config).original_activation
+    provenance = Provenance.of(base.config)
+    recorded = provenance.original_activation
     if recorded and parse_activation(str(recorded)) is None:
+        if provenance.training:
+            raise RecipeError(f"distill: {base.source} was trained by relufy (relufy.training in its config), so "
+                              f"its weights with '{recorded}' are not the unconverted model; set distill_teacher "
+                              "to the model it came from, or distill: false")
         return current, recorded
     raise RecipeError(f"distill: {base.source} already uses '{current}' and records no original activation (it was "
                       "not converted by relufy), so there is no unconverted teacher to restore; set "

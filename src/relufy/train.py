@@ -321,7 +321,9 @@ def _save_final_lora(trainer: ProSparseTrainer, recipe: Recipe, output_dir: Path
 
 
 def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
-    """Add the schedule and step count (and the LoRA settings) to the saved config under `relufy.training`."""
+    """Add the schedule and step count (and the LoRA settings) to the saved config under `relufy.training`, in
+    place of an earlier run's record that a base carried; an earlier run's threshold shift goes with it, as it
+    calibrated other weights (this run's own shift, if any, is recorded after this)."""
     training = {
         "recipe": str(recipe.source) if recipe.source else None,
         "stages": recipe.schedule.describe(),
@@ -336,7 +338,7 @@ def _record_training(output_dir: Path, recipe: Recipe, steps: int) -> None:
         from .distill import describe as describe_distillation
 
         training["distill"] = describe_distillation(recipe.training)
-    update_provenance(output_dir, training=training)
+    update_provenance(output_dir, training=training, threshold_shift=None)
 
 
 def _last_logged(history: list[dict], key: str):

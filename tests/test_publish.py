@@ -83,14 +83,36 @@ def test_card_has_front_matter_with_measured_results_and_carried_license(relu, t
 
 def test_a_checkpoint_converted_from_a_relufy_folder_carries_the_originals_license(relu, tmp_path):
     """Trained, then converted again: the card's license is the first model's, two steps up (`relufy train`
-    writes no README, so the trained folder's own provenance must be followed)."""
+    writes no README, so the trained folder's own provenance must be followed), and the card says which
+    activation of the untouched model was replaced and how the weights were trained."""
+    from relufy.checkpoint import update_provenance
+
     model, _ = relu
     trained = shutil.copytree(model, tmp_path / "trained")
     (trained / "README.md").unlink()
+    update_provenance(trained, training={"steps": 3})
     again = convert_checkpoint(trained, tmp_path / "tiny-fatrelu-again", make_activation("fatrelu", threshold=0.01))
     evaluate_model(str(again), tmp_path / "eval", EvalConfig(tasks=["relufy_dictionary"], limit=4, ps=()))
     out = publish(again, tmp_path / "eval" / "results.json", tmp_path / "pub")
-    assert _front_matter((out / "README.md").read_text())["license"] == "mit"
+    card = (out / "README.md").read_text()
+    assert _front_matter(card)["license"] == "mit"
+    assert "the FFN activation `silu` was replaced by `fatrelu_0.01`" in card
+    assert "source: trained\noriginal_activation: silu\nactivation: fatrelu_0.01\ntraining:\n  steps: 3\n" in card
+
+
+def test_the_card_of_a_chained_checkpoint_names_the_untouched_activation_and_the_training():
+    """Trained and shifted to fatrelu_0.028, then converted with per-layer thresholds: the summary names the
+    first model's activation, not the shifted one, and the recipe keeps the training and the shift."""
+    from relufy.publish import model_card
+
+    provenance = {"source": "prosparse-kd", "original_activation": "silu", "activation": "fatrelu",
+                  "relufy_version": "0", "training": {"steps": 7}, "threshold_shift": {"threshold": 0.028}}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "fatrelu",
+              "relufy_layer_thresholds": [0.028, 0.03], "relufy": provenance}
+    results = {"model": "m", "lm_eval": {"results": {}}, "sparsity": {"overall": 0.9, "per_task": {}, "tokens": 8}}
+    card = model_card(results, config, repo_id="me/m", base_model=None, license_id="mit", remote_code=True)
+    assert "the FFN activation `silu` was replaced by `fatrelu` (ProSparse" in card
+    assert "training:\n  steps: 7\nthreshold_shift:\n  threshold: 0.028\n" in card
 
 
 def test_serve_section_names_the_plugin_or_the_transformers_backend_and_warns():

@@ -354,6 +354,9 @@ def test_cli_writes_speed_json_and_refuses_to_overwrite(tmp_path, monkeypatch, c
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert result["model"] == str(model.resolve()) and result["decode"][0]["dense_tokens_per_s"] > 0
+    from relufy.checkpoint import Source, model_identity
+
+    assert result["identity"] == model_identity(Source(model.resolve()), "relu")  # what publish --speed checks
     assert "| batch | dense tok/s" in capsys.readouterr().out
     capsys.readouterr()
     assert main(args) == 2

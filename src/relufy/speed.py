@@ -139,8 +139,12 @@ def _what_ran(model, config: SpeedConfig, device: torch.device) -> dict:
 
 def speed_of_checkpoint(model_src: str, config: SpeedConfig, *, trust_remote_code: bool = False,
                         progress: bool = True) -> dict:
-    """`relufy speed`: load a checkpoint in `config.dtype` on `config.device`, sparsify it, measure it."""
-    from .checkpoint import load_model, resolve_source
+    """`relufy speed`: load a checkpoint in `config.dtype` on `config.device`, sparsify it, measure it.
+
+    The result carries the checkpoint's `identity` (`model_identity`, as `relufy evaluate` records it), so
+    that `relufy publish --speed` can refuse the timing of another model."""
+    from .architectures import activation_name
+    from .checkpoint import load_model, model_identity, resolve_source
     from .sparse import sparsify
 
     config.check()
@@ -148,8 +152,9 @@ def speed_of_checkpoint(model_src: str, config: SpeedConfig, *, trust_remote_cod
         raise DataError("--device cuda, but CUDA is not available here; pass --device cpu for an eager run")
     source = resolve_source(model_src)
     model = load_model(source, dtype=config.dtype, trust_remote_code=trust_remote_code)
+    identity = model_identity(source, activation_name(model))
     model = sparsify(model.to(config.device).eval())
-    return {"model": str(source), **measure_speed(model, config, progress=progress)}
+    return {"model": str(source), "identity": identity, **measure_speed(model, config, progress=progress)}
 
 
 def _check_length(model, config: SpeedConfig) -> None:

@@ -245,3 +245,78 @@ def test_results_with_a_sampled_identity_from_an_older_relufy_are_refused(relu, 
     old.write_text(json.dumps(results))
     with pytest.raises(DataError, match="no fingerprint of every weight byte"):
         publish(model, old, tmp_path / "pub")
+
+
+def _speed_json(path, identity, dtype: str, dense: float) -> str:
+    """A `relufy speed` JSON as it writes one (two batch sizes, generate, decode sparsity, unions), small."""
+    rows = [{"batch_size": batch, "new_tokens": 256, "dense_tokens_per_s": dense * batch, "dense_ms_per_step": 1.9,
+             "sparse_tokens_per_s": dense * batch * 1.05, "sparse_ms_per_step": 1.8, "token_match": 0.25,
+             "speedup": 1.05, "ffn_route": "sparse kernels", "first_divergences": [], "dense_fraction_of_limit": 0.05}
+            for batch in (1, 4)]
+    speed = {"model": "/somewhere/local/tiny-relu", "identity": identity, "gpu": "NVIDIA H100 80GB HBM3",
+             "device": "cuda", "dtype": dtype, "config": {"batch_sizes": [1, 4], "prompt_tokens": 128,
+                                                          "new_tokens": 256},
+             "cuda_graph": True, "compiled": True, "ffns": 2, "sparse_ffns": 2, "note": None, "weight_bytes": 2.7e8,
+             "copy_bandwidth_gb_per_s": 3031.0, "bandwidth_limit_tokens_per_s": 11267.8, "decode": rows,
+             "dense_fraction_of_limit": 0.05, "ffn": [], "profile": [],
+             "generate": {"batch_size": 1, "new_tokens": 128, "repeats": 3, "dense_tokens_per_s": 32.1,
+                          "sparse_tokens_per_s": 22.9, "speedup": 0.71},
+             "sparsity": {"overall": 0.9175, "per_layer": [0.9, 0.935], "tokens": 256},
+             "union": {"batch_sizes": [1, 4], "overall": {"1": 0.1, "4": 0.26},
+                       "per_layer": {"1": [0.1, 0.1], "4": [0.25, 0.27]}},
+             "relufy_output": {"command": "relufy speed", "version": "0", "created": "2026-01-01T00:00:00+00:00"}}
+    path.write_text(json.dumps(speed))
+    return path
+
+
+def test_the_card_takes_its_speed_from_a_speed_json_of_the_model(relu, tmp_path):
+    """--speed: the card quotes `relufy speed`'s bf16 measurement (both batch sizes, generate, unions), not the
+    short float32 look that results.json holds; without it the card keeps results.json's."""
+    from relufy.checkpoint import Source, model_identity
+
+    model, results_path = relu
+    results = json.loads(results_path.read_text())
+    results["speed"] = json.loads(_speed_json(tmp_path / "short.json", None, "float32", 111.0).read_text())
+    with_short = tmp_path / "results.json"
+    with_short.write_text(json.dumps(results))
+    speed = _speed_json(tmp_path / "speed.json", model_identity(Source(model), "relu"), "bfloat16", 521.9)
+    card = (publish(model, with_short, tmp_path / "pub", speed=speed) / "README.md").read_text()
+    assert "### Decode speed" in card and "| 1 | 521.9 | 548.0 | 1.05x |" in card and "| 4 | 2087.6 |" in card
+    assert "NVIDIA H100 80GB HBM3, bfloat16" in card and "(torch.compile) captured as a CUDA graph" in card
+    assert "HF generate (batch 1, 128 new tokens" in card and "4 tokens 26.0%" in card
+    assert "float32" not in card and "| 111.0 |" not in card and "/somewhere/local" not in card
+    card = (publish(model, with_short, tmp_path / "pub", force=True) / "README.md").read_text()
+    assert "| 1 | 111.0 |" in card and "521.9" not in card
+
+
+def test_a_speed_json_of_another_model_or_without_a_fingerprint_is_refused(relu, fatrelu, tmp_path, capsys):
+    from relufy.checkpoint import Source, model_identity
+
+    model, results_path = relu
+    other = _speed_json(tmp_path / "other.json", model_identity(Source(fatrelu[0]), "fatrelu_0.01"), "bfloat16", 1.0)
+    with pytest.raises(DataError, match=r"times another model than .*: config_sha256, activation "
+                                        r"\(fatrelu_0.01 timed, relu here\) differ; run `relufy speed"):
+        publish(model, results_path, tmp_path / "pub", speed=other)
+    old = _speed_json(tmp_path / "old.json", None, "bfloat16", 1.0)
+    with pytest.raises(DataError, match=r"records no fingerprint of the model it timed .* re-run `relufy speed"):
+        publish(model, results_path, tmp_path / "pub", speed=old)
+    with pytest.raises(DataError, match="is not a JSON written by `relufy speed`"):
+        publish(model, results_path, tmp_path / "pub", speed=results_path)
+    assert not (tmp_path / "pub").exists()
+    assert main(["publish", str(model), "--results", str(results_path), "--speed", str(tmp_path / "missing.json"),
+                 "--out", str(tmp_path / "pub")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("relufy publish: error: --speed ") and "does not exist" in err and "\n" not in err
+
+
+def test_a_real_speed_json_of_the_model_is_taken(relu, tmp_path, monkeypatch):
+    """What `relufy speed` writes (here eager on the CPU) passes publish's check and renders on the card."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernel tests turn the interpreter on for the session
+    model, results_path = relu
+    speed = tmp_path / "speed.json"
+    assert main(["speed", str(model), "--output", str(speed), "--device", "cpu", "--dtype", "float32",
+                 "--batch-sizes", "1,2", "--prompt-tokens", "8", "--new-tokens", "4", "--generate-tokens", "2",
+                 "--union-batch-sizes", "1,4", "--ffn-repeats", "1", "--copy-bytes", str(1 << 20)]) == 0
+    card = (publish(model, results_path, tmp_path / "pub", speed=speed) / "README.md").read_text()
+    assert "### Decode speed" in card and "\n| 1 | " in card and "\n| 2 | " in card and "eager decode steps" in card
+    assert "| layer | zeros (batch 1) | union, 1 tok | union, 4 tok |" in card and "HF generate (batch 1" in card

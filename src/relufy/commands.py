@@ -205,7 +205,7 @@ def run_publish(args: Namespace, config: options.PublishConfig) -> int:
     from .publish import publish, push_folder
 
     out = publish(args.model_dir, config.results, args.out, repo_id=config.repo_id, base_model=config.base_model,
-                  license_id=config.license, force=args.force)
+                  license_id=config.license, speed=config.speed, force=args.force)
     print(f"wrote {out}")
     if config.push:
         url = push_folder(out, config.repo_id, private=config.private)
@@ -279,8 +279,8 @@ COMMANDS = [
                                                    "JSONs"}), MARKDOWN, FORCE)),
     Command("publish", "checkpoint folder + model card (+ Hub upload)",
             "Write PUBLISH_DIR with MODEL_DIR's safetensors and tokenizer and a model card built from an "
-            "evaluation's results.json; --push uploads it with huggingface_hub (token from HF_TOKEN or the login "
-            "cache).", options.PublishConfig, run_publish,
+            "evaluation's results.json (its decode speed from a `relufy speed` JSON with --speed); --push uploads "
+            "it with huggingface_hub (token from HF_TOKEN or the login cache).", options.PublishConfig, run_publish,
             ((("model_dir",), {"help": "the trained/converted checkpoint directory"}),
              (("--out",), {"required": True, "help": "PUBLISH_DIR to create"}), FORCE)),
     Command("speed", "decode tokens/s dense vs sparse in a CUDA-graph decode loop, + HF generate",

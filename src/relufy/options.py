@@ -273,6 +273,9 @@ class PublishConfig:
     """`relufy publish`: the evaluation the card reports, and the Hub repository."""
 
     results: str = option(help="results.json written by `relufy evaluate` for this model")
+    speed: str | None = option(
+        None, "speed.json written by `relufy speed` for this model: the card's decode speed comes from it instead "
+        "of the short look `relufy evaluate` takes (batch 1, no torch.compile, the evaluation's dtype)")
     repo_id: str | None = option(None, "Hub repository id (org/name) for the card and --push")
     base_model: str | None = option(None, "hub id of the original model (default: read from the checkpoint)")
     license: str | None = option(None, "license id (default: carried over from the source model)")

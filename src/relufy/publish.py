@@ -2,11 +2,13 @@
 
 The card (README.md) starts with Hub YAML front matter: `base_model`, `license` (carried over
 from the source model), `tags` and a `model-index` holding the measured results of one
-`relufy evaluate` run; its body has the accuracy/sparsity table, the recipe and how to load it.
+`relufy evaluate` run; its body has the accuracy/sparsity table, the decode speed (of a `relufy speed` run
+when one is given, else evaluate's short look), the recipe and how to load it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .atomic import MARKER, atomic_directory, claim_output
+from .atomic import MARKER, SIGNATURE_KEY, atomic_directory, claim_output
 from .checkpoint import Provenance, check_model_dir, read_provenance, update_config
 from .errors import DataError, RelufyError, SourceError
 from .per_layer import LAYER_THRESHOLDS_KEY, PER_LAYER
@@ -30,13 +32,22 @@ TAGS = ["relufy", "prosparse", "activation-sparsity", "relu"]
 
 
 def publish(model_dir: str | Path, results_path: str | Path, out: str | Path, *, repo_id: str | None = None,
-            base_model: str | None = None, license_id: str | None = None, force: bool = False) -> Path:
-    """Write `out`: weights, tokenizer, remote code if needed, and the model card. Returns `out`."""
+            base_model: str | None = None, license_id: str | None = None, speed: str | Path | None = None,
+            force: bool = False) -> Path:
+    """Write `out`: weights, tokenizer, remote code if needed, and the model card. Returns `out`.
+
+    `speed`, a `relufy speed` JSON of this model, gives the card its speed section in place of the short look
+    that `relufy evaluate` takes on CUDA (batch 1, eager, in the evaluation's dtype): the full measurement, in
+    the dtype the model is served in, is the one a reader should see."""
     model_dir = Path(model_dir).expanduser().resolve()
     check_model_dir(model_dir)
-    with claim_output(out, command="relufy publish", force=force, inputs=[model_dir, results_path]) as out:
+    inputs = [model_dir, results_path, *([speed] if speed is not None else [])]
+    with claim_output(out, command="relufy publish", force=force, inputs=inputs) as out:
         results = load_result(results_path)
-        _check_results_match(results, model_dir, results_path)
+        identity = _identity_of(model_dir)
+        _check_results_match(results, identity, model_dir, results_path)
+        if speed is not None:
+            results = {**results, "speed": _speed_of(speed, identity, model_dir)}
         weights, tokenizer_files = _checkpoint_files(model_dir)
         lineage = _lineage(model_dir)
         base_model = base_model or next(filter(None, map(_base_model_of, lineage)), None)
@@ -92,26 +103,61 @@ def push_folder(folder: str | Path, repo_id: str | None, *, private: bool = Fals
     return getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo_id}"
 
 
-def _check_results_match(results: dict, model_dir: Path, results_path) -> None:
+def _identity_of(model_dir: Path) -> dict:
+    """`model_identity` of the folder published, computed once (it reads every weight byte) for every
+    measurement the card quotes."""
+    from .architectures import architecture_of
+    from .checkpoint import Source, model_identity, read_config
+
+    config = read_config(model_dir)
+    return model_identity(Source(model_dir), str(architecture_of(config).activation_of(config)))
+
+
+def _differences(recorded, identity: dict, measured: str) -> list[str] | None:
+    """The fields of a recorded identity that differ from `identity` (the activation with both values), or
+    None when nothing usable is recorded (no identity, or one from an older relufy that hashed samples)."""
+    from .checkpoint import WEIGHTS_HASHED
+
+    if not isinstance(recorded, dict) or recorded.get("weights_hashed") != WEIGHTS_HASHED:
+        return None
+    return [f"{key} ({recorded.get(key)} {measured}, {identity[key]} here)" if key == "activation" else key
+            for key in identity if recorded.get(key) != identity[key]]
+
+
+def _check_results_match(results: dict, identity: dict, model_dir: Path, results_path) -> None:
     """Refuse an evaluation of another model: the identity recorded by `relufy evaluate` (config and weight
     fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
-    from .architectures import architecture_of
-    from .checkpoint import WEIGHTS_HASHED, Source, model_identity, read_config
-
     if "lm_eval" not in results or "model" not in results:
         raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
-    recorded = results.get("identity")
-    if not isinstance(recorded, dict) or recorded.get("weights_hashed") != WEIGHTS_HASHED:
+    differ = _differences(results.get("identity"), identity, "evaluated")
+    if differ is None:
         raise DataError(f"{results_path} records no fingerprint of every weight byte (written by an older "
                         f"relufy); evaluate {model_dir} again with `relufy evaluate` and pass that results.json")
-    config = read_config(model_dir)
-    activation = str(architecture_of(config).activation_of(config))
-    actual = model_identity(Source(model_dir), activation)
-    differ = [f"{key} ({recorded.get(key)} evaluated, {actual[key]} here)" if key == "activation" else key
-              for key in actual if recorded.get(key) != actual[key]]
     if differ:
         raise DataError(f"{results_path} evaluates another model than {model_dir}: {', '.join(differ)} differ; "
                         "evaluate this model with `relufy evaluate` and pass that results.json")
+
+
+def _speed_of(path, identity: dict, model_dir: Path) -> dict:
+    """The measurement in `path`, a `relufy speed` JSON, once it is known to time this model (its recorded
+    identity is `identity`); without its local path, identity and signature, which the card does not show."""
+    try:
+        speed = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"--speed {path} does not exist; pass the --output of `relufy speed {model_dir}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"--speed {path} is not valid JSON ({exc}); pass the --output of `relufy speed`") from None
+    if not isinstance(speed, dict) or not isinstance(speed.get("decode"), list) or "config" not in speed:
+        raise DataError(f"--speed {path} is not a JSON written by `relufy speed`; pass the --output of "
+                        f"`relufy speed {model_dir}`")
+    differ = _differences(speed.get("identity"), identity, "timed")
+    if differ is None:
+        raise DataError(f"--speed {path} records no fingerprint of the model it timed (written by an older relufy); "
+                        f"re-run `relufy speed {model_dir} --output ...` and pass that JSON")
+    if differ:
+        raise DataError(f"--speed {path} times another model than {model_dir}: {', '.join(differ)} differ; run "
+                        f"`relufy speed {model_dir} --output ...` and pass that JSON")
+    return {key: value for key, value in speed.items() if key not in ("model", "identity", SIGNATURE_KEY)}
 
 
 def shareable(value):

@@ -193,6 +193,24 @@ def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(
     assert [path.name for path in (tmp_path / "dest" / "relu").iterdir()] == ["results.json"]
 
 
+def test_collect_puts_a_deployed_routes_published_card_and_config_beside_its_numbers(driver, tmp_path):
+    """A card is made again only with the checkpoint's config: the published one goes beside model-card.md, and
+    the card is the one published last (a later `relufy publish` by hand replaces the one deploy copied)."""
+    name = "prosparse-kd+shift-layers90"
+    evaluation, published = tmp_path / "out" / "eval" / name, tmp_path / "out" / "publish" / name
+    for folder in (evaluation, published):
+        folder.mkdir(parents=True)
+    (evaluation / "results.json").write_text(json.dumps({
+        "lm_eval": {"results": {}}, "sparsity": {"overall": 0.9}, "scores": {"average": 40.0}}))
+    (evaluation / "model-card.md").write_text("# the card deploy copied\n")
+    (published / "README.md").write_text("# the card published last\n")
+    (published / "config.json").write_text(json.dumps({"hidden_act": "fatrelu", "relufy": {"activation": "fatrelu"}}))
+    driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])
+    collected = tmp_path / "dest" / name
+    assert (collected / "model-card.md").read_text() == "# the card published last\n"
+    assert (collected / "config.json").read_text() == (published / "config.json").read_text()
+
+
 def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):
     """Arms trained on machines that are gone by now collect into one DEST: its tables list every arm and
     route collected so far, its timings keep every run's rows, its settings every run's arms and its logs
@@ -333,6 +351,8 @@ def test_deploy_ships_the_matched_thresholds_of_the_route_and_checks_them_on_the
     assert tokens[tokens.index("--output") + 1] == str(out / "eval" / name / "check_tokens.json")
     assert speed[speed.index("--output") + 1] == str(out / "eval" / name / "speed.json") and "--profile-steps" in speed
     assert speed[speed.index("--batch-sizes") + 1] == "1,4"  # 16 tokens would run the dense FFN in both arms
+    publish = commands[f"{name}-publish"]  # the card quotes the speed just measured, not evaluate's short look
+    assert publish[publish.index("--speed") + 1] == str(out / "eval" / name / "speed.json")
 
 
 def test_deploy_needs_the_routes_matched_thresholds(driver, tmp_path):

@@ -332,8 +332,9 @@ def run_deploy(s: argparse.Namespace) -> None:
     run(f"{name}-speed", [*relufy, "speed", model, "--device", s.device, "--dtype", dtype, "--output",
                           results / "speed.json", "--force", *(TINY_DEPLOY_SPEED if s.tiny else
                                                                ["--batch-sizes", "1,4", "--profile-steps", 3])])
-    run(f"{name}-publish", [*relufy, "publish", model, "--results", results / "results.json", "--out",
-                            s.out_dir / "publish" / name, "--force"])
+    # the card's speed is this compiled measurement, not evaluate's short eager one
+    run(f"{name}-publish", [*relufy, "publish", model, "--results", results / "results.json", "--speed",
+                            results / "speed.json", "--out", s.out_dir / "publish" / name, "--force"])
     if not s.dry_run:  # the card beside the numbers it quotes, where `collect` finds it
         shutil.copy2(s.out_dir / "publish" / name / "README.md", results / "model-card.md")
 
@@ -349,9 +350,10 @@ def record_settings(s: argparse.Namespace) -> None:
 
 
 def collect(s: argparse.Namespace) -> None:
-    """Copy each evaluation's small files (no per-example samples) and every step's log into DEST,
-    then write DEST/compare.md and DEST/matched.md from everything DEST holds: arms trained in separate
-    runs, on machines that are gone by now, collect into one folder and one table."""
+    """Copy each evaluation's small files (no per-example samples), a deployed route's published card (as
+    model-card.md) and config.json, and every step's log into DEST, then write DEST/compare.md and
+    DEST/matched.md from everything DEST holds: arms trained in separate runs, on machines that are gone
+    by now, collect into one folder and one table."""
     from relufy.atomic import LOCK_SUFFIX  # relufy's locks, and while a step runs its holder file `<lock>.pid`
 
     s.dest.mkdir(parents=True, exist_ok=True)
@@ -371,6 +373,10 @@ def collect(s: argparse.Namespace) -> None:
         if config.exists():
             provenance = json.loads(config.read_text()).get("relufy", {})
             (target / "relufy_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        published = s.out_dir / "publish" / source.name
+        for name, copy in (("README.md", "model-card.md"), ("config.json", "config.json")):
+            if (published / name).exists():  # the card as published last, and the config it is made again from
+                shutil.copy2(published / name, target / copy)
         print(f"{source} -> {target}")
     merge_run_records(s.out_dir, s.dest)
     if (s.out_dir / "logs").is_dir():  # each step's log, so a number in DEST can be traced to the run that made it

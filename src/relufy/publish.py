@@ -145,8 +145,9 @@ def _speed_of(path, identity: dict, model_dir: Path) -> dict:
         speed = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise DataError(f"--speed {path} does not exist; pass the --output of `relufy speed {model_dir}`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"--speed {path} is not valid JSON ({exc}); pass the --output of `relufy speed`") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:  # a folder, unreadable, not JSON
+        raise DataError(f"--speed {path} is not a readable JSON file ({exc}); pass the --output of `relufy speed`") \
+            from None
     if not isinstance(speed, dict) or not isinstance(speed.get("decode"), list) or "config" not in speed:
         raise DataError(f"--speed {path} is not a JSON written by `relufy speed`; pass the --output of "
                         f"`relufy speed {model_dir}`")

@@ -280,7 +280,13 @@ def test_the_card_takes_its_speed_from_a_speed_json_of_the_model(relu, tmp_path)
     with_short = tmp_path / "results.json"
     with_short.write_text(json.dumps(results))
     speed = _speed_json(tmp_path / "speed.json", model_identity(Source(model), "relu"), "bfloat16", 521.9)
+    profiled = json.loads(speed.read_text())
+    profiled["profile"] = [{"batch_size": 1, "dense": {}, "sparse": {}, "diff": [
+        {"name": "down_kernel", "dense_us_per_step": 0.0, "sparse_us_per_step": 165.7, "delta_us_per_step": 165.7,
+         "dense_count_per_step": 0, "sparse_count_per_step": 30}]}]
+    speed.write_text(json.dumps(profiled))
     card = (publish(model, with_short, tmp_path / "pub", speed=speed) / "README.md").read_text()
+    assert "down_kernel" not in card  # the kernel profile stays in speed.json
     assert "### Decode speed" in card and "| 1 | 521.9 | 548.0 | 1.05x |" in card and "| 4 | 2087.6 |" in card
     assert "NVIDIA H100 80GB HBM3, bfloat16" in card and "(torch.compile) captured as a CUDA graph" in card
     assert "HF generate (batch 1, 128 new tokens" in card and "4 tokens 26.0%" in card

@@ -140,7 +140,8 @@ def _check_results_match(results: dict, identity: dict, model_dir: Path, results
 
 def _speed_of(path, identity: dict, model_dir: Path) -> dict:
     """The measurement in `path`, a `relufy speed` JSON, once it is known to time this model (its recorded
-    identity is `identity`); without its local path, identity and signature, which the card does not show."""
+    identity is `identity`); without its local path, identity and signature, which the card does not show, and
+    without its kernel-by-kernel profile, which is for whoever tunes the kernels and stays in the JSON."""
     try:
         speed = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -158,7 +159,7 @@ def _speed_of(path, identity: dict, model_dir: Path) -> dict:
     if differ:
         raise DataError(f"--speed {path} times another model than {model_dir}: {', '.join(differ)} differ; run "
                         f"`relufy speed {model_dir} --output ...` and pass that JSON")
-    return {key: value for key, value in speed.items() if key not in ("model", "identity", SIGNATURE_KEY)}
+    return {key: value for key, value in speed.items() if key not in ("model", "identity", "profile", SIGNATURE_KEY)}
 
 
 def shareable(value):

@@ -348,6 +348,17 @@ def test_narrow_ffns_take_their_own_rows_on_cuda_only(monkeypatch):
             dataclasses.replace(wide, block_n=32) if batch == 1 else wide)
 
 
+def test_tiles_follow_a_row_edited_in_place(monkeypatch):
+    """choose_tiles remembers the tiles of each row's contents (an eager decode call chooses them every time),
+    so a row edited in the process (bench/decode_speed.py's --dependent-launch) gives the edited tiles at once."""
+    row = {**TILE_TABLE["H200"][1], "warps_down": 4}
+    monkeypatch.setitem(TILE_TABLE["H200"], 1, row)
+    before = choose_tiles(1, 1536, 4096, torch.device("cpu"))
+    assert choose_tiles(1, 1536, 4096, torch.device("cpu")) is before  # the same tiles, not rebuilt
+    row["warps_down"] = 8
+    assert choose_tiles(1, 1536, 4096, torch.device("cpu")) == dataclasses.replace(before, warps_down=8)
+
+
 def test_a_plain_ffn_on_an_up_in_down_row_keeps_the_down_kernels_bound(monkeypatch):
     """A non-gated FFN has no W_up to read in the second kernel: it runs the two launches on such a row,
     with the split cut to MAX_SPLIT programs per column block (an "up in down" row's split counts list

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,17 +99,37 @@ def family_and_multiprocessors(device: torch.device) -> tuple[str, int]:
     """The TILE_TABLE family of `device` and its multiprocessor count (off CUDA, where only Triton's
     interpreter runs the kernels: the H200's rows, sized for 4 multiprocessors)."""
     if device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        return gpu_family(properties.name), properties.multi_processor_count
+        name, multiprocessors = _cuda_name_and_multiprocessors(
+            device.index if device.index is not None else torch.cuda.current_device())
+        return gpu_family(name), multiprocessors
     return "H200", 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name_and_multiprocessors(index: int) -> tuple[str, int]:
+    """A GPU's name and multiprocessor count, queried once per device: every eager decode call chooses its
+    tiles, and `torch.cuda.get_device_properties` is microseconds of Python (device index checks) each
+    time. The family is looked up from the name on every call, so a table edited in the process still applies."""
+    properties = torch.cuda.get_device_properties(index)
+    return properties.name, properties.multi_processor_count
 
 
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
     """The tiles for `batch` tokens of width `d` on `device` (the row of `device_row`); under the CPU
     interpreter larger blocks at one token, since it runs programs one by one."""
     family, multiprocessors = family_and_multiprocessors(device)
-    tiles = row_tiles(device_row(batch, d, device), batch, d, multiprocessors)
-    return dataclasses.replace(tiles, block_n=32) if batch == 1 and device.type != "cuda" else tiles
+    cuda = device.type == "cuda"
+    row = table_row(family, batch, d if cuda else None)
+    return _row_tiles_once(tuple(row.items()), batch, d, multiprocessors, not cuda)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_tiles_once(row: tuple, batch: int, d: int, multiprocessors: int, interpreter: bool) -> Tiles:
+    """`choose_tiles`' result for one row's contents, computed once: eager decode chooses tiles on every
+    call, and building them (Triton's host-side `cdiv`, a frozen dataclass) costs more than the rest of
+    the choice. Keyed by the row's items, not the row, so a row edited in place gets tiles of its own."""
+    tiles = row_tiles(dict(row), batch, d, multiprocessors)
+    return dataclasses.replace(tiles, block_n=32) if batch == 1 and interpreter else tiles
 
 
 def device_row(batch: int, d: int, device: torch.device) -> dict:

@@ -30,7 +30,7 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py",
-              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py", "vllm_latency.py"}
+              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py", "vllm_latency.py", "sparse_host_cost.py"}
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -114,6 +114,18 @@ def test_sparse_ffn_tiny(tmp_path):
     assert "| shape | zeros | batch |" in stdout
     assert run_bench("sparse_ffn.py", "--table", str(out)).strip() in stdout  # the same tables from the JSON
 
+
+def test_sparse_host_cost_tiny(tmp_path):
+    out = tmp_path / "host.json"
+    stdout = run_bench("sparse_host_cost.py", "--tiny", "--json", str(out))
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["shape"] == "tiny" and result["device"] == "cpu" and result["batch"] == 1
+    for arm in ("dense", "sparse"):
+        assert {"host_us", "wall_us", "device_us", "host_us_range", "wall_us_range"} <= row[arm].keys()
+        assert 0 < row[arm]["host_us"] <= row[arm]["wall_us"]
+    assert row["sparse_over_dense"].keys() == {"host_us", "wall_us", "device_us"} and "extra_host_us" in row
+    assert "| tiny | sparse/dense |" in stdout and "extra host time per sparse FFN call" in stdout
 
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"

@@ -2,7 +2,8 @@
 
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1), slowly, so the models
 are the tiny ones and generations are short; with RELUFY_TEST_CUDA=1 on a GPU the same tests
-run natively.
+run natively. There eager calls run dense unless `SparseConfig.eager`, so the tests that check the
+kernels in eager calls sparsify with `EAGER`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from tiny_models import build_tiny_model  # noqa: E402
 from relufy.activations import register_activations  # noqa: E402
 from relufy.architectures import architecture_for  # noqa: E402
 from relufy.architectures import ffn_modules  # noqa: E402
-from relufy.sparse import SparseConfig, sparse_enabled, sparse_ffn_count, sparse_ffns, sparsify  # noqa: E402
+from relufy.sparse import (SparseConfig, eager_runs_dense, sparse_eager, sparse_enabled, sparse_ffn_count,  # noqa: E402
+                           sparse_ffns, sparsify, takes_kernels)
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+EAGER = SparseConfig(eager=True)  # the kernels in eager CUDA calls too, as on the interpreter
 CASES = [("llama", "relu"), ("phi3", "fatrelu_0.05"), ("gpt2", "relu"), ("gpt_neox", "relu2"),
          ("gemma", "shifted_relu_0.1"), ("falcon", "relu"), ("qwen3", "relu")]
 
@@ -38,13 +41,13 @@ def test_greedy_generation_is_token_identical(model_type, activation):
     model = relu_model(model_type, activation)
     prompt = torch.randint(3, 300, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
-    assert sparsify(model) is model and sparse_ffn_count(model) == model.config.num_hidden_layers
+    assert sparsify(model, EAGER) is model and sparse_ffn_count(model) == model.config.num_hidden_layers
     sparse = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
     assert torch.equal(dense, sparse)
 
 
-def test_decode_calls_take_the_kernels_and_prefill_stays_dense(monkeypatch):
-    model = sparsify(relu_model("llama", "relu"), SparseConfig(max_tokens=2))
+def record_sparse_calls(monkeypatch) -> list[int]:
+    """The token count of every `relufy::sparse_ffn` call from now on, in order (the calls still run)."""
     calls = []
     original = torch.ops.relufy.sparse_ffn
 
@@ -54,6 +57,12 @@ def test_decode_calls_take_the_kernels_and_prefill_stays_dense(monkeypatch):
             return original(x, *args)
 
     monkeypatch.setattr(torch.ops.relufy, "sparse_ffn", Recorder())
+    return calls
+
+
+def test_decode_calls_take_the_kernels_and_prefill_stays_dense(monkeypatch):
+    model = sparsify(relu_model("llama", "relu"), SparseConfig(max_tokens=2, eager=True))
+    calls = record_sparse_calls(monkeypatch)
     ffn = ffn_modules(model)[0]
     x = torch.randn(1, 2, model.config.hidden_size, device=DEVICE)
     sparse = ffn(x)
@@ -90,6 +99,93 @@ def fresh_warnings():
     relufy.sparse.ffn.warn_once.cache_clear()
     yield
     relufy.sparse.ffn.warn_once.cache_clear()
+
+
+def test_eager_gpu_calls_take_the_dense_forward_unless_traced_captured_on_a_side_stream_or_opted_in(monkeypatch):
+    """The dispatch decision alone, a GPU's answers mocked: compiled kernels (a GPU index) in an eager call on
+    the default stream run dense; a torch.compile trace, a capture, a side stream (where a capture is warmed
+    up) or `eager` run the kernels, and so does the interpreter (None). A traced call asks nothing more."""
+    answers, asked = {"compiling": False, "capturing": False, "stream": 0}, []
+
+    def answer(name):
+        return lambda *args: asked.append(name) or answers[name]
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", answer("compiling"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", answer("capturing"))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda device: (answer("stream")(), device, 1),
+                        raising=False)
+    assert not takes_kernels(0, eager=False)
+    assert takes_kernels(None, eager=False) and takes_kernels(0, eager=True)
+    for name, value in (("compiling", True), ("capturing", True), ("stream", 3)):
+        before, answers[name] = answers[name], value
+        assert takes_kernels(0, eager=False), name
+        answers[name] = before
+    asked.clear()
+    answers["compiling"] = True
+    assert takes_kernels(0, eager=False) and asked == ["compiling"]
+
+
+def as_on_a_gpu(model, monkeypatch):
+    """`model`'s sparse FFNs taken for compiled CUDA kernels of GPU 0, in eager calls on its default stream and
+    no capture (the interpreter still runs the kernels on a CPU)."""
+    for state in sparse_ffns(model):
+        state.cuda_device = 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda device: (0, device, 1), raising=False)
+    return model
+
+
+def test_eager_gpu_calls_run_dense_with_one_note_and_opting_in_brings_the_kernels_back(monkeypatch, caplog,
+                                                                                       fresh_warnings):
+    """Through the FFN's forward: under the interpreter eager calls run the kernels as before; on a GPU they run
+    the dense forward and say so once; `sparse_eager` and `SparseConfig.eager` run the kernels again."""
+    model = sparsify(relu_model("llama", "relu"))
+    assert eager_runs_dense(model) == (DEVICE == "cuda")
+    assert all((state.cuda_device is None) == (DEVICE == "cpu") for state in sparse_ffns(model))
+    calls = record_sparse_calls(monkeypatch)
+    ffn = ffn_modules(model)[0]
+    x = torch.randn(1, 1, model.config.hidden_size, device=DEVICE)
+    ffn(x)
+    assert calls == ([1] if DEVICE == "cpu" else [])
+    calls.clear()
+    as_on_a_gpu(model, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="relufy.sparse.ffn"):
+        dense = [ffn(x), ffn(x)]
+    assert calls == [] and eager_runs_dense(model)
+    assert len([r for r in caplog.records if "SparseConfig(eager=True)" in r.getMessage()]) == 1
+    with sparse_eager(model):
+        assert not eager_runs_dense(model)
+        sparse = ffn(x)
+    assert calls == [1] and eager_runs_dense(model)  # back as sparsified after the block
+    assert torch.allclose(sparse, dense[0], rtol=1e-5, atol=1e-6)
+    opted_in = as_on_a_gpu(sparsify(relu_model("llama", "relu"), EAGER), monkeypatch)
+    ffn_modules(opted_in)[0](x)
+    assert calls == [1, 1] and not eager_runs_dense(opted_in)
+
+
+def test_a_compiled_call_holds_the_sparse_operator_whole(monkeypatch):
+    """torch.compile traces the kernels in where eager calls run dense: dynamo takes `is_compiling` for a
+    constant, so one graph (fullgraph: no break) holds relufy::sparse_ffn and no check of the stream, and
+    switching `eager` does not recompile it."""
+    model = as_on_a_gpu(sparsify(relu_model("llama", "relu")), monkeypatch)
+    ffn = ffn_modules(model)[0]
+    graphs = []
+
+    def backend(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(lambda x: ffn(x), backend=backend, fullgraph=True)
+    x = torch.randn(1, 1, model.config.hidden_size, device=DEVICE)
+    with torch.no_grad():
+        out = compiled(x)
+        with sparse_eager(model):
+            compiled(x)
+        with sparse_enabled(model, False):
+            dense = ffn(x)
+    assert len(graphs) == 1 and "torch.ops.relufy.sparse_ffn" in graphs[0].code
+    assert "capturing" not in graphs[0].code and "Stream" not in graphs[0].code
+    assert torch.allclose(out, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_a_silu_model_is_left_alone_with_one_warning(caplog, fresh_warnings):
@@ -150,7 +246,7 @@ def test_the_route_threshold_reaches_the_kernels_and_a_large_union_reads_every_r
         assert routing.cache_file().exists()
         assert [state.dense_above for state in states] == [
             routing.dense_above(state.w_first, state.w_up, state.w_down_t, SparseConfig().max_tokens) for state in states]
-    sparsify(model, SparseConfig(dense_above=0))
+    sparsify(model, SparseConfig(dense_above=0, eager=True))
     routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     original = launch.sparse_ffn
     monkeypatch.setattr(launch, "sparse_ffn", lambda *args, **kwargs: original(*args, **kwargs, routes=routes))
@@ -226,7 +322,7 @@ def test_per_layer_thresholds_reach_each_layers_kernels_and_generation_is_token_
                                               r"relufy_layer_thresholds says 0.2"):
         sparsify(model)
     model.config.relufy_layer_thresholds = list(thresholds)
-    sparsify(model)
+    sparsify(model, EAGER)
     assert [state.act_param for state in sparse_ffns(model)] == thresholds
     sparse = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
     assert torch.equal(dense, sparse)

@@ -2,7 +2,9 @@
 
 The FFN modules stay where they are; each gets an instance `forward` that sends decode-sized
 inputs (at most `SparseConfig.max_tokens` tokens) to `torch.ops.relufy.sparse_ffn` and anything
-larger (prefill) to the module's own dense forward. The kernels want W_down^T row-major, so the
+larger (prefill) to the module's own dense forward. On CUDA a decode-sized call made eagerly (HF
+`generate` without torch.compile) runs the dense forward too, unless `SparseConfig.eager`: see
+`takes_kernels`. The kernels want W_down^T row-major, so the
 down projection's weight is replaced by a transposed view of such a copy: the module, its
 state_dict shapes and the dense path see the usual [D, N] weight, and no memory is doubled.
 """
@@ -42,12 +44,15 @@ class SparseConfig:
     Inside the kernels, a call whose union of active neurons exceeds `dense_above` reads every
     down row in order (decided on the device); None measures that count on CUDA once per shape and
     GPU (`relufy.sparse.routing`). `gate` picks a gate variant of `kernels.GATE_VARIANTS` ("": the
-    tile table's for the GPU at hand).
+    tile table's for the GPU at hand). `eager` runs the kernels in eager CUDA calls too, which by
+    default run dense (`takes_kernels`): it only pays where the GPU, not the host, bounds an eager
+    step, e.g. much larger models or fast hosts.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     dense_above: int | None = None
     gate: str = ""
+    eager: bool = False
 
     def takes(self, tokens: int) -> bool:
         """Whether a call of `tokens` tokens goes to the kernels (the one rule; the rest run dense)."""
@@ -70,12 +75,17 @@ class SparseFFN:
     dense_forward: types.MethodType
     config: SparseConfig
     dense_above: int  # the active count above which the down kernel reads every row
+    cuda_device: int | None  # the GPU the kernels run compiled on; None: Triton's interpreter runs them
     enabled: bool = True
+    eager: bool = False  # eager CUDA calls run the kernels too (SparseConfig.eager, `sparse_eager`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
         tokens = x.numel() // width
         if not self.enabled or not self.config.takes(tokens):
+            return self.dense_forward(x)
+        if not takes_kernels(self.cuda_device, self.eager):
+            warn_once(EAGER_DENSE_NOTE)
             return self.dense_forward(x)
         y = torch.ops.relufy.sparse_ffn(x.reshape(tokens, width), self.w_first, self.w_up, self.w_down_t,
                                         self.b_first, self.b_up, self.b_down, self.workspace, self.activation,
@@ -84,6 +94,37 @@ class SparseFFN:
 
 
 _ATTRIBUTE = "_relufy_sparse"
+EAGER_DENSE_NOTE = ("relufy.sparse: on CUDA the sparse FFNs run their dense forward in eager calls (outside "
+                    "torch.compile and CUDA graphs, as in HF generate's default), where the host bounds a decode "
+                    "step and the kernels' launches cost more than they save; compile the decode (generate with "
+                    "cache_implementation='static') to run the kernels, or sparsify with SparseConfig(eager=True) "
+                    "to run them in eager calls too")
+
+
+def takes_kernels(cuda_device: int | None, eager: bool) -> bool:
+    """Whether a decode-sized call runs the sparse kernels now; False: the FFN's dense forward.
+
+    Eager decode on CUDA is bound by the host: the GPU finishes each kernel before Python issues the
+    next, so a sparse call's op dispatch and two Triton launches cost more host time than the dense
+    FFN's cuBLAS calls, while the GPU time they save is hidden (eager HF generate ran 0.7-0.8x dense on
+    an H100). Traced by torch.compile or captured in a CUDA graph, that host work is paid once and the
+    kernels win; `is_compiling` is a constant to dynamo, so a compiled graph holds the operator and no
+    check. So do calls on a side stream, where CUDA graphs are captured and warmed up (`_on_side_stream`).
+    `eager` (SparseConfig.eager) asks for the kernels in eager calls anyway, and the interpreter
+    (`cuda_device` None: no GPU to ask about) always runs them, since it is there to check them.
+    """
+    if torch.compiler.is_compiling() or eager or cuda_device is None:
+        return True
+    return torch.cuda.is_current_stream_capturing() or _on_side_stream(cuda_device)
+
+
+def _on_side_stream(cuda_device: int) -> bool:
+    """Whether calls on this GPU go to a stream other than its default one (stream id 0): a CUDA graph
+    is captured on one (PyTorch refuses the default stream) and, as PyTorch's docs do it, warmed up on
+    one first. The warm-up must run the kernels the capture launches: Triton loads a kernel into the GPU
+    at its first launch, which a capture forbids. `torch.cuda.current_stream(device).stream_id`, without
+    building a Stream object (microseconds per call)."""
+    return torch._C._cuda_getCurrentStream(cuda_device)[0] != 0
 
 
 def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
@@ -93,7 +134,9 @@ def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
     imported, as the CPU tests use) and a
     ReLU-family activation (relu, fatrelu_t, shifted_relu_b, relu2); otherwise the model is left
     unchanged and a warning says why, once. Calling it again changes nothing. Move and cast the
-    model first: the kernels keep references to the weights as they are now.
+    model first: the kernels keep references to the weights as they are now. On CUDA the kernels run
+    in compiled or CUDA-graph-captured calls, and in eager ones only with `config.eager`
+    (`takes_kernels`).
     """
     config = config or SparseConfig()
     reason = why_dense(model)
@@ -137,21 +180,41 @@ def sparse_ffn_count(model: nn.Module) -> int:
     return len(sparse_ffns(model))
 
 
-@contextlib.contextmanager
 def sparse_enabled(model: nn.Module, enabled: bool):
-    """Run every sparsified FFN sparse (True) or dense (False) inside the block.
+    """Run every sparsified FFN as sparsified (True: the kernels where `takes_kernels` says so) or dense
+    (False) inside the block.
 
     The switch is read at call time, so a CUDA graph captured inside the block keeps its path.
     """
+    return _switched(model, "enabled", enabled)
+
+
+def sparse_eager(model: nn.Module, eager: bool = True):
+    """Inside the block, eager CUDA calls of every sparsified FFN run the kernels (True) or their dense
+    forward (False) on the default stream, whatever `SparseConfig.eager` said: for code that times or
+    checks the kernels in eager calls (`relufy speed`'s FFN timings and logit margins, the host-cost
+    bench)."""
+    return _switched(model, "eager", eager)
+
+
+def eager_runs_dense(model: nn.Module) -> bool:
+    """Whether an eager decode-sized call of `model`'s sparse FFNs runs dense now (`takes_kernels`: on
+    CUDA without `eager`); False for a model without sparse FFNs."""
+    return any(state.enabled and state.cuda_device is not None and not state.eager for state in sparse_ffns(model))
+
+
+@contextlib.contextmanager
+def _switched(model: nn.Module, attribute: str, value: bool):
+    """Every sparsified FFN's `attribute` set to `value` inside the block, then back to what each had."""
     states = sparse_ffns(model)
-    before = [state.enabled for state in states]
+    before = [getattr(state, attribute) for state in states]
     for state in states:
-        state.enabled = enabled
+        setattr(state, attribute, value)
     try:
         yield model
     finally:
-        for state, value in zip(states, before):
-            state.enabled = value
+        for state, old in zip(states, before):
+            setattr(state, attribute, old)
 
 
 def why_dense(model: nn.Module) -> str | None:
@@ -235,7 +298,17 @@ def _sparse_ffn(ffn: nn.Module, arch: Architecture, activation: int, act_param: 
     return SparseFFN(w_first=w_first, w_up=w_up, w_down_t=w_down_t, b_first=_detached(b_first), b_up=_detached(b_up),
                      b_down=_detached(down.bias), activation=activation, act_param=float(act_param),
                      workspace=workspace_for(w_down_t), dense_forward=ffn.forward, config=config,
-                     dense_above=dense_above)
+                     dense_above=dense_above, eager=config.eager, cuda_device=_compiled_on(w_down_t.device))
+
+
+def _compiled_on(device: torch.device) -> int | None:
+    """The index of the GPU the kernels run compiled on for tensors on `device`; None where Triton's
+    interpreter runs them (a CPU model, or TRITON_INTERPRET=1 at import)."""
+    from .kernels import interpreted
+
+    if device.type != "cuda" or interpreted():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _rows_per_neuron(layer: nn.Module, output_rows: bool) -> torch.Tensor:

@@ -93,35 +93,54 @@ def test_a_model_with_nothing_to_skip_reports_no_speedup(tmp_path, capsys):
     assert result["note"] in printed.splitlines() and "x |" not in printed
 
 
+def as_on_a_gpu(model, monkeypatch):
+    """On a CPU, `model`'s sparse FFNs taken for compiled CUDA kernels (eager calls on GPU 0's default stream,
+    which run dense unless opted in) while the interpreter runs them; on CUDA, the model as it is."""
+    from relufy.sparse import sparse_ffns
+
+    if next(model.parameters()).device.type == "cpu":
+        for state in sparse_ffns(model):
+            state.cuda_device = 0
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda device: (0, device, 1), raising=False)
+    return model
+
+
 def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
-    """With the kernels on (the interpreter on CPU, compiled on CUDA), both arms run; generate runs each
-    arm once to warm up, then `generate_repeats` times, dense and sparse alternated, and reports the
-    median and range."""
+    """With the kernels on (the interpreter on CPU, taken for a GPU's, compiled on CUDA), both arms run, the
+    sparse one's eager calls through the kernels; generate runs each arm once to warm up, then
+    `generate_repeats` times, dense, sparse as sparsified (eager calls dense) and with the kernels in eager
+    calls alternated, and reports the median and range of each."""
     import relufy.speed as speed
     from relufy.sparse.kernels import interpreted
 
     device = "cpu" if interpreted() else "cuda"  # compiled kernels take CUDA tensors only
     if interpreted():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the speed_run fixture may have turned it off
-    model = sparsify(build_tiny_model("llama", hidden_act="relu").to(device))
+    model = as_on_a_gpu(sparsify(build_tiny_model("llama", hidden_act="relu").to(device)), monkeypatch)
     assert sparse_ffn_count(model) == 2
     order = []
-    rates = iter([5.0, 50.0, 1.0, 10.0, 3.0, 30.0, 2.0, 20.0])
+    rates = {"dense": iter([5.0, 1.0, 3.0, 2.0]), "sparse": iter([50.0, 10.0, 30.0, 20.0]),
+             "eager_kernels": iter([4.0, 0.5, 1.5, 1.0])}
 
     def fake_generate(model, prompt, new_tokens):
-        order.append(model.model.layers[0].mlp._relufy_sparse.enabled)
-        return next(rates)
+        state = model.model.layers[0].mlp._relufy_sparse
+        order.append("dense" if not state.enabled else "eager_kernels" if state.eager else "sparse")
+        return next(rates[order[-1]])
 
     monkeypatch.setattr(speed, "generate_speed", fake_generate)
     config = dict(TINY, batch_sizes=(1,), new_tokens=3, warmup=1, generate_repeats=3, union_batch_sizes=(1,),
                   device=device, compile=False, profile_steps=2)
     result = measure_speed(model, SpeedConfig(**config), progress=False)
-    assert order == [False, True] * 4
+    assert order == ["dense", "sparse", "eager_kernels"] * 4
     _assert_the_profile_sees_the_sparse_operator(result, model)
     generate = result["generate"]
     assert (generate["dense_tokens_per_s"], generate["dense_min_tokens_per_s"], generate["dense_max_tokens_per_s"]) \
         == (2.0, 1.0, 3.0)
     assert generate["sparse_tokens_per_s"] == 20.0 and generate["speedup"] == 10.0  # the warm-up round is dropped
+    assert generate["eager_ffns"] == "dense" and generate["eager_kernels_speedup"] == 0.5
+    assert ("sparse 20.0 tok/s [10.0-30.0] (10.00x); eager calls run dense (SparseConfig.eager), with "
+            "SparseConfig(eager=True) 1.0 tok/s [0.5-1.5] (0.50x).") in speed_table(result)
     assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
     assert result["ffn"][0]["sparse_sequence_us"] > 0 and result["ffn"][0]["dense_sequence_us"] > 0
     assert result["gpu_processes"] is None  # no GPU to share
@@ -135,8 +154,9 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
 def test_first_divergences_give_each_arms_margin_at_the_first_differing_step(monkeypatch):
     """A sequence whose sparse tokens leave the dense ones at step 3 is reported at step 3 only, with the
     dense model's margin for its own token (positive: it is that model's greedy choice) and the sparse
-    model's for the other token (here the same model within float32 rounding, so the opposite number);
-    sequences that never differ are not reported."""
+    model's for the other token (here the same model within float32 rounding, so the opposite number),
+    from eager calls that run the kernels where a GPU's would run dense; sequences that never differ are
+    not reported."""
     import functools
 
     from relufy.sparse import sparse_enabled
@@ -146,7 +166,7 @@ def test_first_divergences_give_each_arms_margin_at_the_first_differing_step(mon
     device = "cpu" if interpreted() else "cuda"
     if interpreted():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # the speed_run fixture may have turned it off
-    model = sparsify(build_tiny_model("llama", hidden_act="relu").to(device))
+    model = as_on_a_gpu(sparsify(build_tiny_model("llama", hidden_act="relu").to(device)), monkeypatch)
     assert sparse_ffn_count(model) == 2
     prompts = random_prompts(model, 2, 8, 0, torch.device(device))
     dense = functools.partial(sparse_enabled, model, False)
@@ -154,7 +174,10 @@ def test_first_divergences_give_each_arms_margin_at_the_first_differing_step(mon
         dense_tokens, _ = DecodeLoop(model, 2, 8, 5).decode_n_tokens(prompts, warmup=1)
     sparse_tokens = dense_tokens.clone()
     sparse_tokens[1, 3:] = (dense_tokens[1, 3:] + 1) % model.config.vocab_size
+    calls, original = [], torch.ops.relufy.sparse_ffn
+    monkeypatch.setattr(torch.ops.relufy, "sparse_ffn", lambda *args: calls.append(1) or original(*args))
     rows = first_divergences(model, prompts, dense_tokens, sparse_tokens, dense)
+    assert len(calls) == (1 + 3) * 2  # the sparse margin's eager forwards (the 8-token prompt, 3 shared tokens)
     assert [(row["sequence"], row["step"]) for row in rows] == [(1, 3)]
     assert rows[0]["dense_token"] == dense_tokens[1, 3] and rows[0]["sparse_token"] == sparse_tokens[1, 3]
     assert rows[0]["dense_margin"] > 0

@@ -85,7 +85,8 @@ def relative_error(dense: torch.Tensor, sparse: torch.Tensor) -> float:
 def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, repeats: int, warmup: int) -> dict:
     """The FFNs on the first decode step's input, dense (inside `dense()`) then, with `sparse`, as the
     model runs them: each alone (microseconds summed over layers, and per layer), all of them in layer
-    order (`*_sequence_us`, compiled like the loop's step), and the largest output error."""
+    order (`*_sequence_us`, compiled like the loop's step), and the largest output error. The outputs are
+    eager calls, which on CUDA run the kernels only inside `sparse_eager` (as `measure_speed` calls this)."""
     batch = prompt.shape[0]
     compile_options = {"dynamic": False} if loop.compiled else None
     with dense():

@@ -283,18 +283,28 @@ def _number(value, spec: str = ".1f", suffix: str = "") -> str:
 
 
 def _generate_line(generate: dict) -> str:
-    """HF generate's median tokens/s with its range over the repeats, per arm."""
-    def arm(name: str) -> str:
+    """HF generate's median tokens/s with its range over the repeats, per arm, and what the sparse arm's
+    eager FFN calls ran: on CUDA sparsify runs them dense unless SparseConfig.eager, so its ratio is near
+    1 by design, and the `eager_kernels` arm says what opting in would give."""
+    def arm(name: str, label: str) -> str:
         if generate.get(f"{name}_tokens_per_s") is None:
             return ""
         low, high = generate.get(f"{name}_min_tokens_per_s"), generate.get(f"{name}_max_tokens_per_s")
         spread = f" [{low:.1f}-{high:.1f}]" if low is not None else ""
-        return f"{name} {generate[f'{name}_tokens_per_s']:.1f} tok/s{spread}"
+        return f"{label} {generate[f'{name}_tokens_per_s']:.1f} tok/s{spread}"
 
     ratio = f" ({generate['speedup']:.2f}x)" if generate.get("speedup") is not None else ""
-    arms = ", ".join(filter(None, (arm("dense"), arm("sparse"))))
+    arms = ", ".join(filter(None, (arm("dense", "dense"), arm("sparse", "sparse"))))
+    eager = ""
+    if generate.get("eager_ffns") == "dense":
+        eager = "; eager calls run dense (SparseConfig.eager)"
+        if generate.get("eager_kernels_tokens_per_s") is not None:
+            eager += (f", {arm('eager_kernels', 'with SparseConfig(eager=True)')} "
+                      f"({generate['eager_kernels_speedup']:.2f}x)")
+    elif generate.get("eager_ffns"):
+        eager = f"; eager calls run the {generate['eager_ffns']}"
     return (f"HF generate (batch {generate['batch_size']}, {generate['new_tokens']} new tokens, default cache, "
-            f"median [min-max] of {generate.get('repeats', 1)} alternated runs): {arms}{ratio}.")
+            f"median [min-max] of {generate.get('repeats', 1)} alternated runs): {arms}{ratio}{eager}.")
 
 
 def _layer_table(result: dict) -> list[str]:

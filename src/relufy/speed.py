@@ -5,6 +5,12 @@ tokens of both runs are compared. Next to it, so the number can be judged: the w
 (bytes of the weights read per step / the copy bandwidth measured in the same run), HF `generate`'s
 tokens/s (what HF users see), and from `ffn_speed.py` each FFN timed alone and the zero-ratio and union
 of x1 during decode. The table of these numbers is `report.speed_table`.
+
+These measure the kernels, so their eager calls run them (`sparse_eager`): on CUDA `sparsify`'s FFNs
+run dense in eager calls by default (`relufy.sparse.takes_kernels`), and the loop's uncompiled step,
+the FFNs timed alone and the logit margins of `first_divergences` are eager calls, or captured after
+eager warm-ups. HF `generate` is timed as sparsified, what HF users get, and with the kernels in eager
+calls too where that differs.
 """
 
 from __future__ import annotations
@@ -67,11 +73,11 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
     """Decode speed of `model` (sparsified or not) dense against sparse, with the context to judge it.
 
     Every batch size decodes the same seeded prompts twice in one loop: with the sparse FFNs turned
-    off (`sparse_enabled(model, False)`) and on. The JSON fields are described in docs/inference.md.
-    `on_update`, if given, is called with the result so far after every stage, so a caller can save
-    it and a run cut short keeps what finished.
+    off (`sparse_enabled(model, False)`) and on, eager calls included (`sparse_eager`). The JSON fields
+    are described in docs/inference.md. `on_update`, if given, is called with the result so far after
+    every stage, so a caller can save it and a run cut short keeps what finished.
     """
-    from .sparse import sparse_enabled, sparse_ffn_count
+    from .sparse import sparse_eager, sparse_enabled, sparse_ffn_count
 
     config = config or SpeedConfig()
     config.check()
@@ -98,7 +104,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
         result["bandwidth_limit_tokens_per_s"] = bandwidth / result["weight_bytes"]
     for batch in config.batch_sizes:
         loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile)
-        with recompile_limit(2 * len(config.batch_sizes) + 2):
+        with recompile_limit(2 * len(config.batch_sizes) + 2), sparse_eager(model):
             row, ffn, profile = _batch_measurements(loop, prompts[:batch], config, dense, stage, sparse)
         row["dense_fraction_of_limit"] = row["dense_tokens_per_s"] / batch / result["bandwidth_limit_tokens_per_s"]
         result["decode"].append(row)
@@ -211,11 +217,14 @@ def first_divergences(model, prompt: torch.Tensor, dense_tokens: torch.Tensor, s
 
     Until that step both runs saw the same tokens, so decoding the prompt and the shared tokens again,
     eagerly and one token per forward as the loop does (the sparse kernels serve single tokens, a longer
-    forward runs dense), gives each arm's logits at the step. `dense_margin` is how much the dense model
+    forward runs dense), gives each arm's logits at the step; the sparse arm's eager calls run the kernels
+    (`sparse_eager`), as the loop's compiled or captured step does. `dense_margin` is how much the dense model
     prefers its own token to the sparse run's (a logit difference), `sparse_margin` the same for the
     sparse model. A margin of a rounding step or two is a near-tie that any change of summation order
     flips; a large one means the sparse step computed something else than the dense one.
     """
+    from .sparse import sparse_eager
+
     rows = []
     for sequence in range(prompt.shape[0]):
         differ = (dense_tokens[sequence] != sparse_tokens[sequence]).nonzero()
@@ -226,7 +235,8 @@ def first_divergences(model, prompt: torch.Tensor, dense_tokens: torch.Tensor, s
         shared = dense_tokens[sequence, :step].to(prompt.device)
         with dense():
             dense_logits = _logits_after(model, prompt[sequence], shared)
-        sparse_logits = _logits_after(model, prompt[sequence], shared)
+        with sparse_eager(model):
+            sparse_logits = _logits_after(model, prompt[sequence], shared)
         rows.append({"sequence": sequence, "step": step, "dense_token": ours, "sparse_token": theirs,
                      "dense_margin": (dense_logits[ours] - dense_logits[theirs]).item(),
                      "sparse_margin": (sparse_logits[theirs] - sparse_logits[ours]).item()})
@@ -246,9 +256,19 @@ def _logits_after(model, prompt: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def _generate_row(model, prompt: torch.Tensor, config: SpeedConfig, dense, sparse: bool) -> dict:
-    """HF generate, fairly: both arms warmed up with a full run, then `generate_repeats` runs of each,
-    dense and sparse alternated; the median and the range of each arm, and the ratio of the medians."""
-    arms = {"dense": dense} if not sparse else {"dense": dense, "sparse": contextlib.nullcontext}
+    """HF generate, fairly: every arm warmed up with a full run, then `generate_repeats` runs of each,
+    alternated; the median and the range of each arm, and its ratio of the medians to dense.
+
+    The sparse arm is the model as sparsified, what HF users get: on CUDA its eager calls run dense
+    (`eager_ffns` "dense"). Then an `eager_kernels` arm runs the kernels in eager calls too, as
+    `SparseConfig(eager=True)` would, which shows whether opting in pays on this model and host."""
+    from .sparse import eager_runs_dense, sparse_eager
+
+    arms = {"dense": dense}
+    if sparse:
+        arms["sparse"] = contextlib.nullcontext
+        if eager_runs_dense(model):
+            arms["eager_kernels"] = functools.partial(sparse_eager, model)
     rates: dict[str, list[float]] = {arm: [] for arm in arms}
     for repeat in range(config.generate_repeats + 1):  # the first round is the warm-up
         for arm, context in arms.items():
@@ -257,11 +277,14 @@ def _generate_row(model, prompt: torch.Tensor, config: SpeedConfig, dense, spars
             if repeat:
                 rates[arm].append(rate)
     row = {"batch_size": prompt.shape[0], "new_tokens": config.generate_tokens, "repeats": config.generate_repeats,
-           "sparse_tokens_per_s": None, "speedup": None}
+           "sparse_tokens_per_s": None, "speedup": None, "eager_ffns": None}
     for arm, values in rates.items():
         row.update({f"{arm}_tokens_per_s": statistics.median(values), f"{arm}_min_tokens_per_s": min(values),
                     f"{arm}_max_tokens_per_s": max(values)})
     if sparse:
         row["speedup"] = row["sparse_tokens_per_s"] / row["dense_tokens_per_s"]
+        row["eager_ffns"] = "dense" if "eager_kernels" in arms else "sparse kernels"
+    if "eager_kernels" in arms:
+        row["eager_kernels_speedup"] = row["eager_kernels_tokens_per_s"] / row["dense_tokens_per_s"]
     return row
 

@@ -69,6 +69,23 @@ def test_no_control_leaves_the_control_out(tmp_path, check_tokens, relu_checkpoi
     assert "control" not in capsys.readouterr().out.lower()
 
 
+def test_the_sparse_decode_runs_the_kernels_in_its_eager_calls(check_tokens, relu_checkpoint):
+    """The decodes are eager `generate` calls, which on CUDA run the kernels only with SparseConfig.eager:
+    without it a GPU's sparse decode would be the dense one again and every prompt trivially identical."""
+    import argparse
+
+    from relufy.checkpoint import resolve_source
+    from relufy.sparse import eager_runs_dense, sparse_ffns
+
+    args = argparse.Namespace(model=str(relu_checkpoint), dtype="float32", device="cpu", activation="relu")
+    model, _, converted = check_tokens.load_relu_model(args, resolve_source(args.model))
+    states = sparse_ffns(model)
+    assert not converted and len(states) == 2 and all(state.eager for state in states)
+    for state in states:
+        state.cuda_device = 0  # as a GPU's: still no eager call runs dense
+    assert not eager_runs_dense(model)
+
+
 def _ffn_model(model_type: str, dtype: str, **sizes):
     import torch
     from tiny_models import build_tiny_model

@@ -27,9 +27,10 @@ means over a few prompts and is no significance test: true says the sparse kerne
 off the dense tokens no sooner than a change of summation order in the dense model does.
 
 Exits 0 when `ok` or `explained_by_summation_order` holds, 1 otherwise (with `--no-control`: 1 when a
-difference is above the tolerance), 2 on bad input (one line). On CUDA the kernels run natively; on a CPU
-under Triton's interpreter, which runs every program of every launch in Python (minutes per token for a
-135M model; the tests use a tiny one).
+difference is above the tolerance), 2 on bad input (one line). On CUDA the kernels run natively, in the
+eager `generate` calls too (`SparseConfig(eager=True)`: `sparsify` runs eager CUDA calls dense by default);
+on a CPU under Triton's interpreter, which runs every program of every launch in Python (minutes per token
+for a 135M model; the tests use a tiny one).
 
     python experiments/sparse-smollm2/check_tokens.py --model MODEL_DIR --device cuda --dtype bfloat16 \\
         --new-tokens 64 --output tokens.json
@@ -156,12 +157,14 @@ def read_prompts(path: Path | None) -> list[str]:
 def load_relu_model(args: argparse.Namespace, source):
     """The model in `args.dtype` on `args.device`, with the sparse kernels swapped in (`sparsify`; dense
     again inside `sparse_enabled(model, False)`), its tokenizer, and whether it was converted: a checkpoint
-    without a ReLU-family activation is converted to `args.activation` first, in a scratch folder."""
+    without a ReLU-family activation is converted to `args.activation` first, in a scratch folder. The
+    decodes are eager `generate` calls, which on CUDA run the kernels only with `SparseConfig(eager=True)`:
+    without it the sparse decode would be the dense one again."""
     from relufy.activations import make_activation, parse_activation
     from relufy.architectures import architecture_of
     from relufy.checkpoint import load_model, load_tokenizer, read_config, resolve_source
     from relufy.convert import convert_checkpoint
-    from relufy.sparse import sparsify
+    from relufy.sparse import SparseConfig, sparsify
 
     with tempfile.TemporaryDirectory() as scratch:
         config = read_config(source)
@@ -171,7 +174,7 @@ def load_relu_model(args: argparse.Namespace, source):
                                                        make_activation(args.activation)))
         tokenizer = load_tokenizer(source)
         model = load_model(source, dtype=args.dtype).to(args.device).eval()
-    return sparsify(model), tokenizer, converted
+    return sparsify(model, SparseConfig(eager=True)), tokenizer, converted
 
 
 def greedy(model, tokenizer, ids, new_tokens: int) -> Greedy:

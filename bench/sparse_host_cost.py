@@ -8,6 +8,11 @@ transformers MLP runs them) and sparse (`relufy.sparse.sparsify`'s forward: the 
 operator, its tile choice and two Triton launches), on random Llama FFNs of each `--shapes` shape with a
 FATReLU threshold at the `--sparsity` quantile of the gate values (90% zeros by default).
 
+That cost is why `sparsify` runs eager CUDA calls dense unless `SparseConfig.eager`: the sparse arm opts in
+(`sparse_eager`). On CUDA a third arm, `eager_dense`, is the sparsified FFN's default eager call, its dense
+forward after the check (`relufy.sparse.takes_kernels`); "eager check" is what that adds to a dense call. Its
+device time is not measured: a CUDA-graph capture runs the kernels.
+
 Per arm and round, `--calls` calls cycle over `--layers` FFNs (so one call's rows are not in L2 for the next)
 with a synchronisation only before and after the loop, so host and GPU overlap as in `generate`:
 
@@ -28,6 +33,7 @@ which eager decode pays once per layer and token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -109,15 +115,17 @@ def time_calls(ffns, inputs, calls: int, device) -> tuple[float, float]:
 
 
 def measure_shape(name: str, args, device, dtype) -> dict:
-    """Both arms of one shape: host, wall and device microseconds per call (median and range over rounds)."""
+    """Every arm of one shape: host, wall and device microseconds per call (median and range over rounds)."""
     import torch
 
-    from relufy.sparse import sparse_enabled
+    from relufy.sparse import eager_runs_dense, sparse_eager, sparse_enabled
     from relufy.timing import median_seconds
 
     hidden, inter = SHAPES[name]
     model, ffns, inputs, threshold = sparse_llama(hidden, inter, args.layers, args.sparsity, dtype, device)
-    arms = {"dense": lambda: sparse_enabled(model, False), "sparse": lambda: sparse_enabled(model, True)}
+    arms = {"dense": lambda: sparse_enabled(model, False), "sparse": lambda: sparse_eager(model)}
+    if eager_runs_dense(model):  # the sparsified FFN's default eager call on CUDA
+        arms["eager_dense"] = contextlib.nullcontext
     samples = {arm: {"host_us": [], "wall_us": []} for arm in arms}
     with torch.no_grad():
         for arm, context in arms.items():  # warm-up: Triton's first launches, cuBLAS handles, the allocator
@@ -129,8 +137,8 @@ def measure_shape(name: str, args, device, dtype) -> dict:
                     host, wall = time_calls(ffns, inputs, args.calls, device)
                 samples[arm]["host_us"].append(1e6 * host)
                 samples[arm]["wall_us"].append(1e6 * wall)
-        device_us = {}
-        for arm, context in arms.items():
+        device_us = {"eager_dense": None}
+        for arm, context in list(arms.items())[:2]:
             with context():
                 one_pass = median_seconds(lambda: [ffn(x) for ffn, x in zip(ffns, inputs)], device, args.replays)
             device_us[arm] = 1e6 * one_pass / len(ffns)
@@ -141,6 +149,7 @@ def measure_shape(name: str, args, device, dtype) -> dict:
         row[arm]["device_us"] = device_us[arm]
     row["sparse_over_dense"] = {key: row["sparse"][key] / row["dense"][key] for key in TIMES}
     row["extra_host_us"] = row["sparse"]["host_us"] - row["dense"]["host_us"]
+    row["eager_check_us"] = row["eager_dense"]["host_us"] - row["dense"]["host_us"] if "eager_dense" in arms else None
     del model
     return row
 
@@ -150,15 +159,19 @@ def table(result: dict) -> str:
     lines = ["| shape | arm | host us/call | wall us/call | device us/call (graph) |",
              "| --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
-        for arm in ("dense", "sparse"):
-            times = row[arm]
-            lines.append(f"| {row['shape']} | {arm} | {times['host_us']:.1f} | {times['wall_us']:.1f} | "
-                         f"{times['device_us']:.1f} |")
+        for arm in ("dense", "sparse", "eager_dense"):
+            if arm in row:
+                times, device = row[arm], row[arm]["device_us"]
+                lines.append(f"| {row['shape']} | {arm} | {times['host_us']:.1f} | {times['wall_us']:.1f} | "
+                             f"{'n/a' if device is None else f'{device:.1f}'} |")
         ratio = row["sparse_over_dense"]
         lines.append(f"| {row['shape']} | sparse/dense | {ratio['host_us']:.2f}x | {ratio['wall_us']:.2f}x | "
                      f"{ratio['device_us']:.2f}x |")
     extra = ", ".join(f"{row['shape']} {row['extra_host_us']:+.1f} us" for row in result["rows"])
-    return "\n".join(lines + ["", f"extra host time per sparse FFN call: {extra}"])
+    checks = ", ".join(f"{row['shape']} {row['eager_check_us']:+.1f} us" for row in result["rows"]
+                       if row.get("eager_check_us") is not None)
+    check = [f"eager check of a sparsified FFN that runs dense, over a dense call: {checks}"] if checks else []
+    return "\n".join(lines + ["", f"extra host time per sparse FFN call: {extra}"] + check)
 
 
 def main(argv=None) -> int:

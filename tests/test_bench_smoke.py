@@ -126,6 +126,13 @@ def test_sparse_host_cost_tiny(tmp_path):
         assert 0 < row[arm]["host_us"] <= row[arm]["wall_us"]
     assert row["sparse_over_dense"].keys() == {"host_us", "wall_us", "device_us"} and "extra_host_us" in row
     assert "| tiny | sparse/dense |" in stdout and "extra host time per sparse FFN call" in stdout
+    # the interpreter runs eager calls sparse: no default eager call that runs dense to time (a GPU's third arm)
+    assert "eager_dense" not in row and row["eager_check_us"] is None and "eager check" not in stdout
+    from conftest import load_script
+
+    table = load_script("bench/sparse_host_cost.py", "bench_sparse_host_cost").table
+    row["eager_dense"], row["eager_check_us"] = {**row["dense"], "device_us": None}, 0.4
+    assert "| tiny | eager_dense |" in table(result) and "over a dense call: tiny +0.4 us" in table(result)
 
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"

@@ -1,4 +1,5 @@
-"""What only a GPU can show: the sparse kernels inside CUDA graphs and under torch.compile.
+"""What only a GPU can show: the sparse kernels inside CUDA graphs and under torch.compile, and eager calls
+of a sparsified model running dense unless it opts in (`relufy.sparse.takes_kernels`).
 
 Skipped without CUDA; run on a GPU machine with `RELUFY_TEST_CUDA=1 pytest tests/test_sparse_cuda.py`.
 """
@@ -16,7 +17,8 @@ if not torch.cuda.is_available():
 
 from tiny_models import build_tiny_model  # noqa: E402
 
-from relufy.sparse import sparse_enabled, sparsify  # noqa: E402
+from relufy.architectures import ffn_modules  # noqa: E402
+from relufy.sparse import eager_runs_dense, sparse_eager, sparse_enabled, sparsify  # noqa: E402
 from relufy.sparse.kernels import RELU, choose_tiles, sparse_ffn  # noqa: E402
 
 
@@ -100,20 +102,80 @@ def _tiny_relu_llama():
     return model.to("cuda")
 
 
+def _sparse_kernels_ran(run) -> bool:
+    """Whether `run()` launched one of the sparse FFN's Triton kernels (CUPTI records the kernels of a CUDA
+    graph's replay one by one too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        run()
+        torch.cuda.synchronize()
+    return any(name in event.name for event in profiler.events()
+               for name in ("first_projection_kernel", "up_down_kernel"))
+
+
 def test_generate_with_a_static_cache_compiled_by_transformers_matches_dense():
     """A static cache makes `generate` compile the forward itself (CUDA graphs included) and mark each
-    step, so the sparse operator runs inside transformers' own compiled decode. (Wrapping the forward in
-    torch.compile(mode="reduce-overhead") by hand breaks dense models too: generate's cache writes then
-    touch graph outputs that the next replay overwrites.)"""
+    step, so the sparse operator runs inside transformers' own compiled decode, although eager calls of
+    the model run dense. (Wrapping the forward in torch.compile(mode="reduce-overhead") by hand breaks
+    dense models too: generate's cache writes then touch graph outputs that the next replay overwrites.)"""
     model = _tiny_relu_llama()
     prompt = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0)).cuda()
     settings = dict(max_new_tokens=16, do_sample=False, cache_implementation="static")
     dense = model.generate(prompt, **settings)
     sparsify(model)
-    sparse = model.generate(prompt, **settings)
+    assert eager_runs_dense(model)
+    sparse = model.generate(prompt, **settings)  # compiles and captures
     assert torch.equal(dense, sparse)
+    again = []
+    assert _sparse_kernels_ran(lambda: again.append(model.generate(prompt, **settings)))
+    assert torch.equal(again[0], dense)
     with sparse_enabled(model, False):
         assert torch.equal(model.generate(prompt, **settings), dense)
+
+
+def test_eager_generate_runs_dense_unless_opted_in():
+    """Eager `generate` (default cache, no compile) is host-bound, so the sparsified model's eager calls run
+    the dense forward by default: no sparse kernel, the dense tokens. Inside `sparse_eager`, or sparsified
+    with SparseConfig(eager=True), the same calls run the kernels and give the same tokens (float32)."""
+    from relufy.sparse import SparseConfig
+
+    model = _tiny_relu_llama()
+    prompt = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(1)).cuda()
+    settings = dict(max_new_tokens=8, do_sample=False)
+    dense = model.generate(prompt, **settings)
+
+    def same_tokens():
+        assert torch.equal(model.generate(prompt, **settings), dense)
+
+    sparsify(model)
+    assert not _sparse_kernels_ran(same_tokens)
+    with sparse_eager(model):
+        assert _sparse_kernels_ran(same_tokens)
+    model = sparsify(_tiny_relu_llama(), SparseConfig(eager=True))
+    assert not eager_runs_dense(model) and _sparse_kernels_ran(same_tokens)
+
+
+def test_a_graph_captured_by_hand_after_side_stream_warm_ups_holds_the_kernels():
+    """PyTorch's capture recipe (`relufy.timing.capture`): eager warm-ups on a side stream, then the capture.
+    The warm-ups run the kernels too (a side stream), so Triton has loaded them before the capture, which
+    forbids loading a module; the replay launches them and matches the dense FFN."""
+    from relufy.timing import capture
+
+    model = sparsify(_tiny_relu_llama())
+    ffn = ffn_modules(model)[0]
+    x = torch.randn(1, 1, model.config.hidden_size, device="cuda")
+    out = []
+    with torch.no_grad():
+        assert not _sparse_kernels_ran(lambda: ffn(x))  # an eager call on the default stream
+        with torch.cuda.stream(torch.cuda.Stream()):
+            assert _sparse_kernels_ran(lambda: ffn(x))  # on a side stream, as a capture's warm-up
+        graph = capture(lambda: out.append(ffn(x)), warmup=2)
+        assert _sparse_kernels_ran(graph.replay)
+        with sparse_enabled(model, False):
+            dense = ffn(x)
+    torch.testing.assert_close(out[-1], dense, rtol=1e-5, atol=1e-5)
 
 
 def _llama2_7b_ffn(generator):

@@ -18,6 +18,7 @@ pytest.importorskip("relufy.sparse.kernels")
 from relufy.cli import build_parser, main  # noqa: E402
 from relufy.publish import model_card  # noqa: E402
 from relufy.report import evaluation_report  # noqa: E402
+import relufy.sparse.ffn  # noqa: E402
 from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
 from relufy.decode import DecodeLoop, random_prompts  # noqa: E402
 from relufy.ffn_speed import ffn_inputs  # noqa: E402
@@ -102,7 +103,7 @@ def as_on_a_gpu(model, monkeypatch):
         for state in sparse_ffns(model):
             state.cuda_device = 0
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-        monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", lambda device: (0, device, 1), raising=False)
+        monkeypatch.setattr(relufy.sparse.ffn, "on_side_stream", lambda device: False)
     return model
 
 

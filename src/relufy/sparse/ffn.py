@@ -109,22 +109,22 @@ def takes_kernels(cuda_device: int | None, eager: bool) -> bool:
     FFN's cuBLAS calls, while the GPU time they save is hidden (eager HF generate ran 0.7-0.8x dense on
     an H100). Traced by torch.compile or captured in a CUDA graph, that host work is paid once and the
     kernels win; `is_compiling` is a constant to dynamo, so a compiled graph holds the operator and no
-    check. So do calls on a side stream, where CUDA graphs are captured and warmed up (`_on_side_stream`).
+    check. So do calls on a side stream, where CUDA graphs are captured and warmed up (`on_side_stream`).
     `eager` (SparseConfig.eager) asks for the kernels in eager calls anyway, and the interpreter
     (`cuda_device` None: no GPU to ask about) always runs them, since it is there to check them.
     """
     if torch.compiler.is_compiling() or eager or cuda_device is None:
         return True
-    return torch.cuda.is_current_stream_capturing() or _on_side_stream(cuda_device)
+    return torch.cuda.is_current_stream_capturing() or on_side_stream(cuda_device)
 
 
-def _on_side_stream(cuda_device: int) -> bool:
+def on_side_stream(cuda_device: int) -> bool:
     """Whether calls on this GPU go to a stream other than its default one (stream id 0): a CUDA graph
     is captured on one (PyTorch refuses the default stream) and, as PyTorch's docs do it, warmed up on
     one first. The warm-up must run the kernels the capture launches: Triton loads a kernel into the GPU
-    at its first launch, which a capture forbids. `torch.cuda.current_stream(device).stream_id`, without
-    building a Stream object (microseconds per call)."""
-    return torch._C._cuda_getCurrentStream(cuda_device)[0] != 0
+    at its first launch, which a capture forbids. Public API only, though building the Stream object costs
+    a microsecond or two: private calls change between PyTorch releases."""
+    return torch.cuda.current_stream(cuda_device).stream_id != 0
 
 
 def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:

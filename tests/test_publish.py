@@ -304,7 +304,7 @@ def test_a_speed_json_of_another_model_or_without_a_fingerprint_is_refused(relu,
                                         r"\(fatrelu_0.01 timed, relu here\) differ; run `relufy speed"):
         publish(model, results_path, tmp_path / "pub", speed=other)
     old = _speed_json(tmp_path / "old.json", None, "bfloat16", 1.0)
-    with pytest.raises(DataError, match=r"records no fingerprint of the model it timed .* re-run `relufy speed"):
+    with pytest.raises(DataError, match=r"records no fingerprint of every weight byte of the model it timed .* run `relufy speed"):
         publish(model, results_path, tmp_path / "pub", speed=old)
     with pytest.raises(DataError, match="is not a JSON written by `relufy speed`"):
         publish(model, results_path, tmp_path / "pub", speed=results_path)

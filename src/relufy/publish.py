@@ -129,13 +129,19 @@ def _check_results_match(results: dict, identity: dict, model_dir: Path, results
     fingerprints, activation) must be this directory's. A name says nothing: a fatrelu folder may share it."""
     if "lm_eval" not in results or "model" not in results:
         raise DataError(f"{results_path} is not a results.json written by `relufy evaluate`")
-    differ = _differences(results.get("identity"), identity, "evaluated")
+    _require_identity(results.get("identity"), identity, f"{results_path} evaluates", "evaluated", model_dir,
+                      "evaluate this model with `relufy evaluate` and pass that results.json")
+
+
+def _require_identity(recorded, identity: dict, subject: str, measured: str, model_dir: Path, fix: str) -> None:
+    """Refuse a file whose recorded identity is not `identity` (`subject`: the file and its verb, "... times"),
+    or that records none a fingerprint of every weight byte could be checked against; `fix` says what to run."""
+    differ = _differences(recorded, identity, measured)
     if differ is None:
-        raise DataError(f"{results_path} records no fingerprint of every weight byte (written by an older "
-                        f"relufy); evaluate {model_dir} again with `relufy evaluate` and pass that results.json")
+        raise DataError(f"{subject.rsplit(' ', 1)[0]} records no fingerprint of every weight byte of the model it "
+                        f"{measured} (written by an older relufy); {fix}")
     if differ:
-        raise DataError(f"{results_path} evaluates another model than {model_dir}: {', '.join(differ)} differ; "
-                        "evaluate this model with `relufy evaluate` and pass that results.json")
+        raise DataError(f"{subject} another model than {model_dir}: {', '.join(differ)} differ; {fix}")
 
 
 def _speed_of(path, identity: dict, model_dir: Path) -> dict:
@@ -152,13 +158,8 @@ def _speed_of(path, identity: dict, model_dir: Path) -> dict:
     if not isinstance(speed, dict) or not isinstance(speed.get("decode"), list) or "config" not in speed:
         raise DataError(f"--speed {path} is not a JSON written by `relufy speed`; pass the --output of "
                         f"`relufy speed {model_dir}`")
-    differ = _differences(speed.get("identity"), identity, "timed")
-    if differ is None:
-        raise DataError(f"--speed {path} records no fingerprint of the model it timed (written by an older relufy); "
-                        f"re-run `relufy speed {model_dir} --output ...` and pass that JSON")
-    if differ:
-        raise DataError(f"--speed {path} times another model than {model_dir}: {', '.join(differ)} differ; run "
-                        f"`relufy speed {model_dir} --output ...` and pass that JSON")
+    _require_identity(speed.get("identity"), identity, f"--speed {path} times", "timed", model_dir,
+                      f"run `relufy speed {model_dir} --output ...` and pass that JSON")
     return {key: value for key, value in speed.items() if key not in ("model", "identity", "profile", SIGNATURE_KEY)}
 
 

@@ -117,10 +117,9 @@ def _cuda_name_and_multiprocessors(index: int) -> tuple[str, int]:
 def choose_tiles(batch: int, n: int, d: int, device: torch.device) -> Tiles:
     """The tiles for `batch` tokens of width `d` on `device` (the row of `device_row`); under the CPU
     interpreter larger blocks at one token, since it runs programs one by one."""
-    family, multiprocessors = family_and_multiprocessors(device)
-    cuda = device.type == "cuda"
-    row = table_row(family, batch, d if cuda else None)
-    return _row_tiles_once(tuple(row.items()), batch, d, multiprocessors, not cuda)
+    _, multiprocessors = family_and_multiprocessors(device)
+    row = device_row(batch, d, device)
+    return _row_tiles_once(tuple(row.items()), batch, d, multiprocessors, device.type != "cuda")
 
 
 @functools.lru_cache(maxsize=1024)

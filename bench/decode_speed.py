@@ -149,8 +149,6 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
     on random tokens; the config's activation says so too, as `relufy convert` would write it."""
     import torch
 
-    from relufy.activations import make_activation
-    from relufy.architectures import architecture_of
     from relufy.architectures import ffn_modules
 
     gates = []
@@ -161,8 +159,18 @@ def set_fatrelu_for(model, sparsity: float, tokens: int) -> float:
         model(ids.to(model.device))
     for handle in handles:
         handle.remove()
-    values = torch.cat(gates)
-    sample = values[torch.randperm(values.numel(), device=values.device)[: 1 << 24]]
+    return use_fatrelu(model, torch.cat(gates), sparsity)
+
+
+def use_fatrelu(model, gates, sparsity: float) -> float:
+    """Every FFN of `model` (and its config) to FATReLU with the threshold at the `sparsity` quantile of
+    `gates` (gate values, one flat tensor; at most 2^24 of them sampled); returns the threshold."""
+    import torch
+
+    from relufy.activations import make_activation
+    from relufy.architectures import architecture_of, ffn_modules
+
+    sample = gates[torch.randperm(gates.numel(), device=gates.device)[: 1 << 24]]
     threshold = max(float(torch.quantile(sample.cpu(), sparsity)), 0.0)
     activation = make_activation("fatrelu", threshold=threshold)
     for ffn in ffn_modules(model):

@@ -66,27 +66,19 @@ def sparse_llama(hidden: int, inter: int, layers: int, sparsity: float, dtype, d
     threshold at the `sparsity` quantile of their gate values on random inputs, then sparsified; with those
     inputs (one token per layer) and the threshold."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from decode_speed import random_llama, use_fatrelu  # this script's sibling, on sys.path when run
 
-    from relufy.activations import make_activation
-    from relufy.architectures import architecture_of, ffn_modules
+    from relufy.architectures import ffn_modules
     from relufy.sparse import sparse_ffn_count, sparsify
 
-    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=256, hidden_act="relu")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = random_llama(dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=4, vocab_size=256), dtype, device)
     ffns = ffn_modules(model)
     inputs = [torch.randn(1, 1, hidden, dtype=dtype, device=device) for _ in ffns]
     with torch.no_grad():
         sample = torch.randn(64, hidden, dtype=dtype, device=device)
-        gates = torch.cat([ffn.gate_proj(sample).flatten().float() for ffn in ffns]).cpu()
-    threshold = max(float(torch.quantile(gates[torch.randperm(gates.numel())[: 1 << 24]], sparsity)), 0.0)
-    activation = make_activation("fatrelu", threshold=threshold)
-    for ffn in ffns:
-        ffn.act_fn = activation.module()
-    architecture_of(model.config).with_activation(model.config, activation.config_value)
+        gates = torch.cat([ffn.gate_proj(sample).flatten().float() for ffn in ffns])
+    threshold = use_fatrelu(model, gates, sparsity)
     sparsify(model)
     if sparse_ffn_count(model) != layers:
         raise SystemExit("sparsify left the FFNs dense (see its warning): this needs CUDA, or --tiny")

@@ -195,14 +195,14 @@ def test_collect_lists_kd_arms_in_definition_order_and_skips_relufys_lock_files(
 
 def test_collect_puts_a_deployed_routes_published_card_and_config_beside_its_numbers(driver, tmp_path):
     """A card is made again only with the checkpoint's config: the published one goes beside model-card.md, and
-    the card is the one published last (a later `relufy publish` by hand replaces the one deploy copied)."""
+    the card is the one published last (it replaces any stale model-card.md in the evaluation folder)."""
     name = "prosparse-kd+shift-layers90"
     evaluation, published = tmp_path / "out" / "eval" / name, tmp_path / "out" / "publish" / name
     for folder in (evaluation, published):
         folder.mkdir(parents=True)
     (evaluation / "results.json").write_text(json.dumps({
         "lm_eval": {"results": {}}, "sparsity": {"overall": 0.9}, "scores": {"average": 40.0}}))
-    (evaluation / "model-card.md").write_text("# the card deploy copied\n")
+    (evaluation / "model-card.md").write_text("# a stale card\n")
     (published / "README.md").write_text("# the card published last\n")
     (published / "config.json").write_text(json.dumps({"hidden_act": "fatrelu", "relufy": {"activation": "fatrelu"}}))
     driver.main(["collect", str(tmp_path / "out"), str(tmp_path / "dest")])

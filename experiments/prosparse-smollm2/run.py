@@ -335,8 +335,7 @@ def run_deploy(s: argparse.Namespace) -> None:
     # the card's speed is this compiled measurement, not evaluate's short eager one
     run(f"{name}-publish", [*relufy, "publish", model, "--results", results / "results.json", "--speed",
                             results / "speed.json", "--out", s.out_dir / "publish" / name, "--force"])
-    if not s.dry_run:  # the card beside the numbers it quotes, where `collect` finds it
-        shutil.copy2(s.out_dir / "publish" / name / "README.md", results / "model-card.md")
+    # `collect` puts the published card (as model-card.md) and its config.json beside these numbers
 
 
 def record_settings(s: argparse.Namespace) -> None:

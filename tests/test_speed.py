@@ -258,17 +258,22 @@ def _linears(model) -> int:
 
 
 def _assert_the_profile_sees_the_sparse_operator(result, model):
-    """Both arms profiled; the sparse arm calls relufy's operator once per FFN and per step instead of the
-    FFNs' three linears, and the difference table says so."""
+    """Both arms profiled; the sparse arm runs relufy's operator once per FFN and per step, and the difference
+    table says so. On a CPU the operator is one CPU op in place of the FFN's three linears; on CUDA the
+    profile holds kernels, and the operator's last is the down kernel (`down_kernel` or `up_down_kernel`)."""
     (profile,) = result["profile"]
     dense, sparse = ({row["name"]: row for row in profile[arm]["kernels"]} for arm in ("dense", "sparse"))
-    assert "relufy::sparse_ffn" not in dense and sparse["relufy::sparse_ffn"]["count_per_step"] == 2
-    assert dense["aten::linear"]["count_per_step"] == _linears(model)
-    assert sparse["aten::linear"]["count_per_step"] == _linears(model) - 3 * 2
+    if result["device"].startswith("cuda"):
+        (operator,) = [name for name in sparse if "down_kernel" in name]
+        assert not [name for name in dense if "down_kernel" in name]
+    else:
+        operator = "relufy::sparse_ffn"
+        assert dense["aten::linear"]["count_per_step"] == _linears(model)
+        assert sparse["aten::linear"]["count_per_step"] == _linears(model) - 3 * 2
+    assert operator not in dense and sparse[operator]["count_per_step"] == 2
     diff = {row["name"]: row for row in profile["diff"]}
     assert diff.keys() == dense.keys() | sparse.keys()
-    assert (diff["relufy::sparse_ffn"]["dense_count_per_step"], diff["relufy::sparse_ffn"]["sparse_count_per_step"]) \
-        == (0, 2)
+    assert (diff[operator]["dense_count_per_step"], diff[operator]["sparse_count_per_step"]) == (0, 2)
     deltas = [abs(row["delta_us_per_step"]) for row in profile["diff"]]
     assert deltas == sorted(deltas, reverse=True)
     table = speed_table(result)

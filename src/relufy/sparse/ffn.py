@@ -106,7 +106,7 @@ def takes_kernels(cuda_device: int | None, eager: bool) -> bool:
 
     Eager decode on CUDA is bound by the host: the GPU finishes each kernel before Python issues the
     next, so a sparse call's op dispatch and two Triton launches cost more host time than the dense
-    FFN's cuBLAS calls, while the GPU time they save is hidden (eager HF generate ran 0.7-0.8x dense on
+    FFN's cuBLAS calls, while the GPU time they save is hidden (eager HF generate ran 0.7-0.85x dense on
     an H100). Traced by torch.compile or captured in a CUDA graph, that host work is paid once and the
     kernels win; `is_compiling` is a constant to dynamo, so a compiled graph holds the operator and no
     check. So do calls on a side stream, where CUDA graphs are captured and warmed up (`on_side_stream`).

@@ -144,7 +144,9 @@ def test_sparse_arms_are_measured_and_generate_alternates_repeats(monkeypatch):
             "SparseConfig(eager=True) 1.0 tok/s [0.5-1.5] (0.50x).") in speed_table(result)
     assert result["note"] is None and result["decode"][0]["speedup"] > 0 and result["ffn"][0]["sparse_us"] > 0
     assert result["ffn"][0]["sparse_sequence_us"] > 0 and result["ffn"][0]["dense_sequence_us"] > 0
-    assert result["gpu_processes"] is None  # no GPU to share
+    # no GPU to share on CPU; on CUDA NVML sees this process's context (or cannot see any: None)
+    processes = result["gpu_processes"]
+    assert processes is None if device == "cpu" else processes is None or processes >= 1
     assert "[1.0-3.0]" in speed_table(result) and "in layer order as one sequence" in speed_table(result)
     assert result["decode"][0]["ffn_route"] == "sparse kernels" and "(both dense)" not in speed_table(result)
     assert speed.ffn_route(model, 9) == "dense (more than max_tokens = 8 tokens a call)"

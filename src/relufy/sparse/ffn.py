@@ -122,9 +122,10 @@ def on_side_stream(cuda_device: int) -> bool:
     """Whether calls on this GPU go to a stream other than its default one (stream id 0): a CUDA graph
     is captured on one (PyTorch refuses the default stream) and, as PyTorch's docs do it, warmed up on
     one first. The warm-up must run the kernels the capture launches: Triton loads a kernel into the GPU
-    at its first launch, which a capture forbids. Public API only, though building the Stream object costs
-    a microsecond or two: private calls change between PyTorch releases."""
-    return torch.cuda.current_stream(cuda_device).stream_id != 0
+    at its first launch, which a capture forbids. `torch.accelerator.current_stream` returns the stream
+    from one C++ call; `torch.cuda.current_stream` also builds a Python `torch.cuda.Stream` around it, which
+    cost every eager call about 6 us more on an H100 (docs/inference.md)."""
+    return torch.accelerator.current_stream(cuda_device).stream_id != 0
 
 
 def sparsify(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:

@@ -358,3 +358,12 @@ def test_deploy_ships_the_matched_thresholds_of_the_route_and_checks_them_on_the
 def test_deploy_needs_the_routes_matched_thresholds(driver, tmp_path):
     with pytest.raises(SystemExit, match=r"relu\.json does not exist: run `run\.py matched .* relu` first"):
         driver.main(["deploy", str(tmp_path / "out"), "relu", "--corpus", str(tmp_path)])
+
+
+def test_arms_side_by_side_skip_evaluate_s_decode_timing(driver, capsys, tmp_path):
+    """With --jobs above 1 the arms share the GPU, so evaluate's short decode timing would time them all."""
+    alone = dry_run(driver, capsys, tmp_path, "original", "prosparse")
+    shared = dry_run(driver, capsys, tmp_path, "original", "prosparse", flags=("--jobs", "2"))
+    evaluations = ("original-eval", "prosparse-eval", "prosparse+shift-eval")
+    assert not any("--no-speed" in alone[step] for step in evaluations)
+    assert all(shared[step][-1] == "--no-speed" for step in evaluations)

@@ -205,19 +205,24 @@ def run_arms(s: argparse.Namespace) -> None:
         run_budget(budget, Runner(budget.out_dir, s.dry_run, f"{label}/", s.jobs))
 
 
-def evaluate_step(run: Runner, s: argparse.Namespace, name: str, model) -> None:
+def evaluate_step(run: Runner, s: argparse.Namespace, name: str, model, shared_gpu: bool = False) -> None:
     """`relufy evaluate` of `model` into OUT_DIR/eval/<name>: the suite, sparsity and held-out perplexity that
-    every arm and every deployed route is compared on."""
+    every arm and every deployed route is compared on. On a GPU that other arms share (`run --jobs` above 1)
+    evaluate's short decode timing would time the neighbours too, so it is skipped there; `deploy` times
+    decode with `relufy speed`."""
     limit = ["--limit", s.eval_limit] if s.eval_limit else []
+    no_speed = ["--no-speed"] if shared_gpu else []
     run(f"{name}-eval", [sys.executable, "-m", "relufy", "evaluate", model, "--output", s.out_dir / "eval" / name,
                          "--heldout", s.corpus / "heldout.txt", "--heldout-tokens", s.heldout_tokens,
-                         "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit])
+                         "--block-size", s.eval_block, "--batch-size", 16, "--log-samples", "--force", *limit,
+                         *no_speed])
 
 
 def run_budget(s: argparse.Namespace, run: Runner) -> None:
     from relufy.recipe import resolve_model_path  # pkg:<package>/<file>, as in the recipes
 
     relufy = [sys.executable, "-m", "relufy"]
+    shared = s.jobs > 1  # arms side by side on one GPU
     if not s.dry_run:
         s.out_dir.mkdir(parents=True, exist_ok=True)
         record_settings(s)
@@ -225,7 +230,7 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
     def run_arm(name: str) -> None:
         arm = ARMS[name]
         if arm.recipe is None:
-            return evaluate_step(run, s, name, resolve_model_path(s.model))
+            return evaluate_step(run, s, name, resolve_model_path(s.model), shared)
         trained = s.out_dir / "train" / name
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", s.launch,
                     "--num_processes", s.num_processes, "-m", "relufy"] if s.launch else relufy
@@ -236,10 +241,10 @@ def run_budget(s: argparse.Namespace, run: Runner) -> None:
         if arm.threshold_shift:  # the shift only changed config.json: the same weights with plain ReLU are "before"
             unshifted = s.out_dir / "train" / f"{name}-noshift"
             run(f"{name}-noshift", [*relufy, "convert", trained, unshifted, "--activation", "relu", "--force"])
-            evaluate_step(run, s, name, unshifted)
-            evaluate_step(run, s, f"{name}+shift", trained)
+            evaluate_step(run, s, name, unshifted, shared)
+            evaluate_step(run, s, f"{name}+shift", trained, shared)
         else:
-            evaluate_step(run, s, name, trained)
+            evaluate_step(run, s, name, trained, shared)
 
     run_each(s.arms, run_arm, run.jobs)
 

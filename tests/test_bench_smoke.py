@@ -30,7 +30,8 @@ def run_bench(script: str, *args: str, cwd: Path = REPO) -> str:
 
 def test_every_bench_script_has_a_smoke_test():
     tested = {"convert.py", "train_overhead.py", "lora_vs_full.py", "probe_host_cost.py", "probe_overhead.py",
-              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py", "vllm_latency.py", "sparse_host_cost.py"}
+              "sparse_ffn.py", "decode_speed.py", "distill_overhead.py", "vllm_latency.py", "sparse_host_cost.py",
+              "down_layout.py"}
     assert {path.name for path in BENCH.glob("*.py")} == tested
 
 
@@ -133,6 +134,21 @@ def test_sparse_host_cost_tiny(tmp_path):
     table = load_script("bench/sparse_host_cost.py", "bench_sparse_host_cost").table
     row["eager_dense"], row["eager_check_us"] = {**row["dense"], "device_us": None}, 0.4
     assert "| tiny | eager_dense |" in table(result) and "over a dense call: tiny +0.4 us" in table(result)
+
+def test_down_layout_tiny(tmp_path):
+    out = tmp_path / "down_layout.json"
+    stdout = run_bench("down_layout.py", "--tiny", "--output", str(out))
+    result = json.loads(out.read_text())
+    (shape,) = result["shapes"]
+    assert shape["shape"] == "tiny" and [row["tokens"] for row in shape["rows"]] == [1, 4]
+    for row in shape["rows"]:
+        assert row["down_max_abs_difference"] < 1e-4  # the same values in both layouts
+        for part in ("down", "ffn"):
+            times = row[part]
+            assert times["row_major_us"] > 0 and times["transposed_view_us"] > 0
+            assert times["view_over_row_major"] == times["transposed_view_us"] / times["row_major_us"]
+    assert "| tiny | 4 |" in stdout
+
 
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"

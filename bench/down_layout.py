@@ -41,6 +41,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         args.shapes, args.tokens, args.layers, args.rounds, args.replays = "tiny", "1,4", 2, 1, 2
+    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}: pass some of {', '.join(SHAPES)}")
+    if not all(part.isdigit() and int(part) > 0 for part in args.tokens.split(",")):
+        parser.error(f"--tokens {args.tokens}: pass positive whole numbers, comma-separated, e.g. 1,4,16")
     return args
 
 
@@ -124,8 +129,6 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     shapes = []
     for name in args.shapes.split(","):
-        if name not in SHAPES:
-            raise SystemExit(f"unknown shape {name!r}: pass some of {', '.join(SHAPES)}")
         hidden, inter = SHAPES[name]
         weights = ffn_weights(hidden, inter, args.layers, dtype, device)
         rows = [measure_case(weights, hidden, inter, int(tokens), args, dtype, device)

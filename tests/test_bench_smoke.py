@@ -150,6 +150,14 @@ def test_down_layout_tiny(tmp_path):
     assert "| tiny | 4 |" in stdout
 
 
+def test_down_layout_refuses_unknown_shapes_and_token_counts():
+    for args, message in ((["--shapes", "tiny,nope"], "unknown shape 'nope'"),
+                          (["--tokens", "1,0"], "--tokens 1,0: pass positive whole numbers")):
+        done = subprocess.run([sys.executable, str(BENCH / "down_layout.py"), *args], capture_output=True, text=True,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), timeout=60)
+        assert done.returncode == 2 and message in done.stderr
+
+
 def test_decode_speed_tiny(tmp_path):
     out = tmp_path / "decode.json"
     stdout = run_bench("decode_speed.py", "--tiny", "--profile-steps", "2", "--dependent-launch", "on",

@@ -81,12 +81,20 @@ def main(argv=None) -> int:
     import torch
 
     from relufy.atomic import write_text_atomically
+    from relufy.errors import DataError
     from relufy.report import speed_table
     from relufy.speed import SpeedConfig, measure_speed
     from relufy.sparse import sparsify
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
+    try:  # a bad number fails here, in one line, before a 7B model is built
+        config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                             generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."),
+                             device=device, profile_steps=args.profile_steps)
+    except (DataError, ValueError) as error:
+        raise SystemExit(f"decode_speed.py: {error}") from None
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
@@ -99,10 +107,6 @@ def main(argv=None) -> int:
         print(f"FATReLU threshold {threshold:.4g} for {args.sparsity:.0%} zeros; wrote {args.save_folder}/fatrelu "
               f"and {args.save_folder}/silu")
         return 0
-    config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                         generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."), device=device,
-                         profile_steps=args.profile_steps)
     if args.tiny:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu", profile_steps=args.profile_steps)

@@ -173,6 +173,16 @@ def test_decode_speed_tiny(tmp_path):
     assert "sparse/dense" in stdout and "Kernels whose time per step differs most, batch 2" in stdout
 
 
+def test_decode_speed_refuses_a_bad_count_in_one_line_before_building_the_model(tmp_path):
+    out = tmp_path / "decode.json"
+    done = subprocess.run([sys.executable, str(BENCH / "decode_speed.py"), "--tiny", "--generate-tokens", "0",
+                           "--output", str(out)], capture_output=True, text=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "decode_speed.py: --generate-tokens must be an integer from 1 to 16777216, got 0"
+    assert not out.exists()
+
+
 def test_decode_speed_saves_the_model_for_serving(tmp_path):
     """--save-folder writes the FATReLU model and its SiLU twin (same weights) for vllm bench latency."""
     from safetensors.torch import load_file

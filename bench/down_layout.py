@@ -64,7 +64,7 @@ def ffn_weights(hidden: int, inter: int, layers: int, dtype, device) -> list[dic
     return result
 
 
-def passes(weights: list[dict], hidden: int, inter: int, tokens: int, dtype, device) -> dict:
+def passes(weights: list[dict], hidden: int, inter: int, tokens: int, dtype, device) -> tuple[dict, float]:
     """For each layout: one pass of the down projections alone, and one of the whole dense FFNs; and the largest
     difference between the two layouts' down projections (summation order only: the values are the same)."""
     import torch

@@ -135,6 +135,7 @@ def test_sparse_host_cost_tiny(tmp_path):
     row["eager_dense"], row["eager_check_us"] = {**row["dense"], "device_us": None}, 0.4
     assert "| tiny | eager_dense |" in table(result) and "over a dense call: tiny +0.4 us" in table(result)
 
+
 def test_down_layout_tiny(tmp_path):
     out = tmp_path / "down_layout.json"
     stdout = run_bench("down_layout.py", "--tiny", "--output", str(out))

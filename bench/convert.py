@@ -128,7 +128,9 @@ def main() -> None:
     print(f"ratio convert/copy: {min(converts) / min(copies):.3f}  (target <= 1.1)")
     print(f"peak RSS of relufy convert: {peak_rss_mb:.0f} MB  (target < 1024)")
     if args.json:
-        args.json.write_text(json.dumps({
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(args.json, json.dumps({
             "size": args.size, "layers": args.layers, "checkpoint_bytes": total, "copy_s": copies,
             "convert_s": converts, "ratio": min(converts) / min(copies), "peak_rss_mb": peak_rss_mb}, indent=2) + "\n")
     shutil.rmtree(args.workdir)

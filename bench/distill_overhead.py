@@ -141,7 +141,9 @@ def main() -> int:
     summary = summarize(runs, args)
     report(summary, args)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -139,8 +139,9 @@ def main(argv=None) -> int:
               "config": {key: getattr(args, key) for key in ("layers", "rounds", "replays")}, "shapes": shapes}
     print(table(result))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -119,7 +119,9 @@ def main() -> int:
         print(f"  step time lora (lambda={args.lam:g}) / lora-plain: {summary['l1_overhead_ratio']:.3f} fastest "
               f"against fastest, {summary['l1_overhead_ratio_median']:.3f} median against median (target <= 1.03)")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")
     return 0
 
 

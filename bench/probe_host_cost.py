@@ -56,7 +56,9 @@ def main() -> int:
         print(f"plain {plain * 1e3:.2f} ms  with L1 tap {tapped * 1e3:.2f} ms  ratio {tapped / plain:.3f}  "
               f"host cost {(tapped - plain) / args.layers * 1e6:.0f} us per layer")
     if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "steps": args.steps, "rounds": rounds}, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(args.json, json.dumps({"layers": args.layers, "steps": args.steps, "rounds": rounds}, indent=2) + "\n")
     return 0
 
 

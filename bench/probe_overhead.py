@@ -87,7 +87,9 @@ def main() -> None:
     print(f"PPL-p% total: {search.forward_passes} full forward passes over {blocks.numel()} tokens "
           f"(dense pass included), {total.stop():.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(args.json, json.dumps({
             "device": args.device, "model": str(source), "task": args.task, "limit": args.limit,
             "without_probe_s": off, "with_probe_s": on, "ratio": min(on) / min(off), "probe_tokens": probe.tokens,
             "ppl_search": searches, "forward_passes": search.forward_passes}, indent=2, default=float) + "\n")

@@ -183,8 +183,9 @@ def main(argv=None) -> int:
               "rows": [measure_shape(name, args, device, dtype) for name in args.shapes.split(",")]}
     print(table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -239,7 +239,9 @@ def main() -> int:
         print(f"  overhead ratio (lambda={args.lam:g} vs plain): {result['ratio']:.3f} fastest against fastest"
               + (f", {result['ratio_median']:.3f} median against median of {runs} runs each" if runs > 1 else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from relufy.atomic import write_text_atomically
+
+        write_text_atomically(Path(args.json), json.dumps(results, indent=2) + "\n")
     return 0
 
 

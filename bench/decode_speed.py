@@ -12,8 +12,7 @@ and the sparse FFNs in the same CUDA-graph-captured loop, in one process.
 
 `--dependent-launch on|off` times the same rows with every sparse FFN's second kernel launched as the
 first's programmatic dependent, or plainly, whatever the tile table says (docs/inference.md, "Dependent
-launch"); `--interleaved-down on|off` likewise the down kernel's one-token shares (docs/inference.md,
-"Interleaved one-token shares"). Run both settings back to back on one GPU to compare:
+launch"); run both back to back on one GPU to compare:
 
     python bench/decode_speed.py --batch-sizes 1 --new-tokens 128 --generate-tokens 8 --dependent-launch off --output off.json
     python bench/decode_speed.py --batch-sizes 1 --new-tokens 128 --generate-tokens 8 --dependent-launch on --output on.json
@@ -67,9 +66,6 @@ def parse_args(argv=None):
     parser.add_argument("--dependent-launch", choices=["table", "on", "off"], default="table",
                         help="launch every sparse FFN's second kernel as the first's programmatic dependent (on), "
                              "plainly (off), or as the tile table's row says (table)")
-    parser.add_argument("--interleaved-down", choices=["table", "on", "off"], default="table",
-                        help="the down kernel's one-token shares as interleaved list slots (on), contiguous (off), or "
-                             "as the tile table's row says (table)")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -102,9 +98,8 @@ def main(argv=None) -> int:
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
-    for flag in ("dependent_launch", "interleaved_down"):
-        if getattr(args, flag) != "table":
-            set_row_flag(flag, getattr(args, flag) == "on")
+    if args.dependent_launch != "table":
+        set_dependent_launch(args.dependent_launch == "on")
     model = random_llama(shape, dtype, device)
     threshold = set_fatrelu_for(model, args.sparsity, args.prompt_tokens)
     if args.save_folder:
@@ -116,8 +111,7 @@ def main(argv=None) -> int:
         config = SpeedConfig(batch_sizes=(1, 2), prompt_tokens=8, new_tokens=4, generate_tokens=2, warmup=1,
                              ffn_repeats=1, dtype="float32", device="cpu", profile_steps=args.profile_steps)
     about = dict(model=f"random {'tiny' if args.tiny else args.shape}", fatrelu_threshold=threshold,
-                 target_sparsity=args.sparsity, dependent_launch=args.dependent_launch,
-                 interleaved_down=args.interleaved_down)
+                 target_sparsity=args.sparsity, dependent_launch=args.dependent_launch)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
     def save(partial: dict, complete: bool = False) -> None:
@@ -131,16 +125,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def set_row_flag(name: str, flag: bool) -> None:
-    """Every tile row of this process, every GPU family and width, with the flag `name` set to `flag`
-    (`dependent_launch`, `interleaved_down`): the same kernels and tiles timed with and without what the
-    flag changes."""
+def set_dependent_launch(flag: bool) -> None:
+    """Every tile row of this process, every GPU family and width, with `dependent_launch` set to `flag`:
+    the same kernels and tiles timed with and without the launch gap a dependent launch removes."""
     from relufy.sparse.kernels import tiles
 
     for table in (tiles.TILE_TABLE, tiles.NARROW_TILE_TABLE):
         for rows in table.values():
             for row in rows.values():
-                row[name] = flag
+                row["dependent_launch"] = flag
 
 
 def random_llama(shape: dict, dtype, device):

@@ -237,10 +237,9 @@ def max_rel_error(result, reference) -> float:
 
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
     """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates (one program per row block, and
-    persistent), then the down kernel's on the best of those, then at one token its interleaved shares,
-    then "up in down" candidates against the best so far, then the best with its second kernel launched
-    as the first's programmatic dependent (the first `limit` candidates of each, for a smoke run). Every
-    candidate's time and
+    persistent), then the down kernel's on the best of those, then "up in down" candidates against the
+    best so far, then the best with its second kernel launched as the first's programmatic dependent
+    (the first `limit` candidates of each, for a smoke run). Every candidate's time and
     error against the dense FFN are kept; one off by more than MAX_REL_ERROR is never the best. The
     JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's candidates in
     parallel first."""
@@ -288,7 +287,6 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
         best = fastest(first_rows(base, batch)[:limit] + persistent_first_rows(base, batch)[:limit]
                        + relaxed_append_rows(base, batch))
         best = fastest(down_rows(best, batch)[:limit])
-        best = fastest([best] + interleaved_down_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         best = fastest(dependent_launch_rows(best))
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
@@ -424,20 +422,6 @@ def down_rows(best: dict, batch: int) -> list[dict]:
                      for d, c, p, w, st in grid if tokens * c * d <= 128 * 32 * w and p * tokens * c * d <= 1 << 16]
 
 
-def interleaved_down_rows(best: dict, batch: int) -> list[dict]:
-    """At one token, the down kernel's interleaved shares (`Tiles.interleaved_down`: program p takes list
-    slots p, p + split, ..., so its first list entries load with the count) on the best row so far: its own
-    down tiles, then rows per step and programs per multiprocessor around them (the share's shape changes:
-    a step now spans split x chunk slots). Against `best` in one process, this tells whether the round trip
-    it saves is worth its strided list loads."""
-    if batch != 1:
-        return []
-    grid = itertools.product((32, 64, 128), (2, 4, 8))
-    return [{**best, "interleaved_down": True}] + [
-        {**best, "interleaved_down": True, "chunk": c, "down_per_sm": p} for c, p in grid
-        if (c, p) != (best["chunk"], best["down_per_sm"]) and c * best["block_d"] <= 128 * 32 * best["warps_down"]]
-
-
 def up_in_down_rows(best: dict, batch: int) -> list[dict]:
     """"Up in down" candidates (`Tiles.up_in_down`, at up to 8 tokens) on the best row so far: list
     rows per step (`chunk`), list slices per multiprocessor (`down_per_sm`, fractions too), warps and
@@ -451,8 +435,7 @@ def up_in_down_rows(best: dict, batch: int) -> list[dict]:
     steps = (512, 1024) if batch == 1 else (best["block_k"],)
     columns = (1024, 4096) if batch == 1 else (256, 1024, 4096)
     grid = itertools.product(chunks, (0.5, 1, 2), (4, 8), columns, steps)
-    base = {key: value for key, value in best.items() if key != "interleaved_down"}  # its second kernel's own shares
-    rows = [{**base, "up_in_down": True, "chunk": c, "down_per_sm": p, "warps_down": w, "block_d": d, "block_k": k}
+    rows = [{**best, "up_in_down": True, "chunk": c, "down_per_sm": p, "warps_down": w, "block_d": d, "block_k": k}
             for c, p, w, d, k in grid if tokens * c * d <= 128 * 32 * w]
     return [row for row in rows if row["use_dot"] or (
         tokens * row["chunk"] * row["block_k"] <= 128 * 32 * row["warps_down"]

@@ -165,34 +165,6 @@ def test_down_kernel_tiles_match_the_dense_ffn(block_d, chunk, split, dense_abov
     assert not workspace.any()
 
 
-# (block_d, chunk, split) of interleaved one-token shares: several steps per program; one step; more programs
-# than rows, so that some have no share
-INTERLEAVED_TILES = [(16, 16, 5), (64, 4, 64), (256, 32, 1), (32, 8, 300)]
-
-
-@pytest.mark.parametrize("block_d, chunk, split", INTERLEAVED_TILES)
-@pytest.mark.parametrize("dense_above, route", [(None, 0), (0, 1)])
-def test_interleaved_one_token_shares_match_the_dense_ffn(block_d, chunk, split, dense_above, route):
-    """`interleaved_down`: program p of a column block sums list slots p, p + split, ...; on the list and on
-    the dense route every active row is summed once, programs past the count add nothing, and the workspace
-    is left zero. List entries past the count are loaded before the count is known; memory the list may reuse
-    holds NaN bits."""
-    x, weights = random_ffn(1, k=72, n=203, d=150, bias=True, seed=split)
-    tensors = [weights[name] for name in ("w_first", "w_up", "w_down_t", "b_first", "b_up", "b_down")]
-    tiles = dataclasses.replace(choose_tiles(1, 203, 150, DEVICE), block_d=block_d, chunk=chunk, split=split,
-                                up_in_down=False, interleaved_down=True)
-    workspace = torch.zeros(workspace_size(1, 203, 150), dtype=torch.int32, device=DEVICE)
-    routes = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    poison_allocator(DEVICE)
-    out = sparse_ffn(x, *tensors[:3], RELU, 0.0, *tensors[3:], workspace=workspace, tiles=tiles,
-                     dense_above=dense_above, routes=routes)
-    reference = dense_ffn(x.double(), *(t.double() for t in tensors[:3]), "relu", 0.0,
-                          *(t.double() for t in tensors[3:]))
-    assert routes.tolist() == [1 - route, route]
-    assert relative_error(out, reference) <= 1e-5
-    assert not workspace.any()
-
-
 @pytest.mark.skipif(ON_INTERPRETER, reason="bfloat16 tl.dot is wrong in Triton's CPU interpreter, right on GPUs")
 def test_tensor_core_tiles_in_bfloat16_on_cuda():
     x, weights = random_ffn(16, k=256, n=512, d=256, dtype=torch.bfloat16)

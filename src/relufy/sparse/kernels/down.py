@@ -31,28 +31,23 @@ COUNT, FINISHED, ARRIVALS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr, out_ptr, routes_ptr, B, N, D,
                  dense_above, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROUTES: tl.constexpr,
                  BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, AFTER_FIRST: tl.constexpr, INTERLEAVED: tl.constexpr = False):
+                 PRECISION: tl.constexpr, AFTER_FIRST: tl.constexpr):
     if AFTER_FIRST:
         tl.extra.cuda.gdc_wait()
+    dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
     column_block = tl.program_id(1)
     cols = column_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     batch = tl.arange(0, BLOCK_B)
     batch_ok = batch < B
-    if INTERLEAVED and BLOCK_B == 1:
-        acc, dense, has_share = _one_token_interleaved_sum(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, N, D,
-                                                           dense_above, cols, col_ok, SPLIT, CHUNK, BLOCK_D)
-        acc = acc[None, :]
-    else:
-        dense, start, end, listed_end = share_of_rows(state_ptr, N, dense_above, SPLIT)
-        acc = column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch,
-                          batch_ok, N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
-        has_share = start < end
     if HAS_ROUTES:  # one count per call: calls that took the sparse route, calls that took the dense one
         tl.atomic_add(routes_ptr + dense.to(tl.int32), 1, mask=(tl.program_id(0) == 0) & (column_block == 0),
                       sem="relaxed")
+
+    acc = column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch, batch_ok,
+                      N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
     tile = batch[:, None] * D + cols[None, :]
-    written = cols < tl.where(has_share, D, 0)  # a program with no share adds nothing
+    written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
     # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
     tl.atomic_add(acc_ptr + tile, acc, mask=batch_ok[:, None] & written[None, :], sem="relaxed")
     _finish_column_block(state_ptr, b_down_ptr, acc_ptr, out_ptr, tile, cols, col_ok, batch_ok, column_block, D,
@@ -115,34 +110,6 @@ def _one_token_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dens
         acc += tl.sum(w.to(tl.float32) * x1.to(tl.float32)[:, None], axis=0)
         rows = next_rows
     return acc
-
-
-@triton.jit
-def _one_token_interleaved_sum(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, N, D, dense_above, cols, col_ok,
-                               SPLIT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """`_one_token_sum` over interleaved shares (`Tiles.interleaved_down`): program p takes slots p,
-    p + SPLIT, p + 2 SPLIT, ... Its first list entries' addresses then do not depend on the count, so
-    their load is in flight with the count's, and the first weight rows wait for one round trip after
-    the launch, not two (count, then list). Entries past the count are loaded but masked off before
-    any weight row is read. Returns the [BLOCK_D] fp32 sums, the route, and whether the program has
-    a share."""
-    stride: tl.constexpr = SPLIT * CHUNK
-    slots = tl.program_id(0) + SPLIT * tl.arange(0, CHUNK)
-    listed = tl.load(index_ptr + slots, mask=slots < N, other=0)
-    count = tl.load(state_ptr + COUNT)
-    dense = count > dense_above  # the dense route: every row, no list
-    rows_total = tl.where(dense, N, count)
-    rows = tl.where(dense, slots, listed).to(tl.int64)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for _ in range(tl.program_id(0), rows_total, stride):
-        ok = slots < rows_total
-        w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
-        x1 = tl.load(x1_ptr + rows, mask=ok, other=0.0)
-        slots += stride
-        next_rows = slot_rows(index_ptr, slots, tl.where(dense, 0, rows_total), dense)  # none past the share
-        acc += tl.sum(w.to(tl.float32) * x1.to(tl.float32)[:, None], axis=0)
-        rows = next_rows
-    return acc, dense, tl.program_id(0) < rows_total
 
 
 @triton.jit

@@ -104,16 +104,17 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
                routes: torch.Tensor | None = None) -> torch.Tensor:
     """The FFN of `x` (tokens x K) reading only the weight rows of active neurons.
 
-    `w_first` is W_gate (gated) or W_up (non-gated), N x K; `w_up` is W_up for gated FFNs, else None; `w_down_t` is
-    W_down^T, N x D, row-major. Biases are optional. Returns tokens x D in x's dtype; accumulation is fp32
-    throughout. `workspace` (int32, zero, at least `workspace_size` words) is left zero by the kernels, so one can
-    serve every call on a stream; without it, a zeroed one is allocated (one memset). When more than `dense_above`
-    neurons are active for the batch, the down kernel reads all N rows in order (None: never). `routes` (int32, 2
-    words), if given, counts the calls that took the sparse route (word 0) and the dense one (word 1). With
-    `tiles.up_in_down` a gated FFN reads W_up in the second kernel (`up_down_kernel`), not the first; with
-    `tiles.first_programs` the first kernel is `persistent_first_projection_kernel` on that many programs; with
-    `tiles.dependent_launch` (Hopper or later, compiled) the second kernel is the first's programmatic dependent;
-    with `tiles.interleaved_down` the down kernel's one-token shares are interleaved list slots.
+    `w_first` is W_gate (gated) or W_up (non-gated), N x K; `w_up` is W_up for gated FFNs, else
+    None; `w_down_t` is W_down^T, N x D, row-major. Biases are optional. Returns tokens x D in x's
+    dtype; accumulation is fp32 throughout. `workspace` (int32, zero, at least `workspace_size`
+    words) is left zero by the kernels, so one can serve every call on a stream; without it, a
+    zeroed one is allocated (one memset). When more than `dense_above` neurons are active for the
+    batch, the down kernel reads all N rows in order (None: never). `routes` (int32, 2 words), if
+    given, counts the calls that took the sparse route (word 0) and the dense one (word 1).
+    With `tiles.up_in_down` a gated FFN reads W_up in the second kernel (`up_down_kernel`), not the first.
+    With `tiles.first_programs` the first kernel is `persistent_first_projection_kernel` on that many programs.
+    With `tiles.dependent_launch` (Hopper or later, compiled) the second kernel is the first's programmatic
+    dependent.
     """
     tokens, k = x.shape
     n, d = w_down_t.shape
@@ -154,8 +155,7 @@ def sparse_ffn(x: torch.Tensor, w_first: torch.Tensor, w_up: torch.Tensor | None
         x1, index, workspace, w_down_t, b_down, sums, out, routes, tokens, n, d, dense_above, SPLIT=tiles.split,
         HAS_BIAS=b_down is not None, HAS_ROUTES=routes is not None, BLOCK_B=tiles.block_b, CHUNK=tiles.chunk,
         BLOCK_D=tiles.block_d, USE_DOT=tiles.use_dot, PRECISION=precision, AFTER_FIRST=after_first,
-        INTERLEAVED=tiles.interleaved_down, num_warps=tiles.warps_down, num_stages=tiles.stages_down,
-        launch_pdl=after_first)
+        num_warps=tiles.warps_down, num_stages=tiles.stages_down, launch_pdl=after_first)
     return out
 
 

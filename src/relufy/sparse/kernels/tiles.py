@@ -37,10 +37,6 @@ class Tiles:
     # only): its programs are placed while the first kernel's last ones run and wait on the device for its
     # results, so a CUDA graph loses the launch gap between the two; from a row's `dependent_launch`
     dependent_launch: bool = False
-    # the down kernel's one-token shares interleaved (program p: list slots p, p + split, ...), so its first
-    # list entries load with the count, one round trip earlier (`_one_token_interleaved_sum`); from a row's
-    # `interleaved_down`
-    interleaved_down: bool = False
 
 
 # Per GPU family and batch class (the largest batch of the class), the tiles of both kernels, read off

@@ -58,7 +58,8 @@ def main() -> int:
     if args.json:
         from relufy.atomic import write_text_atomically
 
-        write_text_atomically(args.json, json.dumps({"layers": args.layers, "steps": args.steps, "rounds": rounds}, indent=2) + "\n")
+        summary = {"layers": args.layers, "steps": args.steps, "rounds": rounds}
+        write_text_atomically(args.json, json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -45,8 +45,8 @@ class Tiles:
 # warps_first, stages): one token, four rows per program, 1024-wide K steps, broadcast-and-sum (no tensor
 # cores); more tokens, tensor-core dots on a batch padded to 16. No row sets first_per_sm (the persistent
 # first kernel's programs per multiprocessor, `Tiles.first_programs`): one program per row block. Down
-# kernel (block_d columns per program, chunk rows per step, down_per_sm programs per multiprocessor,
-# warps_down, stages_down). Each family's rows come from a sweep of both kernels on that GPU
+# kernel (block_d columns per program, chunk rows per step, down_per_sm programs per multiprocessor, 0 for one
+# per column block, warps_down, stages_down). Each family's rows come from a sweep of both kernels on that GPU
 # (docs/results/inference/sweep-h100-llama2-7b-b*.json, sweep-h200-llama2-7b-b*.json). A GPU not in the
 # table gets the H200's rows.
 TILE_TABLE: dict[str, dict[int, dict]] = {}
@@ -165,7 +165,7 @@ def table_row(family: str, batch: int, d: int | None = None) -> dict:
 def row_tiles(row: dict, batch: int, d: int, multiprocessors: int) -> Tiles:
     """The tiles one TILE_TABLE row gives `batch` tokens of width `d`. The batch is padded to a
     power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` (a fraction
-    too) programs per multiprocessor over all its column blocks (at most MAX_SPLIT per column block);
+    too; 0: one program per column block) programs per multiprocessor over all its column blocks (at most MAX_SPLIT per column block);
     with `up_in_down`, whose programs each cover every column, `down_per_sm` programs per
     multiprocessor, each a slice of the list. A row with `first_per_sm` runs the first kernel on a
     fixed grid of that many programs per multiprocessor (`Tiles.first_programs`)."""

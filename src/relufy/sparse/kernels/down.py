@@ -145,11 +145,12 @@ def _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, 
 def _finish_alone(state_ptr, b_down_ptr, out_ptr, acc, tile, cols, col_ok, batch_ok, HAS_BIAS: tl.constexpr):
     """One program per column block (SPLIT 1) holds its columns' whole sums: it adds the bias and writes
     the output at once, where split programs go through the fp32 sums, a barrier, an arrival and a
-    read-back (`_finish_column_block`). The last program to finish resets the count (every program
-    read it before its add here, which depends on it) and the finish counter."""
+    read-back (`_finish_column_block`). The last program to finish resets the count and the finish
+    counter: the CTA barrier before its count makes every warp of a program done with the count first."""
     if HAS_BIAS:
         acc += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=batch_ok[:, None] & col_ok[None, :])
+    tl.debug_barrier()
     finishers = tl.atomic_add(state_ptr + FINISHED, 1, sem="relaxed")
     finished = finishers == tl.num_programs(1) - 1
     tl.store(state_ptr + COUNT, 0, mask=finished)

@@ -426,9 +426,9 @@ def down_rows(best: dict, batch: int) -> list[dict]:
 def own_columns_rows(best: dict, batch: int) -> list[dict]:
     """Down-kernel candidates with one program per column block (split 1: `down_per_sm` 0), which writes
     its columns directly: no fp32 sums, barrier, arrival or read-back, the round trips that follow a
-    split program's walk. Enough programs come from narrow column blocks (16 to
-    64 columns: 256 to 64 programs at 4,096), enough bytes in flight from long steps (256 to 1,024 rows),
-    up to 4 tokens. Left out as in `down_rows`: more than 128 elements per thread (registers)."""
+    split program's walk. Enough programs come from narrow column blocks (16 to 64 columns: 256 to 64
+    programs at 4,096), enough bytes in flight from long steps (256 to 1,024 rows); up to 4 tokens. Left
+    out as in `down_rows`: more than 128 elements per thread (registers)."""
     if batch > 4:
         return []
     tokens = 1 if best["use_dot"] else pow2(batch)

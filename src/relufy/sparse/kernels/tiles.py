@@ -167,8 +167,8 @@ def row_tiles(row: dict, batch: int, d: int, multiprocessors: int) -> Tiles:
     power of two, and to 16 for tensor cores. The down kernel's split makes `down_per_sm` (a fraction
     too; 0: one program per column block) programs per multiprocessor over all its column blocks (at
     most MAX_SPLIT per column block); with `up_in_down`, whose programs each cover every column,
-    `down_per_sm` programs per multiprocessor, each a slice of the list. A row with `first_per_sm` runs the first kernel on a
-    fixed grid of that many programs per multiprocessor (`Tiles.first_programs`)."""
+    `down_per_sm` programs per multiprocessor, each a slice of the list. A row with `first_per_sm` runs
+    the first kernel on a fixed grid of that many programs per multiprocessor (`Tiles.first_programs`)."""
     fields = {key: value for key, value in row.items() if key not in ("down_per_sm", "first_per_sm")}
     padded = triton.next_power_of_2(batch)
     if row.get("up_in_down"):

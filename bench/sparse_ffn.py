@@ -237,12 +237,12 @@ def max_rel_error(result, reference) -> float:
 
 def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, limit: int | None = None) -> dict:
     """Time TILE_TABLE rows at 90% zeros: the first kernel's candidates (one program per row block, and
-    persistent), then the down kernel's on the best of those, then its rows of one program per column
-    block (`own_columns_rows`), then "up in down" candidates against the best so far, then the best with
-    its second kernel launched as the first's programmatic dependent (the first `limit` candidates of
-    each, for a smoke run). Every candidate's time and error against the dense FFN are kept; one off by
-    more than MAX_REL_ERROR is never the best. The JSON is saved after each batch size. `compiler` (a
-    Precompiler) compiles each stage's candidates in parallel first."""
+    persistent), then the down kernel's on the best of those, then "up in down" candidates against the
+    best so far, then the best with its second kernel launched as the first's programmatic dependent
+    (the first `limit` candidates of each, for a smoke run). Every candidate's time and
+    error against the dense FFN are kept; one off by more than MAX_REL_ERROR is never the best. The
+    JSON is saved after each batch size. `compiler` (a Precompiler) compiles each stage's candidates in
+    parallel first."""
     from relufy.sparse.kernels import choose_tiles, device_row, family_and_multiprocessors, row_tiles
 
     _, multiprocessors = family_and_multiprocessors(ffn.device)
@@ -287,7 +287,6 @@ def sweep_tiles(ffn: RandomFFN, batches: list[int], timer, save, compiler=None, 
         best = fastest(first_rows(base, batch)[:limit] + persistent_first_rows(base, batch)[:limit]
                        + relaxed_append_rows(base, batch))
         best = fastest(down_rows(best, batch)[:limit])
-        best = fastest([best] + own_columns_rows(best, batch)[:limit])
         best = fastest([best] + up_in_down_rows(best, batch)[:limit])
         best = fastest(dependent_launch_rows(best))
         report[batch] = {"default_us": time_tiles(choose_tiles(batch, ffn.inter, ffn.hidden, x.device)),
@@ -421,20 +420,6 @@ def down_rows(best: dict, batch: int) -> list[dict]:
     tokens = 1 if best["use_dot"] else pow2(batch)  # broadcast tiles keep a partial sum per token
     return [best] + [{**best, "block_d": d, "chunk": c, "down_per_sm": p, "warps_down": w, "stages_down": st}
                      for d, c, p, w, st in grid if tokens * c * d <= 128 * 32 * w and p * tokens * c * d <= 1 << 16]
-
-
-def own_columns_rows(best: dict, batch: int) -> list[dict]:
-    """Down-kernel candidates with one program per column block (split 1: `down_per_sm` 0), which writes
-    its columns directly: no fp32 sums, barrier, arrival or read-back, the round trips that follow a
-    split program's walk. Enough programs come from narrow column blocks (16 to 64 columns: 256 to 64
-    programs at 4,096), enough bytes in flight from long steps (256 to 1,024 rows); up to 4 tokens. Left
-    out as in `down_rows`: more than 128 elements per thread (registers)."""
-    if batch > 4:
-        return []
-    tokens = 1 if best["use_dot"] else pow2(batch)
-    grid = itertools.product((16, 32, 64), (256, 512, 1024), (4, 8))
-    return [{**best, "block_d": d, "chunk": c, "down_per_sm": 0, "warps_down": w} for d, c, w in grid
-            if tokens * c * d <= 128 * 32 * w]
 
 
 def up_in_down_rows(best: dict, batch: int) -> list[dict]:

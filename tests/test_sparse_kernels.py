@@ -137,7 +137,7 @@ def test_the_tiles_an_h100_and_an_h200_run(table, family, batch):
 
 # (block_d, chunk, split) of the down kernel: many column blocks and several steps per share; a share
 # that fits one step (one index load, every row in flight at once); one column block wider than D; one
-# program per narrow column block, which writes its columns itself
+# program per narrow column block with long steps
 DOWN_TILES = [(16, 16, 5), (64, 64, 4), (256, 32, 1), (16, 64, 1)]
 
 

@@ -5,8 +5,7 @@ the list CHUNK rows at a time, accumulating x1[:, i] * W_down^T[i, cols] from a 
 W_down^T (each neuron is one contiguous row), then adds its partial sum atomically (fp32). When
 more than `dense_above` neurons are active it walks all N rows in order instead (the dense route:
 no list, no gather). The last program of each column block adds the bias and writes the output in
-x's dtype; the kernels leave their workspace zero for the next call. With SPLIT 1 a program owns its
-columns and writes them directly (`_finish_alone`).
+x's dtype; the kernels leave their workspace zero for the next call.
 
 At decode the kernel reads few bytes (at one token, ~10% of W_down), so its time is a chain of
 memory round trips, not bandwidth. Each step of a program's walk is two dependent loads (list
@@ -48,14 +47,11 @@ def down_kernel(x1_ptr, index_ptr, state_ptr, w_down_t_ptr, b_down_ptr, acc_ptr,
     acc = column_sums(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, cols, col_ok, batch, batch_ok,
                       N, D, BLOCK_B, CHUNK, BLOCK_D, USE_DOT, PRECISION)
     tile = batch[:, None] * D + cols[None, :]
-    if SPLIT == 1:  # the program owns its columns: no sums through memory, no arrival
-        _finish_alone(state_ptr, b_down_ptr, out_ptr, acc, tile, cols, col_ok, batch_ok, HAS_BIAS)
-    else:
-        written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
-        # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
-        tl.atomic_add(acc_ptr + tile, acc, mask=batch_ok[:, None] & written[None, :], sem="relaxed")
-        _finish_column_block(state_ptr, b_down_ptr, acc_ptr, out_ptr, tile, cols, col_ok, batch_ok, column_block,
-                             D, SPLIT, HAS_BIAS, BLOCK_B, BLOCK_D)
+    written = cols < tl.where(start < end, D, 0)  # a program with no share adds nothing
+    # relaxed: no fence per add; the barrier and the arrival's release below order them all at once
+    tl.atomic_add(acc_ptr + tile, acc, mask=batch_ok[:, None] & written[None, :], sem="relaxed")
+    _finish_column_block(state_ptr, b_down_ptr, acc_ptr, out_ptr, tile, cols, col_ok, batch_ok, column_block, D,
+                         SPLIT, HAS_BIAS, BLOCK_B, BLOCK_D)
 
 
 @triton.jit
@@ -139,22 +135,6 @@ def _tokens_sum(x1_ptr, index_ptr, w_down_t_ptr, start, end, listed_end, dense, 
     if not USE_DOT:
         acc = tl.sum(partial, axis=1)
     return acc
-
-
-@triton.jit
-def _finish_alone(state_ptr, b_down_ptr, out_ptr, acc, tile, cols, col_ok, batch_ok, HAS_BIAS: tl.constexpr):
-    """One program per column block (SPLIT 1) holds its columns' whole sums: it adds the bias and writes
-    the output at once, where split programs go through the fp32 sums, a barrier, an arrival and a
-    read-back (`_finish_column_block`). The last program to finish resets the count and the finish
-    counter: the CTA barrier before its count makes every warp of a program done with the count first."""
-    if HAS_BIAS:
-        acc += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=batch_ok[:, None] & col_ok[None, :])
-    tl.debug_barrier()
-    finishers = tl.atomic_add(state_ptr + FINISHED, 1, sem="relaxed")
-    finished = finishers == tl.num_programs(1) - 1
-    tl.store(state_ptr + COUNT, 0, mask=finished)
-    tl.store(state_ptr + FINISHED, 0, mask=finished)
 
 
 @triton.jit

@@ -36,6 +36,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import get_args
+
+from relufy.options import CompileMode
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--dependent-launch", choices=["table", "on", "off"], default="table",
                         help="launch every sparse FFN's second kernel as the first's programmatic dependent (on), "
                              "plainly (off), or as the tile table's row says (table)")
+    parser.add_argument("--compile-mode", choices=get_args(CompileMode), default="default",
+                        help="torch.compile mode of both arms' decode step and FFN sequences")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on CPU (Triton interpreter), batch 1 and 2, a few tokens")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
         config = SpeedConfig(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
                              prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                              generate_tokens=args.generate_tokens, dtype=str(dtype).removeprefix("torch."),
-                             device=device, profile_steps=args.profile_steps)
+                             device=device, profile_steps=args.profile_steps, compile_mode=args.compile_mode)
     except (DataError, ValueError) as error:
         raise SystemExit(f"decode_speed.py: {error}") from None
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])

@@ -21,6 +21,7 @@ from relufy.report import evaluation_report  # noqa: E402
 import relufy.sparse.ffn  # noqa: E402
 from relufy.sparse import sparse_ffn_count, sparsify  # noqa: E402
 from relufy.decode import DecodeLoop, random_prompts  # noqa: E402
+from relufy.errors import DataError  # noqa: E402
 from relufy.ffn_speed import ffn_inputs  # noqa: E402
 from relufy.report import speed_table  # noqa: E402
 from relufy.speed import SpeedConfig, measure_speed  # noqa: E402
@@ -221,10 +222,11 @@ def test_a_compiled_step_is_matched_by_a_compiled_ffn_sequence(monkeypatch):
     monkeypatch.setattr(torch, "compile", recording_compile)
     model = build_tiny_model("llama", hidden_act="relu")
     prompts = random_prompts(model, 1, 8, 0, torch.device("cpu"))
-    for compiled, expected in ((False, []), (True, [{"dynamic": False}])):
+    autotuned = {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}
+    for options, expected in ((None, []), (autotuned, [autotuned])):
         compiled_with.clear()
         loop = DecodeLoop(model, 1, 8, 4)
-        loop.compiled = compiled  # what DecodeLoop sets on a GPU with compile on
+        loop.compile_options = options  # what DecodeLoop sets on a GPU with compile on
         row = compare_ffns(loop, prompts, contextlib.nullcontext, sparse=False, repeats=2, warmup=1)
         assert compiled_with == expected and row["dense_sequence_us"] > 0
 
@@ -411,6 +413,18 @@ def test_cli_refuses_more_profile_steps_than_the_cache_holds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "profile-steps (5) must not exceed new-tokens (4)" in err and "\n" not in err.strip()
     assert build_parser().parse_args(["speed", model, "-o", "s.json", "--profile_steps", "3"]).profile_steps == 3
+
+
+def test_cli_takes_only_compile_modes_without_inductors_own_cuda_graphs(tmp_path, capsys):
+    """The loop captures its step as a CUDA graph; a mode that adds Inductor's graphs inside it is refused."""
+    model = str(tmp_path / "model")
+    args = ["speed", model, "--output", str(tmp_path / "s.json"), "--compile-mode"]
+    assert build_parser().parse_args(args + ["max-autotune-no-cudagraphs"]).compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.raises(SystemExit) as refused:
+        main(args + ["reduce-overhead"])
+    assert refused.value.code == 2 and "invalid choice: 'reduce-overhead'" in capsys.readouterr().err
+    with pytest.raises(DataError, match="--compile-mode 'max-autotune' is not one of"):
+        SpeedConfig(compile_mode="max-autotune")
 
 
 def test_evaluate_has_a_no_speed_flag():

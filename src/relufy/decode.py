@@ -42,7 +42,8 @@ class DecodeLoop:
     in transformers >= 5.17 and advances in step with `position`.
     """
 
-    def __init__(self, model, batch_size: int, prompt_tokens: int, new_tokens: int, compile: bool = False):
+    def __init__(self, model, batch_size: int, prompt_tokens: int, new_tokens: int, compile: bool = False,
+                 compile_mode: str = "default"):
         from transformers import StaticCache
 
         self.model, self.new_tokens = model, new_tokens
@@ -61,9 +62,10 @@ class DecodeLoop:
         self.token, self.position = make(batch_size, 1), make(batch_size, 1)
         self.step_index, self.tokens = make(1), make(batch_size, new_tokens + 1)
         self.key_positions = torch.arange(length, device=self.device).view(1, 1, 1, length)
-        # compiled without Inductor's own CUDA graphs: the captured step is the only graph
+        # compiled without Inductor's own CUDA graphs (`options.CompileMode`): the captured step is the only graph
         self.compiled = compile and self.device.type == "cuda"
-        self.decode_logits = torch.compile(self.logits, dynamic=False) if self.compiled else self.logits
+        self.compile_options = {"dynamic": False, "mode": compile_mode} if self.compiled else None
+        self.decode_logits = torch.compile(self.logits, **self.compile_options) if self.compiled else self.logits
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, **self.kwargs)

@@ -88,7 +88,7 @@ def compare_ffns(loop: DecodeLoop, prompt: torch.Tensor, dense, sparse: bool, re
     order (`*_sequence_us`, compiled like the loop's step), and the largest output error. The outputs are
     eager calls, which on CUDA run the kernels only inside `sparse_eager` (as `measure_speed` calls this)."""
     batch = prompt.shape[0]
-    compile_options = {"dynamic": False} if loop.compiled else None
+    compile_options = loop.compile_options
     with dense():
         inputs = ffn_inputs(loop, prompt)
         dense_times, dense_out = ffn_times(loop.model, inputs, repeats, warmup), ffn_outputs(loop.model, inputs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NewType
+from typing import Literal, NewType, get_args
 
 from .activations import ACTIVATIONS, Activation, make_activation, parse_activation
 from .checks import (BATCH_LIMIT, DTYPES, CommaList, int_in_range, listed, number_in_range, option, positive_int,
@@ -207,6 +207,14 @@ class MatchedConfig(SuiteOptions):
         self.__post_init__()
 
 
+# torch.compile modes of the decode loop's step. The loop captures the step as a CUDA graph itself, so
+# the modes that add Inductor's own graphs ("reduce-overhead", "max-autotune") are left out.
+# "max-autotune-no-cudagraphs" times Triton templates against cuBLAS for every matmul shape of the step
+# (at one token the attention projections are GEMVs that cuBLAS splits over K, with a reduce kernel
+# after each), at the price of minutes of compilation.
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+
+
 @dataclass
 class SpeedConfig:
     """`relufy speed` and `measure_speed`. Decode tokens/s counts the `new_tokens` graph replays only."""
@@ -228,6 +236,9 @@ class SpeedConfig:
     compile: bool = option(
         True, "on CUDA, torch.compile the decode step inside the graph, as gpt-fast does (--no-compile captures the "
         "plain eager step)")
+    compile_mode: CompileMode = option(
+        "default", "torch.compile mode of the decode step: default, or max-autotune-no-cudagraphs (every matmul "
+        "shape timed against Triton templates; minutes more compilation)")
     profile_steps: int = option(
         0, "after each batch size's timed runs, profile this many steps of each arm with torch.profiler: the "
         "time and count of every kernel per step, the step's idle time, and the kernels whose time differs most "
@@ -249,6 +260,8 @@ class SpeedConfig:
         supported_dtype("--dtype", self.dtype, DTYPES)
         int_in_range("--seed", self.seed, 0, 2**32 - 1)
         int_in_range("--profile-steps", self.profile_steps, 0, 1 << 24)
+        if self.compile_mode not in get_args(CompileMode):
+            raise DataError(f"--compile-mode {self.compile_mode!r} is not one of {', '.join(get_args(CompileMode))}")
         for name in ("warmup", "profile_steps"):
             if getattr(self, name) > self.new_tokens:
                 raise DataError(f"{name.replace('_', '-')} ({getattr(self, name)}) must not exceed new-tokens "

@@ -249,7 +249,9 @@ def speed_table(result: dict) -> str:
                   "mean the sparse step computed something else."]
     loop = "eager decode steps (no CUDA)"
     if result.get("cuda_graph"):
-        loop = "one decode step" + (" (torch.compile)" if result.get("compiled") else "") + " captured as a CUDA graph"
+        mode = result.get("compile_mode")
+        compiled = f" (torch.compile{'' if mode in (None, 'default') else ', ' + mode})" if result.get("compiled") else ""
+        loop = f"one decode step{compiled} captured as a CUDA graph"
     lines += ["", f"Decode loop: static KV cache, {loop}, greedy; {result['config']['prompt_tokens']} prompt tokens, "
               f"{result['config']['new_tokens']} new tokens; {result.get('gpu') or result.get('device')}, "
               f"{result.get('dtype')}; {result.get('sparse_ffns', 0)} of {result.get('ffns', '?')} FFNs sparse."]

@@ -103,7 +103,7 @@ def measure_speed(model, config: SpeedConfig | None = None, progress: bool = Tru
         result.update(weight_bytes=weight_bytes(model), copy_bandwidth_gb_per_s=bandwidth / 1e9, decode=[], ffn=[], profile=[])
         result["bandwidth_limit_tokens_per_s"] = bandwidth / result["weight_bytes"]
     for batch in config.batch_sizes:
-        loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile)
+        loop = DecodeLoop(model, batch, config.prompt_tokens, config.new_tokens, config.compile, config.compile_mode)
         with recompile_limit(2 * len(config.batch_sizes) + 2), sparse_eager(model):
             row, ffn, profile = _batch_measurements(loop, prompts[:batch], config, dense, stage, sparse)
         row["dense_fraction_of_limit"] = row["dense_tokens_per_s"] / batch / result["bandwidth_limit_tokens_per_s"]
@@ -137,6 +137,7 @@ def _what_ran(model, config: SpeedConfig, device: torch.device) -> dict:
               "attention": getattr(model.config, "_attn_implementation", None),
               "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
               "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
+              "compile_mode": config.compile_mode if config.compile and device.type == "cuda" else None,
               "ffns": len(ffn_modules(model)), "sparse_ffns": sparse,
               "note": None if sparse else no_sparse_note(why_dense(model))}
     record_gpu_processes(result, device)

@@ -364,6 +364,13 @@ def test_speed_table_is_markdown_with_one_row_per_batch(measured):
         {**measured, "gpu_processes": 3})
 
 
+def test_speed_table_names_the_compile_mode_of_the_captured_step(measured):
+    on_cuda = {**measured, "cuda_graph": True, "compiled": True}
+    assert "one decode step (torch.compile) captured as a CUDA graph" in speed_table(on_cuda)
+    autotuned = {**on_cuda, "config": {**measured["config"], "compile_mode": "max-autotune-no-cudagraphs"}}
+    assert "(torch.compile, max-autotune-no-cudagraphs) captured" in speed_table(autotuned)
+
+
 def test_speed_table_names_the_widest_first_divergence(measured):
     """The line a reader needs to judge `token_match`: the earliest step and the largest dense margin."""
     import copy

@@ -249,7 +249,7 @@ def speed_table(result: dict) -> str:
                   "mean the sparse step computed something else."]
     loop = "eager decode steps (no CUDA)"
     if result.get("cuda_graph"):
-        mode = result.get("compile_mode")
+        mode = result["config"].get("compile_mode")
         compiled = f" (torch.compile{'' if mode in (None, 'default') else ', ' + mode})" if result.get("compiled") else ""
         loop = f"one decode step{compiled} captured as a CUDA graph"
     lines += ["", f"Decode loop: static KV cache, {loop}, greedy; {result['config']['prompt_tokens']} prompt tokens, "

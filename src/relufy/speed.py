@@ -137,7 +137,6 @@ def _what_ran(model, config: SpeedConfig, device: torch.device) -> dict:
               "attention": getattr(model.config, "_attn_implementation", None),
               "config": {**asdict(config), "batch_sizes": list(config.batch_sizes)},
               "cuda_graph": device.type == "cuda", "compiled": config.compile and device.type == "cuda",
-              "compile_mode": config.compile_mode if config.compile and device.type == "cuda" else None,
               "ffns": len(ffn_modules(model)), "sparse_ffns": sparse,
               "note": None if sparse else no_sparse_note(why_dense(model))}
     record_gpu_processes(result, device)

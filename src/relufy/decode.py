@@ -63,9 +63,9 @@ class DecodeLoop:
         self.step_index, self.tokens = make(1), make(batch_size, new_tokens + 1)
         self.key_positions = torch.arange(length, device=self.device).view(1, 1, 1, length)
         # compiled without Inductor's own CUDA graphs (`options.CompileMode`): the captured step is the only graph
-        self.compiled = compile and self.device.type == "cuda"
-        self.compile_options = {"dynamic": False, "mode": compile_mode} if self.compiled else None
-        self.decode_logits = torch.compile(self.logits, **self.compile_options) if self.compiled else self.logits
+        compiled = compile and self.device.type == "cuda"
+        self.compile_options = {"dynamic": False, "mode": compile_mode} if compiled else None
+        self.decode_logits = torch.compile(self.logits, **self.compile_options) if compiled else self.logits
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, **self.kwargs)

@@ -128,11 +128,11 @@ def main() -> None:
     print(f"ratio convert/copy: {min(converts) / min(copies):.3f}  (target <= 1.1)")
     print(f"peak RSS of relufy convert: {peak_rss_mb:.0f} MB  (target < 1024)")
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(args.json, json.dumps({
+        write_json_atomically(args.json, {
             "size": args.size, "layers": args.layers, "checkpoint_bytes": total, "copy_s": copies,
-            "convert_s": converts, "ratio": min(converts) / min(copies), "peak_rss_mb": peak_rss_mb}, indent=2) + "\n")
+            "convert_s": converts, "ratio": min(converts) / min(copies), "peak_rss_mb": peak_rss_mb})
     shutil.rmtree(args.workdir)
 
 

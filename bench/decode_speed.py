@@ -32,7 +32,6 @@ random token ids.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from relufy.atomic import write_text_atomically
+    from relufy.atomic import write_json_atomically
     from relufy.errors import DataError
     from relufy.report import speed_table
     from relufy.speed import SpeedConfig, measure_speed
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
     def save(partial: dict, complete: bool = False) -> None:
-        write_text_atomically(args.output, json.dumps({**partial, **about, "complete": complete}, indent=2) + "\n")
+        write_json_atomically(args.output, {**partial, **about, "complete": complete})
 
     result = measure_speed(sparsify(model), config, on_update=save)
     save(result, complete=True)

@@ -20,9 +20,7 @@ On the CPU there is no bf16 autocast and no peak-memory figure (reported as null
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -141,9 +139,9 @@ def main() -> int:
     summary = summarize(runs, args)
     report(summary, args)
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")
+        write_json_atomically(args.json, summary)
     return 0
 
 

@@ -19,7 +19,6 @@ weight, and a sparse/dense ratio timed against the view flatters the sparse arm 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -139,9 +138,9 @@ def main(argv=None) -> int:
               "config": {key: getattr(args, key) for key in ("layers", "rounds", "replays")}, "shapes": shapes}
     print(table(result))
     if args.output:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
+        write_json_atomically(args.output, result)
     return 0
 
 

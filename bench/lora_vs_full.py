@@ -21,10 +21,8 @@ fastest against fastest, with the spread of every kind's runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import types
-from pathlib import Path
 
 import torch
 
@@ -119,9 +117,9 @@ def main() -> int:
         print(f"  step time lora (lambda={args.lam:g}) / lora-plain: {summary['l1_overhead_ratio']:.3f} fastest "
               f"against fastest, {summary['l1_overhead_ratio_median']:.3f} median against median (target <= 1.03)")
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")
+        write_json_atomically(args.json, summary)
     return 0
 
 

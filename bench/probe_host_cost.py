@@ -11,7 +11,6 @@ docs/training.md), which the GPU profile does not see.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -56,10 +55,9 @@ def main() -> int:
         print(f"plain {plain * 1e3:.2f} ms  with L1 tap {tapped * 1e3:.2f} ms  ratio {tapped / plain:.3f}  "
               f"host cost {(tapped - plain) / args.layers * 1e6:.0f} us per layer")
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        summary = {"layers": args.layers, "steps": args.steps, "rounds": rounds}
-        write_text_atomically(args.json, json.dumps(summary, indent=2) + "\n")
+        write_json_atomically(args.json, {"layers": args.layers, "steps": args.steps, "rounds": rounds})
     return 0
 
 

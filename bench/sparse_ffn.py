@@ -129,10 +129,10 @@ def main(argv=None) -> int:
 
 def write_json(path: Path, result: dict) -> None:
     """The results so far, written whole or not at all: a run cut short keeps what finished."""
-    from relufy.atomic import write_text_atomically
+    from relufy.atomic import write_json_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, json.dumps(result, indent=2) + "\n")
+    write_json_atomically(path, result)
 
 
 def measure_shapes(shapes, args, layers, dtype, device, timer, bandwidth, result, save) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -183,9 +182,9 @@ def main(argv=None) -> int:
               "rows": [measure_shape(name, args, device, dtype) for name in args.shapes.split(",")]}
     print(table(result))
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
+        write_json_atomically(args.json, result)
     return 0
 
 

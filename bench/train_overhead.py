@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import tempfile
-from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -239,9 +237,9 @@ def main() -> int:
         print(f"  overhead ratio (lambda={args.lam:g} vs plain): {result['ratio']:.3f} fastest against fastest"
               + (f", {result['ratio_median']:.3f} median against median of {runs} runs each" if runs > 1 else ""))
     if args.json:
-        from relufy.atomic import write_text_atomically
+        from relufy.atomic import write_json_atomically
 
-        write_text_atomically(Path(args.json), json.dumps(results, indent=2) + "\n")
+        write_json_atomically(args.json, results)
     return 0
 
 

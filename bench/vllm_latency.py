@@ -212,9 +212,9 @@ def vllm_version(folder: Path) -> str | None:
 
 
 def write_summary(folder: Path, summary: dict, text: str) -> None:
-    from relufy.atomic import write_text_atomically
+    from relufy.atomic import write_json_atomically, write_text_atomically
 
-    write_text_atomically(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_atomically(folder / "summary.json", summary)
     write_text_atomically(folder / "summary.txt", text + "\n")
 
 

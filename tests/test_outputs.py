@@ -1,6 +1,7 @@
 """Outputs are complete or absent (errors, Ctrl-C, SIGTERM), stale temp folders are swept, modes follow the
 umask."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relufy.activations import make_activation
-from relufy.atomic import atomic_directory, move_into, temp_sibling, write_text_atomically
+from relufy.atomic import atomic_directory, move_into, temp_sibling, write_json_atomically, write_text_atomically
 from relufy.convert import convert_checkpoint
 
 # Runs `relufy convert` with a copy step that announces itself and then waits to be signalled.
@@ -76,6 +77,15 @@ def test_a_file_write_that_fails_leaves_neither_file_nor_temp_and_sweeps_a_dead_
         write_text_atomically(tmp_path / "result.json", None)  # fails inside the write
     assert list(tmp_path.iterdir()) == []  # the dead writer's temp swept, the failed one's removed
     write_text_atomically(tmp_path / "result.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_a_json_result_is_written_whole_or_not_at_all(tmp_path):
+    with pytest.raises(TypeError):
+        write_json_atomically(str(tmp_path / "result.json"), {"step_s": object()})  # not JSON: nothing written
+    assert list(tmp_path.iterdir()) == []
+    write_json_atomically(str(tmp_path / "result.json"), {"ratio": 0.5, "runs": [1, 2]})
+    assert json.loads((tmp_path / "result.json").read_text()) == {"ratio": 0.5, "runs": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 

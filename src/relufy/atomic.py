@@ -313,3 +313,8 @@ def write_text_atomically(path: Path, text: str) -> None:
     """Write a text file complete or not at all (`atomic_file`)."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def write_json_atomically(path: str | os.PathLike, value) -> None:
+    """Write `value` as indented JSON, complete or not at all: a benchmark cut short leaves no half file."""
+    write_text_atomically(Path(path), json.dumps(value, indent=2) + "\n")

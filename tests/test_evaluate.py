@@ -58,6 +58,22 @@ def test_log_samples_writes_each_scored_example_in_agreement_with_the_aggregate(
     assert accuracy == pytest.approx(results["relufy_dictionary"]["acc_norm,none"])
 
 
+def test_scores_carry_lm_evals_standard_error_of_the_examples_scored(evaluation):
+    from lm_eval.api.metrics import mean_stderr
+
+    results = json.loads((evaluation / "results.json").read_text())
+    errors = {}
+    for task in ("relufy_lastword", "relufy_dictionary"):
+        records = [json.loads(line) for line in (evaluation / f"samples_{task}.jsonl").read_text().splitlines()]
+        metric = "acc_norm" if task == "relufy_dictionary" else "acc"
+        errors[task] = mean_stderr([float(r[metric]) for r in records]) * 100  # lm-eval's own closed form
+    assert results["scores_stderr"]["offline"] == pytest.approx((errors["relufy_lastword"] ** 2
+                                                                 + errors["relufy_dictionary"] ** 2) ** 0.5 / 2)
+    assert results["scores_stderr"]["average"] == pytest.approx(results["scores_stderr"]["offline"])
+    report = (evaluation / "report.md").read_text()
+    assert f"| offline | {results['scores']['offline']:.2f} ± {results['scores_stderr']['offline']:.2f} |" in report
+
+
 def test_padding_is_not_counted_as_tokens(relu_checkpoint, tmp_path):
     one = evaluate_model(str(relu_checkpoint), tmp_path / "b1",
                          EvalConfig(tasks=["relufy_dictionary"], batch_size=1, **NO_PPL))
@@ -175,7 +191,7 @@ def test_prosparse_suite_maps_the_paper_groups_to_real_lm_eval_tasks():
 
 
 def test_group_averages_follow_the_paper_average_of_groups():
-    from relufy.report import group_averages
+    from relufy.scores import group_averages
 
     harness = {"results": {"piqa": {"acc,none": 0.7, "acc_norm,none": 0.8}, "copa": {"acc,none": 0.6},
                            "gsm8k": {"exact_match,strict-match": 0.1}}}
@@ -183,3 +199,28 @@ def test_group_averages_follow_the_paper_average_of_groups():
     assert scores["commonsense"] == pytest.approx(70.0)  # acc_norm for piqa (80), acc for copa (60)
     assert scores["gsm8k"] == pytest.approx(10.0)
     assert "code" not in scores and scores["average"] == pytest.approx(40.0)
+
+
+def test_standard_errors_are_known_for_proportions_and_combine_over_independent_tasks():
+    from relufy.report import compare_table
+    from relufy.scores import group_stderrs, score_stderr
+
+    harness = {"results": {"piqa": {"acc,none": 0.7, "acc_stderr,none": "N/A"}, "copa": {"acc,none": 0.6},
+                           "squad": {"f1,none": 0.5}, "boolq": {"acc,none": 0.5, "acc_stderr,none": 0.02},
+                           "wiki": {"word_perplexity,none": 30.0}},
+               "n-samples": {"piqa": {"effective": 101}, "copa": {"effective": 51}, "squad": {"effective": 80},
+                             "wiki": {"effective": 10}}}
+    assert score_stderr(harness, "piqa") == pytest.approx((0.7 * 0.3 / 100) ** 0.5 * 100)
+    assert score_stderr(harness, "boolq") == pytest.approx(2.0)  # lm-eval's own, where it recorded one
+    assert score_stderr(harness, "squad") is None  # f1 is not 0 or 1 per example: no closed form
+    assert score_stderr(harness, "wiki") is None and score_stderr(harness, "absent") is None
+    errors = group_stderrs(harness, {"commonsense": ["piqa", "copa", "wiki"], "reading": ["boolq"]})
+    piqa, copa = score_stderr(harness, "piqa"), score_stderr(harness, "copa")
+    assert errors["commonsense"] == pytest.approx((piqa ** 2 + copa ** 2) ** 0.5 / 2)  # the perplexity task is no score
+    assert errors["average"] == pytest.approx((errors["commonsense"] ** 2 + 4.0) ** 0.5 / 2)
+    unknown = group_stderrs(harness, {"commonsense": ["piqa"], "reading": ["squad"]})
+    assert set(unknown) == {"commonsense"}  # no error for a group with an unknown one, nor for the average
+    result = {"lm_eval": harness, "scores": {"commonsense": 65.0}, "settings": {"groups": {"commonsense": ["piqa"]}},
+              "sparsity": {"overall": 0.5}}
+    table = compare_table([result], ["m"])
+    assert f"| piqa (acc) | 70.00 ± {piqa:.2f} |" in table and f"| group: commonsense | 65.00 ± {piqa:.2f} |" in table

@@ -16,6 +16,7 @@ from relufy.cett import thresholded_perplexity
 from relufy.cli import main
 from relufy.matched import (MatchedConfig, calibrate, calibrate_uniform, magnitude_quantile, matched_sparsity,
                             strict_quantile, threshold_mask)
+from relufy.scores import score_stderr
 
 SITES = ["activation", "x1"]
 
@@ -144,14 +145,17 @@ def test_threshold_on_x1_is_recorded_and_named_in_the_table(silu_checkpoint, tmp
 def test_cli_writes_json_and_markdown_and_refuses_to_overwrite(silu_checkpoint, tmp_path, capsys):
     out, markdown = tmp_path / "matched.json", tmp_path / "matched.md"
     argv = ["matched", str(silu_checkpoint), "--target", "0.5,0.8", "-o", str(out), "--markdown", str(markdown),
-            "--tasks", "relufy_dictionary", "--limit", "2", *SMALL]
+            "--suite", "offline", "--limit", "2", *SMALL]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert [entry["target"] for entry in result["targets"]] == [0.5, 0.8]
     for entry in result["targets"]:  # the probe counted the thresholded x1 on lm-eval's tokens
         assert entry["sparsity"]["overall"] == pytest.approx(entry["target"], abs=0.1)
         assert "relufy_dictionary" in entry["lm_eval"]["results"]
+        errors = [score_stderr(entry["lm_eval"], task) for task in ("relufy_dictionary", "relufy_lastword")]
+        assert entry["scores_stderr"]["average"] == pytest.approx(math.hypot(*errors) / 2)
     assert markdown.read_text().count("| tiny-silu |") == 2
+    assert markdown.read_text().count(" ± ") == 2  # the suite average with its standard error
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -23,7 +23,8 @@ from .data import heldout_blocks
 from .errors import RelufyError
 from .harness import SuiteRun, run_suite
 from .options import EvalConfig
-from .report import evaluation_report, group_averages, plot_per_layer_sparsity, plot_sparsity_vs_p
+from .report import evaluation_report, plot_per_layer_sparsity, plot_sparsity_vs_p
+from .scores import group_averages, group_stderrs
 from .suites import DEFAULT_HELDOUT, EvalPlan, task_manager
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _results(source, model, plan: EvalPlan, suite: SuiteRun, ppl: dict, config: 
         "relufy_version": __version__,
         "lm_eval": suite.harness,
         "scores": group_averages(suite.harness, plan.groups),
+        "scores_stderr": group_stderrs(suite.harness, plan.groups),
         "sparsity": suite.sparsity(),
         "ppl_p_sparsity": ppl["results"],
         "ppl_p_forward_passes": ppl["forward_passes"],

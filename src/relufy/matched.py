@@ -49,7 +49,8 @@ from .errors import DataError
 from .harness import run_suite
 from .metrics import batches
 from .options import MatchedConfig
-from .report import group_averages
+from .report import with_stderr
+from .scores import group_averages, group_stderrs
 from .suites import task_manager
 
 
@@ -217,7 +218,7 @@ def measure_target(model, tokenizer, target: float, blocks: tuple[torch.Tensor, 
             mask.set(thresholds)
             suite = run_suite(model, tokenizer, plan, manager, config.suite_options())
         entry.update(lm_eval=suite.harness, scores=group_averages(suite.harness, plan.groups),
-                     sparsity=suite.sparsity())
+                     scores_stderr=group_stderrs(suite.harness, plan.groups), sparsity=suite.sparsity())
     return entry
 
 
@@ -275,10 +276,10 @@ def matched_table(results: list[dict], names: list[str] | None = None) -> str:
         name += " (x1 thresholds)" if settings.get("threshold_on") == "x1" else ""
         for entry in result["targets"]:
             lm_zeros = entry.get("sparsity", {}).get("overall")
-            suite = entry.get("scores", {}).get("average")
+            suite = with_stderr(entry.get("scores", {}).get("average"), entry.get("scores_stderr", {}).get("average"))
             lines.append(f"| {name} | {entry['target']:.2%} | {entry['zero_ratio']:.2%} | "
                          f"{'-' if lm_zeros is None else f'{lm_zeros:.2%}'} | {entry['ppl']:.3f} | "
-                         f"{result['dense']['ppl']:.3f} | {'-' if suite is None else f'{suite:.2f}'} |")
+                         f"{result['dense']['ppl']:.3f} | {suite} |")
     return "\n".join(lines)
 
 

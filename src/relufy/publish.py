@@ -21,7 +21,8 @@ from .checkpoint import Provenance, check_model_dir, read_provenance, update_con
 from .errors import DataError, RelufyError, SourceError
 from .per_layer import LAYER_THRESHOLDS_KEY, PER_LAYER
 from .portable import write_remote_code
-from .report import SCORE_METRICS, load_result, task_scores
+from .report import load_result
+from .scores import SCORE_METRICS, task_scores
 
 logger = logging.getLogger(__name__)
 

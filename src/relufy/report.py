@@ -9,10 +9,8 @@ from pathlib import Path
 
 from .atomic import atomic_file
 from .errors import DataError
+from .scores import SCORE_METRICS, score_stderr, suite_stderrs, task_scores
 
-# The metric that stands for a task, in order of preference (lm-eval keys are "metric,filter").
-SCORE_METRICS = ("acc_norm", "acc", "exact_match", "pass@1", "pass_at_1", "f1", "em")
-LOSS_METRICS = ("word_perplexity", "perplexity", "bits_per_byte")
 TRAINING_PLOT = "training_curves.png"  # beside the trained model in output_dir
 PROFILE_NAME_WIDTH, PROFILE_ROWS = 64, 10  # kernel names cut to this width in a table; rows per kernel table
 
@@ -55,32 +53,9 @@ def _is_sparsity_result(result: dict) -> bool:
     return "overall" in result and "lm_eval" not in result
 
 
-def main_metric(task_result: dict) -> tuple[str, float] | None:
-    """(metric name, value) that represents one lm-eval task result: an accuracy if any, else a perplexity."""
-    for wanted in SCORE_METRICS + LOSS_METRICS:
-        for key, value in task_result.items():
-            if key.split(",")[0] == wanted and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return key.split(",")[0], float(value)
-    return None
-
-
-def task_scores(harness: dict) -> dict[str, tuple[str, float]]:
-    """{task or group: (metric, value)} from lm-eval's results dict."""
-    merged = {**harness.get("results", {}), **harness.get("groups", {})}
-    return {name: metric for name, result in merged.items() if (metric := main_metric(result)) is not None}
-
-
-def group_averages(harness: dict, groups: dict[str, list[str]]) -> dict:
-    """Per benchmark group: the mean accuracy (in %) of its tasks, and `average` over groups (ProSparse style)."""
-    scores = task_scores(harness)
-    out: dict[str, float] = {}
-    for group, members in groups.items():
-        values = [scores[name][1] * 100 for name in members if name in scores and scores[name][0] in SCORE_METRICS]
-        if values:
-            out[group] = sum(values) / len(values)
-    if out:
-        out["average"] = sum(out.values()) / len(out)
-    return out
+def with_stderr(value, error) -> str:
+    """A score for a table: "48.04 ± 2.10", or the score alone where its error is not known; "-" for none."""
+    return _fmt(value) if error is None or value is None else f"{_fmt(value)} ± {_fmt(error)}"
 
 
 def _fmt(value, pattern: str = "{:.2f}") -> str:
@@ -96,17 +71,21 @@ def evaluation_report(result: dict, plots: dict[str, str] | None = None) -> str:
              f"Model: `{result['model']}`; activation `{result.get('activation', '?')}`; relufy "
              f"{result.get('relufy_version', '?')}; {result.get('tokens_evaluated', 0)} tokens evaluated.", "",
              "## Accuracy and sparsity per task", "",
-             "| task | metric | value | zero-ratio of x1 | tokens |", "| --- | --- | ---: | ---: | ---: |"]
+             "| task | metric | value (± standard error) | zero-ratio of x1 | tokens |",
+             "| --- | --- | ---: | ---: | ---: |"]
     scores = task_scores(result["lm_eval"])
     for name, (metric, value) in scores.items():
         task_sparsity = sparsity["per_task"].get(name, {})
         shown = value * 100 if metric in SCORE_METRICS else value
-        lines.append(f"| {name} | {metric} | {_fmt(shown)} | {_fmt(task_sparsity.get('overall'), '{:.2%}')} | "
-                     f"{task_sparsity.get('tokens', '-')} |")
+        lines.append(f"| {name} | {metric} | {with_stderr(shown, score_stderr(result['lm_eval'], name))} | "
+                     f"{_fmt(task_sparsity.get('overall'), '{:.2%}')} | {task_sparsity.get('tokens', '-')} |")
     lines.append(f"| **all tasks** | | | **{_fmt(sparsity['overall'], '{:.2%}')}** | {sparsity.get('tokens', '-')} |")
     if result.get("scores"):
-        lines += ["", "## Group averages (accuracy, %)", "", "| group | score |", "| --- | ---: |"]
-        lines += [f"| {group} | {_fmt(value)} |" for group, value in result["scores"].items()]
+        errors = suite_stderrs(result)
+        lines += ["", "## Group averages (accuracy, %; ± standard error, tasks independent)", "",
+                  "| group | score |", "| --- | ---: |"]
+        lines += [f"| {group} | {with_stderr(value, errors.get(group))} |"
+                  for group, value in result["scores"].items()]
     ppl = result.get("ppl_p_sparsity", {})
     if ppl:
         lines += ["", "## PPL-p% sparsity (Sparsing Law, arXiv 2411.02335)", "",
@@ -141,13 +120,18 @@ def compare_table(results: list[dict], names: list[str]) -> str:
     for task in tasks:
         metric = next(score[task][0] for score in scores if task in score)
         cells = []
-        for score in scores:
+        for score, result in zip(scores, results):
             value = score.get(task, (metric, None))[1]
-            cells.append(_fmt(value * 100 if value is not None and metric in SCORE_METRICS else value))
+            if value is not None and metric in SCORE_METRICS:
+                cells.append(with_stderr(value * 100, score_stderr(result["lm_eval"], task)))
+            else:
+                cells.append(_fmt(value))
         lines.append(f"| {task} ({metric}) | " + " | ".join(cells) + " |")
     groups = list(dict.fromkeys(group for result in results for group in result.get("scores", {})))
+    errors = [suite_stderrs(result) for result in results]
     for group in groups:
-        lines.append(f"| group: {group} | " + " | ".join(_fmt(r.get("scores", {}).get(group)) for r in results) + " |")
+        lines.append(f"| group: {group} | " + " | ".join(
+            with_stderr(r.get("scores", {}).get(group), e.get(group)) for r, e in zip(results, errors)) + " |")
     lines.append("| zero-ratio of x1 (all tasks) | " + " | ".join(
         _fmt(r["sparsity"]["overall"], "{:.2%}") for r in results) + " |")
     ps = list(dict.fromkeys(p for result in results for p in result.get("ppl_p_sparsity", {})))

@@ -232,6 +232,20 @@ def test_collect_merges_arms_collected_from_separate_runs(driver, tmp_path):
     assert set(json.loads((dest / "settings.json").read_text())) == {"relu", "prosparse-kd"}
 
 
+def test_tables_writes_a_collected_folders_tables_again_and_touches_nothing_else(driver, tmp_path):
+    dest = tmp_path / "dest"
+    (dest / "relu").mkdir(parents=True)
+    harness = {"results": {"relufy_dictionary": {"acc_norm,none": 0.5}},
+               "n-samples": {"relufy_dictionary": {"effective": 101}}}
+    (dest / "relu" / "results.json").write_text(json.dumps({
+        "lm_eval": harness, "sparsity": {"overall": 0.5}, "scores": {"offline": 50.0},
+        "settings": {"groups": {"offline": ["relufy_dictionary"]}}}))
+    (dest / "compare.md").write_text("| an older table |\n")
+    driver.main(["tables", str(dest)])
+    assert "| group: offline | 50.00 ± 5.00 |" in (dest / "compare.md").read_text()  # sqrt(0.25 / 100)
+    assert sorted(path.name for path in dest.iterdir() if not path.name.startswith(".")) == ["compare.md", "relu"]
+
+
 @pytest.fixture(scope="module")
 def plots():
     return load_script("experiments/prosparse-smollm2/plots.py", "prosparse_smollm2_plots")

@@ -11,6 +11,7 @@ convert/train/evaluate/matched` child processes, so what this measures is what a
     python experiments/prosparse-smollm2/run.py run OUT_DIR relu prosparse --tokens 10M,30M,90M   # tokens axis
     python experiments/prosparse-smollm2/run.py matched OUT_DIR   # every route at matched sparsity
     python experiments/prosparse-smollm2/run.py collect OUT_DIR DEST   # the small files, plus compare.md
+    python experiments/prosparse-smollm2/run.py tables DEST   # compare.md and the matched tables written again
     python experiments/prosparse-smollm2/run.py run OUT_DIR relu prosparse --tiny   # 2-layer CPU smoke run
 
 Layout of OUT_DIR: train/<arm>/ (the trained model, trainer_state.json), eval/<name>/ (one
@@ -544,6 +545,10 @@ def _add_collect(sub) -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("dest", type=Path)
     p.set_defaults(func=collect)
+    p = sub.add_parser("tables", help="write DEST/compare.md and its matched tables again from the files collected "
+                                      "there (after relufy's tables changed)")
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=write_tables)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -556,6 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "jobs", 1) < 1:
         parser.error(f"--jobs {args.jobs}: pass 1 or more")
+    if args.func is write_tables:  # DEST alone, nothing run
+        write_tables(args.dest.resolve())
+        return
     args.out_dir = args.out_dir.resolve()  # children run in the repository root (where the recipes are)
     if args.func is run_matched:
         args.corpus = args.corpus.resolve()

@@ -40,17 +40,20 @@ def group_averages(harness: dict, groups: dict[str, list[str]]) -> dict:
 def score_stderr(harness: dict, task: str) -> float | None:
     """The standard error, in points, of the accuracy that stands for `task`; None where it is not known.
 
-    relufy runs lm-eval without its bootstrap (`bootstrap_iters=0`: resampling the perplexity task would
-    cost minutes), so lm-eval records "N/A". For a metric that is 0 or 1 per example the standard error of
-    the mean is sqrt(p (1 - p) / (n - 1)) over the n examples scored, which is what lm-eval's closed form
-    (sample standard deviation over sqrt(n)) gives for it. A stderr lm-eval did record is used as it is.
+    relufy runs lm-eval with `bootstrap_iters=0` (its bootstrap resamples metrics such as the perplexity
+    task's in a pool of worker processes), so lm-eval records "N/A". For a metric that is 0 or 1 per example
+    the standard error of the mean is sqrt(p (1 - p) / (n - 1)) over the n examples scored, which is what
+    lm-eval's closed form (sample standard deviation over sqrt(n)) gives for it. A stderr lm-eval did record
+    is used as it is.
     """
     result = {**harness.get("results", {}), **harness.get("groups", {})}.get(task, {})
     entry = _main_entry(result)
-    if entry is None or entry[0].split(",")[0] not in SCORE_METRICS:
+    if entry is None:
         return None
     key, accuracy = entry
     metric, _, name = key.partition(",")
+    if metric not in SCORE_METRICS:
+        return None
     recorded = result.get(f"{metric}_stderr,{name}")
     if _is_number(recorded):
         return float(recorded) * 100

@@ -69,14 +69,15 @@ def group_stderrs(harness: dict, groups: dict[str, list[str]]) -> dict:
     likewise over the groups. A group with a task whose error is not known has none, and then neither
     has `average`."""
     scores = task_scores(harness)
-    averaged = group_averages(harness, groups)
     out: dict[str, float] = {}
+    scored_groups = 0  # the groups `group_averages` averages: those with a scored task
     for group, members in groups.items():
         errors = [score_stderr(harness, name) for name in members
                   if name in scores and scores[name][0] in SCORE_METRICS]
+        scored_groups += bool(errors)
         if errors and None not in errors:
             out[group] = _mean_stderr(errors)
-    if out and len(out) == len(averaged) - 1:
+    if out and len(out) == scored_groups:
         out["average"] = _mean_stderr(list(out.values()))
     return out
 
